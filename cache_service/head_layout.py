@@ -1,0 +1,70 @@
+"""Sink pages and the recent window of one (sequence, layer, KV head)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from cache_service.page_pool import PagePool
+
+
+class HeadLayout:
+    """Positional pages at both ends of one head's sequence: sinks and the recent window.
+
+    Tokens arrive in position order. The first ``sink_tokens`` fill the sink pages, which are
+    always attended. Later tokens fill the recent window, a ring of ``window_pages`` positional
+    pages; when a token needs a new page and the ring is full, its oldest (full) page leaves
+    the window and is handed to the caller, who gives it to the policy's body.
+    """
+
+    def __init__(self, pool: PagePool, sink_tokens: int, window_pages: int) -> None:
+        self.pool = pool
+        self.sink_tokens = sink_tokens
+        self.window_pages = window_pages
+        self.sink: list[int] = []
+        self.window: deque[int] = deque()
+        self.length = 0
+
+    def append(self, keys: np.ndarray, values: np.ndarray, positions: np.ndarray) -> list[int]:
+        """Store tokens; returns the full pages that left the recent window, oldest first.
+
+        Args:
+            keys, values: ``[T, head_dim]``.
+            positions: ``[T]``, continuing ``self.length``.
+        """
+        evicted: list[int] = []
+        start = 0
+        while start < len(positions):
+            page, room = self._open_page(evicted)
+            end = min(len(positions), start + room)
+            self.pool.append(page, keys[start:end], values[start:end], positions[start:end])
+            self.length += end - start
+            start = end
+        return evicted
+
+    def _open_page(self, evicted: list[int]) -> tuple[int, int]:
+        """The page the next token goes to and how many tokens fit there."""
+        size = self.pool.page_size
+        if self.length < self.sink_tokens:
+            if not self.sink or self.pool.fill[self.sink[-1]] == size:
+                self.sink.append(int(self.pool.alloc(1)[0]))
+            room = size - int(self.pool.fill[self.sink[-1]])
+            return self.sink[-1], min(room, self.sink_tokens - self.length)
+        if not self.window or self.pool.fill[self.window[-1]] == size:
+            if len(self.window) == self.window_pages:
+                evicted.append(self.window.popleft())
+            self.window.append(int(self.pool.alloc(1)[0]))
+        return self.window[-1], size - int(self.pool.fill[self.window[-1]])
+
+    def sink_pages(self) -> np.ndarray:
+        return np.asarray(self.sink, dtype=np.int64)
+
+    def window_pages_now(self) -> np.ndarray:
+        return np.asarray(self.window, dtype=np.int64)
+
+    def release(self) -> None:
+        """Free the sink and window pages."""
+        self.pool.free(np.asarray(self.sink + list(self.window), dtype=np.int64))
+        self.sink.clear()
+        self.window.clear()

@@ -1,0 +1,166 @@
+"""Fixed-size physical KV pages, their free list and their per-page metadata.
+
+Layout of the page data (identical to the worker's device page cache)::
+
+    data:      [num_pages, 2, page_size, head_dim]  # [:, 0] keys (post-RoPE), [:, 1] values
+    positions: [num_pages, page_size] int64         # token position of each slot, -1 if empty
+    fill:      [num_pages] int64                    # valid slots, always the first `fill`
+    version:   [num_pages] int64                    # bumped on every write, alloc and free
+
+A page belongs to one (sequence, layer, KV head). ``version`` lets a reader that cached a
+page (the worker's device page cache) tell whether its copy is still current.
+
+The data lives in heap memory or, with ``shared=True``, in a POSIX shared-memory segment
+that a worker on the same host maps to read pages without a copy through the RPC.
+"""
+
+from __future__ import annotations
+
+import logging
+from multiprocessing import shared_memory
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class PoolExhausted(RuntimeError):
+    """The pool has fewer free pages than an operation needs."""
+
+
+class PagePool:
+    """Owns ``num_pages`` physical pages and hands them out by id."""
+
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        head_dim: int,
+        dtype: str = "float32",
+        shared: bool = False,
+        shm_name: str | None = None,
+    ) -> None:
+        if num_pages <= 0 or page_size <= 0 or head_dim <= 0:
+            raise ValueError(
+                f"pool sizes must be positive, got num_pages={num_pages}, "
+                f"page_size={page_size}, head_dim={head_dim}"
+            )
+        if dtype not in DTYPES:
+            raise ValueError(f"pool dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.head_dim = head_dim
+        self.dtype = dtype
+        shape = (num_pages, 2, page_size, head_dim)
+        self._shm: shared_memory.SharedMemory | None = None
+        if shared:
+            nbytes = int(np.prod(shape)) * np.dtype(DTYPES[dtype]).itemsize
+            self._shm = shared_memory.SharedMemory(name=shm_name, create=True, size=nbytes)
+            self.data = np.ndarray(shape, dtype=DTYPES[dtype], buffer=self._shm.buf)
+        else:
+            self.data = np.zeros(shape, dtype=DTYPES[dtype])
+        self.positions = np.full((num_pages, page_size), -1, dtype=np.int64)
+        self.fill = np.zeros(num_pages, dtype=np.int64)
+        self.version = np.zeros(num_pages, dtype=np.int64)
+        self._free = np.arange(num_pages - 1, -1, -1, dtype=np.int64)  # a stack; top = end
+        self._num_free = num_pages
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of K and V data in one page."""
+        return 2 * self.page_size * self.head_dim * self.data.itemsize
+
+    @property
+    def shm_name(self) -> str | None:
+        """Name of the shared-memory segment holding ``data``, if shared."""
+        return self._shm.name if self._shm is not None else None
+
+    @property
+    def num_free(self) -> int:
+        return self._num_free
+
+    @property
+    def num_used(self) -> int:
+        return self.num_pages - self._num_free
+
+    def alloc(self, n: int) -> np.ndarray:
+        """Take ``n`` free pages; returns their ids ``[n]`` int64 (empty, fill 0)."""
+        if n > self._num_free:
+            raise PoolExhausted(
+                f"need {n} KV pages but only {self._num_free} of {self.num_pages} are free; "
+                "raise the memory limit or release finished sequences"
+            )
+        ids = self._free[self._num_free - n : self._num_free][::-1].copy()
+        self._num_free -= n
+        self.fill[ids] = 0
+        self.positions[ids] = -1
+        self.version[ids] += 1
+        return ids
+
+    def free(self, ids: np.ndarray) -> None:
+        """Return pages to the free list."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size == 0:
+            return
+        assert np.all(self.fill[ids] >= 0), "freeing a page twice"
+        self.fill[ids] = -1
+        self.version[ids] += 1
+        self._free[self._num_free : self._num_free + ids.size] = ids
+        self._num_free += ids.size
+
+    def append(self, page: int, keys: np.ndarray, values: np.ndarray, positions: np.ndarray) -> None:
+        """Append tokens to one page's open slots.
+
+        Args:
+            page: page id with room for ``len(positions)`` more tokens.
+            keys, values: ``[n, head_dim]``.
+            positions: ``[n]`` token positions.
+        """
+        start = int(self.fill[page])
+        end = start + len(positions)
+        assert 0 <= start and end <= self.page_size, "page overflow"
+        self.data[page, 0, start:end] = keys
+        self.data[page, 1, start:end] = values
+        self.positions[page, start:end] = positions
+        self.fill[page] = end
+        self.version[page] += 1
+
+    def write_slots(
+        self, pages: np.ndarray, slots: np.ndarray, kv: np.ndarray, positions: np.ndarray
+    ) -> None:
+        """Scatter single tokens to (page, slot) places; fills grow to cover the slots.
+
+        Args:
+            pages, slots: ``[n]`` destinations.
+            kv: ``[n, 2, head_dim]`` key and value of each token.
+            positions: ``[n]`` token positions.
+        """
+        self.data[pages, :, slots] = kv
+        self.positions[pages, slots] = positions
+        np.maximum.at(self.fill, pages, slots + 1)
+        self.version[np.unique(pages)] += 1
+
+    def read_slots(self, pages: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Gather single tokens: ``[n, 2, head_dim]``."""
+        return self.data[pages, :, slots]
+
+    def keys_of(self, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Valid keys of some pages, in page then slot order.
+
+        Returns:
+            keys ``[T, head_dim]`` float32 and positions ``[T]``.
+        """
+        valid = self.positions[pages] >= 0  # [n, P]
+        keys = self.data[pages, 0][valid].astype(np.float32, copy=False)
+        return keys, self.positions[pages][valid]
+
+    def close(self) -> None:
+        """Release the shared-memory segment (the owner also unlinks it)."""
+        if self._shm is None:
+            return
+        del self.data
+        self._shm.close()
+        self._shm.unlink()
+        self._shm = None

@@ -1,0 +1,57 @@
+"""Selection policies: which body pages each (layer, KV head) attends to at a decode step."""
+
+from __future__ import annotations
+
+from cache_service.page_pool import PagePool
+from cache_service.policies.base import Body
+from cache_service.policies.indexed import IndexedBody, MirroredBody
+from cache_service.policies.positional import (
+    OracleBody,
+    PositionalBody,
+    QuestBody,
+    StreamingBody,
+)
+from cache_service.types import SequenceSpec
+
+
+def _index_body(spec: SequenceSpec, pool: PagePool, layer: int, head: int) -> IndexedBody:
+    from cache_service.cluster_index import ClusterIndex, IndexConfig
+    from cache_service.kmeans_index import FlatKMeansIndex
+
+    config = IndexConfig(page_size=pool.page_size, seed=spec.seed + 1000 * layer + head)
+    cls = FlatKMeansIndex if spec.policy == "kmeans" else ClusterIndex
+    return IndexedBody(pool, cls(pool.head_dim, config))
+
+
+def make_bodies(spec: SequenceSpec, pool: PagePool) -> list[list[Body]]:
+    """One body per layer and KV head, as the spec's policy lays it out.
+
+    The first ``spec.dense_layers`` layers keep plain positional bodies (they attend fully).
+    With ``icecache-r`` each group of ``spec.reuse_group`` layers after them mirrors the
+    group's first layer.
+    """
+    simple = {
+        "full": PositionalBody,
+        "streaming": StreamingBody,
+        "quest": QuestBody,
+        "oracle": OracleBody,
+    }
+    bodies: list[list[Body]] = []
+    for layer in range(spec.num_layers):
+        row: list[Body] = []
+        for head in range(spec.num_kv_heads):
+            if layer < spec.dense_layers or spec.policy == "full":
+                row.append(PositionalBody(pool))
+            elif spec.policy in simple:
+                row.append(simple[spec.policy](pool))
+            elif spec.policy == "icecache-r" and (layer - spec.dense_layers) % spec.reuse_group:
+                leader = bodies[layer - (layer - spec.dense_layers) % spec.reuse_group][head]
+                assert isinstance(leader, IndexedBody)
+                row.append(MirroredBody(pool, leader))
+            else:
+                row.append(_index_body(spec, pool, layer, head))
+        bodies.append(row)
+    return bodies
+
+
+__all__ = ["Body", "make_bodies"]

@@ -1,0 +1,50 @@
+"""The body of one (sequence, layer, KV head): the tokens a policy selects from."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from cache_service.page_pool import PagePool
+
+
+class Body(ABC):
+    """Owns the pages of one head's tokens between the sinks and the recent window.
+
+    Full pages arrive from the recent window in position order (``add``); the body may
+    re-lay their tokens out (the cluster index does) and frees what it no longer needs.
+    """
+
+    def __init__(self, pool: PagePool) -> None:
+        self.pool = pool
+
+    @abstractmethod
+    def add(self, pages: np.ndarray) -> None:
+        """Take ownership of full positional pages ``[n]`` that left the recent window."""
+
+    @abstractmethod
+    def select(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
+        """Pages to attend for this step.
+
+        Args:
+            queries: ``[G, head_dim]`` float32, the query heads served by this KV head.
+            max_tokens: at most this many valid tokens in the returned pages.
+
+        Returns:
+            page ids ``[n]`` int64.
+        """
+
+    @abstractmethod
+    def all_pages(self) -> np.ndarray:
+        """Every page holding this body's tokens ``[n]`` (dense layers, ``full``)."""
+
+    def release(self) -> None:
+        """Free every page this body owns."""
+        self.pool.free(self.all_pages())
+
+
+def take_within(pages: np.ndarray, fills: np.ndarray, max_tokens: int) -> np.ndarray:
+    """The longest prefix of ``pages`` (ranked) whose fills sum to at most ``max_tokens``."""
+    count = int(np.searchsorted(np.cumsum(fills), max_tokens, side="right"))
+    return pages[:count]

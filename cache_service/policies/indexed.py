@@ -1,0 +1,132 @@
+"""Bodies laid out by a cluster index: ``icecache``, ``icecache-r`` followers and ``kmeans``.
+
+The index deals in token ids (here: positions), leaves and slots; this module gives each
+leaf one physical page and moves K/V so that page ``leaf_page[leaf]`` slot ``s`` holds the
+token the index placed at ``(leaf, s)``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from cache_service.page_pool import PagePool
+from cache_service.policies.base import Body
+
+
+class Placement(Protocol):
+    token_ids: np.ndarray
+    leaves: np.ndarray
+    slots: np.ndarray
+
+
+class LeafIndex(Protocol):
+    """What this module needs of ``ClusterIndex`` / ``FlatKMeansIndex``."""
+
+    def build(self, keys: np.ndarray, token_ids: np.ndarray) -> Placement: ...
+    def insert(self, keys: np.ndarray, token_ids: np.ndarray) -> Placement: ...
+    def search(self, queries: np.ndarray, max_tokens: int) -> np.ndarray: ...
+    def leaf_fill(self, leaf: int) -> int: ...
+
+
+class LeafPages(Body):
+    """Leaf → page map plus where each token lives; applies placements by moving K/V."""
+
+    def __init__(self, pool: PagePool) -> None:
+        super().__init__(pool)
+        self.leaf_page: dict[int, int] = {}
+        self.token_page = np.full(0, -1, dtype=np.int64)  # position -> page
+        self.token_slot = np.full(0, -1, dtype=np.int64)  # position -> slot
+
+    def all_pages(self) -> np.ndarray:
+        return np.fromiter(self.leaf_page.values(), dtype=np.int64, count=len(self.leaf_page))
+
+    def pages_of(self, leaves: np.ndarray) -> np.ndarray:
+        return np.fromiter((self.leaf_page[int(x)] for x in leaves), np.int64, len(leaves))
+
+    def _track(self, positions: np.ndarray, pages: np.ndarray, slots: np.ndarray) -> None:
+        need = int(positions.max()) + 1
+        if need > self.token_page.size:
+            grow = max(need, 2 * self.token_page.size)
+            self.token_page = np.pad(self.token_page, (0, grow - self.token_page.size), constant_values=-1)
+            self.token_slot = np.pad(self.token_slot, (0, grow - self.token_slot.size), constant_values=-1)
+        self.token_page[positions] = pages
+        self.token_slot[positions] = slots
+
+    def apply(self, placement: Placement, index: LeafIndex) -> None:
+        """Move the placed tokens' K/V to their leaves' pages (new leaves get new pages).
+
+        ``index`` is the index that made the placement, in its state after it; it tells the
+        fill of every leaf the placement touched (a split leaf shrinks).
+        """
+        if len(placement.token_ids) == 0:
+            return
+        new_leaves = [int(x) for x in np.unique(placement.leaves) if int(x) not in self.leaf_page]
+        for leaf, page in zip(new_leaves, self.pool.alloc(len(new_leaves)), strict=True):
+            self.leaf_page[leaf] = int(page)
+        positions = placement.token_ids
+        kv = self.pool.read_slots(self.token_page[positions], self.token_slot[positions])
+        dest = self.pages_of(placement.leaves)
+        self.pool.write_slots(dest, placement.slots, kv, positions)
+        self._track(positions, dest, placement.slots)
+        for leaf in np.unique(placement.leaves):
+            page, fill = self.leaf_page[int(leaf)], index.leaf_fill(int(leaf))
+            self.pool.fill[page] = fill
+            self.pool.positions[page, fill:] = -1
+
+    def stage(self, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Record where the tokens of incoming window pages are now; returns keys, positions."""
+        keys, positions = self.pool.keys_of(pages)
+        slots = np.tile(np.arange(self.pool.page_size), len(pages))
+        self._track(positions, np.repeat(pages, self.pool.page_size), slots)
+        return keys, positions
+
+
+class IndexedBody(LeafPages):
+    """Tokens clustered by their keys; a query's most relevant leaves are its pages."""
+
+    def __init__(self, pool: PagePool, index: LeafIndex) -> None:
+        super().__init__(pool)
+        self.index = index
+        self.built = False
+        self.placements: list[Placement] = []  # replayed by icecache-r followers
+        self.last_leaves = np.empty(0, dtype=np.int64)
+
+    def add(self, pages: np.ndarray) -> None:
+        keys, positions = self.stage(pages)
+        if self.built:
+            placement = self.index.insert(keys, positions)
+        else:
+            placement = self.index.build(keys, positions)
+            self.built = True
+        self.apply(placement, self.index)
+        self.placements.append(placement)
+        self.pool.free(pages)
+
+    def select(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
+        if not self.built:
+            self.last_leaves = np.empty(0, dtype=np.int64)
+        else:
+            self.last_leaves = self.index.search(queries.astype(np.float32), max_tokens)
+        return self.pages_of(self.last_leaves)
+
+
+class MirroredBody(LeafPages):
+    """An ``icecache-r`` follower layer: the leader layer's layout and selection, own K/V."""
+
+    def __init__(self, pool: PagePool, leader: IndexedBody) -> None:
+        super().__init__(pool)
+        self.leader = leader
+        self.replayed = 0
+
+    def add(self, pages: np.ndarray) -> None:
+        self.stage(pages)
+        assert len(self.leader.placements) > self.replayed, "leader layer must add first"
+        for placement in self.leader.placements[self.replayed :]:
+            self.apply(placement, self.leader.index)
+        self.replayed = len(self.leader.placements)
+        self.pool.free(pages)
+
+    def select(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
+        return self.pages_of(self.leader.last_leaves)

@@ -1,0 +1,98 @@
+"""Bodies kept in position order: ``full``, ``streaming``, ``quest`` and ``oracle``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cache_service.page_pool import PagePool
+from cache_service.policies.base import Body, take_within
+
+
+class PositionalBody(Body):
+    """Pages in position order, as they left the recent window. Selects them all."""
+
+    def __init__(self, pool: PagePool) -> None:
+        super().__init__(pool)
+        self.pages = np.empty(0, dtype=np.int64)
+
+    def add(self, pages: np.ndarray) -> None:
+        self.pages = np.concatenate([self.pages, pages])
+
+    def select(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
+        return self.pages
+
+    def all_pages(self) -> np.ndarray:
+        return self.pages
+
+
+class StreamingBody(PositionalBody):
+    """StreamingLLM: the most recent body pages extend the recent window up to the budget."""
+
+    def select(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
+        newest_first = self.pages[::-1]
+        return take_within(newest_first, self.pool.fill[newest_first], max_tokens)[::-1]
+
+
+class QuestBody(PositionalBody):
+    """Quest: rank pages by an upper bound of q·k from per-page min and max keys."""
+
+    def __init__(self, pool: PagePool) -> None:
+        super().__init__(pool)
+        dim = pool.head_dim
+        self.mins = np.empty((0, dim), dtype=np.float32)
+        self.maxs = np.empty((0, dim), dtype=np.float32)
+
+    def add(self, pages: np.ndarray) -> None:
+        super().add(pages)
+        keys = self.pool.data[pages, 0].astype(np.float32)  # [n, P, D]; pages are full
+        self.mins = np.concatenate([self.mins, keys.min(axis=1)])
+        self.maxs = np.concatenate([self.maxs, keys.max(axis=1)])
+
+    def select(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
+        if self.pages.size == 0:
+            return self.pages
+        # bound[g, n] = sum_d max(q_d * min_d, q_d * max_d); a GQA group takes its max.
+        bound = np.maximum(
+            queries[:, None, :] * self.mins[None], queries[:, None, :] * self.maxs[None]
+        ).sum(-1)
+        order = np.argsort(-bound.max(axis=0), kind="stable")
+        ranked = self.pages[order]
+        return take_within(ranked, self.pool.fill[ranked], max_tokens)
+
+
+class OracleBody(PositionalBody):
+    """Exact top-k tokens by q·k (group max), copied into scratch pages each step.
+
+    The oracle is the upper bound of token selection at a budget; its per-token gather is
+    what a real system cannot afford, and it is counted as moved pages like any other.
+    """
+
+    def __init__(self, pool: PagePool) -> None:
+        super().__init__(pool)
+        self.scratch = np.empty(0, dtype=np.int64)
+
+    def select(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
+        self._free_scratch()
+        if self.pages.size == 0 or max_tokens < 1:
+            return self.scratch
+        keys = self.pool.data[self.pages, 0].reshape(-1, self.pool.head_dim)  # [T, D]
+        scores = (queries.astype(np.float32) @ keys.astype(np.float32).T).max(axis=0)  # [T]
+        take = min(max_tokens, scores.size)
+        top = np.sort(np.argpartition(-scores, take - 1)[:take])
+        page_of, slot = np.divmod(top, self.pool.page_size)
+        kv = self.pool.read_slots(self.pages[page_of], slot)  # [k, 2, D]
+        positions = self.pool.positions[self.pages[page_of], slot]
+        size = self.pool.page_size
+        self.scratch = self.pool.alloc(-(-take // size))
+        for i, page in enumerate(self.scratch):
+            part = slice(i * size, (i + 1) * size)
+            self.pool.append(int(page), kv[part, 0], kv[part, 1], positions[part])
+        return self.scratch
+
+    def _free_scratch(self) -> None:
+        self.pool.free(self.scratch)
+        self.scratch = np.empty(0, dtype=np.int64)
+
+    def release(self) -> None:
+        self._free_scratch()
+        super().release()

@@ -1,0 +1,120 @@
+"""Typed objects that cross the store's boundary (in-process or over gRPC)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+POLICIES = ("full", "oracle", "icecache", "icecache-r", "quest", "kmeans", "streaming")
+
+
+class UnknownSequence(KeyError):
+    """A request named a sequence the store does not hold."""
+
+    def __str__(self) -> str:
+        return f"unknown sequence {self.args[0]!r}: create it first (or it was released)"
+
+
+class SequenceExists(ValueError):
+    """A create named a sequence that is already held."""
+
+
+@dataclass(frozen=True)
+class SequenceSpec:
+    """How one sequence's KV cache is kept and selected from."""
+
+    num_layers: int
+    """Decoder layers of the model."""
+    num_kv_heads: int
+    """KV heads per layer; each (layer, KV head) has its own pages."""
+    num_q_heads: int
+    """Query heads per layer; a multiple of ``num_kv_heads`` (GQA)."""
+    head_dim: int
+    """Dimension of one key or value vector."""
+    policy: str = "icecache"
+    """Which tokens decode attends to; one of ``POLICIES``."""
+    budget: int | None = 256
+    """Tokens attended per (layer, KV head) and step, sinks and recent window included.
+    ``None`` only with the ``full`` policy."""
+    sink_tokens: int | None = None
+    """First tokens that are always attended; a multiple of the page size.
+    ``None``: ``page_size * clamp(budget // (8 * page_size), 1, 2)``."""
+    recent_pages: int | None = None
+    """Pages of the most recent tokens that are always attended (a ring of positional pages).
+    ``None``: same number of pages as the sinks."""
+    dense_layers: int = 2
+    """The first layers attend to every token under every policy."""
+    reuse_group: int = 3
+    """``icecache-r``: layers per group that share the first layer's selection and layout."""
+    seed: int = 0
+    """Seed of the clustering, so selection is reproducible."""
+
+    def validate(self, page_size: int) -> None:
+        """Raise ``ValueError`` naming the field to fix."""
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        for name in ("num_layers", "num_kv_heads", "num_q_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_q_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_q_heads ({self.num_q_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.dense_layers < 0 or self.reuse_group < 1:
+            raise ValueError("dense_layers must be >= 0 and reuse_group >= 1")
+        if self.sink_tokens is not None and (self.sink_tokens < 0 or self.sink_tokens % page_size):
+            raise ValueError(
+                f"sink_tokens ({self.sink_tokens}) must be a non-negative multiple of the "
+                f"page size ({page_size})"
+            )
+        if self.recent_pages is not None and self.recent_pages < 1:
+            raise ValueError(f"recent_pages must be >= 1, got {self.recent_pages}")
+        if self.budget is None:
+            if self.policy != "full":
+                raise ValueError(f"policy {self.policy!r} needs a token budget")
+            return
+        floor = self.sinks(page_size) + self.window_pages(page_size) * page_size
+        if self.budget < floor:
+            raise ValueError(
+                f"budget {self.budget} is below the sink tokens plus the recent window "
+                f"({floor}); raise the budget or lower sink_tokens/recent_pages"
+            )
+
+    def sinks(self, page_size: int) -> int:
+        """Sink tokens in effect."""
+        if self.sink_tokens is not None:
+            return self.sink_tokens
+        pages = 2 if self.budget is None else min(2, max(1, self.budget // (8 * page_size)))
+        return pages * page_size
+
+    def window_pages(self, page_size: int) -> int:
+        """Recent-window pages in effect."""
+        if self.recent_pages is not None:
+            return self.recent_pages
+        return max(1, self.sinks(page_size) // page_size)
+
+    def body_budget(self, page_size: int) -> int | None:
+        """Tokens the policy may pick beyond sinks and window (``None``: unlimited)."""
+        if self.budget is None:
+            return None
+        return self.budget - self.sinks(page_size) - self.window_pages(page_size) * page_size
+
+
+class Selection(NamedTuple):
+    """The pages one sequence attends to at one layer, as a CSR table over its KV heads.
+
+    ``pages[indptr[h]:indptr[h + 1]]`` are the pages of KV head ``h``; ``lens`` gives each
+    page's valid tokens and ``versions`` its version (for the worker's page cache).
+    """
+
+    indptr: np.ndarray  # [num_kv_heads + 1] int64
+    pages: np.ndarray  # [nnz] int64 page ids in the store's pool
+    lens: np.ndarray  # [nnz] int64, 1..page_size
+    versions: np.ndarray  # [nnz] int64
+
+    def tokens(self) -> int:
+        """Tokens attended over all heads."""
+        return int(self.lens.sum())

@@ -1,0 +1,72 @@
+import os
+
+import numpy as np
+import pytest
+
+from cache_service.page_pool import PagePool, PoolExhausted
+
+
+def test_alloc_hands_out_distinct_pages_and_free_returns_them():
+    pool = PagePool(num_pages=4, page_size=2, head_dim=3)
+    a = pool.alloc(3)
+    assert sorted(a.tolist()) == [0, 1, 2]
+    assert pool.num_free == 1
+    pool.free(a[:2])
+    assert pool.num_free == 3
+    b = pool.alloc(3)
+    assert len(set(b.tolist()) | {int(a[2])}) == 4
+
+
+def test_exhaustion_names_the_shortfall():
+    pool = PagePool(num_pages=2, page_size=2, head_dim=3)
+    pool.alloc(2)
+    with pytest.raises(PoolExhausted, match="need 1 KV pages but only 0 of 2 are free"):
+        pool.alloc(1)
+
+
+def test_append_fills_slots_in_order_and_bumps_version():
+    pool = PagePool(num_pages=2, page_size=4, head_dim=2)
+    page = int(pool.alloc(1)[0])
+    v0 = pool.version[page]
+    k = np.arange(6, dtype=np.float32).reshape(3, 2)
+    pool.append(page, k, -k, np.array([7, 8, 9]))
+    assert pool.fill[page] == 3
+    assert pool.positions[page].tolist() == [7, 8, 9, -1]
+    np.testing.assert_array_equal(pool.data[page, 0, :3], k)
+    np.testing.assert_array_equal(pool.data[page, 1, :3], -k)
+    assert pool.version[page] == v0 + 1
+    keys, pos = pool.keys_of(np.array([page]))
+    np.testing.assert_array_equal(keys, k)
+    assert pos.tolist() == [7, 8, 9]
+
+
+def test_free_then_alloc_gives_a_new_version():
+    pool = PagePool(num_pages=1, page_size=2, head_dim=2)
+    page = pool.alloc(1)
+    v = int(pool.version[page[0]])
+    pool.free(page)
+    again = pool.alloc(1)
+    assert again[0] == page[0] and pool.version[again[0]] > v and pool.fill[again[0]] == 0
+
+
+def test_rejects_bad_sizes_and_dtypes():
+    with pytest.raises(ValueError, match="positive"):
+        PagePool(0, 16, 64)
+    with pytest.raises(ValueError, match="dtype"):
+        PagePool(1, 16, 64, dtype="int8")
+
+
+def test_shared_segment_is_mapped_and_unlinked_on_close():
+    pool = PagePool(num_pages=2, page_size=2, head_dim=2, shared=True)
+    name = pool.shm_name
+    assert name and os.path.exists(f"/dev/shm/{name}")
+    pool.data[1, 0, 0, 0] = 5.0
+    from multiprocessing import shared_memory
+
+    view = shared_memory.SharedMemory(name=name)
+    mapped = np.ndarray(pool.data.shape, np.float32, buffer=view.buf)
+    assert mapped[1, 0, 0, 0] == 5.0
+    del mapped
+    view.close()
+    pool.close()
+    assert not os.path.exists(f"/dev/shm/{name}")
