@@ -1,0 +1,114 @@
+"""``icecache``: the command line. Subcommands register themselves here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from cache_service.types import POLICIES
+from worker.engine import EngineConfig
+from worker.factory import build_engine
+
+log = logging.getLogger(__name__)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that runs the model."""
+    parser.add_argument("--model", help="local HF checkpoint directory (default: embedded SmolLM2)")
+    parser.add_argument("--policy", default="icecache", choices=POLICIES, help="attention policy")
+    parser.add_argument("--budget", type=positive_int, default=256, help="KV tokens per step")
+    parser.add_argument("--dense-layers", type=int, default=2, help="first layers attend fully")
+    parser.add_argument("--cache-service", help="address of a cache service (default: in-process)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--device-cache-mb", type=positive_int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        policy=args.policy,
+        budget=args.budget,
+        dense_layers=args.dense_layers,
+        device_cache_mb=args.device_cache_mb,
+        seed=args.seed,
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if args.prompt_file:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise SystemExit(
+                f"error: cannot read --prompt-file {args.prompt_file}: {err}"
+            ) from None
+    else:
+        prompt = args.prompt
+    engine, tokenizer = build_engine(
+        engine_config(args), args.model, args.cache_service, args.device
+    )
+    ids = tokenizer.chat_prompt_ids(prompt) if args.chat else tokenizer.encode(prompt)
+    started = time.perf_counter()
+    out = engine.generate(ids, args.max_new_tokens, tokenizer.eos_token_ids)
+    total_s = time.perf_counter() - started
+    text = tokenizer.decode([t for t in out if t not in tokenizer.eos_token_ids])
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "text": text,
+                    "token_ids": out,
+                    "prompt_tokens": len(ids),
+                    "policy": args.policy,
+                    "budget": None if args.policy == "full" else args.budget,
+                    "dense_layers": args.dense_layers,
+                    "prefill_s": engine.timings.prefill,
+                    "generate_s": total_s,
+                    "decode_ms_per_token": engine.timings.decode_ms_per_step,
+                    "page_cache": vars(engine.cache.stats),
+                }
+            )
+        )
+    else:
+        print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="icecache", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate a continuation of a prompt")
+    add_engine_args(gen)
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text")
+    source.add_argument("--prompt-file", help="read the prompt from a UTF-8 file")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--no-chat", dest="chat", action="store_false", help="no chat template")
+    gen.add_argument("--json", action="store_true", help="print a JSON object")
+    gen.set_defaults(func=_generate)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

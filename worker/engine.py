@@ -1,0 +1,301 @@
+"""The engine: prefill and batched decode of a Llama-family model over a paged KV store.
+
+Prefill is dense and layer-major: all prompt tokens go through one layer (causal attention in
+query chunks of ``prefill_chunk``), that layer's K/V go to the store, then the next layer.
+Decode is one token per sequence per step, batched across sequences: per layer the store
+takes the new K/V and answers which pages each KV head attends to; the device page cache
+makes them resident; paged sparse attention runs over them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cache_service.types import POLICIES, Selection, SequenceSpec
+from kernels.cupy_ops import decode_attention
+from worker.kv_client import KVClient
+from worker.model import LlamaModel
+from worker.page_cache import DevicePageCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine keeps and selects KV for the sequences it runs."""
+
+    policy: str = "icecache"
+    """Attention policy, one of ``cache_service.types.POLICIES``."""
+    budget: int | None = 256
+    """KV tokens attended per layer and KV head at a decode step (sinks and window included);
+    ignored by ``full``."""
+    dense_layers: int = 2
+    """The first layers attend fully under every policy."""
+    sink_tokens: int | None = None
+    """Always-attended first tokens (``None``: derived from the budget)."""
+    recent_pages: int | None = None
+    """Always-attended recent-window pages (``None``: as many as sink pages)."""
+    reuse_group: int = 3
+    """``icecache-r``: layers sharing one selection."""
+    prefill_chunk: int = 1024
+    """Query tokens per attention chunk during prefill."""
+    device_cache_mb: int = 1024
+    """Device memory for resident KV pages."""
+    seed: int = 0
+    """Seed of the clustering."""
+
+    def spec(self, model: LlamaModel) -> SequenceSpec:
+        """The store's spec for one sequence of ``model`` under this config."""
+        c = model.config
+        return SequenceSpec(
+            num_layers=c.num_layers,
+            num_kv_heads=c.num_kv_heads,
+            num_q_heads=c.num_heads,
+            head_dim=c.head_dim,
+            policy=self.policy,
+            budget=None if self.policy == "full" else self.budget,
+            sink_tokens=self.sink_tokens,
+            recent_pages=self.recent_pages,
+            dense_layers=self.dense_layers,
+            reuse_group=self.reuse_group,
+            seed=self.seed,
+        )
+
+
+@dataclass
+class Sequence:
+    """One sequence being generated: its id in the store and its tokens so far."""
+
+    seq_id: str
+    token_ids: list[int]
+    prompt_len: int
+    finished: bool = False
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class StepTimings:
+    """Wall time spent in each part of decoding, in seconds."""
+
+    prefill: float = 0.0
+    prefill_tokens: int = 0
+    store: float = 0.0
+    load: float = 0.0
+    attention: float = 0.0
+    total: float = 0.0
+    steps: int = 0
+
+    @property
+    def decode_ms_per_step(self) -> float:
+        return 1000 * self.total / max(1, self.steps)
+
+
+class Engine:
+    """Runs one model over one KV store with one policy configuration."""
+
+    _ids = itertools.count()
+
+    def __init__(self, model: LlamaModel, kv: KVClient, config: EngineConfig) -> None:
+        if config.policy not in POLICIES:
+            raise ValueError(
+                f"unknown policy {config.policy!r}; choose one of {', '.join(POLICIES)}"
+            )
+        self.model = model
+        self.kv = kv
+        self.config = config
+        c = model.config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        page_bytes = 2 * kv.page_size * c.head_dim * torch.finfo(self.dtype).bits // 8
+        capacity = max(1, config.device_cache_mb * 2**20 // page_bytes)
+        self.cache = DevicePageCache(capacity, kv.page_size, c.head_dim, self.dtype, self.device)
+        self.scale = c.head_dim**-0.5
+        self.timings = StepTimings()
+        config.spec(model).validate(kv.page_size)
+
+    # ---- sequences ---------------------------------------------------------------------
+    def start(
+        self, prompt_ids: list[int], seq_id: str | None = None
+    ) -> tuple[Sequence, torch.Tensor]:
+        """Create a sequence in the store and prefill its prompt.
+
+        Returns:
+            the sequence and the logits of its last prompt token ``[vocab]``.
+        """
+        if not prompt_ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        limit = self.model.config.max_position_embeddings
+        if len(prompt_ids) >= limit:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens but the model supports {limit}; "
+                "shorten it"
+            )
+        seq = Sequence(seq_id or f"seq-{next(self._ids)}", list(prompt_ids), len(prompt_ids))
+        self.kv.create(seq.seq_id, self.config.spec(self.model))
+        started = time.perf_counter()
+        try:
+            logits = self.prefill(seq.seq_id, prompt_ids)
+        except BaseException:
+            self.kv.release(seq.seq_id)
+            raise
+        self.timings.prefill += time.perf_counter() - started
+        self.timings.prefill_tokens += len(prompt_ids)
+        return seq, logits
+
+    def finish(self, seq: Sequence) -> None:
+        """Release a sequence's KV in the store."""
+        self.kv.release(seq.seq_id)
+        seq.finished = True
+
+    # ---- prefill -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, seq_id: str, token_ids: list[int]) -> torch.Tensor:
+        """Dense causal prefill; every layer's K/V go to the store. Returns last logits ``[vocab]``."""
+        model, chunk = self.model, self.config.prefill_chunk
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        positions = torch.arange(len(token_ids), device=self.device)
+        h = model.embed(ids)  # [T, hidden]
+        layers = model.config.num_layers
+        bar = tqdm(
+            total=layers, desc="prefill", unit="layer", disable=not sys.stderr.isatty(), leave=False
+        )
+        for layer in range(layers):
+            q, k, v = model.attention_inputs(layer, h, positions)  # [T, H, D]
+            self.kv.append(seq_id, layer, _np(k), _np(v), positions.cpu().numpy())
+            out = []
+            for start in range(0, len(token_ids), chunk):
+                end = min(start + chunk, len(token_ids))
+                attn = _causal_attention(q[start:end], k[:end], v[:end], start, self.scale)
+                out.append(model.attention_output(layer, h[start:end], attn))
+            h = torch.cat(out)
+            bar.update()
+        bar.close()
+        return model.logits(h[-1:])[0]
+
+    # ---- decode ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode_step(self, seqs: list[Sequence], tokens: list[int]) -> torch.Tensor:
+        """Feed one token per sequence; returns next-token logits ``[B, vocab]``.
+
+        The token is appended to each sequence's ``token_ids``.
+        """
+        started = time.perf_counter()
+        model = self.model
+        for seq, token in zip(seqs, tokens, strict=True):
+            seq.token_ids.append(token)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        positions = torch.tensor([s.length - 1 for s in seqs], device=self.device)
+        seq_ids = [s.seq_id for s in seqs]
+        h = model.embed(ids)  # [B, hidden]
+        for layer in range(model.config.num_layers):
+            q, k, v = model.attention_inputs(layer, h, positions)  # [B, H, D]
+            t0 = time.perf_counter()
+            sels = self.kv.decode(layer, seq_ids, _np(k), _np(v), positions.cpu().numpy(), _np(q))
+            t1 = time.perf_counter()
+            indptr, slots, lens = self._page_table(sels)
+            t2 = time.perf_counter()
+            attn = decode_attention(q, self.cache.kv, indptr, slots, lens, self.scale)
+            h = model.attention_output(layer, h, attn)
+            self.timings.store += t1 - t0
+            self.timings.load += t2 - t1
+            self.timings.attention += time.perf_counter() - t2
+        logits = model.logits(h)
+        self.timings.total += time.perf_counter() - started
+        self.timings.steps += 1
+        return logits
+
+    def _page_table(self, sels: list[Selection]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CSR page table over rows ``b * kv_heads + h`` with device slots."""
+        pages = np.concatenate([s.pages for s in sels])
+        versions = np.concatenate([s.versions for s in sels])
+        lens = np.concatenate([s.lens for s in sels])
+        counts = np.concatenate([np.diff(s.indptr) for s in sels])
+        indptr = np.zeros(counts.size + 1, dtype=np.int32)
+        np.cumsum(counts, out=indptr[1:])
+        slots = self.cache.resolve(pages, versions, self.kv.read_pages)
+        to = self.device
+        return (
+            torch.from_numpy(indptr).to(to),
+            slots,
+            torch.from_numpy(lens.astype(np.int32)).to(to),
+        )
+
+    # ---- generation ----------------------------------------------------------------------
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, stop_ids: frozenset[int] = frozenset()
+    ) -> list[int]:
+        """Greedy generation for one prompt; returns the new tokens (stop token included)."""
+        return self.generate_batch([prompt_ids], max_new_tokens, stop_ids)[0]
+
+    def generate_batch(
+        self, prompts: list[list[int]], max_new_tokens: int, stop_ids: frozenset[int] = frozenset()
+    ) -> list[list[int]]:
+        """Greedy generation for several prompts, decode steps batched across them."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        seqs: list[Sequence] = []
+        outputs: list[list[int]] = [[] for _ in prompts]
+        next_tokens: list[int] = []
+        try:
+            for prompt in prompts:
+                seq, logits = self.start(prompt)
+                seqs.append(seq)
+                next_tokens.append(int(torch.argmax(logits)))
+            for _ in range(max_new_tokens):
+                live = [i for i, s in enumerate(seqs) if not s.finished]
+                if not live:
+                    break
+                for i in live:
+                    outputs[i].append(next_tokens[i])
+                    if next_tokens[i] in stop_ids or len(outputs[i]) == max_new_tokens:
+                        self.finish(seqs[i])
+                live = [i for i in live if not seqs[i].finished]
+                if not live:
+                    break
+                logits = self.decode_step([seqs[i] for i in live], [next_tokens[i] for i in live])
+                for row, i in enumerate(live):
+                    next_tokens[i] = int(torch.argmax(logits[row]))
+        finally:
+            for s in seqs:
+                if not s.finished:
+                    self.finish(s)
+        return outputs
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A float32 host copy (a view on CPU) of a tensor for the store."""
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+def _causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float
+) -> torch.Tensor:
+    """Causal GQA attention of a query chunk over all keys up to it.
+
+    Args:
+        q: ``[Tq, Hq, D]`` queries at positions ``offset .. offset + Tq - 1``.
+        k, v: ``[Tk, Hkv, D]`` keys and values at positions ``0 .. Tk - 1``.
+
+    Returns:
+        ``[Tq, Hq, D]``.
+    """
+    group = q.shape[1] // k.shape[1]
+    qh = q.transpose(0, 1)  # [Hq, Tq, D]
+    kh = k.transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, Tk, D]
+    vh = v.transpose(0, 1).repeat_interleave(group, dim=0)
+    rows = torch.arange(q.shape[0], device=q.device)[:, None] + offset
+    mask = torch.arange(k.shape[0], device=q.device)[None, :] <= rows  # [Tq, Tk]
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)
