@@ -9,6 +9,6 @@ One page holds tokens of a single (layer, KV head); its valid tokens are the fir
 ``indptr [B * kv_heads + 1]``, ``indices [nnz]`` (slots in ``kv_cache``), ``page_lens [nnz]``.
 """
 
-from kernels.reference import paged_decode_attention_ref, page_scatter_ref
+from kernels.reference import page_scatter_ref, paged_decode_attention_ref
 
 __all__ = ["paged_decode_attention_ref", "page_scatter_ref"]

@@ -110,7 +110,8 @@ class DevicePageCache:
         staging = torch.from_numpy(np.ascontiguousarray(fetch(need)))
         if self.device.type == "cuda":
             staging = staging.pin_memory().to(self.device, non_blocking=True)
-        scatter_pages(staging.to(self.kv.dtype), self.kv, torch.from_numpy(dest).to(self.device))
+        slots = torch.from_numpy(dest.astype(np.int32)).to(self.device)
+        scatter_pages(staging.to(self.kv.dtype), self.kv, slots)
         self.stats.loads += 1
         self.stats.bytes_moved += need.size * self.page_bytes
 

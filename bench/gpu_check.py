@@ -1,0 +1,473 @@
+"""One-shot GPU check of the IceCache kernels: correctness, decode speed, bulk-load bandwidth.
+
+Run from the repository root on a machine with a CUDA GPU, torch and CuPy (no install of
+this package needed, no network)::
+
+    python bench/gpu_check.py [--out bench/results/gpu.md] [--budget 270]
+
+Sections (markdown written after each one, so a timeout keeps what was measured):
+  1. correctness grid of the CuPy kernels against ``kernels/reference.py``;
+  2. reference bandwidths: device-to-device copy, pinned host-to-device copy;
+  3. paged sparse decode vs torch SDPA over the same tokens gathered dense, for an 8B-class
+     shape (32 query heads, 8 KV heads, head dim 128, pages of 16) at batch 1/16/64 and
+     64/128/256/1024 selected tokens, fp16 and bf16, timed with CUDA events (median);
+  4. bulk load: pinned staging -> one H2D copy -> scatter kernel, vs pinned H2D bandwidth;
+  5. the ``@pytest.mark.gpu`` tests of ``tests/kernels`` when pytest is installed.
+The report goes to ``--out`` and, when the environment names a directory in ``OUT``, to
+``$OUT/gpu.md`` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from kernels import cupy_ops  # noqa: E402
+from kernels.reference import page_scatter_ref, paged_decode_attention_ref  # noqa: E402
+
+logger = logging.getLogger("gpu_check")
+
+HQ, HKV, DIM, PAGE = 32, 8, 128, 16  # Llama-3.1-8B attention
+BATCHES = (1, 16, 64)
+TOKENS = (64, 128, 256, 1024)
+VARIANTS = 4  # distinct selections rotated through, so timings are not one L2-hot input
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+class Report:
+    """Markdown sections, rewritten to every destination after each section."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        self.lines: list[str] = []
+
+    def add(self, *lines: str) -> None:
+        self.lines.extend(lines)
+        text = "\n".join(self.lines) + "\n"
+        for path in self.paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+
+
+def require_gpu() -> None:
+    """Exits with a clear message when CUDA or CuPy is missing."""
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device visible to torch; run this on a GPU machine")
+    try:
+        cupy_ops.CupyBackend()
+    except RuntimeError as exc:
+        sys.exit(f"gpu_check: {exc}")
+
+
+# ---- timing ------------------------------------------------------------------------------------
+
+
+def eager_us(fn: Callable[[], object], iters: int = 50, repeats: int = 9) -> float:
+    """Median microseconds per call of back-to-back calls (host launch overhead included)."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1000 / iters)
+    return statistics.median(samples)
+
+
+def graph_us(fns: list[Callable[[], object]], replays: int = 20, repeats: int = 9) -> float:
+    """Median microseconds per call, the calls captured in one CUDA graph (GPU time only)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1000 / (replays * len(fns)))
+    return statistics.median(samples)
+
+
+def safe_graph_us(fns: list[Callable[[], object]]) -> float | None:
+    try:
+        return graph_us(fns)
+    except Exception as exc:  # capture support differs across versions: report, go on
+        logger.warning("CUDA graph timing failed: %s", exc)
+        torch.cuda.synchronize()
+        return None
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+# ---- 1. correctness ----------------------------------------------------------------------------
+
+
+def random_case(
+    batch: int, kv_heads: int, group: int, dim: int, dtype: torch.dtype, max_pages: int, seed: int
+) -> tuple[list[torch.Tensor], float]:
+    """Ragged random CSR selection on the GPU: ``[q, kv_cache, indptr, indices, page_lens]``
+    and the softmax scale; unselected slots and page tails are NaN."""
+    page_size = PAGE
+    gen = torch.Generator().manual_seed(seed)
+    rows = batch * kv_heads
+    counts = torch.randint(0, max_pages + 1, (rows,), generator=gen)
+    indptr = torch.zeros(rows + 1, dtype=torch.int32)
+    indptr[1:] = torch.cumsum(counts, 0)
+    nnz = int(indptr[-1])
+    slots = nnz + 5
+    indices = torch.randperm(slots, generator=gen)[:nnz].int()
+    lens = torch.randint(1, page_size + 1, (nnz,), generator=gen).int()
+    kv = torch.full((slots, 2, page_size, dim), float("nan"))
+    for slot, length in zip(indices.tolist(), lens.tolist(), strict=True):
+        kv[slot, :, :length] = torch.randn(2, length, dim, generator=gen)
+    q = torch.randn(batch, kv_heads * group, dim, generator=gen)
+    cuda = [t.cuda() for t in (q.to(dtype), kv.to(dtype), indptr, indices, lens)]
+    return cuda, dim**-0.5
+
+
+def check_correctness(report: Report) -> bool:
+    failures: list[str] = []
+    worst: dict[str, float] = {}
+    cases = 0
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for dim in cupy_ops.HEAD_DIMS:
+            for group in range(1, 9):
+                for splits in (1, None, 5):
+                    seed = cases
+                    case, scale = random_case(3, 2, group, dim, dtype, 6, seed)
+                    q, kv, indptr, indices, lens = case
+                    out = torch.full_like(q, float("nan"))
+                    cupy_ops.paged_decode_attention(
+                        q, kv, indptr, indices, lens, scale, out=out, num_splits=splits
+                    )
+                    want = paged_decode_attention_ref(q, kv, indptr, indices, lens, scale)
+                    err = (out.float() - want.float()).abs().max().item()
+                    cases += 1
+                    key = f"decode {str(dtype)[6:]}"
+                    worst[key] = max(worst.get(key, 0.0), err)
+                    if not err <= TOL[dtype] * (1 + want.abs().max().item()):
+                        failures.append(f"decode {dtype} D={dim} G={group} splits={splits}: {err}")
+        staging = torch.randn(37, 2, PAGE, 128, device="cuda").to(dtype)
+        cache = torch.full((100, 2, PAGE, 128), float("nan"), device="cuda").to(dtype)
+        slots = torch.randperm(100, device="cuda")[:37].int()
+        want_cache = cache.clone()
+        page_scatter_ref(staging, want_cache, slots)
+        cupy_ops.page_scatter(staging, cache, slots)
+        cases += 1
+        if not torch.equal(cache.view(torch.uint8), want_cache.view(torch.uint8)):
+            failures.append(f"page_scatter {dtype}: mismatch")
+    torch.cuda.synchronize()
+    report.add(
+        "## 1. Correctness (CuPy kernels vs kernels/reference.py)",
+        "",
+        f"{cases} cases: dtypes fp32/fp16/bf16 x head dims {cupy_ops.HEAD_DIMS} x GQA 1..8 x "
+        "splits {1, auto, 5}, ragged pages, empty rows, NaN-poisoned slots/tails/outputs; "
+        "page scatter bitwise per dtype.",
+        "",
+        "| kernel | max abs error |",
+        "| --- | --- |",
+        *[f"| {k} | {v:.2e} |" for k, v in worst.items()],
+        "",
+        f"**{'PASS' if not failures else 'FAIL'}**" + "".join(f"\n- {f}" for f in failures[:20]),
+        "",
+    )
+    return not failures
+
+
+# ---- 2. reference bandwidths ------------------------------------------------------------------
+
+
+class Bandwidths(NamedTuple):
+    d2d_gbs: float
+    h2d_gbs: float
+
+
+def copy_gbs(dst: torch.Tensor, src: torch.Tensor, traffic: int) -> float:
+    """GB/s of ``dst.copy_(src)`` counting ``traffic`` bytes per copy."""
+    return traffic / eager_us(lambda: dst.copy_(src, non_blocking=True), iters=5, repeats=5) / 1e3
+
+
+def measure_bandwidths(report: Report) -> Bandwidths:
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    d2d = copy_gbs(torch.empty_like(src), src, 2 * n)  # read + write
+    h = 256 << 20
+    h2d = copy_gbs(
+        torch.empty(h, dtype=torch.uint8, device="cuda"),
+        torch.empty(h, dtype=torch.uint8, pin_memory=True),
+        h,
+    )
+    del src
+    torch.cuda.empty_cache()
+    report.add(
+        "## 2. Reference bandwidths",
+        "",
+        "| copy | GB/s |",
+        "| --- | --- |",
+        f"| device-to-device, 1 GiB (read + write) | {d2d:.0f} |",
+        f"| pinned host-to-device, 256 MiB | {h2d:.1f} |",
+        "",
+    )
+    return Bandwidths(d2d, h2d)
+
+
+# ---- 3. decode -------------------------------------------------------------------------------
+
+
+def decode_row(batch: int, tokens: int, dtype: torch.dtype, d2d_gbs: float) -> str:
+    """One table row: sparse kernel vs SDPA on the same tokens (pre-gathered and gathered)."""
+    pages = tokens // PAGE
+    rows = batch * HKV
+    nnz = rows * pages
+    kv = torch.randn(nnz * VARIANTS, 2, PAGE, DIM, device="cuda", dtype=dtype)
+    perm = torch.randperm(nnz * VARIANTS, device="cuda").int()
+    selections = [perm[v * nnz : (v + 1) * nnz].contiguous() for v in range(VARIANTS)]
+    indptr = torch.arange(0, nnz + 1, pages, dtype=torch.int32, device="cuda")
+    lens = torch.full((nnz,), PAGE, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, HQ, DIM, device="cuda", dtype=dtype)
+    out = torch.empty_like(q)
+    scale = DIM**-0.5
+    q4 = q.unsqueeze(2)  # [B, Hq, 1, D]
+
+    def dense(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pages_ = kv[sel.long()].view(batch, HKV, pages, 2, PAGE, DIM)
+        k = pages_[:, :, :, 0].reshape(batch, HKV, tokens, DIM)
+        v = pages_[:, :, :, 1].reshape(batch, HKV, tokens, DIM)
+        return k, v
+
+    gathered = [dense(sel) for sel in selections]
+    expanded = [
+        (k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)) for k, v in gathered
+    ]
+
+    def sparse(sel: torch.Tensor) -> Callable[[], object]:
+        return lambda: cupy_ops.paged_decode_attention(q, kv, indptr, sel, lens, scale, out=out)
+
+    def sdpa_gqa(k: torch.Tensor, v: torch.Tensor) -> Callable[[], object]:
+        return lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True)
+
+    def sdpa_expanded(k: torch.Tensor, v: torch.Tensor) -> Callable[[], object]:
+        return lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale)
+
+    def gather_sdpa(sel: torch.Tensor) -> Callable[[], object]:
+        def run() -> object:
+            k, v = dense(sel)
+            return F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True)
+
+        return run
+
+    want = F.scaled_dot_product_attention(q4, *gathered[0], scale=scale, enable_gqa=True)
+    got = sparse(selections[0])()
+    assert isinstance(got, torch.Tensor)
+    err = (got.float() - want.squeeze(2).float()).abs().max().item()
+
+    sparse_graph = safe_graph_us([sparse(s) for s in selections])
+    sparse_eager = eager_us(sparse(selections[0]))
+    sdpa_times = [
+        safe_graph_us([sdpa_gqa(k, v) for k, v in gathered]),
+        safe_graph_us([sdpa_expanded(k, v) for k, v in expanded]),
+    ]
+    sdpa = min((t for t in sdpa_times if t is not None), default=None)
+    gathered_sdpa = safe_graph_us([gather_sdpa(s) for s in selections])
+    kv_bytes = 2 * nnz * PAGE * DIM * kv.element_size()
+    io_bytes = kv_bytes + 2 * q.numel() * q.element_size()
+    sparse_time = sparse_graph if sparse_graph is not None else sparse_eager
+    gbs = io_bytes / sparse_time / 1e3
+    speedup = None if sdpa is None else sdpa / sparse_time
+    plan = cupy_ops.plan_decode(
+        q, kv, indptr, selections[0], lens, cupy_ops.CupyBackend().num_sms(q.device)
+    )
+    return (
+        f"| {str(dtype)[6:]} | {batch} | {tokens} | {plan.num_splits} | {fmt(sparse_graph)} | "
+        f"{fmt(sparse_eager)} | {fmt(sdpa_times[0])} | {fmt(sdpa_times[1])} | "
+        f"{fmt(gathered_sdpa)} | {fmt(speedup, 2)} | {gbs:.0f} ({100 * gbs / d2d_gbs:.0f}%) | "
+        f"{err:.1e} |"
+    )
+
+
+def bench_decode(report: Report, bandwidths: Bandwidths, deadline: float) -> None:
+    report.add(
+        "## 3. Paged sparse decode vs SDPA on the same tokens",
+        "",
+        f"Shape: {HQ} query heads, {HKV} KV heads, head dim {DIM}, pages of {PAGE}, full pages; "
+        f"inputs rotate over {VARIANTS} disjoint selections. Times in us per call (median). "
+        "*graph*: calls captured in a CUDA graph (GPU time); *eager*: back-to-back Python "
+        "calls (includes launch overhead). SDPA runs on K/V already gathered dense "
+        "(`enable_gqa=True`, or heads pre-expanded); *gather+SDPA* includes the gather. "
+        "Speedup = best SDPA / sparse (graph). Bandwidth: K+V+q+out bytes per sparse call, "
+        "and its share of the device-to-device copy bandwidth.",
+        "",
+        "| dtype | batch | tokens | splits | sparse graph | sparse eager | SDPA gqa | "
+        "SDPA expanded | gather+SDPA | speedup | GB/s (% D2D) | max err vs SDPA |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    )
+    for dtype in (torch.float16, torch.bfloat16):
+        for batch in BATCHES:
+            for tokens in TOKENS:
+                if time.monotonic() > deadline:
+                    report.add("", "(stopped: time budget spent)", "")
+                    return
+                try:
+                    row = decode_row(batch, tokens, dtype, bandwidths.d2d_gbs)
+                except Exception as exc:
+                    logger.exception("decode batch=%d tokens=%d failed", batch, tokens)
+                    row = f"| {str(dtype)[6:]} | {batch} | {tokens} | error: {exc} |"
+                torch.cuda.empty_cache()
+                report.add(row)
+    report.add("")
+
+
+# ---- 4. bulk load ------------------------------------------------------------------------------
+
+
+def bench_bulk_load(report: Report, bandwidths: Bandwidths) -> None:
+    report.add(
+        "## 4. Bulk load: pinned staging -> one H2D copy -> scatter kernel",
+        "",
+        f"Pages of [2, {PAGE}, {DIM}] fp16 (8 KiB) into random slots of a 64K-slot cache. "
+        "Effective GB/s = page bytes / time of (H2D copy + scatter); goal >= 70% of the "
+        f"pinned H2D bandwidth ({bandwidths.h2d_gbs:.1f} GB/s).",
+        "",
+        "| pages | MiB | H2D only us | H2D + scatter us | scatter alone us | effective GB/s | "
+        "% of pinned H2D |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    )
+    cache = torch.zeros(1 << 16, 2, PAGE, DIM, dtype=torch.float16, device="cuda")
+    for pages in (128, 1024, 4096, 16384):
+        host = torch.randn(pages, 2, PAGE, DIM).half().pin_memory()
+        staging = torch.empty(host.shape, dtype=host.dtype, device="cuda")
+        slots = torch.randperm(cache.shape[0], device="cuda")[:pages].int()
+
+        def copy(host: torch.Tensor = host, staging: torch.Tensor = staging) -> None:
+            staging.copy_(host, non_blocking=True)
+
+        def scatter(staging: torch.Tensor = staging, slots: torch.Tensor = slots) -> None:
+            cupy_ops.page_scatter(staging, cache, slots)
+
+        def load(copy: Callable[[], None] = copy, scatter: Callable[[], None] = scatter) -> None:
+            copy()
+            scatter()
+
+        load()
+        assert torch.equal(cache[slots.long()].cpu(), host)
+        copy_us = eager_us(copy, iters=10, repeats=7)
+        load_us = eager_us(load, iters=10, repeats=7)
+        scatter_us = eager_us(scatter, iters=20, repeats=7)
+        nbytes = host.numel() * host.element_size()
+        gbs = nbytes / load_us / 1e3
+        report.add(
+            f"| {pages} | {nbytes / 2**20:.0f} | {copy_us:.1f} | {load_us:.1f} | "
+            f"{scatter_us:.1f} | {gbs:.1f} | {100 * gbs / bandwidths.h2d_gbs:.0f}% |"
+        )
+    report.add("")
+
+
+# ---- 5. pytest ---------------------------------------------------------------------------------
+
+
+def run_gpu_tests(report: Report, timeout: float) -> None:
+    try:
+        import pytest  # noqa: F401
+    except ImportError:
+        report.add("## 5. GPU tests", "", "pytest is not installed: skipped.", "")
+        return
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "--noconftest",
+        "-o",
+        "addopts=",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "gpu",
+        "tests/kernels",
+    ]
+    try:
+        result = subprocess.run(
+            command, cwd=REPO, capture_output=True, text=True, timeout=max(timeout, 10)
+        )
+        tail = (result.stdout + result.stderr).strip().splitlines()[-15:]
+    except subprocess.TimeoutExpired:
+        tail = ["(timed out)"]
+    report.add("## 5. GPU tests (`pytest -m gpu tests/kernels`)", "", "```", *tail, "```", "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu.md")
+    parser.add_argument("--budget", type=float, default=270.0, help="seconds for the run")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    started = time.monotonic()
+    require_gpu()
+    paths = [args.out]
+    if os.environ.get("OUT"):
+        paths.append(Path(os.environ["OUT"]) / "gpu.md")
+    report = Report(paths)
+    props = torch.cuda.get_device_properties(0)
+    cupy = cupy_ops._cupy()
+    report.add(
+        "# IceCache kernels on GPU",
+        "",
+        f"- device: {props.name}, {props.multi_processor_count} SMs, "
+        f"{props.total_memory / 2**30:.0f} GiB",
+        f"- torch {torch.__version__} (CUDA {torch.version.cuda}), cupy {cupy.__version__}",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M:%S')}; command: `python bench/gpu_check.py`",
+        "",
+    )
+    logger.info("compiling kernels and checking correctness")
+    ok = check_correctness(report)
+    logger.info("correctness %s; measuring bandwidths", "PASS" if ok else "FAIL")
+    bandwidths = measure_bandwidths(report)
+    deadline = started + args.budget - 60
+    logger.info("decode benchmark")
+    bench_decode(report, bandwidths, deadline)
+    logger.info("bulk-load benchmark")
+    bench_bulk_load(report, bandwidths)
+    remaining = started + args.budget - time.monotonic()
+    if remaining > 20:
+        logger.info("GPU tests")
+        run_gpu_tests(report, remaining - 5)
+    report.add(f"Total time: {time.monotonic() - started:.0f} s.")
+    logger.info("wrote %s", ", ".join(map(str, paths)))
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
