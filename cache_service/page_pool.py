@@ -110,7 +110,9 @@ class PagePool:
         self._free[self._num_free : self._num_free + ids.size] = ids
         self._num_free += ids.size
 
-    def append(self, page: int, keys: np.ndarray, values: np.ndarray, positions: np.ndarray) -> None:
+    def append(
+        self, page: int, keys: np.ndarray, values: np.ndarray, positions: np.ndarray
+    ) -> None:
         """Append tokens to one page's open slots.
 
         Args:
@@ -120,7 +122,7 @@ class PagePool:
         """
         start = int(self.fill[page])
         end = start + len(positions)
-        assert 0 <= start and end <= self.page_size, "page overflow"
+        assert start >= 0 and end <= self.page_size, "page overflow"
         self.data[page, 0, start:end] = keys
         self.data[page, 1, start:end] = values
         self.positions[page, start:end] = positions

@@ -105,9 +105,7 @@ class Store:
             seq = self._get(seq_id)
             self._check_append(seq, layer, keys, values, positions)
             for head in range(seq.spec.num_kv_heads):
-                evicted = seq.heads[layer][head].append(
-                    keys[:, head], values[:, head], positions
-                )
+                evicted = seq.heads[layer][head].append(keys[:, head], values[:, head], positions)
                 if not evicted:
                     continue
                 if seq.flushed[layer]:
@@ -197,7 +195,9 @@ class Store:
         pages = np.concatenate(parts).astype(np.int64)
         indptr = np.zeros(len(parts) + 1, dtype=np.int64)
         indptr[1:] = np.cumsum([len(p) for p in parts])
-        return Selection(indptr, pages, self.pool.fill[pages].copy(), self.pool.version[pages].copy())
+        return Selection(
+            indptr, pages, self.pool.fill[pages].copy(), self.pool.version[pages].copy()
+        )
 
     @staticmethod
     def _check_layer(seq: _Sequence, layer: int) -> None:

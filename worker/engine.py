@@ -96,6 +96,8 @@ class StepTimings:
     attention: float = 0.0
     total: float = 0.0
     steps: int = 0
+    kv_tokens: int = 0
+    """KV tokens attended, summed over steps, sequences, layers and KV heads."""
 
     @property
     def decode_ms_per_step(self) -> float:
@@ -162,7 +164,7 @@ class Engine:
     # ---- prefill -----------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, seq_id: str, token_ids: list[int]) -> torch.Tensor:
-        """Dense causal prefill; every layer's K/V go to the store. Returns last logits ``[vocab]``."""
+        """Dense causal prefill; every layer's K/V go to the store. Returns logits ``[vocab]``."""
         model, chunk = self.model, self.config.prefill_chunk
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         positions = torch.arange(len(token_ids), device=self.device)
@@ -225,6 +227,7 @@ class Engine:
         indptr = np.zeros(counts.size + 1, dtype=np.int32)
         np.cumsum(counts, out=indptr[1:])
         slots = self.cache.resolve(pages, versions, self.kv.read_pages)
+        self.timings.kv_tokens += int(lens.sum())
         to = self.device
         return (
             torch.from_numpy(indptr).to(to),

@@ -36,7 +36,11 @@ class KVClient(Protocol):
         positions: np.ndarray,
         queries: np.ndarray,
     ) -> list[Selection]:
-        """keys, values ``[B, kv_heads, head_dim]``; positions ``[B]``; queries ``[B, q_heads, head_dim]``."""
+        """One decode step of one layer for a batch.
+
+        keys, values ``[B, kv_heads, head_dim]``; positions ``[B]``;
+        queries ``[B, q_heads, head_dim]``.
+        """
 
     def read_pages(self, pages: np.ndarray) -> np.ndarray:
         """ids ``[n]`` -> page data ``[n, 2, page_size, head_dim]``."""

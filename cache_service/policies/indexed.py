@@ -49,8 +49,12 @@ class LeafPages(Body):
         need = int(positions.max()) + 1
         if need > self.token_page.size:
             grow = max(need, 2 * self.token_page.size)
-            self.token_page = np.pad(self.token_page, (0, grow - self.token_page.size), constant_values=-1)
-            self.token_slot = np.pad(self.token_slot, (0, grow - self.token_slot.size), constant_values=-1)
+            self.token_page = np.pad(
+                self.token_page, (0, grow - self.token_page.size), constant_values=-1
+            )
+            self.token_slot = np.pad(
+                self.token_slot, (0, grow - self.token_slot.size), constant_values=-1
+            )
         self.token_page[positions] = pages
         self.token_slot[positions] = slots
 

@@ -24,7 +24,7 @@ def _fill(store, seq, tokens, seed=0):
 def _positions(store, sel, head):
     pages = sel.pages[sel.indptr[head] : sel.indptr[head + 1]]
     lens = sel.lens[sel.indptr[head] : sel.indptr[head + 1]]
-    return np.concatenate([store.pool.positions[p, :n] for p, n in zip(pages, lens)])
+    return np.concatenate([store.pool.positions[p, :n] for p, n in zip(pages, lens, strict=False)])
 
 
 @pytest.fixture
@@ -91,7 +91,9 @@ def test_budget_is_never_exceeded_while_decoding(store, policy):
     rng = np.random.default_rng(3)
     for pos in range(100, 160):
         k = rng.standard_normal((1, KV, DIM)).astype(np.float32)
-        (sel,) = store.decode(2, ["s"], k, k, np.array([pos]), rng.standard_normal((1, Q, DIM)).astype(np.float32))
+        (sel,) = store.decode(
+            2, ["s"], k, k, np.array([pos]), rng.standard_normal((1, Q, DIM)).astype(np.float32)
+        )
         for head in range(KV):
             got = _positions(store, sel, head)
             assert len(got) <= 64
