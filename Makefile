@@ -25,8 +25,10 @@ proto: $(STAMP)
 demo: setup
 	$(BIN)/python -m worker.demo
 
+# One torch/OpenMP thread per process: the tests start servers as subprocesses, and on two
+# cores oversubscribed OpenMP spin-waits make everything several times slower.
 test: setup
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,0 +1,163 @@
+"""The wire contract in Python: domain objects <-> ``icecache.v1`` messages, limits, errors.
+
+Both ends of the gRPC link (``cache_service.servicer`` and ``worker.remote_kv``) translate
+through here, so a tensor, a spec, a selection or an error means the same on either side.
+Tensors travel as raw little-endian bytes with a dtype and a shape.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from cache_service.page_pool import PoolExhausted
+from cache_service.types import Selection, SequenceExists, SequenceSpec, UnknownSequence
+from proto.icecache.v1 import cache_service_pb2 as pb
+
+MAX_MESSAGE_BYTES = 64 * 2**20
+"""Largest message either end sends or accepts."""
+APPEND_CHUNK_BYTES = 8 * 2**20
+"""A client splits an append so that each request carries at most this much K/V."""
+READ_PAGES_MAX = 2048
+"""Most pages one ``ReadPages`` call may ask for."""
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+"""Options of the server and of every client channel."""
+SEQ_ID_KEY = "icecache-seq-id"
+"""Trailing metadata naming the sequence of a NOT_FOUND error."""
+
+WIRE_DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "int64": np.dtype("<i8"),
+}
+"""What may travel as a ``Tensor``: wire name -> little-endian dtype."""
+_WIRE_NAMES = {np.dtype(dt.kind + str(dt.itemsize)): name for name, dt in WIRE_DTYPES.items()}
+
+
+# ---- tensors ---------------------------------------------------------------------------------
+def to_tensor(array: np.ndarray) -> pb.Tensor:
+    """A message holding ``array`` (any shape) as raw little-endian bytes."""
+    name = _WIRE_NAMES.get(array.dtype.newbyteorder("="))
+    if name is None:
+        raise ValueError(
+            f"dtype {array.dtype} cannot go on the wire; use one of {sorted(WIRE_DTYPES)}"
+        )
+    data = np.ascontiguousarray(array, dtype=WIRE_DTYPES[name])
+    return pb.Tensor(dtype=name, shape=data.shape, data=data.tobytes())
+
+
+def from_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
+    """A read-only array over a message's bytes; ``ValueError`` names ``field`` if malformed."""
+    dtype = WIRE_DTYPES.get(tensor.dtype)
+    if dtype is None:
+        raise ValueError(f"{field}: dtype {tensor.dtype!r} is not one of {sorted(WIRE_DTYPES)}")
+    shape = tuple(tensor.shape)
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if any(d < 0 for d in shape) or len(tensor.data) != expected:
+        raise ValueError(
+            f"{field}: {len(tensor.data)} bytes do not fill shape {shape} of {tensor.dtype}"
+        )
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+
+
+# ---- specs and selections --------------------------------------------------------------------
+def spec_to_proto(spec: SequenceSpec) -> pb.SequenceSpec:
+    msg = pb.SequenceSpec(
+        num_layers=spec.num_layers,
+        num_kv_heads=spec.num_kv_heads,
+        num_q_heads=spec.num_q_heads,
+        head_dim=spec.head_dim,
+        policy=spec.policy,
+        dense_layers=spec.dense_layers,
+        reuse_group=spec.reuse_group,
+        seed=spec.seed,
+    )
+    for name in ("budget", "sink_tokens", "recent_pages"):
+        if getattr(spec, name) is not None:
+            setattr(msg, name, getattr(spec, name))
+    return msg
+
+
+def spec_from_proto(msg: pb.SequenceSpec) -> SequenceSpec:
+    def optional(name: str) -> int | None:
+        return getattr(msg, name) if msg.HasField(name) else None
+
+    return SequenceSpec(
+        num_layers=msg.num_layers,
+        num_kv_heads=msg.num_kv_heads,
+        num_q_heads=msg.num_q_heads,
+        head_dim=msg.head_dim,
+        policy=msg.policy,
+        budget=optional("budget"),
+        sink_tokens=optional("sink_tokens"),
+        recent_pages=optional("recent_pages"),
+        dense_layers=msg.dense_layers,
+        reuse_group=msg.reuse_group,
+        seed=msg.seed,
+    )
+
+
+def selection_to_proto(sel: Selection) -> pb.Selection:
+    return pb.Selection(
+        indptr=to_tensor(sel.indptr),
+        pages=to_tensor(sel.pages),
+        lens=to_tensor(sel.lens),
+        versions=to_tensor(sel.versions),
+    )
+
+
+def selection_from_proto(msg: pb.Selection) -> Selection:
+    return Selection(*(from_tensor(getattr(msg, f), f) for f in Selection._fields))
+
+
+# ---- host identity ---------------------------------------------------------------------------
+def host_identity() -> str:
+    """``<boot id>/<hostname>``: equal for two processes that can share POSIX memory.
+
+    Containers on one host share the boot id but usually not the hostname (nor ``/dev/shm``).
+    """
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "unknown-boot"
+    return f"{boot}/{socket.gethostname()}"
+
+
+# ---- errors ----------------------------------------------------------------------------------
+def error_status(err: Exception) -> grpc.StatusCode:
+    """The status code a domain error goes out as (``INTERNAL`` for anything unexpected)."""
+    if isinstance(err, UnknownSequence):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(err, SequenceExists):
+        return grpc.StatusCode.ALREADY_EXISTS
+    if isinstance(err, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(err, PoolExhausted):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return grpc.StatusCode.INTERNAL
+
+
+def error_from_status(err: grpc.RpcError, address: str) -> Exception:
+    """The domain exception a failed call stands for, with the service's message."""
+    code, details = err.code(), err.details() or ""
+    if code == grpc.StatusCode.NOT_FOUND:
+        meta = dict(err.trailing_metadata() or ())
+        return UnknownSequence(meta.get(SEQ_ID_KEY, details))
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        return SequenceExists(details)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return ValueError(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return PoolExhausted(details)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return ConnectionError(
+            f"cache service at {address} did not answer ({code.name}: {details}); "
+            "check that it is running (python -m cache_service --port ...)"
+        )
+    return RuntimeError(f"cache service at {address} failed ({code.name}): {details}")

@@ -1,0 +1,73 @@
+"""Configuration of the cache-service process (parsed from flags and env in ``__main__``)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from cache_service.page_pool import DTYPES
+
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"1073741824"``, ``"512M"``, ``"4GiB"`` or ``"2g"`` -> bytes (binary units)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read {text!r} as a size; write e.g. 4G, 512M or 1073741824")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+@dataclass(frozen=True)
+class CacheServiceConfig:
+    """Everything one cache-service process needs to start."""
+
+    host: str = "127.0.0.1"
+    """Interface to listen on (``0.0.0.0`` or ``[::]`` for all)."""
+    port: int = 50061
+    """gRPC port; 0 picks a free one (logged at start)."""
+    max_memory: int = 2 * 2**30
+    """Bytes of K/V page data the pool holds; the OS backs only pages actually written."""
+    page_size: int = 16
+    """Tokens per page."""
+    head_dim: int = 64
+    """Dimension of one key or value vector; must match the model of the workers."""
+    dtype: str = "float32"
+    """Element type of stored K/V: ``float32`` or ``float16``."""
+    shared_memory: bool = True
+    """Keep page data in a POSIX shared-memory segment that same-host workers map."""
+    metrics_port: int = 0
+    """HTTP port of the Prometheus ``/metrics`` endpoint; 0 turns it off."""
+    workers: int = 4
+    """Threads serving RPCs."""
+    grace_s: float = 5.0
+    """On SIGTERM, seconds in-flight RPCs get to finish before the server stops."""
+    log_level: str = "INFO"
+    """Python logging level name."""
+    log_format: str = "json"
+    """``json`` (one object per line) or ``text``."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"ports must be in 0..65535, got {self.port}, {self.metrics_port}")
+        if self.page_size <= 0 or self.head_dim <= 0 or self.workers <= 0:
+            raise ValueError("page_size, head_dim and workers must be positive")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.num_pages < 1:
+            raise ValueError(
+                f"max_memory {self.max_memory} holds no page of {self.page_bytes} bytes; raise it"
+            )
+        if self.log_format not in ("json", "text"):
+            raise ValueError(f"log_format must be json or text, got {self.log_format!r}")
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of K and V in one page."""
+        itemsize = 4 if self.dtype == "float32" else 2
+        return 2 * self.page_size * self.head_dim * itemsize
+
+    @property
+    def num_pages(self) -> int:
+        """Pages that fit in ``max_memory``."""
+        return self.max_memory // self.page_bytes

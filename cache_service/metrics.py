@@ -1,0 +1,95 @@
+"""Prometheus metrics of the cache service: requests, latencies, pages, bytes, memory.
+
+Request counters are updated by the servicer; occupancy gauges are read from the store when
+``/metrics`` is scraped, so the hot path pays only for a counter and a histogram.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from cache_service.store import Store
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (
+    50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3, 0.1, 0.5, 1.0, 5.0,
+)  # fmt: skip
+"""Seconds; decode RPCs take tens of microseconds to milliseconds."""
+
+
+class StoreCollector(Collector):
+    """Occupancy gauges of a store, read at scrape time."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.store.stats()
+        pool_bytes = stats.pages_total * stats.page_bytes
+        yield GaugeMetricFamily("icecache_sequences", "Sequences held", value=stats.sequences)
+        yield GaugeMetricFamily("icecache_pages_used", "Pages in use", value=stats.pages_used)
+        yield GaugeMetricFamily(
+            "icecache_pages_total", "Pages in the pool", value=stats.pages_total
+        )
+        yield GaugeMetricFamily(
+            "icecache_memory_used_bytes", "K/V bytes in used pages", value=stats.bytes_used
+        )
+        yield GaugeMetricFamily(
+            "icecache_memory_capacity_bytes", "K/V bytes of the whole pool", value=pool_bytes
+        )
+
+
+class ServiceMetrics:
+    """The metrics of one service, in their own registry (so tests can run several)."""
+
+    def __init__(self, store: Store) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "icecache_requests", "RPCs handled", ["method", "code"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "icecache_request_seconds",
+            "RPC handling time",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.received = Counter(
+            "icecache_received_bytes", "Tensor bytes received", ["method"], registry=self.registry
+        )
+        self.sent = Counter(
+            "icecache_sent_bytes", "Tensor bytes sent", ["method"], registry=self.registry
+        )
+        self.selected_pages = Counter(
+            "icecache_selected_pages", "Pages returned by selections", registry=self.registry
+        )
+        self.registry.register(StoreCollector(store))
+        self._http: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        """Count one finished RPC."""
+        self.requests.labels(method, code).inc()
+        self.latency.labels(method).observe(seconds)
+
+    def serve_http(self, port: int, host: str = "0.0.0.0") -> int:
+        """Expose ``/metrics`` on ``port`` (0: any free one); returns the bound port."""
+        self._http, self._thread = start_http_server(port, host, registry=self.registry)
+        bound = int(self._http.server_port)
+        log.info("metrics on http://%s:%d/metrics", host, bound, extra={"metrics_port": bound})
+        return bound
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint, if any."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

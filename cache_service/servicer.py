@@ -1,0 +1,180 @@
+"""The gRPC face of a ``Store``: translates ``icecache.v1`` messages and delegates.
+
+Every handler decodes its request with ``cache_service.codec``, calls the store, and encodes
+the answer; domain errors leave as status codes (``codec.error_status``) with their message,
+so a remote client raises the same exception with the same text as the in-process store.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+import numpy as np
+
+from cache_service import codec
+from cache_service.metrics import ServiceMetrics
+from cache_service.store import Store
+from cache_service.types import POLICIES, UnknownSequence
+from proto.icecache.v1 import cache_service_pb2 as pb
+from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CacheService"].full_name
+"""``icecache.v1.CacheService``: for health checking and reflection."""
+
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+def _rpc(handler: Handler) -> Handler:
+    """Map exceptions to status codes and record the call in the metrics."""
+    method = handler.__name__
+
+    @functools.wraps(handler)
+    def wrapped(self: CacheServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return handler(self, request, context)
+        except Exception as err:  # noqa: BLE001 - every error becomes a status
+            code = codec.error_status(err)
+            _abort(context, method, code, err)
+        finally:
+            self.metrics.observe(method, code.name, time.perf_counter() - started)
+
+    return wrapped  # type: ignore[return-value]
+
+
+def _abort(
+    context: grpc.ServicerContext, method: str, code: grpc.StatusCode, err: Exception
+) -> NoReturn:
+    """Log ``err`` and end the RPC with ``code`` and its message (``abort`` raises)."""
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", method, extra={"method": method})
+        context.abort(code, f"internal error in {method}: {type(err).__name__}: {err}")
+    log.info("%s refused: %s", method, err, extra={"method": method, "code": code.name})
+    if isinstance(err, UnknownSequence):
+        context.set_trailing_metadata(((codec.SEQ_ID_KEY, str(err.args[0])),))
+    context.abort(code, str(err))
+    raise AssertionError("grpc's abort returned")  # unreachable: abort raises
+
+
+def _floats(tensor: pb.Tensor, field: str) -> np.ndarray:
+    return codec.from_tensor(tensor, field).astype(np.float32, copy=False)
+
+
+def _ints(tensor: pb.Tensor, field: str) -> np.ndarray:
+    array = codec.from_tensor(tensor, field)
+    if array.dtype.kind != "i":
+        raise ValueError(f"{field} must be int64, got {tensor.dtype}")
+    return array
+
+
+class CacheServicer(pb_grpc.CacheServiceServicer):
+    """Serves one store; ``info`` tells clients how to reach its page data."""
+
+    def __init__(self, store: Store, metrics: ServiceMetrics, host_id: str) -> None:
+        self.store = store
+        self.metrics = metrics
+        pool = store.pool
+        self.info = pb.InfoResponse(
+            pool=pb.PoolInfo(
+                num_pages=pool.num_pages,
+                page_size=pool.page_size,
+                head_dim=pool.head_dim,
+                dtype=pool.dtype,
+                page_bytes=pool.page_bytes,
+            ),
+            segment=pb.SharedSegment(
+                name=pool.shm_name or "", size_bytes=pool.data.nbytes if pool.shm_name else 0
+            ),
+            host_id=host_id,
+            policies=POLICIES,
+        )
+
+    @_rpc
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
+        return self.info
+
+    @_rpc
+    def Create(self, request: pb.CreateRequest, context: grpc.ServicerContext) -> pb.CreateResponse:
+        spec = codec.spec_from_proto(request.spec)
+        self.store.create(request.seq_id, spec)
+        log.info(
+            "created %s",
+            request.seq_id,
+            extra={"seq_id": request.seq_id, "policy": spec.policy, "budget": spec.budget},
+        )
+        return pb.CreateResponse()
+
+    @_rpc
+    def Append(self, request: pb.AppendRequest, context: grpc.ServicerContext) -> pb.AppendResponse:
+        keys, values = _floats(request.keys, "keys"), _floats(request.values, "values")
+        positions = _ints(request.positions, "positions")
+        self.store.append(request.seq_id, request.layer, keys, values, positions)
+        self.metrics.received.labels("Append").inc(keys.nbytes + values.nbytes)
+        return pb.AppendResponse()
+
+    @_rpc
+    def Decode(self, request: pb.DecodeRequest, context: grpc.ServicerContext) -> pb.DecodeResponse:
+        seq_ids = list(request.seq_ids)
+        keys, values = _floats(request.keys, "keys"), _floats(request.values, "values")
+        positions = _ints(request.positions, "positions")
+        queries = _floats(request.queries, "queries")
+        if not len(seq_ids) == len(keys) == len(values) == len(positions) == len(queries):
+            raise ValueError(
+                f"Decode needs one key, value, position and query per sequence: {len(seq_ids)} "
+                f"ids, {len(keys)} keys, {len(values)} values, {len(positions)} positions, "
+                f"{len(queries)} queries"
+            )
+        sels = self.store.decode(request.layer, seq_ids, keys, values, positions, queries)
+        self.metrics.selected_pages.inc(sum(s.pages.size for s in sels))
+        return pb.DecodeResponse(selections=[codec.selection_to_proto(s) for s in sels])
+
+    @_rpc
+    def Retrieve(
+        self, request: pb.RetrieveRequest, context: grpc.ServicerContext
+    ) -> pb.RetrieveResponse:
+        queries = _floats(request.queries, "queries")
+        sel = self.store.retrieve(request.seq_id, request.layer, queries)
+        self.metrics.selected_pages.inc(sel.pages.size)
+        return pb.RetrieveResponse(selection=codec.selection_to_proto(sel))
+
+    @_rpc
+    def ReadPages(
+        self, request: pb.ReadPagesRequest, context: grpc.ServicerContext
+    ) -> pb.ReadPagesResponse:
+        pages = _ints(request.pages, "pages").reshape(-1)
+        num_pages = self.store.pool.num_pages
+        if pages.size > codec.READ_PAGES_MAX:
+            raise ValueError(f"ReadPages takes at most {codec.READ_PAGES_MAX} pages per call")
+        if pages.size and (pages.min() < 0 or pages.max() >= num_pages):
+            raise ValueError(f"page ids must be in 0..{num_pages - 1}")
+        versions = self.store.pool.version[pages]
+        data = self.store.read_pages(pages)
+        self.metrics.sent.labels("ReadPages").inc(data.nbytes)
+        return pb.ReadPagesResponse(data=codec.to_tensor(data), versions=codec.to_tensor(versions))
+
+    @_rpc
+    def Release(
+        self, request: pb.ReleaseRequest, context: grpc.ServicerContext
+    ) -> pb.ReleaseResponse:
+        self.store.release(request.seq_id)
+        log.info("released %s", request.seq_id, extra={"seq_id": request.seq_id})
+        return pb.ReleaseResponse()
+
+    @_rpc
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        stats = self.store.stats()
+        return pb.StatsResponse(
+            sequences=stats.sequences,
+            pages_used=stats.pages_used,
+            pages_total=stats.pages_total,
+            page_bytes=stats.page_bytes,
+            bytes_used=stats.bytes_used,
+        )

@@ -1,0 +1,1 @@
+"""gRPC contracts of IceCache; ``python -m proto.build`` generates the Python stubs."""

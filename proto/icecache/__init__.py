@@ -1,0 +1,1 @@
+"""The ``icecache`` protobuf package."""

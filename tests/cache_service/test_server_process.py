@@ -1,0 +1,127 @@
+"""``python -m cache_service`` as a process, serving ``icecache generate --cache-service``."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cache_service.__main__ import parse_config
+from tests.worker.test_remote_kv import BUDGET, NEW_TOKENS, POLICY, PROMPT, local_greedy
+from worker.remote_kv import RemoteKVClient
+
+ROOT = Path(__file__).resolve().parents[2]
+SHM = Path("/dev/shm")
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_serving(proc, address, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"cache service exited: {proc.stderr.read()}"
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    raise AssertionError(f"cache service at {address} not serving after {timeout} s")
+
+
+@pytest.fixture
+def service_process():
+    port, metrics_port = _free_port(), _free_port()
+    command = [sys.executable, "-m", "cache_service", "--port", str(port), "--max-memory", "256M"]
+    env = {**os.environ, "ICECACHE_METRICS_PORT": str(metrics_port)}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        _wait_serving(proc, address)
+        yield proc, address, metrics_port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_worker_command_generates_the_same_tokens_through_the_service(smollm, service_process):
+    proc, address, metrics_port = service_process
+    model, tokenizer = smollm
+    worker = [
+        sys.executable, "-m", "worker.cli", "generate", "--cache-service", address,
+        "--policy", POLICY, "--budget", str(BUDGET), "--device", "cpu", "--json",
+        "--max-new-tokens", str(NEW_TOKENS), "--prompt", PROMPT,
+    ]  # fmt: skip
+    with RemoteKVClient.connect(address) as client:
+        segment = client.info.segment.name
+        assert client.transport == "shm" and (SHM / segment).exists()
+        run = subprocess.run(worker, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        remote = json.loads(run.stdout)["token_ids"]
+        local = local_greedy(model, tuple(tokenizer.chat_prompt_ids(PROMPT)))
+        assert remote == local[: len(remote)]
+        assert len(remote) == NEW_TOKENS or remote[-1] in tokenizer.eos_token_ids
+        assert client.stats().sequences == 0
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+        assert b'icecache_requests_total{code="OK",method="Decode"}' in scrape.read()
+        # stop while this client still maps the segment: the service unlinks it anyway
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert not (SHM / segment).exists()
+    logs = [json.loads(line) for line in proc.stderr.read().splitlines()]
+    serving = next(entry for entry in logs if entry["msg"].startswith("serving on"))
+    assert serving["segment"] == segment
+    assert any(entry["msg"] == "received SIGTERM, stopping" for entry in logs)
+
+
+def test_even_a_killed_service_leaves_no_segment(service_process):
+    proc, address, _ = service_process
+    with RemoteKVClient.connect(address) as client:
+        segment = client.info.segment.name
+    assert (SHM / segment).exists()
+    proc.kill()  # no chance to clean up: multiprocessing's resource tracker unlinks it
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while (SHM / segment).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not (SHM / segment).exists()
+
+
+def test_flags_override_env_which_overrides_defaults():
+    env = {"ICECACHE_PORT": "7000", "ICECACHE_MAX_MEMORY": "1G", "ICECACHE_SHARED_MEMORY": "no"}
+    config = parse_config([], env)
+    assert (config.port, config.max_memory, config.shared_memory) == (7000, 2**30, False)
+    assert config.page_size == 16 and config.head_dim == 64
+    config = parse_config(["--port", "7001", "--max-memory", "512MiB", "--page-size", "32"], env)
+    assert (config.port, config.max_memory, config.page_size) == (7001, 2**29, 32)
+    assert config.num_pages == 2**29 // (2 * 32 * 64 * 4)
+
+
+BAD_FLAGS = [
+    ["--max-memory", "lots"],
+    ["--port", "70000"],
+    ["--dtype", "int8"],
+    ["--max-memory", "1"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_FLAGS)
+def test_bad_settings_are_refused_with_a_message(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse_config(argv, {})
+    assert "error:" in capsys.readouterr().err

@@ -1,0 +1,309 @@
+"""The cache service over real gRPC on 127.0.0.1: every RPC, errors, both page transports."""
+
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import proto.build
+from cache_service import codec
+from cache_service.config import CacheServiceConfig
+from cache_service.page_pool import PagePool, PoolExhausted
+from cache_service.server import serve
+from cache_service.store import Store
+from cache_service.types import SequenceExists, SequenceSpec, UnknownSequence
+from proto.icecache.v1 import cache_service_pb2 as pb
+from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
+from worker.remote_kv import RemoteKVClient
+
+LAYERS, KV, Q, DIM, PAGE = 3, 2, 4, 64, 16
+SHM = Path("/dev/shm")
+
+
+def _spec(policy="quest", budget=64):
+    return SequenceSpec(LAYERS, KV, Q, DIM, policy=policy, budget=budget, dense_layers=1)
+
+
+def _config(**kw):
+    return CacheServiceConfig(**{"port": 0, "max_memory": 32 * 2**20, "workers": 2, **kw})
+
+
+def _kv(rng, tokens):
+    shape = (tokens, KV, DIM)
+    return rng.standard_normal(shape, np.float32), rng.standard_normal(shape, np.float32)
+
+
+def _replay(kv, seq, seed=0, prompt=100, steps=20):
+    """Prefill and decode steps on any store client; returns every decode selection."""
+    rng = np.random.default_rng(seed)
+    kv.create(seq, _spec())
+    for layer in range(LAYERS):
+        kv.append(seq, layer, *_kv(rng, prompt), np.arange(prompt))
+    sels = []
+    for step in range(steps):
+        for layer in range(LAYERS):
+            keys, values = _kv(rng, 1)
+            queries = rng.standard_normal((1, Q, DIM), np.float32)
+            pos = np.array([prompt + step])
+            sels.append(kv.decode(layer, [seq], keys, values, pos, queries)[0])
+    return sels
+
+
+@pytest.fixture(scope="module")
+def service():
+    server = serve(_config())
+    yield server
+    server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def address(service):
+    return f"127.0.0.1:{service.port}"
+
+
+@pytest.fixture(scope="module")
+def shm_client(address):
+    with RemoteKVClient.connect(address) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def rpc_client(address):
+    with RemoteKVClient.connect(address, transport="rpc") as client:
+        yield client
+
+
+def test_generated_stubs_are_up_to_date():
+    assert proto.build.build() == []
+    for proto_file in (proto.build.ROOT / "proto").rglob("*.proto"):
+        assert not proto.build.is_stale(proto_file)
+
+
+def test_info_describes_the_pool_its_segment_and_host(shm_client, service):
+    info = shm_client.info
+    pool = service.store.pool
+    assert (info.pool.num_pages, info.pool.page_size, info.pool.head_dim) == (
+        pool.num_pages,
+        PAGE,
+        DIM,
+    )
+    assert info.pool.dtype == "float32" and info.pool.page_bytes == 2 * PAGE * DIM * 4
+    assert info.segment.name == pool.shm_name and (SHM / pool.shm_name).exists()
+    assert info.segment.size_bytes == pool.num_pages * pool.page_bytes
+    assert info.host_id == codec.host_identity()
+    assert "icecache" in info.policies
+
+
+def test_same_host_client_maps_the_segment_and_others_use_rpc(shm_client, rpc_client):
+    assert shm_client.transport == "shm" and shm_client.page_size == PAGE
+    assert rpc_client.transport == "rpc"
+
+
+def test_client_on_another_host_reads_pages_by_rpc(address, monkeypatch):
+    monkeypatch.setattr(codec, "host_identity", lambda: "other-boot/other-host")
+    with RemoteKVClient.connect(address) as client:
+        assert client.transport == "rpc"
+        with pytest.raises(ConnectionError, match="another host"):
+            RemoteKVClient.connect(address, transport="shm")
+
+
+def test_decode_selections_equal_the_in_process_store(shm_client):
+    local = Store(PagePool(2048, PAGE, DIM))
+    remote_sels = _replay(shm_client, "replay")
+    local_sels = _replay(local, "replay")
+    assert len(remote_sels) == len(local_sels) == 20 * LAYERS
+    for got, want in zip(remote_sels, local_sels, strict=True):
+        np.testing.assert_array_equal(got.indptr, want.indptr)
+        np.testing.assert_array_equal(got.lens, want.lens)
+        # page ids differ between pools, so compare what the pages hold
+        got_data, want_data = shm_client.read_pages(got.pages), local.read_pages(want.pages)
+        np.testing.assert_array_equal(got_data, want_data)
+    shm_client.release("replay")
+
+
+def test_shm_and_rpc_reads_give_identical_bytes(shm_client, rpc_client, service):
+    sels = _replay(shm_client, "bytes", seed=1, steps=3)
+    pages = np.concatenate([s.pages for s in sels])
+    via_shm, via_rpc = shm_client.read_pages(pages), rpc_client.read_pages(pages)
+    assert via_shm.shape == (pages.size, 2, PAGE, DIM) and via_shm.flags.c_contiguous
+    assert via_shm.tobytes() == via_rpc.tobytes() == service.store.read_pages(pages).tobytes()
+    shm_client.release("bytes")
+
+
+def test_read_pages_splits_large_requests(rpc_client, service, monkeypatch):
+    monkeypatch.setattr(codec, "READ_PAGES_MAX", 7)
+    pages = np.arange(30) % service.store.pool.num_pages
+    np.testing.assert_array_equal(rpc_client.read_pages(pages), service.store.read_pages(pages))
+
+
+def test_append_is_sent_in_chunks_under_the_limit(shm_client, service, monkeypatch):
+    monkeypatch.setattr(codec, "APPEND_CHUNK_BYTES", 10 * 2 * KV * DIM * 4)  # 10 tokens
+    calls = service.metrics.requests.labels("Append", "OK")
+    before = calls._value.get()
+    rng = np.random.default_rng(2)
+    shm_client.create("chunks", _spec())
+    keys, values = _kv(rng, 95)
+    shm_client.append("chunks", 0, keys, values, np.arange(95))
+    assert calls._value.get() - before == 10
+    assert service.store.length("chunks", 0) == 95
+    shm_client.release("chunks")
+
+
+def test_retrieve_selects_without_storing(shm_client, service):
+    _replay(shm_client, "retrieve", steps=1)
+    length = service.store.length("retrieve", 2)
+    queries = np.ones((Q, DIM), np.float32)
+    sel = shm_client.retrieve("retrieve", 2, queries)
+    want = service.store.retrieve("retrieve", 2, queries)
+    for got, expected in zip(sel, want, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    assert service.store.length("retrieve", 2) == length
+    shm_client.release("retrieve")
+
+
+def test_stats_count_sequences_and_pages(shm_client, service):
+    before = shm_client.stats()
+    shm_client.create("stats", _spec())
+    rng = np.random.default_rng(3)
+    shm_client.append("stats", 0, *_kv(rng, 40), np.arange(40))
+    during = shm_client.stats()
+    assert during.sequences == before.sequences + 1
+    assert during.pages_used == service.store.stats().pages_used > before.pages_used
+    assert during.bytes_used == during.pages_used * during.page_bytes
+    shm_client.release("stats")
+    assert shm_client.stats() == before
+
+
+def test_errors_come_back_as_the_store_exceptions_with_its_messages(shm_client):
+    local = Store(PagePool(64, PAGE, DIM))
+    cases = [
+        (lambda kv: kv.release("nope"), UnknownSequence),
+        (lambda kv: kv.retrieve("nope", 0, np.ones((Q, DIM), np.float32)), UnknownSequence),
+        (lambda kv: kv.create("dup", _spec()), SequenceExists),
+        (lambda kv: kv.create("bad", _spec(budget=8)), ValueError),
+        (lambda kv: kv.create("bad", SequenceSpec(2, 2, 4, 32)), ValueError),
+        (lambda kv: kv.append("dup", 0, *_kv(np.random.default_rng(), 2), np.array([3, 4])),
+         ValueError),
+        (lambda kv: kv.append("dup", 9, *_kv(np.random.default_rng(), 1), np.array([0])),
+         ValueError),
+    ]  # fmt: skip
+    for kv in (local, shm_client):
+        kv.create("dup", _spec())
+    for call, kind in cases:
+        with pytest.raises(kind) as want:
+            call(local)
+        with pytest.raises(kind) as got:
+            call(shm_client)
+        assert str(got.value) == str(want.value)
+        assert type(got.value) is type(want.value)
+    shm_client.release("dup")
+
+
+def test_a_full_pool_is_resource_exhausted():
+    server = serve(_config(max_memory=8 * 2 * PAGE * DIM * 4))  # 8 pages
+    try:
+        with RemoteKVClient.connect(f"127.0.0.1:{server.port}") as client:
+            client.create("big", _spec())
+            with pytest.raises(PoolExhausted, match="only .* of 8 are free"):
+                client.append("big", 0, *_kv(np.random.default_rng(), 200), np.arange(200))
+    finally:
+        server.stop(0)
+
+
+def test_malformed_tensors_are_invalid_arguments(address, shm_client):
+    shm_client.create("raw", _spec())
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.CacheServiceStub(channel)
+        short = pb.Tensor(dtype="float32", shape=[1, KV, DIM], data=b"\0" * 12)
+        wrong = pb.Tensor(dtype="complex64", shape=[1], data=b"\0" * 8)
+        for keys in (short, wrong):
+            request = pb.AppendRequest(seq_id="raw", layer=0, keys=keys, values=keys)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Append(request)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "keys:" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Decode(pb.DecodeRequest(layer=1, seq_ids=["raw", "raw"]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        ids = codec.to_tensor(np.array([10**9]))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ReadPages(pb.ReadPagesRequest(pages=ids))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    shm_client.release("raw")
+
+
+def test_health_is_serving_and_reflection_lists_the_service(address):
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "icecache.v1.CacheService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=name))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        reply = next(reflect.ServerReflectionInfo(iter([request])))
+        names = {s.name for s in reply.list_services_response.service}
+        assert {"icecache.v1.CacheService", "grpc.health.v1.Health"} <= names
+
+
+def test_metrics_count_requests_and_expose_memory(service, shm_client):
+    _replay(shm_client, "metrics", steps=2)
+    registry = service.metrics.registry
+    assert (
+        registry.get_sample_value("icecache_requests_total", {"method": "Decode", "code": "OK"})
+        >= 2 * LAYERS
+    )
+    assert (
+        registry.get_sample_value("icecache_request_seconds_count", {"method": "Decode"})
+        >= 2 * LAYERS
+    )
+    assert registry.get_sample_value("icecache_selected_pages_total") > 0
+    port = service.metrics.serve_http(0, "127.0.0.1")
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    finally:
+        service.metrics.close()
+    used = service.store.stats().bytes_used
+    assert f"icecache_memory_used_bytes {float(used)}".encode() in text
+    assert b'icecache_requests_total{code="NOT_FOUND",method="Release"}' in text
+    shm_client.release("metrics")
+
+
+def test_the_segment_outlives_clients_and_goes_with_the_service():
+    server = serve(_config())
+    name = server.store.pool.shm_name
+    address = f"127.0.0.1:{server.port}"
+    try:
+        RemoteKVClient.connect(address).close()
+        # a client process that maps the segment and exits must not unlink it
+        code = (
+            "import sys; from worker.remote_kv import RemoteKVClient; "
+            "c = RemoteKVClient.connect(sys.argv[1]); assert c.transport == 'shm'"
+        )
+        subprocess.run([sys.executable, "-c", code, address], check=True, timeout=60)
+        assert (SHM / name).exists()
+    finally:
+        server.stop(0)
+    assert not (SHM / name).exists()
+
+
+def test_a_service_without_shared_memory_serves_pages_by_rpc():
+    server = serve(_config(shared_memory=False))
+    try:
+        with RemoteKVClient.connect(f"127.0.0.1:{server.port}") as client:
+            assert client.info.segment.name == "" and client.transport == "rpc"
+            sel = _replay(client, "heap", steps=1)[-1]
+            data = client.read_pages(sel.pages)
+            np.testing.assert_array_equal(data, server.store.read_pages(sel.pages))
+    finally:
+        server.stop(0)
+
+
+def test_connecting_to_nothing_says_how_to_start_a_service():
+    with pytest.raises(ConnectionError, match="python -m cache_service"):
+        RemoteKVClient.connect("127.0.0.1:1", connect_timeout=0.5)
