@@ -1,0 +1,191 @@
+"""The batching loop and the worker's gRPC service, in process, over an in-process store."""
+
+import functools
+import threading
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from worker.client import WorkerClient, check_health
+from worker.engine import Engine, EngineConfig
+from worker.kv_client import LocalKVClient
+from worker.scheduler import DoneEvent, Request, Scheduler, TokenEvent
+from worker.service import WorkerConfig, serve
+
+POLICY, BUDGET = "quest", 64  # TODO(issue 5): icecache once cache_service.cluster_index lands
+PROMPTS = ("Name three colours.", "Count from one to ten.", "Why is the sky blue?")
+NEW_TOKENS = (12, 7, 10)
+
+
+def _engine(model):
+    kv = LocalKVClient.with_capacity(2**28, 16, model.config.head_dim)
+    return Engine(model, kv, EngineConfig(policy=POLICY, budget=BUDGET))
+
+
+@pytest.fixture(scope="module")
+def expected(smollm):
+    """In-process greedy outputs of each prompt alone."""
+    model, tokenizer = smollm
+    engine = _engine(model)
+    return [
+        engine.generate(tokenizer.chat_prompt_ids(p), n, tokenizer.eos_token_ids)
+        for p, n in zip(PROMPTS, NEW_TOKENS, strict=True)
+    ]
+
+
+@pytest.fixture
+def scheduler(smollm):
+    loop = Scheduler(_engine(smollm[0])).start()
+    yield loop
+    loop.stop()
+
+
+def _drain(request, tokens=(), timeout=120):
+    tokens = list(tokens)
+    while True:
+        event = request.events.get(timeout=timeout)
+        if isinstance(event, DoneEvent):
+            assert [t.token_id for t in tokens] == event.token_ids
+            assert [t.index for t in tokens] == list(range(len(tokens)))
+            return event
+        assert isinstance(event, TokenEvent), event
+        tokens.append(event)
+
+
+def test_concurrent_requests_get_the_engines_own_greedy_output(smollm, expected, scheduler):
+    tokenizer = smollm[1]
+    ids = [tokenizer.chat_prompt_ids(p) for p in PROMPTS]
+    first = scheduler.submit(Request(ids[0], NEW_TOKENS[0], tokenizer.eos_token_ids))
+    started = first.events.get(timeout=60)
+    assert isinstance(started, TokenEvent)  # the first request is running
+    later = [
+        scheduler.submit(Request(i, n, tokenizer.eos_token_ids))
+        for i, n in zip(ids[1:], NEW_TOKENS[1:], strict=True)
+    ]  # they join the running batch
+    done = [_drain(r) for r in later]
+    outputs = [_drain(first, [started]).token_ids, *(d.token_ids for d in done)]
+    assert outputs == expected
+    assert max(d.stats.mean_batch for d in done) > 1  # decode steps were shared
+    assert scheduler.engine.kv.store.stats().sequences == 0
+
+
+def test_cancel_and_zero_tokens_finish_and_release(smollm, scheduler):
+    tokenizer = smollm[1]
+    prompt = tokenizer.chat_prompt_ids(PROMPTS[0])
+    zero = _drain(scheduler.submit(Request(prompt, 0)))
+    assert (zero.token_ids, zero.stats.finish_reason) == ([], "length")
+    long = scheduler.submit(Request(prompt, 10_000))
+    assert isinstance(long.events.get(timeout=60), TokenEvent)
+    long.cancel()
+    event = long.events.get(timeout=60)
+    while isinstance(event, TokenEvent):
+        event = long.events.get(timeout=60)
+    assert event.stats.finish_reason == "cancelled" and len(event.token_ids) < 100
+    assert scheduler.engine.kv.store.stats().sequences == 0
+
+
+def test_negative_max_tokens_are_refused(scheduler):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        scheduler.submit(Request([1, 2], -1))
+
+
+# ---- gRPC ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(smollm):
+    config = WorkerConfig(
+        cache_services=("in-process:0",), port=0, policy=POLICY, budget=BUDGET, metrics_port=0
+    )
+    kv = LocalKVClient.with_capacity(2**28, 16, smollm[0].config.head_dim)
+    running = serve(config, loaded=smollm, kv=kv)
+    running.http_port = running.metrics.serve_http(0, "127.0.0.1")
+    yield running
+    running.stop(0)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with WorkerClient(f"127.0.0.1:{server.port}").wait_ready() as worker:
+        yield worker
+
+
+def test_generate_streams_the_engines_tokens_then_usage_and_stats(smollm, expected, client):
+    tokenizer = smollm[1]
+    results = [None] * len(PROMPTS)
+
+    def run(i):
+        results[i] = list(client.generate(PROMPTS[i], NEW_TOKENS[i], chat=True))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for i, messages in enumerate(results):
+        *tokens, last = messages
+        done = last.done
+        assert list(done.token_ids) == [m.token.id for m in tokens] == expected[i]
+        assert "".join(m.token.text for m in tokens) == done.text
+        assert done.text == tokenizer.decode(
+            [t for t in expected[i] if t not in tokenizer.eos_token_ids]
+        )
+        prompt_tokens = len(tokenizer.chat_prompt_ids(PROMPTS[i]))
+        assert (done.usage.prompt_tokens, done.usage.output_tokens) == (
+            prompt_tokens,
+            len(expected[i]),
+        )
+        stats = done.stats
+        assert (stats.policy, stats.budget, stats.dense_layers) == (POLICY, BUDGET, 2)
+        assert stats.finish_reason in ("stop", "length") and stats.replica == "in-process"
+        assert stats.decode_steps == len(expected[i]) - 1
+        assert stats.kv_bytes_stored == (prompt_tokens + stats.decode_steps) * 2 * 4 * 30 * 3 * 64
+        assert 0 < stats.first_token_s <= stats.total_s
+
+
+def test_count_tokens_and_info(smollm, client):
+    tokenizer = smollm[1]
+    assert client.count_tokens(PROMPTS[0]) == len(tokenizer.chat_prompt_ids(PROMPTS[0]))
+    assert client.count_tokens("hello", chat=False) == len(tokenizer.encode("hello"))
+    info = client.info()
+    assert (info.policy, info.budget, info.max_context) == (POLICY, BUDGET, 8192)
+
+
+BAD = [
+    ({"prompt": "", "chat": False}, "empty"),
+    ({"prompt": [49152]}, "prompt ids must be in"),
+    ({"prompt": [1] * 8192}, "the model supports 8192"),
+    ({"prompt": "hi", "max_new_tokens": -1}, "max_new_tokens"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD)
+def test_bad_requests_are_invalid_argument_with_a_message(client, kwargs, message):
+    kwargs = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(grpc.RpcError) as info:
+        list(client.generate(kwargs.pop("prompt"), kwargs.pop("max_new_tokens"), **kwargs))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.details()
+
+
+def test_health_reflection_and_metrics(server, client):
+    address = f"127.0.0.1:{server.port}"
+    assert check_health(address) and check_health(address, service="icecache.v1.Worker")
+    with grpc.insecure_channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        reply = next(stub.ServerReflectionInfo(iter([request])))
+        names = {s.name for s in reply.list_services_response.service}
+        health = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(grpc.RpcError) as unknown:
+            health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
+    assert {"icecache.v1.Worker", "grpc.health.v1.Health"} <= names
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    client.complete("Say hi.", 2)
+    scrape = functools.partial(urllib.request.urlopen, timeout=5)
+    text = scrape(f"http://127.0.0.1:{server.http_port}/metrics").read().decode()
+    assert 'icecache_worker_requests_total{code="OK"}' in text
+    assert 'icecache_worker_requests_total{code="INVALID_ARGUMENT"}' in text
+    assert "icecache_worker_generated_tokens_total" in text
+    assert "icecache_worker_active_sequences 0.0" in text

@@ -1,0 +1,206 @@
+"""The client of a worker service: ``icecache generate --server HOST:PORT``, and a health probe.
+
+``python -m worker.client health HOST:PORT [--service NAME]`` exits 0 when the gRPC server at
+that address reports ``SERVING`` on the standard health service (any IceCache service: worker
+or cache service); it is the healthcheck of ``docker-compose.yml`` and of the Kubernetes
+probes. A worker is *ready* (``--service icecache.v1.Worker``) only while a cache-service
+replica is healthy, and *live* (no ``--service``) while its process serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from proto.icecache.v1 import worker_pb2 as pb
+from proto.icecache.v1 import worker_pb2_grpc as pb_grpc
+
+
+@dataclass
+class Generation:
+    """A finished remote generation."""
+
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    stats: pb.GenerateStats
+    token_times: list[float] = field(default_factory=list)
+    """Seconds from the call to each token's arrival."""
+
+
+class WorkerClient:
+    """A channel to one worker; ``generate`` streams tokens, ``complete`` waits for all."""
+
+    def __init__(self, address: str, timeout: float | None = 600.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.WorkerStub(self.channel)
+
+    def wait_ready(self, timeout: float = 10.0) -> WorkerClient:
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise ConnectionError(
+                f"no worker answered at {self.address} within {timeout:g} s; start one with "
+                "`python -m worker --cache-service HOST:PORT` or check --server"
+            ) from None
+        return self
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int,
+        chat: bool = True,
+        ignore_eos: bool = False,
+        request_id: str = "",
+    ) -> Iterator[pb.GenerateResponse]:
+        """The response stream: one message per token, then ``done``."""
+        request = pb.GenerateRequest(
+            max_new_tokens=max_new_tokens, chat=chat, ignore_eos=ignore_eos, request_id=request_id
+        )
+        if isinstance(prompt, str):
+            request.prompt = prompt
+        else:
+            request.prompt_ids.ids.extend(prompt)
+        return iter(self.stub.Generate(request, timeout=self.timeout))
+
+    def complete(self, prompt: str | list[int], max_new_tokens: int, **kwargs: Any) -> Generation:
+        """Run one generation to the end."""
+        started = time.perf_counter()
+        times: list[float] = []
+        for message in self.generate(prompt, max_new_tokens, **kwargs):
+            if message.HasField("token"):
+                times.append(time.perf_counter() - started)
+            else:
+                done = message.done
+                return Generation(
+                    list(done.token_ids), done.text, done.usage.prompt_tokens, done.stats, times
+                )
+        raise ConnectionError(f"the worker at {self.address} closed the stream before the end")
+
+    def count_tokens(self, prompt: str, chat: bool = True) -> int:
+        request = pb.CountTokensRequest(prompt=prompt, chat=chat)
+        return int(self.stub.CountTokens(request, timeout=self.timeout).tokens)
+
+    def info(self) -> pb.WorkerInfoResponse:
+        return self.stub.Info(pb.WorkerInfoRequest(), timeout=self.timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> WorkerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_health(address: str, timeout: float = 2.0, service: str = "") -> bool:
+    """Whether the server at ``address`` reports ``SERVING`` for ``service``."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+# ---- the CLI end ---------------------------------------------------------------------------
+def _read_prompt(args: argparse.Namespace) -> str:
+    if not getattr(args, "prompt_file", None):
+        return str(args.prompt)
+    try:
+        return Path(args.prompt_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SystemExit(f"error: cannot read --prompt-file {args.prompt_file}: {err}") from None
+
+
+def generate_remote(args: argparse.Namespace) -> int:
+    """``icecache generate --server HOST:PORT``: stream the answer (or print JSON at the end).
+
+    The engine flags (``--policy``, ``--budget``, ...) are the server's; the ones given here
+    are ignored. Returns the exit status.
+    """
+    prompt = _read_prompt(args)
+    try:
+        with WorkerClient(args.server) as client:
+            client.wait_ready()
+            result = _stream(client, prompt, args)
+    except grpc.RpcError as err:
+        print(f"error: the worker at {args.server} said {err.code().name}: {err.details()}",
+              file=sys.stderr)  # fmt: skip
+        return 2 if err.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
+    except ConnectionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(_as_json(result)))
+    return 0
+
+
+def _stream(client: WorkerClient, prompt: str, args: argparse.Namespace) -> Generation:
+    """Run the generation; without ``--json`` the text goes to stdout as it arrives."""
+    chat = getattr(args, "chat", True)
+    for message in client.generate(prompt, args.max_new_tokens, chat=chat):
+        if message.HasField("token"):
+            if not args.json:
+                sys.stdout.write(message.token.text)
+                sys.stdout.flush()
+            continue
+        done = message.done
+        if not args.json:
+            sys.stdout.write("\n")
+        return Generation(list(done.token_ids), done.text, done.usage.prompt_tokens, done.stats)
+    raise ConnectionError(f"the worker at {client.address} closed the stream before the end")
+
+
+def _as_json(result: Generation) -> dict[str, Any]:
+    s = result.stats
+    return {
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "prompt_tokens": result.prompt_tokens,
+        "policy": s.policy,
+        "budget": s.budget if s.HasField("budget") else None,
+        "dense_layers": s.dense_layers,
+        "finish_reason": s.finish_reason,
+        "replica": s.replica,
+        "prefill_s": s.prefill_s,
+        "first_token_s": s.first_token_s,
+        "generate_s": s.total_s,
+        "decode_ms_per_token": 1000 * s.decode_s / max(1, s.decode_steps),
+        "mean_batch": s.mean_batch,
+        "pages_selected": s.pages_selected,
+        "pages_moved": s.pages_moved,
+        "bytes_moved": s.bytes_moved,
+        "kv_bytes_stored": s.kv_bytes_stored,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.client", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    probe = sub.add_parser("health", help="exit 0 if the server at ADDRESS is SERVING")
+    probe.add_argument("address", help="HOST:PORT")
+    probe.add_argument("--service", default="", help="service name (default: the server)")
+    probe.add_argument("--timeout", type=float, default=2.0)
+    args = parser.parse_args(argv)
+    serving = check_health(args.address, args.timeout, args.service)
+    if not serving:
+        print(f"{args.address} is not serving", file=sys.stderr)
+    return 0 if serving else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Continuous batching: one thread owns the engine and interleaves many requests.
+
+Each iteration of the loop:
+
+1. **admits** waiting requests while there is room (``max_batch``), at most
+   ``prefills_per_step`` of them: each is prefilled on its own (prefill is *not* batched
+   across sequences) and its first token is chosen from the prefill's logits;
+2. **emits** each live sequence's pending token to its request, and finishes the sequences
+   that hit a stop token, their ``max_new_tokens`` or a cancel (their KV is released);
+3. runs **one** ``engine.decode_step`` over all live sequences (decode *is* batched: one
+   forward pass, and per layer one retrieval RPC per cache-service replica, for the batch).
+
+Decoding is greedy, so a request's tokens equal ``engine.generate`` on its prompt alone.
+Requests talk to the loop only through thread-safe queues.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from worker.engine import Engine, Sequence
+from worker.sharded_kv import ShardedKVClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of the batching loop."""
+
+    max_batch: int = 16
+    """Sequences decoded together at most; more requests wait in the queue."""
+    max_queue: int = 256
+    """Requests waiting for admission at most; beyond it ``submit`` raises ``QueueFull``."""
+    prefills_per_step: int = 1
+    """Prompts prefilled between two decode steps (bounds the stall of running sequences)."""
+    idle_wait_s: float = 0.05
+    """How long the idle loop sleeps on the queue before checking for a stop."""
+
+
+class QueueFull(RuntimeError):
+    """Too many requests are waiting; retry later."""
+
+
+class SchedulerStopped(RuntimeError):
+    """The scheduler is stopping and takes no new requests."""
+
+
+@dataclass
+class TokenEvent:
+    """One generated token."""
+
+    token_id: int
+    index: int
+
+
+@dataclass
+class RequestStats:
+    """Timings and traffic of one finished request (seconds since its arrival)."""
+
+    finish_reason: str = ""
+    seq_id: str = ""
+    replica: str = ""
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    first_token_s: float = 0.0
+    total_s: float = 0.0
+    decode_steps: int = 0
+    batch_sum: int = 0
+    pages_selected: int = 0
+    pages_read: int = 0
+
+    @property
+    def decode_s(self) -> float:
+        return max(0.0, self.total_s - self.first_token_s)
+
+    @property
+    def mean_batch(self) -> float:
+        return self.batch_sum / self.decode_steps if self.decode_steps else 0.0
+
+
+@dataclass
+class DoneEvent:
+    """The request finished: all its tokens and its stats."""
+
+    token_ids: list[int]
+    stats: RequestStats
+
+
+@dataclass
+class ErrorEvent:
+    """The request failed; ``error`` is what the engine or a cache service raised."""
+
+    error: BaseException
+
+
+Event = TokenEvent | DoneEvent | ErrorEvent
+
+
+@dataclass
+class Request:
+    """A generation request: what to generate and where its events go."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    stop_ids: frozenset[int] = frozenset()
+    request_id: str = ""
+    events: queue.Queue[Event] = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        """Ask the loop to finish this request at its next step (its KV is released)."""
+        self.cancelled.set()
+
+
+@dataclass
+class _Running:
+    """A live sequence of the loop and its request."""
+
+    request: Request
+    seq: Sequence
+    next_token: int
+    output: list[int] = field(default_factory=list)
+    stats: RequestStats = field(default_factory=RequestStats)
+
+
+class Scheduler:
+    """Owns an engine; ``submit`` from any thread, events come back on the request's queue."""
+
+    def __init__(
+        self, engine: Engine, config: SchedulerConfig | None = None, id_prefix: str = "req"
+    ) -> None:
+        self.engine = engine
+        self.config = config or SchedulerConfig()
+        self.id_prefix = id_prefix
+        """Sequence ids are ``<id_prefix>-<n>``; unique per worker, as replicas are shared."""
+        self.waiting: queue.Queue[Request] = queue.Queue(self.config.max_queue)
+        self.running: list[_Running] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+        self.on_step: list[Callable[[int, float], None]] = []
+        """Callbacks ``f(batch_size, seconds)`` after each decode step (metrics)."""
+
+    # ---- public ----------------------------------------------------------------------------
+    def start(self) -> Scheduler:
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, fail the waiting ones, cancel the running ones, join."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request; raises ``QueueFull`` or ``SchedulerStopped``."""
+        if self._stop.is_set():
+            raise SchedulerStopped("the worker is stopping; send the request elsewhere")
+        if request.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
+        try:
+            self.waiting.put_nowait(request)
+        except queue.Full:
+            raise QueueFull(
+                f"{self.config.max_queue} requests are already waiting; retry later"
+            ) from None
+        return request
+
+    @property
+    def active(self) -> int:
+        """Sequences being decoded now."""
+        return len(self.running)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        log.info("scheduler running (max batch %d)", self.config.max_batch)
+        while not self._stop.is_set():
+            try:
+                self._step()
+            except Exception as err:  # a bug here must not hang every waiting client
+                log.exception("scheduler step failed; failing the running requests")
+                failed, self.running = self.running, []
+                for run in failed:
+                    self._fail(run, err)
+        self._shutdown()
+
+    def _step(self) -> None:
+        self._admit()
+        self._emit()
+        if self.running:
+            self._decode()
+
+    def _admit(self) -> None:
+        room = self.config.max_batch - len(self.running)
+        for _ in range(min(room, self.config.prefills_per_step)):
+            request = self._next_request(block=not self.running)
+            if request is None:
+                return
+            self._prefill(request)
+
+    def _next_request(self, block: bool) -> Request | None:
+        try:
+            if block:
+                return self.waiting.get(timeout=self.config.idle_wait_s)
+            return self.waiting.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _prefill(self, request: Request) -> None:
+        stats = RequestStats(queue_s=time.perf_counter() - request.arrived)
+        if request.cancelled.is_set():
+            stats.finish_reason = "cancelled"
+            request.events.put(DoneEvent([], stats))
+            return
+        started = time.perf_counter()
+        try:
+            seq_id = f"{self.id_prefix}-{next(self._ids)}"
+            seq, logits = self.engine.start(request.prompt_ids, seq_id)
+        except Exception as err:  # the request fails, the loop goes on
+            log.warning("prefill of %s failed: %s", request.request_id, err)
+            request.events.put(ErrorEvent(err))
+            return
+        stats.prefill_s = time.perf_counter() - started
+        stats.seq_id, stats.replica = seq.seq_id, self._replica(seq.seq_id)
+        self.running.append(_Running(request, seq, _argmax(logits), stats=stats))
+
+    def _emit(self) -> None:
+        still: list[_Running] = []
+        for run in self.running:
+            request = run.request
+            if request.cancelled.is_set():
+                self._finish(run, "cancelled")
+                continue
+            if len(run.output) >= request.max_new_tokens:  # max_new_tokens == 0
+                self._finish(run, "length")
+                continue
+            run.output.append(run.next_token)
+            if len(run.output) == 1:
+                run.stats.first_token_s = time.perf_counter() - request.arrived
+            request.events.put(TokenEvent(run.next_token, len(run.output) - 1))
+            if run.next_token in request.stop_ids:
+                self._finish(run, "stop")
+            elif len(run.output) == request.max_new_tokens:
+                self._finish(run, "length")
+            else:
+                still.append(run)
+        self.running = still
+
+    def _decode(self) -> None:
+        started = time.perf_counter()
+        batch = self.running
+        try:
+            logits = self.engine.decode_step([r.seq for r in batch], [r.next_token for r in batch])
+        except Exception as err:  # every sequence of the step fails
+            log.error("decode step of %d sequences failed: %s", len(batch), err)
+            self.running = []
+            for run in batch:
+                self._fail(run, err)
+            return
+        tokens = torch.argmax(logits, dim=-1).tolist()
+        for run, token in zip(batch, tokens, strict=True):
+            run.next_token = int(token)
+            run.stats.decode_steps += 1
+            run.stats.batch_sum += len(batch)
+        elapsed = time.perf_counter() - started
+        for callback in self.on_step:
+            callback(len(batch), elapsed)
+
+    def _finish(self, run: _Running, reason: str) -> None:
+        stats = run.stats
+        stats.finish_reason = reason
+        self._collect_traffic(run)
+        try:
+            self.engine.finish(run.seq)
+        except Exception as err:  # the output stands; the KV may leak
+            log.warning("releasing %s failed: %s", run.seq.seq_id, err)
+        stats.total_s = time.perf_counter() - run.request.arrived
+        run.request.events.put(DoneEvent(run.output, stats))
+
+    def _fail(self, run: _Running, err: BaseException) -> None:
+        try:
+            self.engine.finish(run.seq)
+        except Exception as release_err:
+            log.warning("releasing %s failed: %s", run.seq.seq_id, release_err)
+        run.request.events.put(ErrorEvent(err))
+
+    def _shutdown(self) -> None:
+        for run in self.running:
+            self._finish(run, "cancelled")
+        self.running = []
+        while True:
+            request = self._next_request(block=False)
+            if request is None:
+                break
+            request.events.put(ErrorEvent(SchedulerStopped("the worker stopped")))
+        log.info("scheduler stopped")
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _replica(self, seq_id: str) -> str:
+        kv = self.engine.kv
+        return kv.replica_of(seq_id) if isinstance(kv, ShardedKVClient) else "in-process"
+
+    def _collect_traffic(self, run: _Running) -> None:
+        kv = self.engine.kv
+        if isinstance(kv, ShardedKVClient) and run.seq.seq_id in kv.traffic:
+            traffic = kv.traffic[run.seq.seq_id]
+            run.stats.pages_selected = traffic.pages_selected
+            run.stats.pages_read = traffic.pages_read
+
+
+def _argmax(logits: torch.Tensor) -> int:
+    return int(torch.argmax(logits))
+
+
+__all__ = [
+    "DoneEvent",
+    "ErrorEvent",
+    "Event",
+    "QueueFull",
+    "Request",
+    "RequestStats",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerStopped",
+    "TokenEvent",
+]

@@ -1,0 +1,495 @@
+"""The worker's gRPC service (``icecache.v1.Worker``): config, servicer, metrics, ``serve()``.
+
+The servicer only translates between protobuf and the scheduler's requests and events; the
+scheduler (``worker.scheduler``) owns the engine and batches the decode steps of all
+requests; the engine's KV store is a ``ShardedKVClient`` over the cache-service replicas.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import secrets
+import socket
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from cache_service.page_pool import PoolExhausted
+from cache_service.types import POLICIES
+from proto.icecache.v1 import worker_pb2 as pb
+from proto.icecache.v1 import worker_pb2_grpc as pb_grpc
+from worker.engine import Engine, EngineConfig
+from worker.factory import pick_device
+from worker.kv_client import KVClient
+from worker.model import LlamaModel
+from worker.scheduler import (
+    DoneEvent,
+    Event,
+    QueueFull,
+    Request,
+    RequestStats,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerStopped,
+    TokenEvent,
+)
+from worker.sharded_kv import ShardedKVClient
+from worker.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Worker"].full_name
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
+"""Seconds; a request takes from tens of milliseconds to minutes."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything one worker process needs to start (flags and env in ``worker.__main__``)."""
+
+    cache_services: tuple[str, ...] = ()
+    """``host:port`` of each cache-service replica; sequences are placed over them."""
+    host: str = "127.0.0.1"
+    """Interface to listen on (``0.0.0.0`` for all)."""
+    port: int = 50051
+    """gRPC port; 0 picks a free one (logged)."""
+    model: str | None = None
+    """Local HF checkpoint directory; ``None``: the embedded SmolLM2-135M-Instruct."""
+    policy: str = "icecache"
+    """Attention policy of every sequence, one of ``cache_service.types.POLICIES``."""
+    budget: int = 256
+    """KV tokens per layer and KV head at a decode step (ignored by ``full``)."""
+    dense_layers: int = 2
+    """The first layers attend fully."""
+    device: str = "auto"
+    """``cpu``, ``cuda`` or ``auto`` (CUDA when present)."""
+    device_cache_mb: int = 1024
+    """Device memory for resident KV pages."""
+    seed: int = 0
+    """Seed of the clustering."""
+    max_batch: int = 16
+    """Sequences decoded together at most."""
+    max_queue: int = 256
+    """Requests waiting for admission at most (more are refused with RESOURCE_EXHAUSTED)."""
+    workers: int = 64
+    """RPC threads; a streaming ``Generate`` holds one for its whole duration."""
+    metrics_port: int = 0
+    """HTTP port of the Prometheus ``/metrics`` endpoint; 0 turns it off."""
+    health_interval_s: float = 1.0
+    """Seconds between health checks of each cache-service replica."""
+    grace_s: float = 5.0
+    """On SIGTERM, seconds in-flight requests get to finish."""
+    log_level: str = "INFO"
+    """Python logging level name."""
+    log_format: str = "json"
+    """``json`` (one object per line) or ``text``."""
+
+    def __post_init__(self) -> None:
+        if not self.cache_services:
+            raise ValueError(
+                "no cache service given; pass --cache-service HOST:PORT[,HOST:PORT...] "
+                "or set ICECACHE_CACHE_SERVICES"
+            )
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"ports must be in 0..65535, got {self.port}, {self.metrics_port}")
+        if min(self.budget, self.max_batch, self.max_queue, self.workers) <= 0:
+            raise ValueError("budget, max_batch, max_queue and workers must be positive")
+        if self.log_format not in ("json", "text"):
+            raise ValueError(f"log_format must be json or text, got {self.log_format!r}")
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            policy=self.policy,
+            budget=self.budget,
+            dense_layers=self.dense_layers,
+            device_cache_mb=self.device_cache_mb,
+            seed=self.seed,
+        )
+
+
+class WorkerMetrics:
+    """Prometheus metrics of one worker, in their own registry."""
+
+    def __init__(self, scheduler: Scheduler, kv: KVClient) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("icecache_worker_requests", "Generate calls", ["code"], registry=r)
+        self.prompt_tokens = Counter("icecache_worker_prompt_tokens", "Prompt tokens", registry=r)
+        self.output_tokens = Counter(
+            "icecache_worker_generated_tokens", "Generated tokens", registry=r
+        )
+        self.latency = Histogram(
+            "icecache_worker_request_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.first_token = Histogram(
+            "icecache_worker_first_token_seconds", "Arrival to first token",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.step = Histogram(
+            "icecache_worker_decode_step_seconds", "One batched decode step",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch = Histogram(
+            "icecache_worker_batch_size", "Sequences per decode step",
+            buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
+        )  # fmt: skip
+        active = Gauge("icecache_worker_active_sequences", "Sequences being decoded", registry=r)
+        active.set_function(lambda: scheduler.active)
+        waiting = Gauge("icecache_worker_waiting_requests", "Requests not admitted", registry=r)
+        waiting.set_function(lambda: scheduler.waiting.qsize())
+        self._replicas(kv)
+        scheduler.on_step.append(self.observe_step)
+        self._http: Any = None
+
+    def _replicas(self, kv: KVClient) -> None:
+        if not isinstance(kv, ShardedKVClient):
+            return
+        placed = Gauge(
+            "icecache_worker_replica_sequences", "Live sequences per cache-service replica",
+            ["replica"], registry=self.registry,
+        )  # fmt: skip
+        healthy = Gauge(
+            "icecache_worker_replica_healthy", "1 while a replica passes its health checks",
+            ["replica"], registry=self.registry,
+        )  # fmt: skip
+        for address in kv.shards:
+            placed.labels(address).set_function(
+                functools.partial(kv.counts.live.__getitem__, address)
+            )
+            healthy.labels(address).set_function(functools.partial(_is_healthy, kv, address))
+
+    def observe_step(self, batch: int, seconds: float) -> None:
+        self.step.observe(seconds)
+        self.batch.observe(batch)
+
+    def observe_done(self, prompt_tokens: int, output_tokens: int, stats: RequestStats) -> None:
+        self.requests.labels("OK").inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.output_tokens.inc(output_tokens)
+        self.latency.observe(stats.total_s)
+        if output_tokens:
+            self.first_token.observe(stats.first_token_s)
+
+    def serve_http(self, port: int, host: str) -> int:
+        """Expose ``/metrics`` on ``port``; returns the bound port."""
+        self._http, _ = start_http_server(port, host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+
+def _is_healthy(kv: ShardedKVClient, address: str) -> float:
+    return float(address in kv.health.healthy())
+
+
+class TextStream:
+    """Incremental detokenization: the new text each token completes (O(1) per token)."""
+
+    def __init__(self, tokenizer: Tokenizer, hidden: frozenset[int]) -> None:
+        self.tokenizer = tokenizer
+        self.hidden = hidden
+        self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read] decode to text already sent
+        self.read = 0
+
+    def push(self, token_id: int) -> str:
+        if token_id in self.hidden:
+            return ""
+        self.ids.append(token_id)
+        sent = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(text) <= len(sent) or text.endswith("\ufffd"):
+            return ""  # mid-character: wait for the next token
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(sent) :]
+
+
+class WorkerServicer(pb_grpc.WorkerServicer):
+    """Translates ``icecache.v1.Worker`` calls into scheduler requests and back."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        tokenizer: Tokenizer,
+        metrics: WorkerMetrics,
+        info: pb.WorkerInfoResponse,
+    ) -> None:
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.info = info
+        engine = scheduler.engine
+        c = engine.model.config
+        self.max_context = c.max_position_embeddings
+        self.vocab = c.vocab_size
+        self.kv_token_bytes = 2 * 4 * c.num_layers * c.num_kv_heads * c.head_dim
+        self.page_bytes = engine.cache.page_bytes
+
+    def Generate(
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateResponse]:
+        try:
+            ids = self._prompt_ids(request)
+            stop = frozenset() if request.ignore_eos else self.tokenizer.eos_token_ids
+            job = Request(ids, request.max_new_tokens, stop, request.request_id)
+            self.scheduler.submit(job)
+        except Exception as err:
+            self._abort(context, err)
+        context.add_callback(job.cancel)
+        text = TextStream(self.tokenizer, self.tokenizer.eos_token_ids)
+        while True:
+            event = self._next_event(job, context)
+            if isinstance(event, TokenEvent):
+                token = pb.Token(
+                    id=event.token_id, text=text.push(event.token_id), index=event.index
+                )
+                yield pb.GenerateResponse(token=token)
+            elif isinstance(event, DoneEvent):
+                self.metrics.observe_done(len(ids), len(event.token_ids), event.stats)
+                yield pb.GenerateResponse(done=self._done(len(ids), event))
+                return
+            else:
+                self._abort(context, event.error)
+
+    def CountTokens(
+        self, request: pb.CountTokensRequest, context: grpc.ServicerContext
+    ) -> pb.CountTokensResponse:
+        ids = self._encode(request.prompt, request.chat)
+        return pb.CountTokensResponse(tokens=len(ids), ids=ids, max_context=self.max_context)
+
+    def Info(
+        self, request: pb.WorkerInfoRequest, context: grpc.ServicerContext
+    ) -> pb.WorkerInfoResponse:
+        info = pb.WorkerInfoResponse()
+        info.CopyFrom(self.info)
+        kv = self.scheduler.engine.kv
+        if isinstance(kv, ShardedKVClient):
+            healthy = kv.health.healthy()
+            for address in kv.shards:
+                info.replicas.add(
+                    address=address,
+                    healthy=address in healthy,
+                    sequences=kv.counts.live[address],
+                    placed_total=kv.counts.total[address],
+                )
+        return info
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _encode(self, prompt: str, chat: bool) -> list[int]:
+        return self.tokenizer.chat_prompt_ids(prompt) if chat else self.tokenizer.encode(prompt)
+
+    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+        """Validated prompt ids; ``ValueError`` says what to fix."""
+        which = request.WhichOneof("input")
+        if which is None:
+            raise ValueError("give a prompt: set `prompt` (text) or `prompt_ids`")
+        if which == "prompt":
+            ids = self._encode(request.prompt, request.chat)
+        else:
+            ids = list(request.prompt_ids.ids)
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if len(ids) >= self.max_context:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens but the model supports {self.max_context}; "
+                "shorten it"
+            )
+        if min(ids) < 0 or max(ids) >= self.vocab:
+            raise ValueError(f"prompt ids must be in 0..{self.vocab - 1}")
+        if request.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
+        return ids
+
+    def _next_event(self, job: Request, context: grpc.ServicerContext) -> Event:
+        while True:
+            try:
+                return job.events.get(timeout=1.0)
+            except queue.Empty:
+                if not context.is_active():
+                    job.cancel()
+
+    def _done(self, prompt_tokens: int, event: DoneEvent) -> pb.GenerateDone:
+        s, out = event.stats, event.token_ids
+        config = self.scheduler.engine.config
+        stats = pb.GenerateStats(
+            finish_reason=s.finish_reason,
+            policy=config.policy,
+            dense_layers=config.dense_layers,
+            replica=s.replica,
+            seq_id=s.seq_id,
+            pages_selected=s.pages_selected,
+            pages_moved=s.pages_read,
+            bytes_moved=s.pages_read * self.page_bytes,
+            kv_bytes_stored=(prompt_tokens + s.decode_steps) * self.kv_token_bytes,
+            queue_s=s.queue_s,
+            prefill_s=s.prefill_s,
+            first_token_s=s.first_token_s,
+            decode_s=s.decode_s,
+            total_s=s.total_s,
+            decode_steps=s.decode_steps,
+            mean_batch=s.mean_batch,
+        )
+        if config.policy != "full" and config.budget is not None:
+            stats.budget = config.budget
+        text = self.tokenizer.decode([t for t in out if t not in self.tokenizer.eos_token_ids])
+        usage = pb.Usage(prompt_tokens=prompt_tokens, output_tokens=len(out))
+        return pb.GenerateDone(usage=usage, stats=stats, text=text, token_ids=out)
+
+    def _abort(self, context: grpc.ServicerContext, err: BaseException) -> None:
+        code = status_of(err)
+        self.metrics.requests.labels(code.name).inc()
+        if code == grpc.StatusCode.INTERNAL:
+            log.error("request failed: %r", err)
+        context.abort(code, str(err))
+
+
+def status_of(err: BaseException) -> grpc.StatusCode:
+    """The status code a failure goes out as."""
+    if isinstance(err, QueueFull | PoolExhausted):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(err, SchedulerStopped | ConnectionError):
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(err, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+@dataclass
+class WorkerServer:
+    """A running worker and what it owns."""
+
+    server: grpc.Server
+    port: int
+    scheduler: Scheduler
+    metrics: WorkerMetrics
+    health: health.HealthServicer
+    owned: list[Any] = field(default_factory=list)
+    """Closed on stop (the KV client when ``serve`` opened it)."""
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, give in-flight ones ``grace`` s, stop the loop, close clients."""
+        self.health.enter_graceful_shutdown()
+        done = self.server.stop(grace)
+        done.wait()
+        self.scheduler.stop()
+        self.metrics.close()
+        for thing in self.owned:
+            thing.close()
+        log.info("stopped", extra={"port": self.port})
+
+
+def build_engine(
+    config: WorkerConfig,
+    loaded: tuple[LlamaModel, Tokenizer] | None = None,
+    kv: KVClient | None = None,
+) -> tuple[Engine, Tokenizer]:
+    """Model (loaded here unless given) over the cache-service replicas (unless ``kv``)."""
+    if loaded is None:
+        from worker.loader import load_model
+
+        device = pick_device(config.device)
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        loaded = load_model(config.model, dtype=dtype, device=device)
+    model, tokenizer = loaded
+    if kv is None:
+        kv = ShardedKVClient.connect(list(config.cache_services), config.health_interval_s)
+        _check_head_dim(kv, model)
+    return Engine(model, kv, config.engine_config()), tokenizer
+
+
+def _check_head_dim(kv: ShardedKVClient, model: LlamaModel) -> None:
+    want = model.config.head_dim
+    for shard in kv.shards.values():
+        got = getattr(shard.client, "head_dim", want)
+        if got != want:
+            kv.close()
+            raise ValueError(
+                f"cache service {shard.address} keeps head_dim {got} but the model has {want}; "
+                f"start it with --head-dim {want}"
+            )
+
+
+def serve(
+    config: WorkerConfig,
+    loaded: tuple[LlamaModel, Tokenizer] | None = None,
+    kv: KVClient | None = None,
+) -> WorkerServer:
+    """Load the model, connect the replicas, start the batching loop and the gRPC server."""
+    engine, tokenizer = build_engine(config, loaded, kv)
+    owned = [engine.kv] if kv is None else []
+    limits = SchedulerConfig(config.max_batch, config.max_queue)
+    scheduler = Scheduler(engine, limits, instance_id()).start()
+    metrics = WorkerMetrics(scheduler, engine.kv)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(config.workers, thread_name_prefix="rpc"),
+    )
+    servicer = WorkerServicer(scheduler, tokenizer, metrics, _info(config, engine))
+    pb_grpc.add_WorkerServicer_to_server(servicer, server)
+    checker = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        scheduler.stop()
+        raise OSError(f"cannot listen on {config.host}:{config.port}; is the port taken?")
+    server.start()
+    _track_replica_health(engine.kv, checker)
+    if config.metrics_port:
+        metrics.serve_http(config.metrics_port, config.host.strip("[]"))
+    log.info("serving on %s:%d", config.host, port, extra={"port": port})
+    return WorkerServer(server, port, scheduler, metrics, checker, owned)
+
+
+def instance_id() -> str:
+    """``<hostname>-<6 hex>``: prefixes this worker's sequence ids, which must not collide
+    with another worker's on a shared replica."""
+    return f"{socket.gethostname()}-{secrets.token_hex(3)}"
+
+
+def _track_replica_health(kv: KVClient, checker: health.HealthServicer) -> None:
+    """``""`` is SERVING while the process serves (liveness); ``icecache.v1.Worker`` only
+    while at least one cache-service replica is healthy (readiness)."""
+    checker.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    def publish(healthy: set[str]) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING
+        checker.set(
+            SERVICE_NAME, serving if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+    if isinstance(kv, ShardedKVClient):
+        kv.health.on_change = publish
+        publish(kv.health.healthy())
+    else:
+        publish({"in-process"})
+
+
+def _info(config: WorkerConfig, engine: Engine) -> pb.WorkerInfoResponse:
+    info = pb.WorkerInfoResponse(
+        model=Path(config.model).name if config.model else "SmolLM2-135M-Instruct (embedded)",
+        device=engine.device.type,
+        policy=config.policy,
+        dense_layers=config.dense_layers,
+        max_context=engine.model.config.max_position_embeddings,
+        max_batch=config.max_batch,
+    )
+    if config.policy != "full":
+        info.budget = config.budget
+    return info
