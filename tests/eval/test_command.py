@@ -1,0 +1,165 @@
+"""``icecache eval``: argument errors, the session's prefill replay, and one real run."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from worker.eval import command
+from worker.eval.corpus import Corpus, default_text
+from worker.eval.longbench_metrics import qa_f1_score
+from worker.eval.session import Session, SessionConfig
+from worker.eval.tasks import TaskOptions, make_task
+from worker.eval.tasks.passkey import score_passkey
+from worker.factory import open_kv
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    return parser.parse_args(["eval", *argv])
+
+
+BASE = ("--context-len", "512", "--budget", "64", "--samples", "1")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--task", "sudoku", *BASE), "unknown task 'sudoku'"),
+        (("--task", "passkey", "--policy", "full,magic", *BASE), "unknown policy 'magic'"),
+        (
+            ("--task", "passkey", "--text-file", "/nonexistent/x.txt", *BASE),
+            "cannot read --text-file /nonexistent/x.txt",
+        ),
+        (("--task", "passkey", "--context-len", "512", "--samples", "0"), "--samples"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(argv, message):
+    with pytest.raises(ValueError, match=message):
+        command.validate(_args(*argv))
+
+
+def test_bad_numbers_are_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        _args("--task", "passkey", "--context-len", "2k")
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_empty_text_file_is_an_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        command.validate(_args("--task", "ppl", "--text-file", str(tmp_path / "empty.txt"), *BASE))
+
+
+@pytest.fixture(scope="module")
+def session(smollm):
+    model, tokenizer = smollm
+    return Session(model, tokenizer, open_kv(model), SessionConfig())
+
+
+def test_replayed_prefill_decodes_like_a_real_one(session):
+    ids = session.tokenizer.encode(default_text())[:200]
+    engine = session.engine("streaming", 64, 256)
+    want_seq, want_logits = engine.start(ids)
+    want = engine.decode_step([want_seq], [ids[0]])
+    engine.finish(want_seq)
+    session.forget()
+    for _ in range(2):  # the first start records the prefill, the second replays it
+        seq, logits = session.start(engine, ids)
+        got = engine.decode_step([seq], [ids[0]])
+        engine.finish(seq)
+        assert torch.equal(logits, want_logits)
+        assert torch.allclose(got, want, atol=1e-5)
+    session.forget()
+
+
+def test_recall_is_complete_for_full_and_partial_for_streaming(session):
+    corpus = Corpus(default_text(), session.tokenizer)
+    task = make_task("recall", corpus, TaskOptions(samples=1, probes=2))
+    prompt = task.prompts("selection", 300)[0]
+    full = task.run(session, session.engine("full", None, 300), prompt, None)
+    stream = task.run(session, session.engine("streaming", 64, 300), prompt, full)
+    session.forget()
+    assert full.detail.mass == pytest.approx((1.0,) * 30)
+    assert full.detail.hit == pytest.approx((1.0,) * 30)
+    assert stream.detail.mass[:2] == pytest.approx((1.0, 1.0))  # dense layers
+    assert 0.0 < stream.score < 1.0
+    assert all(h < 1.0 for h in stream.detail.hit[2:])
+
+
+def test_eval_runs_end_to_end_on_the_embedded_model(tmp_path, capsys):
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    args = _args(
+        "--task",
+        "passkey",
+        "--context-len",
+        "512",
+        "--budget",
+        "64",
+        "--policy",
+        "streaming",
+        "--samples",
+        "1",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+    )
+    assert command.run_command(args) == 0
+    table = capsys.readouterr().out
+    assert "passkey / single" in table and "streaming" in table
+    doc = json.loads(out.read_text())
+    assert [(r["policy"], r["budget"]) for r in doc["summary"]] == [
+        ("full", None),
+        ("streaming", 64),
+    ]
+    sample = doc["samples"][0]
+    assert sample["prompt_tokens"] > 500 and len(sample["outcomes"]) == 2
+    for outcome in sample["outcomes"]:
+        assert outcome["score"] == score_passkey(outcome["output"], sample["answers"][0])
+    assert png.stat().st_size > 1000
+
+
+def test_longbench_runs_on_user_files(tmp_path, capsys):
+    data = tmp_path / "lb"
+    data.mkdir()
+    line = {
+        "input": "Who met Bob?",
+        "context": "Alice met Bob in Paris. " * 20,
+        "answers": ["Alice"],
+        "all_classes": None,
+        "length": 100,
+        "_id": "a",
+    }
+    (data / "hotpotqa.jsonl").write_text(json.dumps(line) + "\n")
+    out = tmp_path / "lb.json"
+    args = _args(
+        "--task",
+        "longbench",
+        "--data-dir",
+        str(data),
+        "--context-len",
+        "400",
+        "--budget",
+        "64",
+        "--policy",
+        "streaming",
+        "--json",
+        str(out),
+    )
+    assert command.run_command(args) == 0
+    doc = json.loads(out.read_text())
+    assert {r["variant"] for r in doc["summary"]} == {"hotpotqa"}
+    assert doc["summary"][0]["measure"] == "LongBench score"
+    sample = doc["samples"][0]
+    assert sample["description"].startswith("hotpotqa.jsonl line 1")
+    for outcome in sample["outcomes"]:  # the official F1 of the output, times 100 in the row
+        assert outcome["score"] == qa_f1_score(outcome["output"], "Alice")
+    assert doc["summary"][0]["score"] == 100 * sample["outcomes"][0]["score"]
+
+
+def test_longbench_without_data_dir_is_an_error():
+    with pytest.raises(ValueError, match="--data-dir"):
+        make_task("longbench", None, TaskOptions())  # type: ignore[arg-type]

@@ -1,0 +1,175 @@
+"""Runs a task's cells: every sample under ``full`` first, then each (policy, budget)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from cache_service.types import POLICIES, SequenceSpec
+from worker.eval.metrics import ratio_to_full
+from worker.eval.session import Session
+from worker.eval.tasks import Task
+from worker.eval.types import Outcome, Row, SampleRecord
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, int | None]
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """Which cells to run: variants x context lengths, each under every (policy, budget)."""
+
+    variants: tuple[str, ...]
+    context_lens: tuple[int, ...]
+    policies: tuple[str, ...]
+    """Policies compared with ``full`` (``full`` itself always runs and need not be listed)."""
+    budgets: tuple[int, ...]
+
+    def pairs(self) -> list[Key]:
+        """``full`` then every other policy at every budget."""
+        others = [p for p in self.policies if p != "full"]
+        return [("full", None)] + [(p, b) for p in others for b in self.budgets]
+
+
+@dataclass
+class EvalResult:
+    """Summary rows and every sample of a run."""
+
+    rows: list[Row] = field(default_factory=list)
+    samples: list[SampleRecord] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def extend(self, other: EvalResult) -> None:
+        self.rows += other.rows
+        self.samples += other.samples
+        self.seconds += other.seconds
+
+
+def check_plan(task: Task, plan: EvalPlan, max_positions: int, page_size: int) -> None:
+    """Raise ``ValueError`` naming the first bad variant, policy, length or budget."""
+    for variant in plan.variants:
+        if variant not in task.variants:
+            raise ValueError(
+                f"task {task.name} has no variant {variant!r}; choose from "
+                f"{', '.join(task.variants)}"
+            )
+    for policy in plan.policies:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+    for n in plan.context_lens:
+        need = n + max(task.extra_tokens(v) for v in plan.variants)
+        if need > max_positions:
+            raise ValueError(
+                f"--context-len {n} needs {need} positions with the generated tokens, but the "
+                f"model supports {max_positions}; lower it"
+            )
+    for budget in plan.budgets:
+        _check_budget(budget, min(plan.context_lens), page_size)
+
+
+def _check_budget(budget: int, context_len: int, page_size: int) -> None:
+    spec = SequenceSpec(1, 1, 1, 1, policy="streaming", budget=budget)
+    try:
+        spec.validate(page_size)
+    except ValueError as err:
+        raise ValueError(f"--budget {budget} is out of range: {err}") from None
+    if budget >= context_len:
+        raise ValueError(
+            f"--budget {budget} is out of range: it is not below the context length "
+            f"{context_len}, so every policy would attend to everything"
+        )
+
+
+def run_plan(session: Session, task: Task, plan: EvalPlan) -> EvalResult:
+    """Every cell of ``plan``; ``full`` runs once per sample, as the reference."""
+    check_plan(task, plan, session.max_positions, session.kv.page_size)
+    result = EvalResult()
+    started = time.perf_counter()
+    for n in plan.context_lens:
+        for variant in plan.variants:
+            cell = run_cell(session, task, plan, variant, n)
+            result.samples += cell
+            result.rows += summarize(task, variant, n, cell, plan.pairs())
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def run_cell(
+    session: Session, task: Task, plan: EvalPlan, variant: str, context_len: int
+) -> list[SampleRecord]:
+    """All samples of one (variant, context length) under every (policy, budget)."""
+    prompts = task.prompts(variant, context_len)
+    pairs = plan.pairs()
+    bar = tqdm(
+        total=len(prompts) * len(pairs),
+        desc=f"{task.name} {variant} {context_len}",
+        unit="run",
+        disable=not sys.stderr.isatty(),
+    )
+    records = []
+    max_len = max(len(p.ids) + p.max_new_tokens + 1 for p in prompts)
+    for prompt in prompts:
+        outcomes: list[Outcome] = []
+        for policy, budget in pairs:
+            engine = session.engine(policy, budget, max_len)
+            outcomes.append(task.run(session, engine, prompt, outcomes[0] if outcomes else None))
+            bar.set_postfix_str(f"{policy}@{budget or 'all'}")
+            bar.update()
+        session.forget()
+        records.append(
+            SampleRecord(
+                task.name,
+                variant,
+                context_len,
+                prompt.seed,
+                prompt.index,
+                prompt.description,
+                len(prompt.ids),
+                prompt.answers,
+                outcomes,
+            )
+        )
+        log.info(
+            "%s %s %d sample %d: %s",
+            task.name,
+            variant,
+            context_len,
+            prompt.index,
+            ", ".join(f"{o.policy}@{o.budget or 'all'}={o.score:.3g}" for o in outcomes),
+        )
+    bar.close()
+    return records
+
+
+def summarize(
+    task: Task, variant: str, context_len: int, records: list[SampleRecord], pairs: list[Key]
+) -> list[Row]:
+    """One row per (measure, policy, budget), each against ``full``'s value."""
+    by_key: dict[Key, list[Outcome]] = {key: [] for key in pairs}
+    for record in records:
+        for outcome in record.outcomes:
+            by_key[(outcome.policy, outcome.budget)].append(outcome)
+    full = task.measures(by_key[("full", None)])
+    rows = []
+    for (policy, budget), outcomes in by_key.items():
+        for measure, ref in zip(task.measures(outcomes), full, strict=True):
+            rows.append(
+                Row(
+                    task.name,
+                    variant,
+                    measure.name,
+                    policy,
+                    budget,
+                    context_len,
+                    measure.value,
+                    ratio_to_full(measure.value, ref.value, measure.higher_is_better),
+                    len(outcomes),
+                    measure.higher_is_better,
+                )
+            )
+    return rows

@@ -1,0 +1,214 @@
+"""One model, one KV store and one engine per (policy, budget) for a whole accuracy run.
+
+Prefill is dense and identical under every policy, so the session computes it once per
+input and replays its per-layer K/V into each policy's new sequence (the store then builds
+that policy's layout and index from them, exactly as after a real prefill). Every decode
+step runs the engine's real sparse path.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cache_service.types import Selection, SequenceSpec
+from worker.engine import Engine, EngineConfig, Sequence
+from worker.kv_client import KVClient
+from worker.model import LlamaModel
+from worker.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DecodeObserver = Callable[[int, np.ndarray, np.ndarray, list[Selection]], None]
+"""Called after each layer's decode with (layer, keys [B, Hkv, D], queries [B, Hq, D],
+selections)."""
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """How the session's engines are configured (besides policy and budget)."""
+
+    dense_layers: int = 2
+    """The first layers attend fully under every policy."""
+    seed: int = 0
+    """Seed of the clustering policies."""
+
+
+@dataclass
+class _Prefill:
+    ids: tuple[int, ...]
+    appends: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]  # layer, k, v, positions
+    logits: torch.Tensor  # [vocab]
+
+
+class TapKV:
+    """A ``KVClient`` that forwards everything and lets the session watch appends/decodes."""
+
+    def __init__(self, inner: KVClient) -> None:
+        self.inner = inner
+        self.page_size = inner.page_size
+        self.recording: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] | None = None
+        self.observer: DecodeObserver | None = None
+
+    def create(self, seq_id: str, spec: SequenceSpec) -> None:
+        self.inner.create(seq_id, spec)
+
+    def append(
+        self, seq_id: str, layer: int, keys: np.ndarray, values: np.ndarray, positions: np.ndarray
+    ) -> None:
+        if self.recording is not None:
+            self.recording.append((layer, keys.copy(), values.copy(), positions.copy()))
+        self.inner.append(seq_id, layer, keys, values, positions)
+
+    def decode(
+        self,
+        layer: int,
+        seq_ids: list[str],
+        keys: np.ndarray,
+        values: np.ndarray,
+        positions: np.ndarray,
+        queries: np.ndarray,
+    ) -> list[Selection]:
+        sels = self.inner.decode(layer, seq_ids, keys, values, positions, queries)
+        if self.observer is not None:
+            self.observer(layer, keys, queries, sels)
+        return sels
+
+    def read_pages(self, pages: np.ndarray) -> np.ndarray:
+        return self.inner.read_pages(pages)
+
+    def release(self, seq_id: str) -> None:
+        self.inner.release(seq_id)
+
+
+class Session:
+    """Runs inputs under many policies with one loaded model and one store."""
+
+    def __init__(
+        self, model: LlamaModel, tokenizer: Tokenizer, kv: KVClient, config: SessionConfig
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.kv = TapKV(kv)
+        self.config = config
+        self._engines: dict[tuple[str, int | None], Engine] = {}
+        self._sized: dict[tuple[str, int | None], int] = {}
+        self._prefill: _Prefill | None = None
+        self._seq_ids = iter(range(1 << 62))
+
+    @property
+    def max_positions(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    def engine(self, policy: str, budget: int | None, max_len: int) -> Engine:
+        """The engine of ``policy`` at ``budget`` (``None`` for full) for sequences of up to
+        ``max_len`` tokens; made on first use (again if a longer sequence comes)."""
+        key = (policy, None if policy == "full" else budget)
+        if key not in self._engines or self._sized[key] < max_len:
+            config = EngineConfig(
+                policy=policy,
+                budget=key[1],
+                dense_layers=self.config.dense_layers,
+                device_cache_mb=self._cache_mb(key[1], max_len),
+                seed=self.config.seed,
+            )
+            self._engines[key] = Engine(self.model, self.kv, config)  # type: ignore[arg-type]
+            self._sized[key] = max_len
+        return self._engines[key]
+
+    def _cache_mb(self, budget: int | None, max_len: int) -> int:
+        """Device page-cache size that holds every layer's pages of one step."""
+        c, size = self.model.config, self.kv.page_size
+        full_pages = math.ceil(max_len / size) + 2
+        pages = full_pages if budget is None else min(full_pages, 2 * budget // size + 4)
+        dense = min(self.config.dense_layers, c.num_layers)
+        total = c.num_kv_heads * (dense * full_pages + (c.num_layers - dense) * pages)
+        page_bytes = 2 * size * c.head_dim * 4
+        return int(min(1024, max(16, math.ceil(1.2 * total * page_bytes / 2**20))))
+
+    # ---- sequences -------------------------------------------------------------------
+    def start(self, engine: Engine, ids: list[int]) -> tuple[Sequence, torch.Tensor]:
+        """Like ``engine.start``, with the dense prefill computed once per distinct input."""
+        key = tuple(ids)
+        if self._prefill is None or self._prefill.ids != key:
+            self._prefill = None
+            self.kv.recording = []
+            try:
+                seq, logits = engine.start(ids)
+                self._prefill = _Prefill(key, self.kv.recording, logits.clone())
+            finally:
+                self.kv.recording = None
+            return seq, logits
+        seq = Sequence(f"eval-{next(self._seq_ids)}", list(ids), len(ids))
+        self.kv.create(seq.seq_id, engine.config.spec(engine.model))
+        try:
+            for layer, k, v, positions in self._prefill.appends:
+                self.kv.append(seq.seq_id, layer, k, v, positions)
+        except BaseException:
+            self.kv.release(seq.seq_id)
+            raise
+        return seq, self._prefill.logits.clone()
+
+    def prefill_keys(self, ids: list[int]) -> list[np.ndarray]:
+        """Per-layer prefill keys ``[T, Hkv, D]`` of ``ids`` (after a ``start`` of them)."""
+        assert self._prefill is not None and self._prefill.ids == tuple(ids), "start first"
+        layers = self.model.config.num_layers
+        keys: list[list[np.ndarray]] = [[] for _ in range(layers)]
+        for layer, k, _, _ in self._prefill.appends:
+            keys[layer].append(k)
+        return [np.concatenate(parts) for parts in keys]
+
+    def forget(self) -> None:
+        """Drop the cached prefill (call between inputs to bound memory)."""
+        self._prefill = None
+
+    @contextmanager
+    def observing(self, observer: DecodeObserver) -> Iterator[None]:
+        """Call ``observer`` after every layer's decode while the block runs."""
+        self.kv.observer = observer
+        try:
+            yield
+        finally:
+            self.kv.observer = None
+
+    # ---- decoding --------------------------------------------------------------------
+    def greedy(
+        self, engine: Engine, ids: list[int], max_new: int, stop_ids: frozenset[int] = frozenset()
+    ) -> list[int]:
+        """Greedy tokens after ``ids`` (a stop token is included and ends generation)."""
+        seq, logits = self.start(engine, ids)
+        out: list[int] = []
+        try:
+            token = int(torch.argmax(logits))
+            while max_new > 0:
+                out.append(token)
+                if token in stop_ids or len(out) == max_new:
+                    break
+                token = int(torch.argmax(engine.decode_step([seq], [token])[0]))
+        finally:
+            engine.finish(seq)
+        return out
+
+    def teacher_forced(self, engine: Engine, ids: list[int], prefix: int) -> tuple[float, int]:
+        """Summed NLL of ``ids[prefix:]``, each decoded after the true tokens before it.
+
+        ``ids[:prefix]`` is prefilled; then every true token is fed with ``decode_step`` so
+        each scored prediction comes from the policy's sparse attention.
+        """
+        if not 0 < prefix < len(ids):
+            raise ValueError(f"prefix {prefix} must be inside the sequence of {len(ids)} tokens")
+        seq, logits = self.start(engine, ids[:prefix])
+        nll = -float(torch.log_softmax(logits.float(), -1)[ids[prefix]])
+        try:
+            for t in range(prefix, len(ids) - 1):
+                logits = engine.decode_step([seq], [ids[t]])[0]
+                nll -= float(torch.log_softmax(logits.float(), -1)[ids[t + 1]])
+        finally:
+            engine.finish(seq)
+        return nll, len(ids) - prefix

@@ -1,0 +1,39 @@
+"""The accuracy tasks, by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from worker.eval.corpus import Corpus
+from worker.eval.tasks.agreement import AgreementTask
+from worker.eval.tasks.base import Task, TaskOptions
+from worker.eval.tasks.longbench import LongBenchTask
+from worker.eval.tasks.niah import NiahTask
+from worker.eval.tasks.passkey import PasskeyTask
+from worker.eval.tasks.ppl import PerplexityTask
+from worker.eval.tasks.recall import RecallTask
+
+TASKS: dict[str, type[Task]] = {
+    t.name: t
+    for t in (PasskeyTask, NiahTask, PerplexityTask, AgreementTask, RecallTask, LongBenchTask)
+}
+
+
+def make_task(
+    name: str,
+    corpus: Corpus,
+    options: TaskOptions,
+    data_dir: Path | None = None,
+    datasets: list[str] | None = None,
+) -> Task:
+    """The task called ``name``; ``longbench`` needs ``data_dir``."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    if name == LongBenchTask.name:
+        if data_dir is None:
+            raise ValueError("the longbench task needs --data-dir with the LongBench JSONL files")
+        return LongBenchTask(corpus, options, data_dir, datasets)
+    return TASKS[name](corpus, options)
+
+
+__all__ = ["TASKS", "Task", "TaskOptions", "make_task"]

@@ -1,0 +1,69 @@
+"""Teacher-forced perplexity over long text, every scored token decoded sparsely.
+
+Each sample is a seeded window of ``context_len`` corpus tokens. The first
+``context_len - span`` are prefilled; each of the last ``span`` tokens is then predicted
+by a decode step over the policy's selection (the true previous token is fed, never the
+model's own). The cell's perplexity is ``exp(total NLL / total scored tokens)``; the ratio
+to ``full`` is full's perplexity over the policy's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from worker.eval.metrics import perplexity
+from worker.eval.tasks.base import Task
+from worker.eval.types import Measure, Outcome, PerplexityDetail, Prompt, details_of
+
+if TYPE_CHECKING:
+    from worker.engine import Engine
+    from worker.eval.session import Session
+
+
+class PerplexityTask(Task):
+    name = "ppl"
+    variants = ("teacher-forced",)
+
+    def prompts(self, variant: str, context_len: int) -> list[Prompt]:
+        span = self.options.span
+        if not 0 < span < context_len:
+            raise ValueError(f"--span {span} must be between 1 and the context length - 1")
+        out = []
+        for i in range(self.options.samples):
+            seed = self.options.seed + i
+            ids = self.corpus.window_ids(context_len, np.random.default_rng(seed))
+            out.append(
+                Prompt(
+                    index=i,
+                    seed=seed,
+                    ids=tuple(ids),
+                    scored_from=context_len - span,
+                    description=(
+                        f"{context_len} corpus tokens (window seed {seed}); the last {span} scored"
+                    ),
+                )
+            )
+        return out
+
+    def run(
+        self, session: Session, engine: Engine, prompt: Prompt, reference: Outcome | None
+    ) -> Outcome:
+        started = time.perf_counter()
+        nll, tokens = session.teacher_forced(engine, list(prompt.ids), prompt.scored_from)
+        return Outcome(
+            engine.config.policy,
+            engine.config.budget,
+            perplexity(nll, tokens),
+            "",
+            PerplexityDetail(nll, tokens),
+            time.perf_counter() - started,
+        )
+
+    def measures(self, outcomes: list[Outcome]) -> list[Measure]:
+        details = details_of(outcomes, PerplexityDetail)
+        nll = sum(d.nll for d in details)
+        tokens = sum(d.tokens for d in details)
+        return [Measure("perplexity", perplexity(nll, tokens), higher_is_better=False)]
