@@ -65,7 +65,9 @@ class Store:
                 [HeadLayout(self.pool, sinks, window) for _ in range(spec.num_kv_heads)]
                 for _ in range(spec.num_layers)
             ]
-            pending = [[[] for _ in range(spec.num_kv_heads)] for _ in range(spec.num_layers)]
+            pending: list[list[list[int]]] = [
+                [[] for _ in range(spec.num_kv_heads)] for _ in range(spec.num_layers)
+            ]
             self._seqs[seq_id] = _Sequence(
                 spec, heads, make_bodies(spec, self.pool), pending, [False] * spec.num_layers
             )

@@ -16,9 +16,12 @@ from cache_service.policies.base import Body
 
 
 class Placement(Protocol):
-    token_ids: np.ndarray
-    leaves: np.ndarray
-    slots: np.ndarray
+    @property
+    def token_ids(self) -> np.ndarray: ...
+    @property
+    def leaves(self) -> np.ndarray: ...
+    @property
+    def slots(self) -> np.ndarray: ...
 
 
 class LeafIndex(Protocol):

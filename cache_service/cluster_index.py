@@ -1,0 +1,512 @@
+"""The IceCache index: keys clustered by meaning into leaves of one physical page each.
+
+One index serves one (sequence, layer, KV head). It knows keys, token ids, leaves and
+slots; which physical page a leaf is, and the K/V bytes, belong to the caller
+(``cache_service.policies.indexed``), which applies the returned ``Placement``\\ s.
+
+Geometry. Attention ranks keys by inner product with the query, so maximum inner product
+search is turned into nearest-neighbour search: each key ``k`` is augmented with
+``sqrt(M² - ‖k‖²)`` (``M`` a running bound on the key norm) and queries with ``0``. In
+that space Euclidean clusters are groups of keys that score alike against any query, and
+``q·centroid`` is the mean score of a node's tokens. Clustering and nearest-leaf insertion
+use the augmented vectors; search needs only the first ``D`` coordinates.
+
+Structure. ``levels[0]`` are the leaves, each holding at most ``page_size`` tokens
+stored contiguously in slots ``0..fill-1``. ``levels[l]`` (l ≥ 1) groups the nodes of
+level ``l-1``; the top level has no parent. Every node keeps the sum and count of the
+augmented vectors of all tokens below it, so centroids stay exact under updates.
+
+Build (prefill): leaves by recursive FAISS k-means (a cluster larger than
+``build_fill × page_size`` is split again), leaving room for inserts; upper levels by
+FAISS k-means over the centroids below (weighted by token counts), ``fanout`` children
+per node, until at most ``top_nodes`` remain.
+
+Insert (decode): each token goes to the nearest leaf (exact, over all leaves). A full leaf
+splits in two by 2-means; the old leaf keeps its id, the new one gets a new id and hangs
+under the same parent; a parent with more than ``2 × fanout`` children splits the same
+way, up to the top.
+
+Search: score the top level against the query group (max over the group's heads), keep
+the best nodes until they cover the probe quota of tokens, descend, and at the leaves
+score every token exactly; leaves are ranked by their best token (the pages of the
+top-scoring tokens, in order, without repeats) and taken while they fit the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import faiss
+import numpy as np
+
+from cache_service.policies.base import take_within
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How an index is built and searched.
+
+    Attributes:
+        page_size: leaf capacity in tokens (one physical page).
+        seed: k-means seed; an index is deterministic for a fixed seed and input.
+        build_fill: leaves are built at most this full, leaving room for decoded tokens.
+        fanout: children per inner node at build; a node with more than twice this many
+            splits.
+        top_nodes: upper levels are added until the top has at most this many nodes.
+        probe: leaves examined exactly hold at least ``probe × max_tokens`` tokens.
+        probe_fraction: ... and at least this share of all tokens.
+        niter: k-means iterations.
+    """
+
+    page_size: int = 16
+    seed: int = 0
+    build_fill: float = 0.75
+    fanout: int = 16
+    top_nodes: int = 64
+    probe: float = 4.0
+    probe_fraction: float = 0.0
+    niter: int = 10
+
+    def __post_init__(self) -> None:
+        if self.page_size < 2:
+            raise ValueError(f"page_size must be at least 2, got {self.page_size}")
+        if not 0.0 < self.build_fill <= 1.0:
+            raise ValueError(f"build_fill must be in (0, 1], got {self.build_fill}")
+        if self.fanout < 2 or self.top_nodes < 2:
+            raise ValueError(
+                f"fanout and top_nodes must be at least 2, got {self.fanout}, {self.top_nodes}"
+            )
+        if self.probe < 1.0 or not 0.0 <= self.probe_fraction <= 1.0:
+            raise ValueError(
+                f"probe must be >= 1 and probe_fraction in [0, 1], got {self.probe}, "
+                f"{self.probe_fraction}"
+            )
+        if self.niter < 1:
+            raise ValueError(f"niter must be at least 1, got {self.niter}")
+
+
+class Placement(NamedTuple):
+    """Where tokens now live: token ``token_ids[i]`` is in leaf ``leaves[i]``, slot
+    ``slots[i]``. Each token appears once, with its final place after the call."""
+
+    token_ids: np.ndarray  # [n] int64
+    leaves: np.ndarray  # [n] int64
+    slots: np.ndarray  # [n] int64
+
+
+def kmeans_labels(
+    x: np.ndarray, k: int, seed: int, niter: int, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """FAISS k-means of ``x [n, d]`` into ``k`` clusters; the label of every row ``[n]``."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    km = faiss.Kmeans(
+        x.shape[1], k, niter=niter, seed=seed, min_points_per_centroid=1, verbose=False
+    )
+    km.train(x, weights=None if weights is None else np.ascontiguousarray(weights, np.float32))
+    _, labels = km.index.search(x, 1)
+    return labels[:, 0].astype(np.int64)
+
+
+def two_means(x: np.ndarray, iters: int = 8) -> np.ndarray:
+    """Deterministic 2-means of ``x [n >= 2, d]``; boolean mask of the second group, both
+    groups non-empty. Seeds: the point farthest from the mean, then the farthest from it."""
+    a = x[np.argmax(((x - x.mean(0)) ** 2).sum(1))]
+    b = x[np.argmax(((x - a) ** 2).sum(1))]
+    second = ((x - b) ** 2).sum(1) < ((x - a) ** 2).sum(1)
+    for _ in range(iters):
+        if not 0 < second.sum() < len(x):
+            break
+        a, b = x[~second].mean(0), x[second].mean(0)
+        new = ((x - b) ** 2).sum(1) < ((x - a) ** 2).sum(1)
+        if np.array_equal(new, second):
+            break
+        second = new
+    if not 0 < second.sum() < len(x):  # identical points: halve in order
+        second = np.arange(len(x)) >= len(x) // 2
+    return second
+
+
+class _Level:
+    """One level of nodes: augmented sums and counts of the tokens below, parents, children."""
+
+    def __init__(self, dim: int) -> None:
+        self.n = 0
+        self.sums = np.zeros((0, dim), dtype=np.float64)
+        self.counts = np.zeros(0, dtype=np.int64)
+        self.parent = np.zeros(0, dtype=np.int64)
+        self.cent = np.zeros((0, dim), dtype=np.float32)  # sums / counts
+        self.children: list[list[int]] = []
+
+    def add(self, count: int = 1) -> np.ndarray:
+        """Append ``count`` empty nodes; their ids."""
+        need = self.n + count
+        if need > len(self.counts):
+            cap = max(need, 2 * len(self.counts), 16)
+            grow = cap - len(self.counts)
+            self.sums = np.concatenate([self.sums, np.zeros((grow, self.sums.shape[1]))])
+            self.counts = np.concatenate([self.counts, np.zeros(grow, np.int64)])
+            self.parent = np.concatenate([self.parent, np.full(grow, -1, np.int64)])
+            self.cent = np.concatenate([self.cent, np.zeros((grow, self.cent.shape[1]), "f4")])
+        ids = np.arange(self.n, need)
+        self.children.extend([] for _ in range(count))
+        self.n = need
+        return ids
+
+    def refresh(self, nodes: np.ndarray | list[int]) -> None:
+        nodes = np.asarray(nodes, dtype=np.int64)
+        self.cent[nodes] = self.sums[nodes] / np.maximum(self.counts[nodes], 1)[:, None]
+
+
+class ClusterIndex:
+    """Hierarchical semantic index over the keys of one (sequence, layer, KV head)."""
+
+    def __init__(self, head_dim: int, config: IndexConfig | None = None) -> None:
+        if head_dim < 1:
+            raise ValueError(f"head_dim must be positive, got {head_dim}")
+        self.dim = head_dim
+        self.config = config or IndexConfig()
+        size = self.config.page_size
+        self.norm_bound = 0.0  # M of the augmentation
+        self.keys = np.zeros((0, size, head_dim), dtype=np.float32)  # [leaf, slot, D]
+        self.tokens = np.zeros((0, size), dtype=np.int64)  # [leaf, slot], -1 empty
+        self.fill = np.zeros(0, dtype=np.int64)  # [leaf]
+        self.token_leaf = np.zeros(0, dtype=np.int64)  # token id -> leaf, -1 absent
+        self.token_slot = np.zeros(0, dtype=np.int64)
+        self.levels: list[_Level] = [_Level(head_dim + 1)]
+        self.built = False
+
+    # ---------------------------------------------------------------- public API
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.fill[: self.num_leaves].sum())
+
+    @property
+    def num_leaves(self) -> int:
+        return self.levels[0].n
+
+    def leaf_ids(self) -> np.ndarray:
+        return np.arange(self.num_leaves, dtype=np.int64)
+
+    def leaf_fill(self, leaf: int) -> int:
+        return int(self.fill[leaf])
+
+    def leaf_tokens(self, leaf: int) -> np.ndarray:
+        return self.tokens[leaf, : self.fill[leaf]].copy()
+
+    def build(self, keys: np.ndarray, token_ids: np.ndarray) -> Placement:
+        """Index the prefill keys ``[n, D]`` of tokens ``token_ids [n]`` (once)."""
+        if self.built:
+            raise RuntimeError("build() was already called; add tokens with insert()")
+        keys, token_ids = self._check(keys, token_ids)
+        self.built = True
+        if len(keys) == 0:
+            return _empty_placement()
+        self._raise_bound(keys)
+        x = self._augment(keys)
+        groups = self._leaf_groups(x, np.arange(len(keys)), self.config.seed)
+        leaves = self.levels[0].add(len(groups))
+        self._grow_leaf_arrays()
+        for leaf, members in zip(leaves, groups, strict=True):
+            self._set_leaf(int(leaf), keys[members], token_ids[members])
+        self._build_upper_levels()
+        return self._placement(token_ids)
+
+    def insert(self, keys: np.ndarray, token_ids: np.ndarray) -> Placement:
+        """Add decoded tokens, each to its nearest leaf; full leaves split."""
+        if not self.built:
+            return self.build(keys, token_ids)
+        keys, token_ids = self._check(keys, token_ids)
+        if len(keys) == 0:
+            return _empty_placement()
+        if self.num_leaves == 0:
+            self.built = False
+            return self.build(keys, token_ids)
+        self._raise_bound(keys)
+        touched = [token_ids]
+        x = self._augment(keys)
+        leaves = self.levels[0]
+        # Squared distances to every leaf centroid (up to a per-row constant), kept current
+        # as leaves change below.
+        cent = leaves.cent[: leaves.n]
+        dist = (cent.astype(np.float64) ** 2).sum(1)[None, :] - 2.0 * (x @ cent.T)
+        for i in range(len(keys)):
+            leaf = int(np.argmin(dist[i]))
+            changed = [leaf]
+            if self.fill[leaf] == self.config.page_size:
+                new = self._split_leaf(leaf)
+                touched.append(self.leaf_tokens(leaf))
+                touched.append(self.leaf_tokens(new))
+                changed.append(new)
+                dist = np.concatenate([dist, np.zeros((len(dist), 1))], axis=1)
+                cand = np.array([leaf, new])
+                leaf = int(cand[np.argmin(((leaves.cent[cand] - x[i]) ** 2).sum(1))])
+            self._append_token(leaf, keys[i], x[i], int(token_ids[i]))
+            rest = x[i + 1 :]
+            for node in changed:
+                c = leaves.cent[node].astype(np.float64)
+                dist[i + 1 :, node] = c @ c - 2.0 * (rest @ c)
+        self._maybe_add_level()
+        return self._placement(np.unique(np.concatenate(touched)))
+
+    def search(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
+        """Leaves for a query group ``[G, D]``, best first, holding at most ``max_tokens``.
+
+        A leaf's rank is the best inner product of any of its tokens with any query of the
+        group; only leaves under the top-ranked upper nodes are scored exactly.
+        """
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim or len(queries) == 0:
+            raise ValueError(
+                f"queries must be [G >= 1, {self.dim}], got shape {tuple(queries.shape)}"
+            )
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be non-negative, got {max_tokens}")
+        if self.num_leaves == 0 or max_tokens == 0:
+            return np.empty(0, dtype=np.int64)
+        quota = max(self.config.probe * max_tokens, self.config.probe_fraction * self.num_tokens)
+        top = self.levels[-1]
+        nodes = np.arange(top.n, dtype=np.int64)
+        for depth in range(len(self.levels) - 1, 0, -1):
+            level = self.levels[depth]
+            scores = (level.cent[nodes, : self.dim] @ queries.T).max(axis=1)
+            order = nodes[np.argsort(-scores, kind="stable")]
+            need = quota * 2 ** (depth - 1)
+            keep = int(np.searchsorted(np.cumsum(level.counts[order]), need, side="left")) + 1
+            chosen = order[:keep]
+            nodes = np.fromiter(
+                (c for node in chosen for c in level.children[node]), dtype=np.int64
+            )
+        size = self.config.page_size
+        scores = (self.keys[nodes].reshape(-1, self.dim) @ queries.T).max(axis=1)
+        scores = scores.reshape(len(nodes), size)
+        scores[np.arange(size)[None, :] >= self.fill[nodes][:, None]] = -np.inf
+        ranked = nodes[np.argsort(-scores.max(axis=1), kind="stable")]
+        return take_within(ranked, self.fill[ranked], max_tokens)
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the structure is inconsistent (for tests and debugging)."""
+        n = self.num_leaves
+        seen = self.tokens[:n][self.tokens[:n] >= 0]
+        assert len(seen) == len(np.unique(seen)), "a token is in more than one slot"
+        assert len(seen) == int((self.token_leaf >= 0).sum()), "token map out of sync"
+        for leaf in range(n):
+            f = int(self.fill[leaf])
+            assert 1 <= f <= self.config.page_size, f"leaf {leaf} has fill {f}"
+            assert (self.tokens[leaf, :f] >= 0).all() and (self.tokens[leaf, f:] == -1).all()
+            toks = self.tokens[leaf, :f]
+            assert (self.token_leaf[toks] == leaf).all()
+            assert (self.token_slot[toks] == np.arange(f)).all()
+        leaves = self.levels[0]
+        assert np.array_equal(leaves.counts[:n], self.fill[:n]), "leaf counts"
+        x = self._augment(self.keys[:n].reshape(-1, self.dim)).reshape(n, -1, self.dim + 1)
+        x[np.arange(self.config.page_size)[None, :] >= self.fill[:n, None]] = 0
+        assert np.allclose(leaves.sums[:n], x.sum(1), rtol=1e-4, atol=1e-3), "leaf sums"
+        for depth in range(1, len(self.levels)):
+            below, level = self.levels[depth - 1], self.levels[depth]
+            listed = sorted(c for node in range(level.n) for c in level.children[node])
+            assert listed == list(range(below.n)), f"level {depth} does not cover level below"
+            for node in range(level.n):
+                kids = level.children[node]
+                assert kids, f"empty node {node} at level {depth}"
+                assert (below.parent[kids] == node).all()
+                assert level.counts[node] == below.counts[kids].sum()
+                assert np.allclose(level.sums[node], below.sums[kids].sum(0), rtol=1e-4, atol=1e-3)
+        assert (self.levels[-1].parent[: self.levels[-1].n] == -1).all()
+
+    # ---------------------------------------------------------------- internals
+
+    def _check(self, keys: np.ndarray, token_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keys = np.asarray(keys, dtype=np.float32)
+        token_ids = np.asarray(token_ids)
+        if keys.ndim != 2 or keys.shape[1] != self.dim:
+            raise ValueError(f"keys must be [n, {self.dim}], got shape {tuple(keys.shape)}")
+        if token_ids.shape != (len(keys),) or not np.issubdtype(token_ids.dtype, np.integer):
+            raise ValueError(
+                f"token_ids must be {len(keys)} integers, one per key; got "
+                f"{token_ids.dtype} {tuple(token_ids.shape)}"
+            )
+        token_ids = token_ids.astype(np.int64)
+        if len(token_ids) and token_ids.min() < 0:
+            raise ValueError("token ids must be non-negative")
+        if len(np.unique(token_ids)) != len(token_ids):
+            raise ValueError("token ids repeat within one call")
+        known = token_ids[token_ids < len(self.token_leaf)]
+        if (self.token_leaf[known] >= 0).any():
+            raise ValueError("some token ids are already in the index")
+        if not np.isfinite(keys).all():
+            raise ValueError("keys contain NaN or infinity")
+        return keys, token_ids
+
+    def _raise_bound(self, keys: np.ndarray) -> None:
+        """Keep ``M`` above every key norm; when it grows, re-augment all sums."""
+        top = float(np.sqrt((keys.astype(np.float64) ** 2).sum(1).max()))
+        if top <= self.norm_bound:
+            return
+        self.norm_bound = top * 1.25 + 1e-6
+        n = self.num_leaves
+        if n == 0:
+            return
+        x = self._augment(self.keys[:n].reshape(-1, self.dim))[:, -1].reshape(n, -1)
+        x[np.arange(self.config.page_size)[None, :] >= self.fill[:n, None]] = 0
+        self.levels[0].sums[:n, -1] = x.sum(1)
+        self.levels[0].refresh(np.arange(n))
+        for depth in range(1, len(self.levels)):
+            below, level = self.levels[depth - 1], self.levels[depth]
+            level.sums[: level.n, -1] = 0
+            np.add.at(level.sums[:, -1], below.parent[: below.n], below.sums[: below.n, -1])
+            level.refresh(np.arange(level.n))
+
+    def _augment(self, keys: np.ndarray) -> np.ndarray:
+        """``[n, D] -> [n, D + 1]``: the key and ``sqrt(M² - ‖k‖²)``."""
+        keys = keys.astype(np.float64)
+        extra = np.sqrt(np.maximum(self.norm_bound**2 - (keys**2).sum(1), 0.0))
+        return np.concatenate([keys, extra[:, None]], axis=1)
+
+    def _leaf_groups(self, x: np.ndarray, members: np.ndarray, seed: int) -> list[np.ndarray]:
+        """Recursive k-means of ``x[members]`` into groups of at most ``build_fill × P``."""
+        cap = max(1, int(self.config.build_fill * self.config.page_size))
+        done: list[np.ndarray] = []
+        todo = [members]
+        while todo:
+            group = todo.pop()
+            if len(group) <= cap:
+                done.append(group)
+                continue
+            k = min(self.config.fanout, math.ceil(len(group) / cap))
+            labels = kmeans_labels(x[group], k, seed + len(done), self.config.niter)
+            parts = [group[labels == j] for j in range(k)]
+            parts = [p for p in parts if len(p)]
+            if len(parts) == 1:  # k-means made no progress (identical keys): halve in order
+                half = len(group) // 2
+                parts = [group[:half], group[half:]]
+            todo.extend(reversed(parts))
+        return done
+
+    def _grow_leaf_arrays(self) -> None:
+        cap = len(self.levels[0].counts)
+        if cap > len(self.fill):
+            grow = cap - len(self.fill)
+            size = self.config.page_size
+            self.keys = np.concatenate([self.keys, np.zeros((grow, size, self.dim), "f4")])
+            self.tokens = np.concatenate([self.tokens, np.full((grow, size), -1, np.int64)])
+            self.fill = np.concatenate([self.fill, np.zeros(grow, np.int64)])
+
+    def _track(self, token_ids: np.ndarray, leaf: int | np.ndarray, slots: np.ndarray) -> None:
+        need = int(token_ids.max()) + 1
+        if need > len(self.token_leaf):
+            grow = max(need, 2 * len(self.token_leaf)) - len(self.token_leaf)
+            self.token_leaf = np.concatenate([self.token_leaf, np.full(grow, -1, np.int64)])
+            self.token_slot = np.concatenate([self.token_slot, np.full(grow, -1, np.int64)])
+        self.token_leaf[token_ids] = leaf
+        self.token_slot[token_ids] = slots
+
+    def _set_leaf(self, leaf: int, keys: np.ndarray, token_ids: np.ndarray) -> None:
+        """Make ``leaf`` hold exactly these tokens in slots ``0..n-1`` (sums of the leaf only)."""
+        n = len(keys)
+        self.keys[leaf, :n] = keys
+        self.keys[leaf, n:] = 0
+        self.tokens[leaf, :n] = token_ids
+        self.tokens[leaf, n:] = -1
+        self.fill[leaf] = n
+        self._track(token_ids, leaf, np.arange(n))
+        level = self.levels[0]
+        level.sums[leaf] = self._augment(keys).sum(0)
+        level.counts[leaf] = n
+        level.refresh([leaf])
+
+    def _append_token(self, leaf: int, key: np.ndarray, x: np.ndarray, token: int) -> None:
+        slot = int(self.fill[leaf])
+        self.keys[leaf, slot] = key
+        self.tokens[leaf, slot] = token
+        self.fill[leaf] = slot + 1
+        self._track(np.array([token]), leaf, np.array([slot]))
+        node = leaf
+        for level in self.levels:
+            level.sums[node] += x
+            level.counts[node] += 1
+            level.refresh([node])
+            node = int(level.parent[node])
+            if node < 0:
+                break
+
+    def _split_leaf(self, leaf: int) -> int:
+        """Split a full leaf in two by 2-means; the new leaf's id. Sums above are unchanged."""
+        f = int(self.fill[leaf])
+        keys, toks = self.keys[leaf, :f].copy(), self.tokens[leaf, :f].copy()
+        second = two_means(self._augment(keys))
+        level = self.levels[0]
+        new = int(level.add()[0])
+        self._grow_leaf_arrays()
+        self._set_leaf(leaf, keys[~second], toks[~second])
+        self._set_leaf(new, keys[second], toks[second])
+        self._adopt(0, leaf, new)
+        return new
+
+    def _adopt(self, depth: int, sibling: int, new: int) -> None:
+        """Hang node ``new`` of level ``depth`` under ``sibling``'s parent; split that parent
+        if it has too many children."""
+        level = self.levels[depth]
+        parent = int(level.parent[sibling])
+        level.parent[new] = parent
+        if parent < 0:
+            return
+        upper = self.levels[depth + 1]
+        upper.children[parent].append(new)
+        if len(upper.children[parent]) > 2 * self.config.fanout:
+            self._split_node(depth + 1, parent)
+
+    def _split_node(self, depth: int, node: int) -> None:
+        level, below = self.levels[depth], self.levels[depth - 1]
+        kids = np.array(level.children[node], dtype=np.int64)
+        second = two_means(below.cent[kids].astype(np.float64))
+        new = int(level.add()[0])
+        for target, part in ((node, kids[~second]), (new, kids[second])):
+            level.children[target] = [int(k) for k in part]
+            below.parent[part] = target
+            level.sums[target] = below.sums[part].sum(0)
+            level.counts[target] = below.counts[part].sum()
+        level.refresh([node, new])
+        self._adopt(depth, node, new)
+
+    def _build_upper_levels(self) -> None:
+        while self.levels[-1].n > self.config.top_nodes:
+            self._add_level()
+
+    def _maybe_add_level(self) -> None:
+        if self.levels[-1].n > 4 * self.config.top_nodes:
+            self._build_upper_levels()
+
+    def _add_level(self) -> None:
+        """Group the current top level's nodes under a new level by weighted k-means."""
+        below = self.levels[-1]
+        n = below.n
+        k = math.ceil(n / self.config.fanout)
+        labels = kmeans_labels(
+            below.cent[:n],
+            k,
+            self.config.seed + 7919 * len(self.levels),
+            self.config.niter,
+            weights=below.counts[:n],
+        )
+        used, labels = np.unique(labels, return_inverse=True)
+        level = _Level(self.dim + 1)
+        level.add(len(used))
+        below.parent[:n] = labels
+        for child, parent in enumerate(labels):
+            level.children[int(parent)].append(child)
+        np.add.at(level.sums, labels, below.sums[:n])
+        np.add.at(level.counts, labels, below.counts[:n])
+        level.refresh(np.arange(level.n))
+        self.levels.append(level)
+
+    def _placement(self, token_ids: np.ndarray) -> Placement:
+        token_ids = np.asarray(token_ids, dtype=np.int64)
+        return Placement(token_ids, self.token_leaf[token_ids], self.token_slot[token_ids])
+
+
+def _empty_placement() -> Placement:
+    empty = np.empty(0, dtype=np.int64)
+    return Placement(empty, empty, empty)
