@@ -207,10 +207,7 @@ class ClusterIndex:
         self._raise_bound(keys)
         x = self._augment(keys)
         groups = self._leaf_groups(x, np.arange(len(keys)), self.config.seed)
-        leaves = self.levels[0].add(len(groups))
-        self._grow_leaf_arrays()
-        for leaf, members in zip(leaves, groups, strict=True):
-            self._set_leaf(int(leaf), keys[members], token_ids[members])
+        self._fill_new_leaves(groups, keys, x, token_ids)
         self._build_upper_levels()
         return self._placement(token_ids)
 
@@ -375,10 +372,14 @@ class ClusterIndex:
             if len(group) <= cap:
                 done.append(group)
                 continue
-            k = min(self.config.fanout, math.ceil(len(group) / cap))
-            labels = kmeans_labels(x[group], k, seed + len(done), self.config.niter)
-            parts = [group[labels == j] for j in range(k)]
-            parts = [p for p in parts if len(p)]
+            if len(group) <= 2 * cap:  # one more cut: 2-means, cheaper than a FAISS call
+                second = two_means(x[group])
+                parts = [group[~second], group[second]]
+            else:
+                k = min(self.config.fanout, math.ceil(len(group) / cap))
+                labels = kmeans_labels(x[group], k, seed + len(done), self.config.niter)
+                parts = [group[labels == j] for j in range(k)]
+                parts = [p for p in parts if len(p)]
             if len(parts) == 1:  # k-means made no progress (identical keys): halve in order
                 half = len(group) // 2
                 parts = [group[:half], group[half:]]
@@ -402,6 +403,25 @@ class ClusterIndex:
             self.token_slot = np.concatenate([self.token_slot, np.full(grow, -1, np.int64)])
         self.token_leaf[token_ids] = leaf
         self.token_slot[token_ids] = slots
+
+    def _fill_new_leaves(
+        self, groups: list[np.ndarray], keys: np.ndarray, x: np.ndarray, token_ids: np.ndarray
+    ) -> None:
+        """New leaves, one per group of row indices, holding those tokens in slots 0..n-1."""
+        level = self.levels[0]
+        leaves = level.add(len(groups))
+        self._grow_leaf_arrays()
+        sizes = np.array([len(g) for g in groups], dtype=np.int64)
+        rows = np.concatenate(groups)
+        leaf_of = np.repeat(leaves, sizes)
+        slots = np.arange(len(rows)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        self.keys[leaf_of, slots] = keys[rows]
+        self.tokens[leaf_of, slots] = token_ids[rows]
+        self.fill[leaves] = sizes
+        self._track(token_ids[rows], leaf_of, slots)
+        np.add.at(level.sums, leaf_of, x[rows])
+        level.counts[leaves] = sizes
+        level.refresh(leaves)
 
     def _set_leaf(self, leaf: int, keys: np.ndarray, token_ids: np.ndarray) -> None:
         """Make ``leaf`` hold exactly these tokens in slots ``0..n-1`` (sums of the leaf only)."""

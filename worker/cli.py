@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 from cache_service.types import POLICIES
 from worker.engine import EngineConfig
+from worker.eval.command import register as register_eval
 from worker.factory import build_engine
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    if args.server:
+        from worker.client import generate_remote
+
+        return generate_remote(args)
     if args.prompt_file:
         try:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8")
@@ -97,7 +103,23 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="no chat template")
     gen.add_argument("--json", action="store_true", help="print a JSON object")
+    gen.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help="generate through a running worker service instead of in this process",
+    )
+    gen.add_argument(
+        "--auth-token",
+        default=os.environ.get("ICECACHE_AUTH_TOKEN"),
+        help="shared-secret token for --server (env ICECACHE_AUTH_TOKEN)",
+    )
+    gen.add_argument(
+        "--tls-ca",
+        default=os.environ.get("ICECACHE_TLS_CA"),
+        help="CA certificate (PEM) to reach --server over TLS (env ICECACHE_TLS_CA)",
+    )
     gen.set_defaults(func=_generate)
+    register_eval(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
