@@ -205,11 +205,14 @@ class ClusterIndex:
         if len(keys) == 0:
             return _empty_placement()
         self._raise_bound(keys)
-        x = self._augment(keys)
+        self._lay_out(keys, self._augment(keys), token_ids)
+        return self._placement(token_ids)
+
+    def _lay_out(self, keys: np.ndarray, x: np.ndarray, token_ids: np.ndarray) -> None:
+        """Build the structure over the first tokens (augmented ``x``)."""
         groups = self._leaf_groups(x, np.arange(len(keys)), self.config.seed)
         self._fill_new_leaves(groups, keys, x, token_ids)
         self._build_upper_levels()
-        return self._placement(token_ids)
 
     def insert(self, keys: np.ndarray, token_ids: np.ndarray) -> Placement:
         """Add decoded tokens, each to its nearest leaf; full leaves split."""
@@ -254,13 +257,7 @@ class ClusterIndex:
         A leaf's rank is the best inner product of any of its tokens with any query of the
         group; only leaves under the top-ranked upper nodes are scored exactly.
         """
-        queries = np.asarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.dim or len(queries) == 0:
-            raise ValueError(
-                f"queries must be [G >= 1, {self.dim}], got shape {tuple(queries.shape)}"
-            )
-        if max_tokens < 0:
-            raise ValueError(f"max_tokens must be non-negative, got {max_tokens}")
+        queries = self._check_queries(queries, max_tokens)
         if self.num_leaves == 0 or max_tokens == 0:
             return np.empty(0, dtype=np.int64)
         quota = max(self.config.probe * max_tokens, self.config.probe_fraction * self.num_tokens)
@@ -336,6 +333,16 @@ class ClusterIndex:
         if not np.isfinite(keys).all():
             raise ValueError("keys contain NaN or infinity")
         return keys, token_ids
+
+    def _check_queries(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim or len(queries) == 0:
+            raise ValueError(
+                f"queries must be [G >= 1, {self.dim}], got shape {tuple(queries.shape)}"
+            )
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be non-negative, got {max_tokens}")
+        return queries
 
     def _raise_bound(self, keys: np.ndarray) -> None:
         """Keep ``M`` above every key norm; when it grows, re-augment all sums."""

@@ -41,15 +41,7 @@ class FlatKMeansIndex(ClusterIndex):
     def num_clusters(self) -> int:
         return self.levels[1].n
 
-    def build(self, keys: np.ndarray, token_ids: np.ndarray) -> Placement:
-        if self.built:
-            raise RuntimeError("build() was already called; add tokens with insert()")
-        keys, token_ids = self._check(keys, token_ids)
-        self.built = True
-        if len(keys) == 0:
-            return _empty_placement()
-        self._raise_bound(keys)
-        x = self._augment(keys)
+    def _lay_out(self, keys: np.ndarray, x: np.ndarray, token_ids: np.ndarray) -> None:
         k = max(1, math.ceil(len(keys) / self.cluster_tokens))
         labels = kmeans_labels(x, k, self.config.seed, self.config.niter)
         _, labels = np.unique(labels, return_inverse=True)
@@ -59,7 +51,6 @@ class FlatKMeansIndex(ClusterIndex):
             for start in range(0, len(members), self.config.page_size):
                 chunk = members[start : start + self.config.page_size]
                 self._new_page(int(cluster), keys[chunk], token_ids[chunk])
-        return self._placement(token_ids)
 
     def insert(self, keys: np.ndarray, token_ids: np.ndarray) -> Placement:
         if not self.built or self.num_leaves == 0:
@@ -83,13 +74,7 @@ class FlatKMeansIndex(ClusterIndex):
 
     def search(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
         """Pages of the best clusters by ``q·centroid``, whole clusters while they fit."""
-        queries = np.asarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.dim or len(queries) == 0:
-            raise ValueError(
-                f"queries must be [G >= 1, {self.dim}], got shape {tuple(queries.shape)}"
-            )
-        if max_tokens < 0:
-            raise ValueError(f"max_tokens must be non-negative, got {max_tokens}")
+        queries = self._check_queries(queries, max_tokens)
         clusters = self.levels[1]
         if clusters.n == 0 or max_tokens == 0:
             return np.empty(0, dtype=np.int64)
