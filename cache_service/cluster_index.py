@@ -97,13 +97,25 @@ class Placement(NamedTuple):
 
 
 def kmeans_labels(
-    x: np.ndarray, k: int, seed: int, niter: int, weights: np.ndarray | None = None
+    x: np.ndarray,
+    k: int,
+    seed: int,
+    niter: int,
+    weights: np.ndarray | None = None,
+    plus_plus: bool = False,
 ) -> np.ndarray:
-    """FAISS k-means of ``x [n, d]`` into ``k`` clusters; the label of every row ``[n]``."""
+    """FAISS k-means of ``x [n, d]`` into ``k`` clusters; the label of every row ``[n]``.
+
+    ``plus_plus`` seeds with k-means++ instead of random rows: slower, but one run does not
+    merge well-separated clusters (what a single flat level needs; the recursive build
+    splits a merged cluster again anyway).
+    """
     x = np.ascontiguousarray(x, dtype=np.float32)
     km = faiss.Kmeans(
         x.shape[1], k, niter=niter, seed=seed, min_points_per_centroid=1, verbose=False
     )
+    if plus_plus:
+        km.cp.init_method = faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS
     km.train(x, weights=None if weights is None else np.ascontiguousarray(weights, np.float32))
     _, labels = km.index.search(x, 1)
     return labels[:, 0].astype(np.int64)
@@ -295,7 +307,8 @@ class ClusterIndex:
             assert (self.token_slot[toks] == np.arange(f)).all()
         leaves = self.levels[0]
         assert np.array_equal(leaves.counts[:n], self.fill[:n]), "leaf counts"
-        x = self._augment(self.keys[:n].reshape(-1, self.dim)).reshape(n, -1, self.dim + 1)
+        x = self._augment(self.keys[:n].reshape(-1, self.dim))
+        x = x.reshape(n, self.config.page_size, self.dim + 1)
         x[np.arange(self.config.page_size)[None, :] >= self.fill[:n, None]] = 0
         assert np.allclose(leaves.sums[:n], x.sum(1), rtol=1e-4, atol=1e-3), "leaf sums"
         for depth in range(1, len(self.levels)):

@@ -43,7 +43,7 @@ class FlatKMeansIndex(ClusterIndex):
 
     def _lay_out(self, keys: np.ndarray, x: np.ndarray, token_ids: np.ndarray) -> None:
         k = max(1, math.ceil(len(keys) / self.cluster_tokens))
-        labels = kmeans_labels(x, k, self.config.seed, self.config.niter)
+        labels = kmeans_labels(x, k, self.config.seed, self.config.niter, plus_plus=True)
         _, labels = np.unique(labels, return_inverse=True)
         clusters = self.levels[1]
         for cluster in clusters.add(int(labels.max()) + 1):
