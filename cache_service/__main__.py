@@ -19,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 from cache_service.config import CacheServiceConfig, parse_bytes
+from cache_service.security import add_security_flags, security_from_args
 
 log = logging.getLogger("cache_service")
 
@@ -60,7 +61,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {"max_memory": _size, "shared_memory
 _HELP = {
     "host": "interface to listen on (0.0.0.0 for all)",
     "port": "gRPC port (0: a free one, logged)",
-    "max_memory": "bytes of K/V pages, e.g. 4G or 512M",
+    "max_memory": "ceiling on K/V page bytes, e.g. 4G or 512M (RESOURCE_EXHAUSTED beyond it)",
+    "max_sequences": "most sequences held at once (0: no limit)",
     "page_size": "tokens per page",
     "head_dim": "key/value dimension of the served model",
     "dtype": "stored K/V type: float32 or float16",
@@ -80,6 +82,8 @@ def parse_config(
     env = dict(os.environ) if env is None else env
     parser = argparse.ArgumentParser(prog="python -m cache_service", description=__doc__)
     for f in fields(CacheServiceConfig):
+        if f.name == "security":
+            continue
         convert = _PARSERS.get(f.name) or {"int": int, "float": float}.get(str(f.type), str)
         variable = f"ICECACHE_{f.name.upper()}"
         default = convert(env[variable]) if variable in env else f.default
@@ -90,9 +94,13 @@ def parse_config(
             default=default,
             help=f"{_HELP[f.name]} [env {variable}; default {f.default}]",
         )
+    add_security_flags(parser, env)
     args = parser.parse_args(argv)
     try:
-        return CacheServiceConfig(**vars(args))
+        security = security_from_args(args)
+        names = [f.name for f in fields(CacheServiceConfig) if f.name != "security"]
+        settings = {name: getattr(args, name) for name in names}
+        return CacheServiceConfig(**settings, security=security)
     except ValueError as err:
         parser.error(str(err))
 

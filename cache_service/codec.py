@@ -7,6 +7,8 @@ Tensors travel as raw little-endian bytes with a dtype and a shape.
 
 from __future__ import annotations
 
+import json
+import math
 import socket
 from pathlib import Path
 
@@ -14,13 +16,23 @@ import grpc
 import numpy as np
 
 from cache_service.page_pool import PoolExhausted
-from cache_service.types import Selection, SequenceExists, SequenceSpec, UnknownSequence
+from cache_service.types import (
+    OutOfOrder,
+    Selection,
+    SequenceExists,
+    SequenceFailed,
+    SequenceSpec,
+    TooManySequences,
+    UnknownSequence,
+)
 from proto.icecache.v1 import cache_service_pb2 as pb
 
 MAX_MESSAGE_BYTES = 64 * 2**20
 """Largest message either end sends or accepts."""
 APPEND_CHUNK_BYTES = 8 * 2**20
 """A client splits an append so that each request carries at most this much K/V."""
+MAX_DIMS = 8
+"""Most dimensions of a ``Tensor``."""
 READ_PAGES_MAX = 2048
 """Most pages one ``ReadPages`` call may ask for."""
 CHANNEL_OPTIONS = [
@@ -28,8 +40,43 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
 """Options of the server and of every client channel."""
+RETRIED_METHODS = ("Info", "Stats", "ReadPages", "Retrieve")
+"""Calls that change nothing a client could see twice; retried when UNAVAILABLE."""
+RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+"""gRPC's own retries: exponential backoff with full jitter, ~4 s of attempts at most.
+``Create``, ``Append``, ``Decode`` and ``Release`` are not retried: a lost reply would make a
+retry apply twice; their callers re-create the sequence instead (the worker re-prefills)."""
+CLIENT_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.enable_retries", 1),
+    (
+        "grpc.service_config",
+        json.dumps(
+            {
+                "methodConfig": [
+                    {
+                        "name": [
+                            {"service": "icecache.v1.CacheService", "method": m}
+                            for m in RETRIED_METHODS
+                        ],
+                        "retryPolicy": RETRY_POLICY,
+                    }
+                ]
+            }
+        ),
+    ),
+]
+"""Options of a client channel: message limits and the retry policy."""
 SEQ_ID_KEY = "icecache-seq-id"
 """Trailing metadata naming the sequence of a NOT_FOUND error."""
+ERROR_KEY = "icecache-error"
+"""Trailing metadata naming the domain exception of a failed call (e.g. ``OutOfOrder``)."""
 
 WIRE_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
@@ -58,7 +105,9 @@ def from_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
     if dtype is None:
         raise ValueError(f"{field}: dtype {tensor.dtype!r} is not one of {sorted(WIRE_DTYPES)}")
     shape = tuple(tensor.shape)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(shape) > MAX_DIMS:
+        raise ValueError(f"{field}: {len(shape)} dimensions; at most {MAX_DIMS} are allowed")
+    expected = math.prod(shape) * dtype.itemsize
     if any(d < 0 for d in shape) or len(tensor.data) != expected:
         raise ValueError(
             f"{field}: {len(tensor.data)} bytes do not fill shape {shape} of {tensor.dtype}"
@@ -130,27 +179,49 @@ def host_identity() -> str:
 
 
 # ---- errors ----------------------------------------------------------------------------------
+_ERRORS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (UnknownSequence, grpc.StatusCode.NOT_FOUND),
+    (SequenceExists, grpc.StatusCode.ALREADY_EXISTS),
+    (OutOfOrder, grpc.StatusCode.FAILED_PRECONDITION),
+    (SequenceFailed, grpc.StatusCode.FAILED_PRECONDITION),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (PoolExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TooManySequences, grpc.StatusCode.RESOURCE_EXHAUSTED),
+)
+"""Domain exception -> status code, most specific first."""
+_BY_NAME = {kind.__name__: kind for kind, _ in _ERRORS}
+
+
 def error_status(err: Exception) -> grpc.StatusCode:
     """The status code a domain error goes out as (``INTERNAL`` for anything unexpected)."""
-    if isinstance(err, UnknownSequence):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(err, SequenceExists):
-        return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(err, ValueError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(err, PoolExhausted):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    for kind, code in _ERRORS:
+        if isinstance(err, kind):
+            return code
     return grpc.StatusCode.INTERNAL
+
+
+def error_name(err: Exception) -> str:
+    """The name of the domain exception class ``err`` travels as (for ``ERROR_KEY``)."""
+    for kind, _ in _ERRORS:
+        if isinstance(err, kind):
+            return kind.__name__
+    return ""
 
 
 def error_from_status(err: grpc.RpcError, address: str) -> Exception:
     """The domain exception a failed call stands for, with the service's message."""
     code, details = err.code(), err.details() or ""
+    meta = dict(getattr(err, "trailing_metadata", lambda: ())() or ())
     if code == grpc.StatusCode.NOT_FOUND:
-        meta = dict(err.trailing_metadata() or ())
         return UnknownSequence(meta.get(SEQ_ID_KEY, details))
-    if code == grpc.StatusCode.ALREADY_EXISTS:
-        return SequenceExists(details)
+    kind = _BY_NAME.get(meta.get(ERROR_KEY, ""))
+    if kind is not None:
+        return kind(details)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return PermissionError(
+            f"cache service at {address} refused the call ({details}); give the client the "
+            "service's token (ICECACHE_AUTH_TOKEN) and, for TLS, its CA (ICECACHE_TLS_CA)"
+        )
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return ValueError(details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:

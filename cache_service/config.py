@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cache_service.page_pool import DTYPES
+from cache_service.security import SecurityConfig
 
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -27,7 +28,11 @@ class CacheServiceConfig:
     port: int = 50061
     """gRPC port; 0 picks a free one (logged at start)."""
     max_memory: int = 2 * 2**30
-    """Bytes of K/V page data the pool holds; the OS backs only pages actually written."""
+    """Ceiling on bytes of K/V page data: the pool holds ``max_memory // page_bytes`` pages
+    (the OS backs only pages actually written). A request that needs more pages than are free
+    fails with RESOURCE_EXHAUSTED naming this limit; nothing is evicted."""
+    max_sequences: int = 0
+    """Most sequences held at once (0: no limit); a ``Create`` beyond it is RESOURCE_EXHAUSTED."""
     page_size: int = 16
     """Tokens per page."""
     head_dim: int = 64
@@ -46,10 +51,14 @@ class CacheServiceConfig:
     """Python logging level name."""
     log_format: str = "json"
     """``json`` (one object per line) or ``text``."""
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    """Token auth and TLS (``cache_service.security``); off by default."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
             raise ValueError(f"ports must be in 0..65535, got {self.port}, {self.metrics_port}")
+        if self.max_sequences < 0:
+            raise ValueError(f"max_sequences must be >= 0 (0: no limit), got {self.max_sequences}")
         if self.page_size <= 0 or self.head_dim <= 0 or self.workers <= 0:
             raise ValueError("page_size, head_dim and workers must be positive")
         if self.dtype not in DTYPES:

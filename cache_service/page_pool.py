@@ -85,6 +85,12 @@ class PagePool:
     def num_used(self) -> int:
         return self.num_pages - self._num_free
 
+    def used_ids(self) -> np.ndarray:
+        """Ids of the allocated pages ``[num_used]``, ascending."""
+        used = np.ones(self.num_pages, dtype=bool)
+        used[self._free[: self._num_free]] = False
+        return np.flatnonzero(used).astype(np.int64)
+
     def alloc(self, n: int) -> np.ndarray:
         """Take ``n`` free pages; returns their ids ``[n]`` int64 (empty, fill 0)."""
         if n > self._num_free:

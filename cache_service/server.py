@@ -1,18 +1,25 @@
-"""Starting and stopping a cache service: pool, store, gRPC server, health, reflection, metrics."""
+"""Starting and stopping a cache service: pool, store, gRPC server, health, reflection, metrics.
+
+Shared-memory segments are named ``icecache_<port>_<pid>_<random>``. A replica that starts on
+a port first unlinks the segments of that port whose owner process is dead: what a SIGKILLed
+predecessor (and its resource tracker) could not clean up is reclaimed on restart.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cache_service import codec
+from cache_service import codec, security
 from cache_service.config import CacheServiceConfig
 from cache_service.metrics import ServiceMetrics
 from cache_service.page_pool import PagePool
@@ -21,6 +28,9 @@ from cache_service.store import Store
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+SEGMENT_PREFIX = "icecache"
+SHM_DIR = Path("/dev/shm")
 
 
 @dataclass
@@ -47,50 +57,95 @@ class CacheServer:
         self.server.wait_for_termination()
 
 
-def segment_name() -> str:
-    """A fresh, recognisable shared-memory name (``ls /dev/shm`` shows whose it is)."""
-    return f"icecache_{os.getpid()}_{secrets.token_hex(4)}"
+def segment_name(port: int) -> str:
+    """A fresh, recognisable shared-memory name: ``icecache_<port>_<pid>_<random>``."""
+    return f"{SEGMENT_PREFIX}_{port}_{os.getpid()}_{secrets.token_hex(4)}"
 
 
-def make_store(config: CacheServiceConfig) -> Store:
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def reclaim_stale_segments(port: int, shm_dir: Path = SHM_DIR) -> list[str]:
+    """Unlink the segments of ``port`` whose owner is dead (or is this process, which has
+    created none yet); returns their names. Others' live segments are never touched."""
+    pattern = re.compile(rf"{SEGMENT_PREFIX}_{port}_(\d+)_[0-9a-f]+")
+    reclaimed = []
+    for path in sorted(shm_dir.glob(f"{SEGMENT_PREFIX}_{port}_*")):
+        match = pattern.fullmatch(path.name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and _alive(pid):
+            continue
+        path.unlink(missing_ok=True)
+        reclaimed.append(path.name)
+        log.warning(
+            "reclaimed shared memory %s of dead process %d",
+            path.name,
+            pid,
+            extra={"segment": path.name, "owner_pid": pid},
+        )
+    return reclaimed
+
+
+def make_store(config: CacheServiceConfig, port: int) -> Store:
     """An empty store whose pool holds ``config.max_memory`` bytes of pages."""
+    name = None
+    if config.shared_memory:
+        reclaim_stale_segments(port)
+        name = segment_name(port)
     pool = PagePool(
         config.num_pages,
         config.page_size,
         config.head_dim,
         config.dtype,
         shared=config.shared_memory,
-        shm_name=segment_name() if config.shared_memory else None,
+        shm_name=name,
     )
-    return Store(pool)
+    return Store(pool, max_sequences=config.max_sequences or None)
 
 
 def serve(config: CacheServiceConfig) -> CacheServer:
     """Start a cache service as ``config`` says; it runs until ``stop``."""
-    store = make_store(config)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
+        interceptors=security.server_interceptors(config.security),
+        options=codec.CHANNEL_OPTIONS,
+    )
     try:
-        return _start(config, store)
+        port = security.add_port(server, f"{config.host}:{config.port}", config.security)
     except BaseException:
+        server.stop(None)
+        raise
+    store = make_store(config, port)
+    try:
+        return _start(config, server, port, store)
+    except BaseException:
+        server.stop(None)
         store.pool.close()
         raise
 
 
-def _start(config: CacheServiceConfig, store: Store) -> CacheServer:
+def _start(config: CacheServiceConfig, server: grpc.Server, port: int, store: Store) -> CacheServer:
     metrics = ServiceMetrics(store)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
-        options=codec.CHANNEL_OPTIONS,
-    )
-    pb_grpc.add_CacheServiceServicer_to_server(
-        CacheServicer(store, metrics, codec.host_identity()), server
-    )
+    servicer = CacheServicer(store, metrics, codec.host_identity(), config.max_memory)
+    pb_grpc.add_CacheServiceServicer_to_server(servicer, server)
     checker = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"cannot listen on {config.host}:{config.port}; is the port taken?")
     server.start()
     for name in ("", SERVICE_NAME):
         checker.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -108,6 +163,9 @@ def _start(config: CacheServiceConfig, store: Store) -> CacheServer:
             "page_size": pool.page_size,
             "head_dim": pool.head_dim,
             "dtype": pool.dtype,
+            "auth": bool(config.security.token),
+            "tls": config.security.server_tls,
+            "max_sequences": config.max_sequences,
         },
     )
     return CacheServer(server, port, store, metrics, checker)

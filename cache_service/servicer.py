@@ -1,8 +1,13 @@
 """The gRPC face of a ``Store``: translates ``icecache.v1`` messages and delegates.
 
-Every handler decodes its request with ``cache_service.codec``, calls the store, and encodes
-the answer; domain errors leave as status codes (``codec.error_status``) with their message,
-so a remote client raises the same exception with the same text as the in-process store.
+Every handler decodes its request with ``cache_service.codec``, checks what only the wire can
+get wrong (tensor dtypes, finite values, id format, spec sizes), calls the store, and encodes
+the answer; domain errors leave as status codes (``codec.error_status``) with their message
+and the exception's name in trailing metadata, so a remote client raises the same exception
+with the same text as the in-process store.
+
+Deadlines: a call whose deadline has passed by the time it holds the store is refused with
+DEADLINE_EXCEEDED before it changes anything.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ import numpy as np
 
 from cache_service import codec
 from cache_service.metrics import ServiceMetrics
+from cache_service.page_pool import PoolExhausted
 from cache_service.store import Store
-from cache_service.types import POLICIES, UnknownSequence
+from cache_service.types import POLICIES, SequenceSpec, UnknownSequence
 from proto.icecache.v1 import cache_service_pb2 as pb
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
 
@@ -28,7 +34,30 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CacheService"].full_name
 """``icecache.v1.CacheService``: for health checking and reflection."""
 
+MAX_SEQ_ID = 256
+"""Longest sequence id (printable ASCII)."""
+SPEC_LIMITS = {
+    "num_layers": 1024,
+    "num_kv_heads": 256,
+    "num_q_heads": 2048,
+    "budget": 2**20,
+    "sink_tokens": 2**20,
+    "recent_pages": 2**16,
+    "dense_layers": 1024,
+    "reuse_group": 1024,
+    "seed": 2**30,
+}
+"""Largest value of each ``SequenceSpec`` field the service takes."""
+MAX_HEADS_TOTAL = 2**15
+"""Most (layer, KV head) pairs of one sequence."""
+MAX_ABS_VALUE = 65504.0
+"""Keys, values and queries must be finite and within the float16 range."""
+
 Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+class DeadlinePassed(Exception):
+    """The caller's deadline passed before the call was applied."""
 
 
 def _rpc(handler: Handler) -> Handler:
@@ -40,8 +69,14 @@ def _rpc(handler: Handler) -> Handler:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
+            _check_deadline(context)
             return handler(self, request, context)
+        except DeadlinePassed as err:
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
+            _abort(context, method, code, err)
         except Exception as err:  # noqa: BLE001 - every error becomes a status
+            if isinstance(err, PoolExhausted):
+                err = PoolExhausted(f"{err} (limit: {self.limit})")
             code = codec.error_status(err)
             _abort(context, method, code, err)
         finally:
@@ -58,14 +93,51 @@ def _abort(
         log.exception("%s failed", method, extra={"method": method})
         context.abort(code, f"internal error in {method}: {type(err).__name__}: {err}")
     log.info("%s refused: %s", method, err, extra={"method": method, "code": code.name})
-    if isinstance(err, UnknownSequence):
-        context.set_trailing_metadata(((codec.SEQ_ID_KEY, str(err.args[0])),))
+    trailer = [(codec.ERROR_KEY, codec.error_name(err))]
+    if isinstance(err, UnknownSequence) and _valid_id(str(err.args[0])):
+        trailer.append((codec.SEQ_ID_KEY, str(err.args[0])))
+    context.set_trailing_metadata(tuple(trailer))
     context.abort(code, str(err))
     raise AssertionError("grpc's abort returned")  # unreachable: abort raises
 
 
+def _check_deadline(context: grpc.ServicerContext) -> None:
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlinePassed("the call's deadline passed before the service could apply it")
+
+
+def _valid_id(seq_id: str) -> bool:
+    return 0 < len(seq_id) <= MAX_SEQ_ID and seq_id.isascii() and seq_id.isprintable()
+
+
+def _check_id(seq_id: str) -> None:
+    if not _valid_id(seq_id):
+        raise ValueError(
+            f"seq_id must be 1..{MAX_SEQ_ID} printable ASCII characters, got {seq_id[:40]!r}"
+        )
+
+
+def _check_spec(spec: SequenceSpec) -> None:
+    for name, limit in SPEC_LIMITS.items():
+        value = getattr(spec, name)
+        if value is not None and not 0 <= value <= limit:
+            raise ValueError(f"spec.{name} must be in 0..{limit}, got {value}")
+    if spec.num_layers * spec.num_kv_heads > MAX_HEADS_TOTAL:
+        raise ValueError(
+            f"spec.num_layers x num_kv_heads must be at most {MAX_HEADS_TOTAL}, got "
+            f"{spec.num_layers} x {spec.num_kv_heads}"
+        )
+
+
 def _floats(tensor: pb.Tensor, field: str) -> np.ndarray:
-    return codec.from_tensor(tensor, field).astype(np.float32, copy=False)
+    array = codec.from_tensor(tensor, field)
+    if array.dtype.kind != "f":
+        raise ValueError(f"{field} must be float32 or float16, got {tensor.dtype}")
+    array = array.astype(np.float32, copy=False)
+    if array.size and not np.abs(array).max() <= MAX_ABS_VALUE:  # NaN fails too
+        raise ValueError(f"{field} must be finite and within +-{MAX_ABS_VALUE:g}")
+    return array
 
 
 def _ints(tensor: pb.Tensor, field: str) -> np.ndarray:
@@ -78,10 +150,16 @@ def _ints(tensor: pb.Tensor, field: str) -> np.ndarray:
 class CacheServicer(pb_grpc.CacheServiceServicer):
     """Serves one store; ``info`` tells clients how to reach its page data."""
 
-    def __init__(self, store: Store, metrics: ServiceMetrics, host_id: str) -> None:
+    def __init__(
+        self, store: Store, metrics: ServiceMetrics, host_id: str, max_memory: int = 0
+    ) -> None:
         self.store = store
         self.metrics = metrics
         pool = store.pool
+        self.limit = (
+            f"--max-memory {max_memory or pool.num_pages * pool.page_bytes} bytes = "
+            f"{pool.num_pages} pages of {pool.page_bytes} bytes"
+        )
         self.info = pb.InfoResponse(
             pool=pb.PoolInfo(
                 num_pages=pool.num_pages,
@@ -103,8 +181,12 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
 
     @_rpc
     def Create(self, request: pb.CreateRequest, context: grpc.ServicerContext) -> pb.CreateResponse:
+        _check_id(request.seq_id)
         spec = codec.spec_from_proto(request.spec)
-        self.store.create(request.seq_id, spec)
+        _check_spec(spec)
+        with self.store.lock:
+            _check_deadline(context)
+            self.store.create(request.seq_id, spec)
         log.info(
             "created %s",
             request.seq_id,
@@ -116,7 +198,9 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
     def Append(self, request: pb.AppendRequest, context: grpc.ServicerContext) -> pb.AppendResponse:
         keys, values = _floats(request.keys, "keys"), _floats(request.values, "values")
         positions = _ints(request.positions, "positions")
-        self.store.append(request.seq_id, request.layer, keys, values, positions)
+        with self.store.lock:
+            _check_deadline(context)
+            self.store.append(request.seq_id, request.layer, keys, values, positions)
         self.metrics.received.labels("Append").inc(keys.nbytes + values.nbytes)
         return pb.AppendResponse()
 
@@ -126,13 +210,15 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         keys, values = _floats(request.keys, "keys"), _floats(request.values, "values")
         positions = _ints(request.positions, "positions")
         queries = _floats(request.queries, "queries")
-        if not len(seq_ids) == len(keys) == len(values) == len(positions) == len(queries):
+        arrays = (keys, values, positions, queries)
+        if any(a.ndim == 0 for a in arrays) or not all(len(a) == len(seq_ids) for a in arrays):
             raise ValueError(
-                f"Decode needs one key, value, position and query per sequence: {len(seq_ids)} "
-                f"ids, {len(keys)} keys, {len(values)} values, {len(positions)} positions, "
-                f"{len(queries)} queries"
+                f"Decode needs one key, value, position and query per sequence ({len(seq_ids)}"
+                f" ids): shapes {[tuple(a.shape) for a in arrays]}"
             )
-        sels = self.store.decode(request.layer, seq_ids, keys, values, positions, queries)
+        with self.store.lock:
+            _check_deadline(context)
+            sels = self.store.decode(request.layer, seq_ids, keys, values, positions, queries)
         self.metrics.selected_pages.inc(sum(s.pages.size for s in sels))
         return pb.DecodeResponse(selections=[codec.selection_to_proto(s) for s in sels])
 
@@ -141,7 +227,9 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         self, request: pb.RetrieveRequest, context: grpc.ServicerContext
     ) -> pb.RetrieveResponse:
         queries = _floats(request.queries, "queries")
-        sel = self.store.retrieve(request.seq_id, request.layer, queries)
+        with self.store.lock:
+            _check_deadline(context)
+            sel = self.store.retrieve(request.seq_id, request.layer, queries)
         self.metrics.selected_pages.inc(sel.pages.size)
         return pb.RetrieveResponse(selection=codec.selection_to_proto(sel))
 
@@ -149,14 +237,17 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
     def ReadPages(
         self, request: pb.ReadPagesRequest, context: grpc.ServicerContext
     ) -> pb.ReadPagesResponse:
-        pages = _ints(request.pages, "pages").reshape(-1)
+        pages = _ints(request.pages, "pages")
         num_pages = self.store.pool.num_pages
+        if pages.ndim != 1:
+            raise ValueError(f"pages must be one-dimensional [n], got shape {pages.shape}")
         if pages.size > codec.READ_PAGES_MAX:
             raise ValueError(f"ReadPages takes at most {codec.READ_PAGES_MAX} pages per call")
         if pages.size and (pages.min() < 0 or pages.max() >= num_pages):
             raise ValueError(f"page ids must be in 0..{num_pages - 1}")
-        versions = self.store.pool.version[pages]
-        data = self.store.read_pages(pages)
+        with self.store.lock:
+            versions = self.store.pool.version[pages]
+            data = self.store.read_pages(pages)
         self.metrics.sent.labels("ReadPages").inc(data.nbytes)
         return pb.ReadPagesResponse(data=codec.to_tensor(data), versions=codec.to_tensor(versions))
 
@@ -164,7 +255,9 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
     def Release(
         self, request: pb.ReleaseRequest, context: grpc.ServicerContext
     ) -> pb.ReleaseResponse:
-        self.store.release(request.seq_id)
+        with self.store.lock:
+            _check_deadline(context)
+            self.store.release(request.seq_id)
         log.info("released %s", request.seq_id, extra={"seq_id": request.seq_id})
         return pb.ReleaseResponse()
 

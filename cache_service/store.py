@@ -6,15 +6,25 @@ client both wrap it. Keys and values arrive post-RoPE, one (layer, KV head) at a
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from cache_service.head_layout import HeadLayout
-from cache_service.page_pool import PagePool
+from cache_service.page_pool import PagePool, PoolExhausted
 from cache_service.policies import Body, make_bodies
-from cache_service.types import Selection, SequenceExists, SequenceSpec, UnknownSequence
+from cache_service.types import (
+    OutOfOrder,
+    Selection,
+    SequenceExists,
+    SequenceFailed,
+    SequenceSpec,
+    TooManySequences,
+    UnknownSequence,
+)
 
 
 @dataclass
@@ -24,6 +34,7 @@ class _Sequence:
     bodies: list[list[Body]]  # [layer][kv head]
     pending: list[list[list[int]]]  # [layer][kv head]: pages waiting for the body (prefill)
     flushed: list[bool]  # [layer]: the body has taken its prefill pages
+    failed: str = ""  # why a request left it half-changed ('' while usable)
 
 
 @dataclass(frozen=True)
@@ -43,10 +54,16 @@ class StoreStats:
 class Store:
     """Holds the KV pages of many sequences and answers which pages each query attends."""
 
-    def __init__(self, pool: PagePool) -> None:
+    def __init__(self, pool: PagePool, max_sequences: int | None = None) -> None:
         self.pool = pool
+        self.max_sequences = max_sequences
         self._seqs: dict[str, _Sequence] = {}
         self._lock = threading.RLock()
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held by every operation; hold it to make a check and an operation one step."""
+        return self._lock
 
     # ---- lifecycle -------------------------------------------------------------------
     def create(self, seq_id: str, spec: SequenceSpec) -> None:
@@ -59,6 +76,11 @@ class Store:
         with self._lock:
             if seq_id in self._seqs:
                 raise SequenceExists(f"sequence {seq_id!r} already exists; release it first")
+            if self.max_sequences is not None and len(self._seqs) >= self.max_sequences:
+                raise TooManySequences(
+                    f"the service holds its limit of {self.max_sequences} sequences "
+                    "(--max-sequences); release finished ones or use another replica"
+                )
             size = self.pool.page_size
             sinks, window = spec.sinks(size), spec.window_pages(size)
             heads = [
@@ -104,16 +126,28 @@ class Store:
             positions: ``[T]``, continuing the layer's length.
         """
         with self._lock:
-            seq = self._get(seq_id)
+            seq = self._usable(seq_id)
             self._check_append(seq, layer, keys, values, positions)
-            for head in range(seq.spec.num_kv_heads):
-                evicted = seq.heads[layer][head].append(keys[:, head], values[:, head], positions)
-                if not evicted:
-                    continue
-                if seq.flushed[layer]:
-                    seq.bodies[layer][head].add(np.asarray(evicted, dtype=np.int64))
-                else:
-                    seq.pending[layer][head].extend(evicted)
+            self._admit(self._append_pages(seq, layer, len(positions)), f"append to {seq_id!r}")
+            with self._changing([seq]):
+                self._append(seq, layer, keys, values, positions)
+
+    def _append(
+        self,
+        seq: _Sequence,
+        layer: int,
+        keys: np.ndarray,
+        values: np.ndarray,
+        positions: np.ndarray,
+    ) -> None:
+        for head in range(seq.spec.num_kv_heads):
+            evicted = seq.heads[layer][head].append(keys[:, head], values[:, head], positions)
+            if not evicted:
+                continue
+            if seq.flushed[layer]:
+                seq.bodies[layer][head].add(np.asarray(evicted, dtype=np.int64))
+            else:
+                seq.pending[layer][head].extend(evicted)
 
     def retrieve(self, seq_id: str, layer: int, queries: np.ndarray) -> Selection:
         """The pages one layer's query attends to: sinks, selected body pages, recent window.
@@ -122,28 +156,28 @@ class Store:
             queries: ``[num_q_heads, head_dim]`` post-RoPE query of the current token.
         """
         with self._lock:
-            seq = self._get(seq_id)
-            spec = seq.spec
-            self._check_layer(seq, layer)
-            if queries.shape != (spec.num_q_heads, spec.head_dim):
-                raise ValueError(
-                    f"queries must have shape ({spec.num_q_heads}, {spec.head_dim}), "
-                    f"got {tuple(queries.shape)}"
-                )
-            self._flush(seq, layer)
-            group = spec.num_q_heads // spec.num_kv_heads
-            dense = layer < spec.dense_layers or spec.policy == "full"
-            max_tokens = spec.body_budget(self.pool.page_size)
-            parts = []
-            for head in range(spec.num_kv_heads):
-                body = seq.bodies[layer][head]
-                if dense or max_tokens is None:
-                    chosen = body.all_pages()
-                else:
-                    chosen = body.select(queries[head * group : (head + 1) * group], max_tokens)
-                lay = seq.heads[layer][head]
-                parts.append(np.concatenate([lay.sink_pages(), chosen, lay.window_pages_now()]))
-            return self._selection(parts)
+            seq = self._usable(seq_id)
+            self._check_retrieve(seq, layer, queries)
+            self._admit(self._retrieve_pages(seq, layer), f"retrieve for {seq_id!r}")
+            with self._changing([seq]):
+                return self._retrieve(seq, layer, queries)
+
+    def _retrieve(self, seq: _Sequence, layer: int, queries: np.ndarray) -> Selection:
+        spec = seq.spec
+        self._flush(seq, layer)
+        group = spec.num_q_heads // spec.num_kv_heads
+        dense = layer < spec.dense_layers or spec.policy == "full"
+        max_tokens = spec.body_budget(self.pool.page_size)
+        parts = []
+        for head in range(spec.num_kv_heads):
+            body = seq.bodies[layer][head]
+            if dense or max_tokens is None:
+                chosen = body.all_pages()
+            else:
+                chosen = body.select(queries[head * group : (head + 1) * group], max_tokens)
+            lay = seq.heads[layer][head]
+            parts.append(np.concatenate([lay.sink_pages(), chosen, lay.window_pages_now()]))
+        return self._selection(parts)
 
     def decode(
         self,
@@ -161,20 +195,92 @@ class Store:
             positions: ``[B]``.
             queries: ``[B, num_q_heads, head_dim]``.
         """
-        out = []
-        for b, seq_id in enumerate(seq_ids):
-            self.append(seq_id, layer, keys[b : b + 1], values[b : b + 1], positions[b : b + 1])
-            out.append(self.retrieve(seq_id, layer, queries[b]))
-        return out
+        with self._lock:
+            if len(set(seq_ids)) != len(seq_ids):
+                raise ValueError("Decode lists a sequence more than once; send one token each")
+            seqs = [self._usable(seq_id) for seq_id in seq_ids]
+            need = 0
+            for b, seq in enumerate(seqs):
+                rows = slice(b, b + 1)
+                self._check_append(seq, layer, keys[rows], values[rows], positions[rows])
+                self._check_retrieve(seq, layer, queries[b], appending=1)
+                need += self._append_pages(seq, layer, 1) + self._retrieve_pages(seq, layer)
+            self._admit(need, f"decode of {len(seqs)} sequences")
+            out = []
+            with self._changing(seqs):
+                for b, seq in enumerate(seqs):
+                    rows = slice(b, b + 1)
+                    self._append(seq, layer, keys[rows], values[rows], positions[rows])
+                    out.append(self._retrieve(seq, layer, queries[b]))
+            return out
 
     def read_pages(self, pages: np.ndarray) -> np.ndarray:
         """Copy of page data ``[n, 2, page_size, head_dim]`` (the RPC data path)."""
         return self.pool.data[np.asarray(pages, dtype=np.int64)]
 
     def stats(self) -> StoreStats:
+        """Occupancy; lock-free, so a metrics scrape never waits for a long operation."""
         return StoreStats(
             len(self._seqs), self.pool.num_used, self.pool.num_pages, self.pool.page_bytes
         )
+
+    # ---- admission and failure ---------------------------------------------------------
+    def _append_pages(self, seq: _Sequence, layer: int, tokens: int) -> int:
+        """Most pages appending ``tokens`` to ``layer`` can take: new positional pages, and
+        once a clustered body is built, one leaf page per token leaving the window (a leaf
+        split per inserted token at worst)."""
+        size = self.pool.page_size
+        layout = -(-tokens // size)
+        body = layout * size if seq.flushed[layer] and _clustered(seq.spec, layer) else 0
+        return seq.spec.num_kv_heads * (layout + body)
+
+    def _retrieve_pages(self, seq: _Sequence, layer: int) -> int:
+        """Pages a retrieval is expected to take: building a clustered body re-lays the
+        prefill out (about twice its pages at the peak); the oracle copies its picks to
+        scratch pages."""
+        pending = sum(len(p) for p in seq.pending[layer])
+        build = 2 * pending if _clustered(seq.spec, layer) and not seq.flushed[layer] else 0
+        scratch = 0
+        if seq.spec.policy == "oracle" and layer >= seq.spec.dense_layers:
+            budget = seq.spec.body_budget(self.pool.page_size) or 0
+            scratch = seq.spec.num_kv_heads * -(-budget // self.pool.page_size)
+        return build + scratch
+
+    def _admit(self, pages: int, what: str) -> None:
+        """Refuse, before changing anything, an operation that would not fit in the pool."""
+        if pages > self.pool.num_free:
+            raise PoolExhausted(
+                f"{what} needs up to {pages} KV pages but only {self.pool.num_free} of "
+                f"{self.pool.num_pages} are free; release finished sequences or raise the "
+                "memory limit"
+            )
+
+    @contextlib.contextmanager
+    def _changing(self, seqs: list[_Sequence]) -> Iterator[None]:
+        """Marks ``seqs`` failed, and frees pages nothing holds, if the block raises."""
+        try:
+            yield
+        except Exception as err:
+            for seq in seqs:
+                seq.failed = f"{type(err).__name__}: {err}"
+            leaked = np.setdiff1d(self.pool.used_ids(), self._held_pages())
+            self.pool.free(leaked)
+            raise SequenceFailed(
+                f"the request failed half-way ({type(err).__name__}: {err}); its sequences "
+                "are unusable: release them and create them again"
+            ) from err
+
+    def _held_pages(self) -> np.ndarray:
+        """Every page some sequence holds."""
+        held = [np.empty(0, dtype=np.int64)]
+        for seq in self._seqs.values():
+            for layer in range(seq.spec.num_layers):
+                for head in range(seq.spec.num_kv_heads):
+                    lay, body = seq.heads[layer][head], seq.bodies[layer][head]
+                    held += [lay.sink_pages(), lay.window_pages_now(), body.all_pages()]
+                    held.append(np.asarray(seq.pending[layer][head], dtype=np.int64))
+                    held.append(np.asarray(getattr(body, "scratch", ()), dtype=np.int64))
+        return np.concatenate(held)
 
     # ---- helpers ---------------------------------------------------------------------
     def _get(self, seq_id: str) -> _Sequence:
@@ -182,6 +288,37 @@ class Store:
             return self._seqs[seq_id]
         except KeyError:
             raise UnknownSequence(seq_id) from None
+
+    def _usable(self, seq_id: str) -> _Sequence:
+        seq = self._get(seq_id)
+        if seq.failed:
+            raise SequenceFailed(
+                f"sequence {seq_id!r} was left half-changed by a failed request "
+                f"({seq.failed}); release it and create it again"
+            )
+        return seq
+
+    def _check_retrieve(
+        self, seq: _Sequence, layer: int, queries: np.ndarray, appending: int = 0
+    ) -> None:
+        """``appending``: tokens the same request stores first."""
+        self._check_layer(seq, layer)
+        spec = seq.spec
+        leader = _leader(spec, layer)
+        if leader is not None:
+            length = seq.heads[layer][0].length + appending
+            lead = seq.heads[leader][0].length
+            if not seq.flushed[leader] or length != lead:
+                raise OutOfOrder(
+                    f"icecache-r layer {layer} reuses layer {leader}'s selection: decode or "
+                    f"retrieve layer {leader} first, with the same tokens ({lead} there, "
+                    f"{length} here)"
+                )
+        if queries.shape != (spec.num_q_heads, spec.head_dim):
+            raise ValueError(
+                f"queries must have shape ({spec.num_q_heads}, {spec.head_dim}), "
+                f"got {tuple(queries.shape)}"
+            )
 
     def _flush(self, seq: _Sequence, layer: int) -> None:
         if seq.flushed[layer]:
@@ -216,6 +353,8 @@ class Store:
     ) -> None:
         self._check_layer(seq, layer)
         spec = seq.spec
+        if positions.ndim != 1:
+            raise ValueError(f"positions must be one-dimensional [T], got {positions.shape}")
         shape = (len(positions), spec.num_kv_heads, spec.head_dim)
         if keys.shape != shape or values.shape != shape:
             raise ValueError(
@@ -224,7 +363,28 @@ class Store:
             )
         start = seq.heads[layer][0].length
         if not np.array_equal(positions, np.arange(start, start + len(positions))):
-            raise ValueError(
+            raise OutOfOrder(
                 f"positions of layer {layer} must continue at {start} without gaps, "
                 f"got {positions[:4].tolist()}..."
             )
+        leader = _leader(spec, layer)
+        if leader is not None:
+            end, lead = start + len(positions), seq.heads[leader][0].length
+            if end > lead or (seq.flushed[layer] and end != lead):
+                raise OutOfOrder(
+                    f"icecache-r layer {layer} reuses layer {leader}'s layout: append to layer "
+                    f"{leader} first (it holds {lead} tokens, layer {layer} would hold {end})"
+                )
+
+
+def _leader(spec: SequenceSpec, layer: int) -> int | None:
+    """The layer whose layout ``layer`` mirrors under ``icecache-r`` (``None``: its own)."""
+    if spec.policy != "icecache-r" or layer < spec.dense_layers:
+        return None
+    offset = (layer - spec.dense_layers) % spec.reuse_group
+    return layer - offset if offset else None
+
+
+def _clustered(spec: SequenceSpec, layer: int) -> bool:
+    """Whether ``layer``'s bodies re-lay tokens out into leaf pages (they allocate)."""
+    return spec.policy in ("icecache", "icecache-r", "kmeans") and layer >= spec.dense_layers

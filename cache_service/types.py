@@ -21,6 +21,20 @@ class SequenceExists(ValueError):
     """A create named a sequence that is already held."""
 
 
+class OutOfOrder(ValueError):
+    """A well-formed request that does not fit the sequence's state (e.g. positions that do
+    not continue the layer); the message says what the sequence expects."""
+
+
+class SequenceFailed(RuntimeError):
+    """A request failed after it had started changing the sequence, which is now unusable:
+    release it and create it again (re-prefill)."""
+
+
+class TooManySequences(RuntimeError):
+    """A create beyond the service's limit of concurrent sequences."""
+
+
 @dataclass(frozen=True)
 class SequenceSpec:
     """How one sequence's KV cache is kept and selected from."""

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import grpc
 import numpy as np
 
-from cache_service import codec
+from cache_service import codec, security
 from cache_service.page_pool import DTYPES
 from cache_service.store import StoreStats
 from cache_service.types import Selection, SequenceSpec
@@ -103,17 +103,25 @@ class RemoteKVClient:
         transport: Transport = "auto",
         timeout: float | None = 300.0,
         connect_timeout: float = 10.0,
+        auth: security.SecurityConfig | None = None,
     ) -> RemoteKVClient:
-        """Open a channel to ``host:port`` and wait up to ``connect_timeout`` s for it."""
-        channel = grpc.insecure_channel(address, options=codec.CHANNEL_OPTIONS)
+        """Open a channel to ``host:port`` and wait up to ``connect_timeout`` s for it.
+
+        ``auth``: token and TLS settings; ``None`` reads ``ICECACHE_AUTH_TOKEN``,
+        ``ICECACHE_TLS_CA`` ... from the environment (``cache_service.security``).
+        """
+        auth = security.security_from_env() if auth is None else auth
+        channel = security.make_channel(address, auth, options=codec.CLIENT_OPTIONS)
         try:
             grpc.channel_ready_future(channel).result(timeout=connect_timeout)
             return cls(channel, address, transport, timeout)
         except grpc.FutureTimeoutError:
             channel.close()
+            tls = "with TLS " if auth.client_tls else "without TLS "
             raise ConnectionError(
-                f"no cache service answered at {address} within {connect_timeout:g} s; start "
-                "one with `python -m cache_service --port PORT` or fix --cache-service"
+                f"no cache service answered at {address} {tls}within {connect_timeout:g} s; "
+                "start one with `python -m cache_service --port PORT` or fix --cache-service "
+                "(a TLS service needs ICECACHE_TLS_CA on the client, and a plain one none)"
             ) from None
         except BaseException:
             channel.close()

@@ -6,15 +6,19 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cache_service.__main__ import parse_config
+from cache_service.types import SequenceSpec
 from tests.worker.test_remote_kv import BUDGET, NEW_TOKENS, POLICY, PROMPT, local_greedy
 from worker.remote_kv import RemoteKVClient
 
@@ -28,9 +32,9 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _wait_serving(proc, address, timeout=60.0):
+def _wait_serving(proc, address, timeout=60.0, channel=None):
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with channel or grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             assert proc.poll() is None, f"cache service exited: {proc.stderr.read()}"
@@ -125,3 +129,78 @@ def test_bad_settings_are_refused_with_a_message(argv, capsys):
     with pytest.raises(SystemExit):
         parse_config(argv, {})
     assert "error:" in capsys.readouterr().err
+
+
+def test_a_restarted_replica_reclaims_the_segment_of_a_killed_one():
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    command = [sys.executable, "-m", "cache_service", "--port", str(port), "--max-memory", "16M"]
+
+    def start():
+        proc = subprocess.Popen(
+            command, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        _wait_serving(proc, address)
+        return proc
+
+    first = start()
+    with RemoteKVClient.connect(address) as client:
+        segment = client.info.segment.name
+    assert segment.startswith(f"icecache_{port}_{first.pid}_")
+    # a live process's segment on the same port must survive the sweep
+    decoy = shared_memory.SharedMemory(f"icecache_{port}_{os.getpid()}_0dd", create=True, size=64)
+    second = None
+    try:
+        os.killpg(first.pid, signal.SIGKILL)  # the service and its resource tracker
+        first.wait(timeout=30)
+        time.sleep(0.3)
+        assert (SHM / segment).exists()  # nobody was left to clean up
+        second = start()
+        assert not (SHM / segment).exists()
+        assert (SHM / decoy.name).exists()
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=30) == 0
+        logs = [json.loads(line) for line in second.stderr.read().splitlines()]
+        reclaimed = [e for e in logs if e["msg"].startswith("reclaimed shared memory")]
+        assert [(e["segment"], e["owner_pid"]) for e in reclaimed] == [(segment, first.pid)]
+        assert not list(SHM.glob(f"icecache_{port}_{second.pid}_*"))
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        decoy.close()
+        decoy.unlink()
+
+
+def test_sigterm_lets_the_call_in_flight_finish_and_refuses_new_ones(service_process):
+    proc, address, _ = service_process
+    spec = SequenceSpec(1, 3, 9, 64, policy="icecache", budget=256, dense_layers=0)
+    rng = np.random.default_rng(0)
+    tokens = 12_000
+    with RemoteKVClient.connect(address) as client:
+        client.create("drain", spec)
+        keys, values = rng.standard_normal((2, tokens, 3, 64), np.float32)
+        client.append("drain", 0, keys, values, np.arange(tokens))
+        result: dict[str, object] = {}
+
+        def retrieve():  # the first retrieval builds the index: seconds of work
+            try:
+                result["selection"] = client.retrieve("drain", 0, np.ones((9, 64), np.float32))
+            except Exception as err:  # noqa: BLE001 - reported below
+                result["error"] = err
+            result["done"] = time.monotonic()
+
+        worker = threading.Thread(target=retrieve)
+        worker.start()
+        time.sleep(0.2)  # the call reaches the service; its index build takes ~2 s here
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        time.sleep(0.2)
+        with pytest.raises(ConnectionError):  # no new calls once stopping
+            client.stats()
+        worker.join(timeout=60)
+        assert "error" not in result, result.get("error")
+        assert result["done"] > signalled  # it really was in flight
+        assert result["selection"].pages.size > 0
+        assert proc.wait(timeout=30) == 0

@@ -15,7 +15,7 @@ from worker.page_cache import DevicePageCache
 from worker.remote_kv import RemoteKVClient, _chunks
 
 LAYERS, KV, Q, DIM, PAGE = 3, 3, 9, 64, 16
-POLICY = "quest"  # TODO(issue 5): icecache once cache_service.cluster_index lands
+POLICY = "icecache"
 
 
 @pytest.fixture(scope="module")
