@@ -489,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode in ("all", "retrieval"):
         retr = [retrieval_phase(int(n), args) for n in args.replicas.split(",")]
     args.notes = notes(worker, retr)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(report(args, worker, names, retr))
     log.info("wrote %s", args.out)
     return 0

@@ -2,7 +2,10 @@
 
 Every flag falls back to an environment variable (``ICECACHE_<FIELD>``, e.g.
 ``ICECACHE_CACHE_SERVICES=cache-0:50061,cache-1:50062``), then to the default of
-``WorkerConfig``.
+``WorkerConfig``. Auth and TLS (``--auth-token``, ``--tls-cert``/``--tls-key`` for this
+server, ``--tls-ca`` for the replicas) are ``cache_service.security``'s flags.
+
+SIGTERM (or Ctrl-C) drains: new calls are refused, in-flight ones get ``--grace-s`` seconds.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from types import FrameType
 from typing import Any
 
 from cache_service.__main__ import JsonFormatter
+from cache_service.security import add_security_flags, security_from_args
 from cache_service.types import POLICIES
 from worker.service import WorkerConfig
 
@@ -59,6 +63,9 @@ _HELP = {
     "seed": "clustering seed",
     "max_batch": "sequences decoded together at most",
     "max_queue": "requests waiting for admission at most",
+    "max_requests": "Generate calls served at once; more get RESOURCE_EXHAUSTED",
+    "max_new_tokens": "largest max_new_tokens a request may ask for",
+    "rpc_timeout_s": "deadline of each call to a replica; past it the replica counts as down",
     "workers": "RPC threads (one per in-flight Generate)",
     "metrics_port": "Prometheus /metrics HTTP port (0: off)",
     "health_interval_s": "seconds between health checks of each replica",
@@ -73,6 +80,8 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
     env = dict(os.environ) if env is None else env
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
     for f in fields(WorkerConfig):
+        if f.name == "security":
+            continue
         convert = _PARSERS.get(f.name) or {"int": int, "float": float}.get(str(f.type), str)
         variable = f"ICECACHE_{f.name.upper()}"
         default = convert(env[variable]) if variable in env else f.default
@@ -86,9 +95,12 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
             help=f"{_HELP[f.name]} [env {variable}; default {shown}]",
             **_EXTRA.get(f.name, {}),
         )
+    add_security_flags(parser, env)
     args = parser.parse_args(argv)
     try:
-        return WorkerConfig(**vars(args))
+        auth = security_from_args(args)
+        names = [f.name for f in fields(WorkerConfig) if f.name != "security"]
+        return WorkerConfig(**{name: getattr(args, name) for name in names}, security=auth)
     except ValueError as err:
         parser.error(str(err))
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import sys
 import time
 from collections.abc import Iterator
@@ -21,8 +23,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cache_service.security import SecurityConfig, make_channel, security_from_env
 from proto.icecache.v1 import worker_pb2 as pb
 from proto.icecache.v1 import worker_pb2_grpc as pb_grpc
+from worker.retry import DEFAULT_BACKOFF, Backoff
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+"""Codes of a ``Generate`` that ``complete`` repeats when no token has arrived yet (nothing
+was generated for the caller, so the repeat is safe)."""
 
 
 @dataclass
@@ -38,13 +46,29 @@ class Generation:
 
 
 class WorkerClient:
-    """A channel to one worker; ``generate`` streams tokens, ``complete`` waits for all."""
+    """A channel to one worker; ``generate`` streams tokens, ``complete`` waits for all.
 
-    def __init__(self, address: str, timeout: float | None = 600.0) -> None:
+    ``auth``: token and TLS (``None``: none); ``timeout``: the deadline of each call, which
+    the worker honours (it stops and releases the sequence); ``backoff``: how ``complete``,
+    ``count_tokens`` and ``info`` retry UNAVAILABLE before any token arrived.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        timeout: float | None = 600.0,
+        auth: SecurityConfig | None = None,
+        backoff: Backoff = DEFAULT_BACKOFF,
+    ) -> None:
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address)
+        self.auth = auth or SecurityConfig()
+        self.backoff = backoff
+        self.retries = 0
+        """Calls repeated after a transient error, since this client was made."""
+        self.channel = make_channel(address, self.auth)
         self.stub = pb_grpc.WorkerStub(self.channel)
+        self._rng = random.Random()
 
     def wait_ready(self, timeout: float = 10.0) -> WorkerClient:
         try:
@@ -63,8 +87,15 @@ class WorkerClient:
         chat: bool = True,
         ignore_eos: bool = False,
         request_id: str = "",
+        policy: str | None = None,
+        budget: int | None = None,
+        timeout: float | None = None,
     ) -> Iterator[pb.GenerateResponse]:
-        """The response stream: one message per token, then ``done``."""
+        """The response stream: one message per token, then ``done`` (no retries here).
+
+        ``policy``/``budget``: this request's own (``None``: the worker's); ``timeout``: this
+        call's deadline in seconds (``None``: the client's).
+        """
         request = pb.GenerateRequest(
             max_new_tokens=max_new_tokens, chat=chat, ignore_eos=ignore_eos, request_id=request_id
         )
@@ -72,28 +103,57 @@ class WorkerClient:
             request.prompt = prompt
         else:
             request.prompt_ids.ids.extend(prompt)
-        return iter(self.stub.Generate(request, timeout=self.timeout))
+        if policy is not None:
+            request.policy = policy
+        if budget is not None:
+            request.budget = budget
+        return iter(self.stub.Generate(request, timeout=timeout or self.timeout))
 
     def complete(self, prompt: str | list[int], max_new_tokens: int, **kwargs: Any) -> Generation:
-        """Run one generation to the end."""
-        started = time.perf_counter()
-        times: list[float] = []
-        for message in self.generate(prompt, max_new_tokens, **kwargs):
-            if message.HasField("token"):
-                times.append(time.perf_counter() - started)
-            else:
-                done = message.done
-                return Generation(
-                    list(done.token_ids), done.text, done.usage.prompt_tokens, done.stats, times
-                )
-        raise ConnectionError(f"the worker at {self.address} closed the stream before the end")
+        """Run one generation to the end; UNAVAILABLE before the first token is retried."""
+        delays = self.backoff.delays(self._rng)
+        while True:
+            started = time.perf_counter()
+            times: list[float] = []
+            try:
+                for message in self.generate(prompt, max_new_tokens, **kwargs):
+                    if message.HasField("token"):
+                        times.append(time.perf_counter() - started)
+                    else:
+                        done = message.done
+                        return Generation(
+                            list(done.token_ids), done.text, done.usage.prompt_tokens,
+                            done.stats, times,
+                        )  # fmt: skip
+            except grpc.RpcError as err:
+                wait = next(delays, None)
+                if times or err.code() not in RETRYABLE or wait is None:
+                    raise
+                self.retries += 1
+                time.sleep(wait)
+                continue
+            raise ConnectionError(f"the worker at {self.address} closed the stream before the end")
 
     def count_tokens(self, prompt: str, chat: bool = True) -> int:
         request = pb.CountTokensRequest(prompt=prompt, chat=chat)
-        return int(self.stub.CountTokens(request, timeout=self.timeout).tokens)
+        return int(self._unary(self.stub.CountTokens, request).tokens)
 
     def info(self) -> pb.WorkerInfoResponse:
-        return self.stub.Info(pb.WorkerInfoRequest(), timeout=self.timeout)
+        reply: pb.WorkerInfoResponse = self._unary(self.stub.Info, pb.WorkerInfoRequest())
+        return reply
+
+    def _unary(self, method: Any, request: Any) -> Any:
+        """A unary call, UNAVAILABLE retried with backoff (these calls change nothing)."""
+        delays = self.backoff.delays(self._rng)
+        while True:
+            try:
+                return method(request, timeout=self.timeout)
+            except grpc.RpcError as err:
+                wait = next(delays, None)
+                if err.code() not in RETRYABLE or wait is None:
+                    raise
+                self.retries += 1
+                time.sleep(wait)
 
     def close(self) -> None:
         self.channel.close()
@@ -105,9 +165,12 @@ class WorkerClient:
         self.close()
 
 
-def check_health(address: str, timeout: float = 2.0, service: str = "") -> bool:
-    """Whether the server at ``address`` reports ``SERVING`` for ``service``."""
-    with grpc.insecure_channel(address) as channel:
+def check_health(
+    address: str, timeout: float = 2.0, service: str = "", auth: SecurityConfig | None = None
+) -> bool:
+    """Whether the server at ``address`` reports ``SERVING`` for ``service`` (TLS per
+    ``auth``; health checks need no token)."""
+    with make_channel(address, auth) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -134,7 +197,12 @@ def generate_remote(args: argparse.Namespace) -> int:
     """
     prompt = _read_prompt(args)
     try:
-        with WorkerClient(args.server) as client:
+        auth = _client_auth(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        with WorkerClient(args.server, auth=auth) as client:
             client.wait_ready()
             result = _stream(client, prompt, args)
     except grpc.RpcError as err:
@@ -147,6 +215,17 @@ def generate_remote(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(_as_json(result)))
     return 0
+
+
+def _client_auth(args: argparse.Namespace) -> SecurityConfig:
+    """Token and CA of ``--auth-token`` / ``--tls-ca`` (else ``ICECACHE_*`` env)."""
+    env = security_from_env()
+    return SecurityConfig(
+        auth_token=getattr(args, "auth_token", None) or env.auth_token,
+        auth_token_file="" if getattr(args, "auth_token", None) else env.auth_token_file,
+        tls_ca=getattr(args, "tls_ca", None) or env.tls_ca,
+        tls_server_name=env.tls_server_name,
+    )
 
 
 def _stream(client: WorkerClient, prompt: str, args: argparse.Namespace) -> Generation:
@@ -195,8 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     probe.add_argument("address", help="HOST:PORT")
     probe.add_argument("--service", default="", help="service name (default: the server)")
     probe.add_argument("--timeout", type=float, default=2.0)
+    probe.add_argument(
+        "--tls-ca",
+        default=os.environ.get("ICECACHE_TLS_CA", ""),
+        help="CA certificate (PEM) of a TLS server [env ICECACHE_TLS_CA]",
+    )
     args = parser.parse_args(argv)
-    serving = check_health(args.address, args.timeout, args.service)
+    tls_name = os.environ.get("ICECACHE_TLS_SERVER_NAME", "")
+    auth = SecurityConfig(tls_ca=args.tls_ca, tls_server_name=tls_name)
+    serving = check_health(args.address, args.timeout, args.service, auth)
     if not serving:
         print(f"{args.address} is not serving", file=sys.stderr)
     return 0 if serving else 1

@@ -296,7 +296,7 @@ class LocalCluster:
 
     def _spawn(self, spec: ServiceSpec) -> None:
         log_path = self.log_dir / f"{spec.name}.log"
-        with open(log_path, "wb") as out:
+        with open(log_path, "ab") as out:
             process = subprocess.Popen(
                 spec.command,
                 cwd=self.cwd,
@@ -334,6 +334,25 @@ class LocalCluster:
         except subprocess.TimeoutExpired:
             return False
         return probe.returncode == 0
+
+    def kill(self, name: str) -> int:
+        """SIGKILL one service (no cleanup: what a crash looks like); returns its status."""
+        process = self.running[name].process
+        process.kill()
+        code = process.wait()
+        log.info("killed %s (pid %d)", name, process.pid)
+        return code
+
+    def restart(self, name: str, timeout: float = 120.0) -> None:
+        """Start a service that exited (or was killed) again and wait until it is healthy."""
+        run = self.running[name]
+        if run.process.poll() is None:
+            raise ServiceFailed(f"{name} is still running; stop or kill it first")
+        self._spawn(run.spec)
+        self.wait_healthy(name, time.monotonic() + timeout)
+
+    def pid(self, name: str) -> int:
+        return self.running[name].process.pid
 
     def stop(self, grace: float = 20.0) -> dict[str, int]:
         """SIGTERM every service (dependents first), SIGKILL after ``grace`` s; exit codes."""

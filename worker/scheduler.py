@@ -12,6 +12,18 @@ Each iteration of the loop:
 
 Decoding is greedy, so a request's tokens equal ``engine.generate`` on its prompt alone.
 Requests talk to the loop only through thread-safe queues.
+
+**Recovery.** When the replica holding a sequence fails (``ShardedKVClient.take_lost``), the
+sequence is rebuilt on another replica: its prompt is prefilled again under a new id and the
+tokens it already sent are *replayed*, fed one per decode step as part of the running batch
+(teacher forcing) without being sent again. Prefill and decode are deterministic, so the
+rebuilt KV, index and selections are the ones the sequence had, and the tokens after the
+replay are the ones it would have produced without the fault (each replayed step checks that
+the model still predicts the next known token; a mismatch is counted in ``diverged``).
+A replica that fails during a prefill sends the request to the next healthy one.
+
+**Deadlines.** A request past its deadline is not prefilled, and a running one is stopped and
+released, both with ``DeadlineExceeded``.
 """
 
 from __future__ import annotations
@@ -21,12 +33,15 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from cache_service.types import SequenceSpec
 from worker.engine import Engine, Sequence
+from worker.retry import Backoff, retry
 from worker.sharded_kv import ShardedKVClient
 
 log = logging.getLogger(__name__)
@@ -44,6 +59,8 @@ class SchedulerConfig:
     """Prompts prefilled between two decode steps (bounds the stall of running sequences)."""
     idle_wait_s: float = 0.05
     """How long the idle loop sleeps on the queue before checking for a stop."""
+    placement_backoff: Backoff = Backoff(attempts=5, base_s=0.1, cap_s=2.0)
+    """Retries of a prefill whose replica failed (each try places the sequence anew)."""
 
 
 class QueueFull(RuntimeError):
@@ -52,6 +69,10 @@ class QueueFull(RuntimeError):
 
 class SchedulerStopped(RuntimeError):
     """The scheduler is stopping and takes no new requests."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """The request's deadline passed before it finished."""
 
 
 @dataclass
@@ -75,6 +96,8 @@ class RequestStats:
     total_s: float = 0.0
     decode_steps: int = 0
     batch_sum: int = 0
+    recoveries: int = 0
+    replayed_tokens: int = 0
     pages_selected: int = 0
     pages_read: int = 0
 
@@ -113,6 +136,10 @@ class Request:
     max_new_tokens: int
     stop_ids: frozenset[int] = frozenset()
     request_id: str = ""
+    spec: SequenceSpec | None = None
+    """How the sequence's KV is kept and selected; ``None``: the engine's config."""
+    deadline: float | None = None
+    """``time.perf_counter()`` by which the request must be done; ``None``: no deadline."""
     events: queue.Queue[Event] = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.perf_counter)
@@ -120,6 +147,9 @@ class Request:
     def cancel(self) -> None:
         """Ask the loop to finish this request at its next step (its KV is released)."""
         self.cancelled.set()
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
 
 
 @dataclass
@@ -131,6 +161,10 @@ class _Running:
     next_token: int
     output: list[int] = field(default_factory=list)
     stats: RequestStats = field(default_factory=RequestStats)
+    replay: deque[int] = field(default_factory=deque)
+    """Tokens already sent, to feed again before decoding goes on (after a rebuild)."""
+    base_id: str = ""
+    """The sequence's first id; a rebuild is ``<base_id>.r<n>``."""
 
 
 class Scheduler:
@@ -145,9 +179,14 @@ class Scheduler:
         """Sequence ids are ``<id_prefix>-<n>``; unique per worker, as replicas are shared."""
         self.waiting: queue.Queue[Request] = queue.Queue(self.config.max_queue)
         self.running: list[_Running] = []
+        self.started = 0
+        """Sequences started so far; the next one is ``<id_prefix>-<started>``."""
+        self.recovered = 0
+        """Sequences rebuilt after their replica failed, since start."""
+        self.diverged = 0
+        """Replayed steps whose prediction differed from the token sent (should stay 0)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._ids = itertools.count()
         self.on_step: list[Callable[[int, float], None]] = []
         """Callbacks ``f(batch_size, seconds)`` after each decode step (metrics)."""
 
@@ -158,7 +197,7 @@ class Scheduler:
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking requests, fail the waiting ones, cancel the running ones, join."""
+        """Stop taking requests, fail the waiting and running ones, join."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -181,6 +220,11 @@ class Scheduler:
     def active(self) -> int:
         """Sequences being decoded now."""
         return len(self.running)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running and nothing waiting."""
+        return not self.running and self.waiting.empty()
 
     # ---- the loop --------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -223,17 +267,46 @@ class Scheduler:
             stats.finish_reason = "cancelled"
             request.events.put(DoneEvent([], stats))
             return
+        if request.expired():
+            request.events.put(ErrorEvent(_deadline(request, "waiting for admission")))
+            return
         started = time.perf_counter()
+        seq_id = f"{self.id_prefix}-{self.started}"
+        self.started += 1
         try:
-            seq_id = f"{self.id_prefix}-{next(self._ids)}"
-            seq, logits = self.engine.start(request.prompt_ids, seq_id)
+            seq, logits = self._start(request, seq_id)
         except Exception as err:  # the request fails, the loop goes on
-            log.warning("prefill of %s failed: %s", request.request_id, err)
+            log.warning("prefill of %s failed: %s", request.request_id or seq_id, err)
             request.events.put(ErrorEvent(err))
             return
         stats.prefill_s = time.perf_counter() - started
         stats.seq_id, stats.replica = seq.seq_id, self._replica(seq.seq_id)
-        self.running.append(_Running(request, seq, _argmax(logits), stats=stats))
+        run = _Running(request, seq, _argmax(logits), stats=stats, base_id=seq_id)
+        self.running.append(run)
+
+    def _start(self, request: Request, seq_id: str) -> tuple[Sequence, torch.Tensor]:
+        """Create the sequence and prefill its prompt; a replica that fails meanwhile is
+        given up and the next try places the sequence elsewhere (as ``<seq_id>.p<n>``)."""
+        engine = self.engine
+        spec = request.spec or engine.config.spec(engine.model)
+        tries = itertools.count()
+
+        def attempt() -> tuple[Sequence, torch.Tensor]:
+            n = next(tries)
+            name = seq_id if n == 0 else f"{seq_id}.p{n}"
+            engine.kv.create(name, spec)
+            started = time.perf_counter()
+            try:
+                logits = engine.prefill(name, request.prompt_ids)
+            except BaseException:
+                engine.kv.release(name)
+                raise
+            engine.timings.prefill += time.perf_counter() - started
+            engine.timings.prefill_tokens += len(request.prompt_ids)
+            return Sequence(name, list(request.prompt_ids), len(request.prompt_ids)), logits
+
+        backoff = self.config.placement_backoff
+        return retry(attempt, backoff, (ConnectionError,), f"prefill of {seq_id}")
 
     def _emit(self) -> None:
         still: list[_Running] = []
@@ -241,6 +314,12 @@ class Scheduler:
             request = run.request
             if request.cancelled.is_set():
                 self._finish(run, "cancelled")
+                continue
+            if request.expired():
+                self._fail(run, _deadline(request, "generating"))
+                continue
+            if run.replay:  # being rebuilt: its tokens were sent already
+                still.append(run)
                 continue
             if len(run.output) >= request.max_new_tokens:  # max_new_tokens == 0
                 self._finish(run, "length")
@@ -260,44 +339,90 @@ class Scheduler:
     def _decode(self) -> None:
         started = time.perf_counter()
         batch = self.running
+        fed = [r.replay.popleft() if r.replay else r.next_token for r in batch]
         try:
-            logits = self.engine.decode_step([r.seq for r in batch], [r.next_token for r in batch])
+            logits = self.engine.decode_step([r.seq for r in batch], fed)
         except Exception as err:  # every sequence of the step fails
             log.error("decode step of %d sequences failed: %s", len(batch), err)
             self.running = []
             for run in batch:
                 self._fail(run, err)
             return
+        lost = self._take_lost()
         tokens = torch.argmax(logits, dim=-1).tolist()
+        survivors = []
         for run, token in zip(batch, tokens, strict=True):
+            if run.seq.seq_id in lost:
+                if self._recover(run):
+                    survivors.append(run)
+                continue
+            survivors.append(run)
+            if run.replay:
+                self._check_replay(run, int(token))
+                continue
             run.next_token = int(token)
             run.stats.decode_steps += 1
             run.stats.batch_sum += len(batch)
+        self.running = survivors
         elapsed = time.perf_counter() - started
         for callback in self.on_step:
             callback(len(batch), elapsed)
+
+    def _recover(self, run: _Running) -> bool:
+        """Rebuild a lost sequence on another replica; ``False`` if that failed too."""
+        old = run.seq.seq_id
+        self._collect_traffic(run)
+        self._release(run.seq)
+        run.stats.recoveries += 1
+        name = f"{run.base_id}.r{run.stats.recoveries}"
+        try:
+            run.seq, logits = self._start(run.request, name)
+        except Exception as err:
+            log.error("could not rebuild %s: %s", old, err)
+            run.request.events.put(ErrorEvent(err))
+            return False
+        run.replay = deque(run.output)
+        run.stats.replayed_tokens += len(run.output)
+        run.stats.seq_id, run.stats.replica = run.seq.seq_id, self._replica(run.seq.seq_id)
+        self._check_replay(run, _argmax(logits))
+        self.recovered += 1
+        log.warning(
+            "rebuilt %s as %s on %s; replaying %d tokens",
+            old, run.seq.seq_id, run.stats.replica, len(run.replay),
+            extra={"seq_id": run.seq.seq_id, "replica": run.stats.replica},
+        )  # fmt: skip
+        return True
+
+    def _check_replay(self, run: _Running, predicted: int) -> None:
+        """A replayed step predicts the next token already sent, as the original step did."""
+        if run.replay and predicted != run.replay[0]:
+            self.diverged += 1
+            log.error(
+                "rebuilt %s diverged: predicted %d where %d was sent",
+                run.seq.seq_id, predicted, run.replay[0],
+            )  # fmt: skip
 
     def _finish(self, run: _Running, reason: str) -> None:
         stats = run.stats
         stats.finish_reason = reason
         self._collect_traffic(run)
-        try:
-            self.engine.finish(run.seq)
-        except Exception as err:  # the output stands; the KV may leak
-            log.warning("releasing %s failed: %s", run.seq.seq_id, err)
+        self._release(run.seq)
         stats.total_s = time.perf_counter() - run.request.arrived
         run.request.events.put(DoneEvent(run.output, stats))
 
     def _fail(self, run: _Running, err: BaseException) -> None:
-        try:
-            self.engine.finish(run.seq)
-        except Exception as release_err:
-            log.warning("releasing %s failed: %s", run.seq.seq_id, release_err)
+        self._release(run.seq)
         run.request.events.put(ErrorEvent(err))
+
+    def _release(self, seq: Sequence) -> None:
+        try:
+            self.engine.finish(seq)
+        except Exception as err:  # the output stands; the KV may leak
+            log.warning("releasing %s failed: %s", seq.seq_id, err)
 
     def _shutdown(self) -> None:
         for run in self.running:
-            self._finish(run, "cancelled")
+            self._fail(run, SchedulerStopped("the worker stopped before this request finished"))
         self.running = []
         while True:
             request = self._next_request(block=False)
@@ -311,19 +436,31 @@ class Scheduler:
         kv = self.engine.kv
         return kv.replica_of(seq_id) if isinstance(kv, ShardedKVClient) else "in-process"
 
+    def _take_lost(self) -> set[str]:
+        kv = self.engine.kv
+        return kv.take_lost() if isinstance(kv, ShardedKVClient) else set()
+
     def _collect_traffic(self, run: _Running) -> None:
         kv = self.engine.kv
         if isinstance(kv, ShardedKVClient) and run.seq.seq_id in kv.traffic:
-            traffic = kv.traffic[run.seq.seq_id]
-            run.stats.pages_selected = traffic.pages_selected
-            run.stats.pages_read = traffic.pages_read
+            traffic = kv.traffic.pop(run.seq.seq_id)
+            run.stats.pages_selected += traffic.pages_selected
+            run.stats.pages_read += traffic.pages_read
 
 
 def _argmax(logits: torch.Tensor) -> int:
     return int(torch.argmax(logits))
 
 
+def _deadline(request: Request, doing: str) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"the request's deadline passed while {doing}; give it a longer deadline "
+        "(or fewer max_new_tokens)"
+    )
+
+
 __all__ = [
+    "DeadlineExceeded",
     "DoneEvent",
     "ErrorEvent",
     "Event",

@@ -7,11 +7,14 @@ requests; the engine's KV store is a ``ShardedKVClient`` over the cache-service 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import queue
 import secrets
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -24,8 +27,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from cache_service import security
 from cache_service.page_pool import PoolExhausted
-from cache_service.types import POLICIES
+from cache_service.security import SecurityConfig
+from cache_service.types import POLICIES, SequenceSpec, TooManySequences
 from proto.icecache.v1 import worker_pb2 as pb
 from proto.icecache.v1 import worker_pb2_grpc as pb_grpc
 from worker.engine import Engine, EngineConfig
@@ -33,6 +38,7 @@ from worker.factory import pick_device
 from worker.kv_client import KVClient
 from worker.model import LlamaModel
 from worker.scheduler import (
+    DeadlineExceeded,
     DoneEvent,
     Event,
     QueueFull,
@@ -81,18 +87,31 @@ class WorkerConfig:
     """Sequences decoded together at most."""
     max_queue: int = 256
     """Requests waiting for admission at most (more are refused with RESOURCE_EXHAUSTED)."""
+    max_requests: int = 48
+    """``Generate`` calls served at once (decoding or waiting); more get RESOURCE_EXHAUSTED."""
+    max_new_tokens: int = 4096
+    """Largest ``max_new_tokens`` a request may ask for."""
     workers: int = 64
-    """RPC threads; a streaming ``Generate`` holds one for its whole duration."""
+    """RPC threads; a streaming ``Generate`` holds one for its whole duration, so there must
+    be more than ``max_requests`` (health checks and ``Info`` use the rest)."""
+    rpc_timeout_s: float = 60.0
+    """Deadline of each call to a cache-service replica; past it the replica counts as down
+    and its sequences are rebuilt elsewhere."""
     metrics_port: int = 0
     """HTTP port of the Prometheus ``/metrics`` endpoint; 0 turns it off."""
     health_interval_s: float = 1.0
     """Seconds between health checks of each cache-service replica."""
-    grace_s: float = 5.0
-    """On SIGTERM, seconds in-flight requests get to finish."""
+    grace_s: float = 25.0
+    """On SIGTERM, seconds in-flight requests get to finish (new ones are refused at once);
+    keep it below the orchestrator's grace period (compose ``stop_grace_period``, k8s
+    ``terminationGracePeriodSeconds``: 30 s)."""
     log_level: str = "INFO"
     """Python logging level name."""
     log_format: str = "json"
     """``json`` (one object per line) or ``text``."""
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    """Token and TLS of this server (``tls_cert``/``tls_key``, ``auth_token``) and of its
+    calls to the replicas (``tls_ca``, the same ``auth_token``)."""
 
     def __post_init__(self) -> None:
         if not self.cache_services:
@@ -104,8 +123,17 @@ class WorkerConfig:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
             raise ValueError(f"ports must be in 0..65535, got {self.port}, {self.metrics_port}")
-        if min(self.budget, self.max_batch, self.max_queue, self.workers) <= 0:
-            raise ValueError("budget, max_batch, max_queue and workers must be positive")
+        limits = (self.budget, self.max_batch, self.max_queue, self.max_requests)
+        if min(*limits, self.max_new_tokens, self.workers, self.rpc_timeout_s) <= 0:
+            raise ValueError(
+                "budget, max_batch, max_queue, max_requests, max_new_tokens, workers and "
+                "rpc_timeout_s must be positive"
+            )
+        if self.workers <= self.max_requests:
+            raise ValueError(
+                f"workers ({self.workers}) must exceed max_requests ({self.max_requests}) so "
+                "that health checks always get a thread; raise --workers"
+            )
         if self.log_format not in ("json", "text"):
             raise ValueError(f"log_format must be json or text, got {self.log_format!r}")
 
@@ -149,9 +177,22 @@ class WorkerMetrics:
         active.set_function(lambda: scheduler.active)
         waiting = Gauge("icecache_worker_waiting_requests", "Requests not admitted", registry=r)
         waiting.set_function(lambda: scheduler.waiting.qsize())
+        recovered = Gauge(
+            "icecache_worker_recovered_sequences",
+            "Sequences rebuilt on another replica after theirs failed (since start)",
+            registry=r,
+        )
+        recovered.set_function(lambda: scheduler.recovered)
         self._replicas(kv)
         scheduler.on_step.append(self.observe_step)
         self._http: Any = None
+
+    def track_servicer(self, servicer: WorkerServicer) -> None:
+        inflight = Gauge(
+            "icecache_worker_inflight_requests", "Generate calls being served",
+            registry=self.registry,
+        )  # fmt: skip
+        inflight.set_function(lambda: servicer.inflight)
 
     def _replicas(self, kv: KVClient) -> None:
         if not isinstance(kv, ShardedKVClient):
@@ -228,30 +269,55 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         tokenizer: Tokenizer,
         metrics: WorkerMetrics,
         info: pb.WorkerInfoResponse,
+        config: WorkerConfig | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.info = info
+        self.config = config
         engine = scheduler.engine
         c = engine.model.config
         self.max_context = c.max_position_embeddings
         self.vocab = c.vocab_size
         self.kv_token_bytes = 2 * 4 * c.num_layers * c.num_kv_heads * c.head_dim
         self.page_bytes = engine.cache.page_bytes
+        self.max_requests = config.max_requests if config else 1 << 30
+        self.max_new_tokens = config.max_new_tokens if config else self.max_context
+        self.inflight = 0
+        """``Generate`` calls being served now."""
+        self.draining = threading.Event()
+        """Set on shutdown: in-flight calls finish, new ones are refused with UNAVAILABLE."""
+        self._lock = threading.Lock()
 
     def Generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateResponse]:
+        if self.draining.is_set():
+            self._abort(context, Draining())
+        with self._lock:
+            full = self.inflight >= self.max_requests
+            if not full:
+                self.inflight += 1
+        if full:
+            self._abort(context, TooBusy(self.max_requests))
         try:
-            ids = self._prompt_ids(request)
-            stop = frozenset() if request.ignore_eos else self.tokenizer.eos_token_ids
-            job = Request(ids, request.max_new_tokens, stop, request.request_id)
+            yield from self._generate(request, context)
+        finally:
+            with self._lock:
+                self.inflight -= 1
+
+    def _generate(
+        self, request: pb.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateResponse]:
+        try:
+            job = self._request(request, context)
             self.scheduler.submit(job)
         except Exception as err:
             self._abort(context, err)
         context.add_callback(job.cancel)
         text = TextStream(self.tokenizer, self.tokenizer.eos_token_ids)
+        prompt_tokens = len(job.prompt_ids)
         while True:
             event = self._next_event(job, context)
             if isinstance(event, TokenEvent):
@@ -260,8 +326,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 )
                 yield pb.GenerateResponse(token=token)
             elif isinstance(event, DoneEvent):
-                self.metrics.observe_done(len(ids), len(event.token_ids), event.stats)
-                yield pb.GenerateResponse(done=self._done(len(ids), event))
+                self.metrics.observe_done(prompt_tokens, len(event.token_ids), event.stats)
+                yield pb.GenerateResponse(done=self._done(job, event))
                 return
             else:
                 self._abort(context, event.error)
@@ -277,6 +343,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     ) -> pb.WorkerInfoResponse:
         info = pb.WorkerInfoResponse()
         info.CopyFrom(self.info)
+        info.recovered_sequences = self.scheduler.recovered
+        info.draining = self.draining.is_set()
         kv = self.scheduler.engine.kv
         if isinstance(kv, ShardedKVClient):
             healthy = kv.health.healthy()
@@ -292,6 +360,45 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     # ---- helpers -------------------------------------------------------------------------
     def _encode(self, prompt: str, chat: bool) -> list[int]:
         return self.tokenizer.chat_prompt_ids(prompt) if chat else self.tokenizer.encode(prompt)
+
+    def _request(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Request:
+        """The scheduler's request for a call; ``ValueError`` says what to fix."""
+        ids = self._prompt_ids(request)
+        wanted = request.max_new_tokens
+        if wanted < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {wanted}")
+        if wanted > self.max_new_tokens:
+            raise ValueError(
+                f"max_new_tokens is {wanted} but this worker allows at most "
+                f"{self.max_new_tokens} (--max-new-tokens); ask for fewer"
+            )
+        if len(ids) + wanted > self.max_context:
+            raise ValueError(
+                f"the prompt ({len(ids)} tokens) plus max_new_tokens ({wanted}) exceeds the "
+                f"model's context of {self.max_context} tokens; lower max_new_tokens to at "
+                f"most {self.max_context - len(ids)} or shorten the prompt"
+            )
+        stop = frozenset() if request.ignore_eos else self.tokenizer.eos_token_ids
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.perf_counter() + remaining
+        spec = self._spec(request)
+        return Request(ids, wanted, stop, request.request_id, spec=spec, deadline=deadline)
+
+    def _spec(self, request: pb.GenerateRequest) -> SequenceSpec | None:
+        """The request's own policy and budget, checked; ``None``: the worker's."""
+        if not request.HasField("policy") and not request.HasField("budget"):
+            return None
+        engine = self.scheduler.engine
+        policy = request.policy if request.HasField("policy") else engine.config.policy
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        budget = request.budget if request.HasField("budget") else engine.config.budget
+        if budget is not None and budget <= 0:
+            raise ValueError(f"budget must be a positive number of tokens, got {budget}")
+        config = dataclasses.replace(engine.config, policy=policy, budget=budget)
+        spec = config.spec(engine.model)
+        spec.validate(engine.kv.page_size)
+        return spec
 
     def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
         """Validated prompt ids; ``ValueError`` says what to fix."""
@@ -311,8 +418,6 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             )
         if min(ids) < 0 or max(ids) >= self.vocab:
             raise ValueError(f"prompt ids must be in 0..{self.vocab - 1}")
-        if request.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
         return ids
 
     def _next_event(self, job: Request, context: grpc.ServicerContext) -> Event:
@@ -323,12 +428,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 if not context.is_active():
                     job.cancel()
 
-    def _done(self, prompt_tokens: int, event: DoneEvent) -> pb.GenerateDone:
+    def _done(self, job: Request, event: DoneEvent) -> pb.GenerateDone:
         s, out = event.stats, event.token_ids
+        prompt_tokens = len(job.prompt_ids)
         config = self.scheduler.engine.config
+        policy = job.spec.policy if job.spec else config.policy
+        budget = job.spec.budget if job.spec else config.budget
         stats = pb.GenerateStats(
             finish_reason=s.finish_reason,
-            policy=config.policy,
+            policy=policy,
             dense_layers=config.dense_layers,
             replica=s.replica,
             seq_id=s.seq_id,
@@ -343,9 +451,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             total_s=s.total_s,
             decode_steps=s.decode_steps,
             mean_batch=s.mean_batch,
+            recoveries=s.recoveries,
+            replayed_tokens=s.replayed_tokens,
         )
-        if config.policy != "full" and config.budget is not None:
-            stats.budget = config.budget
+        if policy != "full" and budget is not None:
+            stats.budget = budget
         text = self.tokenizer.decode([t for t in out if t not in self.tokenizer.eos_token_ids])
         usage = pb.Usage(prompt_tokens=prompt_tokens, output_tokens=len(out))
         return pb.GenerateDone(usage=usage, stats=stats, text=text, token_ids=out)
@@ -358,11 +468,33 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         context.abort(code, str(err))
 
 
+class Draining(RuntimeError):
+    """The worker is shutting down."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the worker is shutting down (draining its in-flight requests); send the request "
+            "to another worker or retry once it is back"
+        )
+
+
+class TooBusy(RuntimeError):
+    """The worker already serves its limit of requests."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the worker is already serving {limit} requests (its --max-requests); retry later "
+            "with backoff, or add workers"
+        )
+
+
 def status_of(err: BaseException) -> grpc.StatusCode:
     """The status code a failure goes out as."""
-    if isinstance(err, QueueFull | PoolExhausted):
+    if isinstance(err, QueueFull | PoolExhausted | TooManySequences | TooBusy):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(err, SchedulerStopped | ConnectionError):
+    if isinstance(err, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if isinstance(err, SchedulerStopped | ConnectionError | Draining | PermissionError):
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(err, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT
@@ -378,15 +510,27 @@ class WorkerServer:
     scheduler: Scheduler
     metrics: WorkerMetrics
     health: health.HealthServicer
+    servicer: WorkerServicer
     owned: list[Any] = field(default_factory=list)
     """Closed on stop (the KV client when ``serve`` opened it)."""
 
     def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, give in-flight ones ``grace`` s, stop the loop, close clients."""
+        """Drain: refuse new calls (UNAVAILABLE) and report NOT_SERVING at once, give the
+        in-flight ones (decoding or waiting) up to ``grace`` s to finish, then stop the loop
+        (what is left fails with UNAVAILABLE) and close the clients."""
+        self.servicer.draining.set()
         self.health.enter_graceful_shutdown()
-        done = self.server.stop(grace)
-        done.wait()
+        deadline = time.monotonic() + (grace or 0.0)
+        inflight = self.servicer.inflight
+        if inflight:
+            log.info("draining %d in-flight request(s), up to %g s", inflight, grace or 0.0)
+        while self.servicer.inflight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.servicer.inflight:
+            log.warning("%d request(s) still running after the grace period; stopping them",
+                        self.servicer.inflight)  # fmt: skip
         self.scheduler.stop()
+        self.server.stop(max(0.5, deadline - time.monotonic())).wait()
         self.metrics.close()
         for thing in self.owned:
             thing.close()
@@ -407,7 +551,12 @@ def build_engine(
         loaded = load_model(config.model, dtype=dtype, device=device)
     model, tokenizer = loaded
     if kv is None:
-        kv = ShardedKVClient.connect(list(config.cache_services), config.health_interval_s)
+        kv = ShardedKVClient.connect(
+            list(config.cache_services),
+            config.health_interval_s,
+            auth=config.security,
+            rpc_timeout=config.rpc_timeout_s,
+        )
         _check_head_dim(kv, model)
     return Engine(model, kv, config.engine_config()), tokenizer
 
@@ -431,30 +580,38 @@ def serve(
 ) -> WorkerServer:
     """Load the model, connect the replicas, start the batching loop and the gRPC server."""
     engine, tokenizer = build_engine(config, loaded, kv)
-    owned = [engine.kv] if kv is None else []
+    owned: list[Any] = [engine.kv] if kv is None else []
     limits = SchedulerConfig(config.max_batch, config.max_queue)
     scheduler = Scheduler(engine, limits, instance_id()).start()
     metrics = WorkerMetrics(scheduler, engine.kv)
     server = grpc.server(
         futures.ThreadPoolExecutor(config.workers, thread_name_prefix="rpc"),
+        interceptors=security.server_interceptors(config.security),
     )
-    servicer = WorkerServicer(scheduler, tokenizer, metrics, _info(config, engine))
+    servicer = WorkerServicer(scheduler, tokenizer, metrics, _info(config, engine), config)
+    metrics.track_servicer(servicer)
     pb_grpc.add_WorkerServicer_to_server(servicer, server)
     checker = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
+    try:
+        port = security.add_port(server, f"{config.host}:{config.port}", config.security)
+    except OSError:
         scheduler.stop()
-        raise OSError(f"cannot listen on {config.host}:{config.port}; is the port taken?")
+        for thing in owned:
+            thing.close()
+        raise
     server.start()
     _track_replica_health(engine.kv, checker)
     if config.metrics_port:
         metrics.serve_http(config.metrics_port, config.host.strip("[]"))
-    log.info("serving on %s:%d", config.host, port, extra={"port": port})
-    return WorkerServer(server, port, scheduler, metrics, checker, owned)
+    auth, tls = bool(config.security.token), config.security.server_tls
+    log.info("serving on %s:%d (token auth %s, TLS %s)", config.host, port,
+             "on" if auth else "off", "on" if tls else "off",
+             extra={"port": port, "auth": auth, "tls": tls})  # fmt: skip
+    return WorkerServer(server, port, scheduler, metrics, checker, servicer, owned)
 
 
 def instance_id() -> str:
@@ -489,6 +646,7 @@ def _info(config: WorkerConfig, engine: Engine) -> pb.WorkerInfoResponse:
         dense_layers=config.dense_layers,
         max_context=engine.model.config.max_position_embeddings,
         max_batch=config.max_batch,
+        max_requests=config.max_requests,
     )
     if config.policy != "full":
         info.budget = config.budget

@@ -22,7 +22,7 @@ from worker.launcher import LocalCluster
 from worker.placement import owner
 from worker.remote_kv import RemoteKVClient
 
-POLICY, BUDGET = "quest", 64  # TODO(issue 5): icecache once cache_service.cluster_index lands
+POLICY, BUDGET = "icecache", 64
 PROMPTS = ("Name three colours.", "Count from one to ten.", "Why is the sky blue?")
 NEW_TOKENS = 10
 SHM = Path("/dev/shm")

@@ -2,6 +2,7 @@
 
 import functools
 import threading
+import time
 import urllib.request
 
 import grpc
@@ -12,10 +13,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from worker.client import WorkerClient, check_health
 from worker.engine import Engine, EngineConfig
 from worker.kv_client import LocalKVClient
-from worker.scheduler import DoneEvent, Request, Scheduler, TokenEvent
+from worker.scheduler import DeadlineExceeded, DoneEvent, ErrorEvent, Request, Scheduler, TokenEvent
 from worker.service import WorkerConfig, serve
 
-POLICY, BUDGET = "quest", 64  # TODO(issue 5): icecache once cache_service.cluster_index lands
+POLICY, BUDGET = "icecache", 64
 PROMPTS = ("Name three colours.", "Count from one to ten.", "Why is the sky blue?")
 NEW_TOKENS = (12, 7, 10)
 
@@ -153,10 +154,15 @@ def test_count_tokens_and_info(smollm, client):
 
 
 BAD = [
-    ({"prompt": "", "chat": False}, "empty"),
-    ({"prompt": [49152]}, "prompt ids must be in"),
-    ({"prompt": [1] * 8192}, "the model supports 8192"),
-    ({"prompt": "hi", "max_new_tokens": -1}, "max_new_tokens"),
+    ({"prompt": "", "chat": False}, "the prompt is empty; give at least one token"),
+    ({"prompt": [49152]}, "prompt ids must be in 0..49151"),
+    ({"prompt": [1] * 8192}, "the model supports 8192; shorten it"),
+    ({"prompt": "hi", "max_new_tokens": -1}, "max_new_tokens must be >= 0"),
+    ({"prompt": "hi", "max_new_tokens": 5000}, "allows at most 4096 (--max-new-tokens)"),
+    ({"prompt": [1] * 8000, "max_new_tokens": 500}, "lower max_new_tokens to at most 192"),
+    ({"prompt": "hi", "policy": "nope"}, "unknown policy 'nope'; choose one of full, oracle"),
+    ({"prompt": "hi", "budget": 0}, "budget must be a positive number of tokens, got 0"),
+    ({"prompt": "hi", "budget": 16}, "budget 16 is below the sink tokens plus the recent window"),
 ]
 
 
@@ -189,3 +195,57 @@ def test_health_reflection_and_metrics(server, client):
     assert 'icecache_worker_requests_total{code="INVALID_ARGUMENT"}' in text
     assert "icecache_worker_generated_tokens_total" in text
     assert "icecache_worker_active_sequences 0.0" in text
+    assert "icecache_worker_recovered_sequences 0.0" in text  # in-process: nothing to rebuild
+    assert "icecache_worker_inflight_requests 0.0" in text
+
+
+def test_a_request_may_choose_its_own_policy_and_budget(smollm, client):
+    model, tokenizer = smollm
+    kv = LocalKVClient.with_capacity(2**26, 16, model.config.head_dim)
+    engine = Engine(model, kv, EngineConfig(policy="streaming", budget=32))
+    want = engine.generate(tokenizer.chat_prompt_ids(PROMPTS[1]), 6, tokenizer.eos_token_ids)
+    result = client.complete(PROMPTS[1], 6, policy="streaming", budget=32)
+    assert result.token_ids == want
+    assert (result.stats.policy, result.stats.budget) == ("streaming", 32)
+
+
+def test_a_call_past_its_deadline_is_stopped_and_released(server, client):
+    with pytest.raises(grpc.RpcError) as late:
+        list(client.generate(PROMPTS[0], 4000, ignore_eos=True, timeout=1.5))
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    store = server.scheduler.engine.kv.store
+    deadline = time.monotonic() + 10
+    while (server.scheduler.active or store.stats().sequences) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (server.scheduler.active, store.stats().sequences) == (0, 0)
+
+
+def test_an_expired_request_is_not_prefilled(scheduler):
+    started = scheduler.started
+    request = scheduler.submit(Request([1, 2, 3], 4, deadline=time.perf_counter() - 1))
+    event = request.events.get(timeout=30)
+    assert isinstance(event, ErrorEvent) and isinstance(event.error, DeadlineExceeded)
+    assert "deadline passed while waiting" in str(event.error)
+    assert scheduler.started == started and scheduler.engine.kv.store.stats().sequences == 0
+
+
+def test_calls_beyond_max_requests_are_resource_exhausted(smollm):
+    config = WorkerConfig(
+        cache_services=("in-process:0",), port=0, policy=POLICY, budget=BUDGET,
+        max_requests=1, workers=3,
+    )  # fmt: skip
+    kv = LocalKVClient.with_capacity(2**26, 16, smollm[0].config.head_dim)
+    running = serve(config, loaded=smollm, kv=kv)
+    try:
+        with WorkerClient(f"127.0.0.1:{running.port}").wait_ready() as worker:
+            stream = worker.generate(PROMPTS[0], 4000, ignore_eos=True)
+            assert next(stream).HasField("token")
+            with pytest.raises(grpc.RpcError) as busy:
+                worker.complete(PROMPTS[1], 2)
+            assert worker.info().max_requests == 1  # Info still answers
+            stream.cancel()
+        assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "already serving 1 requests (its --max-requests)" in busy.value.details()
+        assert worker.retries == 0  # back-pressure is not retried
+    finally:
+        running.stop(0)
