@@ -17,6 +17,9 @@ from worker.factory import build_engine
 
 log = logging.getLogger(__name__)
 
+DEFAULT_POLICY = "icecache"
+DEFAULT_BUDGET = 256
+
 
 def positive_int(text: str) -> int:
     value = int(text)
@@ -28,8 +31,16 @@ def positive_int(text: str) -> int:
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared by every command that runs the model."""
     parser.add_argument("--model", help="local HF checkpoint directory (default: embedded SmolLM2)")
-    parser.add_argument("--policy", default="icecache", choices=POLICIES, help="attention policy")
-    parser.add_argument("--budget", type=positive_int, default=256, help="KV tokens per step")
+    parser.add_argument(
+        "--policy",
+        choices=POLICIES,
+        help=f"attention policy (default {DEFAULT_POLICY}; with --server: the worker's)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=positive_int,
+        help=f"KV tokens per step (default {DEFAULT_BUDGET}; with --server: the worker's)",
+    )
     parser.add_argument("--dense-layers", type=int, default=2, help="first layers attend fully")
     parser.add_argument("--cache-service", help="address of a cache service (default: in-process)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -39,8 +50,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        policy=args.policy,
-        budget=args.budget,
+        policy=args.policy or DEFAULT_POLICY,
+        budget=args.budget or DEFAULT_BUDGET,
         dense_layers=args.dense_layers,
         device_cache_mb=args.device_cache_mb,
         seed=args.seed,
@@ -76,8 +87,8 @@ def _generate(args: argparse.Namespace) -> int:
                     "text": text,
                     "token_ids": out,
                     "prompt_tokens": len(ids),
-                    "policy": args.policy,
-                    "budget": None if args.policy == "full" else args.budget,
+                    "policy": engine.config.policy,
+                    "budget": None if engine.config.policy == "full" else engine.config.budget,
                     "dense_layers": args.dense_layers,
                     "prefill_s": engine.timings.prefill,
                     "generate_s": total_s,

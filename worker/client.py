@@ -192,8 +192,8 @@ def _read_prompt(args: argparse.Namespace) -> str:
 def generate_remote(args: argparse.Namespace) -> int:
     """``icecache generate --server HOST:PORT``: stream the answer (or print JSON at the end).
 
-    The engine flags (``--policy``, ``--budget``, ...) are the server's; the ones given here
-    are ignored. Returns the exit status.
+    ``--policy`` and ``--budget``, when given, are this request's own; the other engine
+    flags are the server's. Returns the exit status.
     """
     prompt = _read_prompt(args)
     try:
@@ -231,7 +231,10 @@ def _client_auth(args: argparse.Namespace) -> SecurityConfig:
 def _stream(client: WorkerClient, prompt: str, args: argparse.Namespace) -> Generation:
     """Run the generation; without ``--json`` the text goes to stdout as it arrives."""
     chat = getattr(args, "chat", True)
-    for message in client.generate(prompt, args.max_new_tokens, chat=chat):
+    policy, budget = getattr(args, "policy", None), getattr(args, "budget", None)
+    for message in client.generate(
+        prompt, args.max_new_tokens, chat=chat, policy=policy, budget=budget
+    ):
         if message.HasField("token"):
             if not args.json:
                 sys.stdout.write(message.token.text)
