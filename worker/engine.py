@@ -198,13 +198,14 @@ class Engine:
         for seq, token in zip(seqs, tokens, strict=True):
             seq.token_ids.append(token)
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        positions = torch.tensor([s.length - 1 for s in seqs], device=self.device)
+        host_positions = np.array([s.length - 1 for s in seqs], dtype=np.int64)  # [B]
+        positions = torch.from_numpy(host_positions).to(self.device)
         seq_ids = [s.seq_id for s in seqs]
         h = model.embed(ids)  # [B, hidden]
         for layer in range(model.config.num_layers):
             q, k, v = model.attention_inputs(layer, h, positions)  # [B, H, D]
             t0 = time.perf_counter()
-            sels = self.kv.decode(layer, seq_ids, _np(k), _np(v), positions.cpu().numpy(), _np(q))
+            sels = self.kv.decode(layer, seq_ids, _np(k), _np(v), host_positions, _np(q))
             t1 = time.perf_counter()
             indptr, slots, lens = self._page_table(sels)
             t2 = time.perf_counter()
@@ -224,16 +225,11 @@ class Engine:
         versions = np.concatenate([s.versions for s in sels])
         lens = np.concatenate([s.lens for s in sels])
         counts = np.concatenate([np.diff(s.indptr) for s in sels])
-        indptr = np.zeros(counts.size + 1, dtype=np.int32)
+        indptr = np.zeros(counts.size + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
         slots = self.cache.resolve(pages, versions, self.kv.read_pages)
         self.timings.kv_tokens += int(lens.sum())
-        to = self.device
-        return (
-            torch.from_numpy(indptr).to(to),
-            slots,
-            torch.from_numpy(lens.astype(np.int32)).to(to),
-        )
+        return _to_device(indptr, self.device), slots, _to_device(lens, self.device)
 
     # ---- generation ----------------------------------------------------------------------
     def generate(
@@ -282,6 +278,12 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float32).numpy()
 
 
+def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """An int32 tensor of ``a`` on ``device``."""
+    t = torch.from_numpy(a.astype(np.int32))
+    return t if device.type == "cpu" else t.to(device)
+
+
 def _causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float
 ) -> torch.Tensor:
@@ -294,11 +296,10 @@ def _causal_attention(
     Returns:
         ``[Tq, Hq, D]``.
     """
-    group = q.shape[1] // k.shape[1]
-    qh = q.transpose(0, 1)  # [Hq, Tq, D]
-    kh = k.transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, Tk, D]
-    vh = v.transpose(0, 1).repeat_interleave(group, dim=0)
+    qh, kh, vh = (x.transpose(0, 1) for x in (q, k, v))  # [Hq, Tq, D], [Hkv, Tk, D] x2
     rows = torch.arange(q.shape[0], device=q.device)[:, None] + offset
     mask = torch.arange(k.shape[0], device=q.device)[None, :] <= rows  # [Tq, Tk]
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(
+        qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True
+    )  # no repeated K/V copies
     return out.transpose(0, 1)

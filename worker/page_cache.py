@@ -9,11 +9,16 @@ with an older version is stale and is loaded again. Loading is the bulk path of 
 missing pages are gathered into one contiguous host staging buffer (pinned on a GPU), moved
 in one copy, and scattered into their slots by a kernel. Eviction is least-recently used
 among the pages the current request does not need.
+
+Bookkeeping costs O(pages requested) per call, never O(capacity): empty slots are taken in
+order, and the LRU order is a queue of ``(tick, slots)`` records, one per call, where a
+record is stale once its slot has been used again.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,13 +68,16 @@ class DevicePageCache:
         self.slot_version = np.full(capacity, -1, dtype=np.int64)
         self.slot_used = np.zeros(capacity, dtype=np.int64)  # tick of last use (LRU)
         self.page_slot = np.full(1024, -1, dtype=np.int64)  # store page id -> slot
-        self.free_slots = np.arange(capacity - 1, -1, -1, dtype=np.int64)  # stack, top = end
+        self.filled = 0  # slots 0 .. filled - 1 have held a page; slots are never emptied
         self.tick = 0
         self.stats = PageCacheStats()
+        self._page_bytes = self.kv[0].numel() * self.kv.element_size()
+        self._lru: deque[tuple[int, np.ndarray]] = deque()  # (tick, slots used then), oldest first
+        self._lru_size = 0  # slots held by all records
 
     @property
     def page_bytes(self) -> int:
-        return self.kv[0].numel() * self.kv.element_size()
+        return self._page_bytes
 
     def resolve(self, pages: np.ndarray, versions: np.ndarray, fetch: PageFetch) -> torch.Tensor:
         """Slots holding current copies of ``pages``, loading the missing ones in bulk.
@@ -83,54 +91,95 @@ class DevicePageCache:
             ``[n]`` int32 slot indices on the device, for the page table.
         """
         self.tick += 1
-        self._grow_index(int(pages.max(initial=-1)) + 1)
+        if pages.size and int(pages.max()) >= self.page_slot.size:
+            self._grow_index(int(pages.max()) + 1)
         slots = self.page_slot[pages]
-        hit = (slots >= 0) & (self.slot_version[np.maximum(slots, 0)] == versions)
-        need, first = np.unique(pages[~hit], return_index=True)
-        self.stats.hits += int(hit.sum())
-        self.stats.misses += int(need.size)
-        if need.size:
-            self._load(need, versions[~hit][first], slots[hit], fetch)
+        hit = slots >= 0
+        hit &= self.slot_version[slots] == versions  # slot -1 reads the last slot: masked
+        hits = int(np.count_nonzero(hit))
+        self.stats.hits += hits
+        if hits < pages.size:
+            miss = ~hit
+            need, first = np.unique(pages[miss], return_index=True)
+            self.stats.misses += int(need.size)
+            self._load(need, versions[miss][first], slots[hit], fetch)
             slots = self.page_slot[pages]
-        self.slot_used[slots] = self.tick
-        return torch.from_numpy(slots.astype(np.int32)).to(self.device)
+        self._touch(slots)
+        out = torch.from_numpy(slots.astype(np.int32))
+        return out if self.device.type == "cpu" else out.to(self.device)
 
     def _load(
         self, need: np.ndarray, versions: np.ndarray, keep: np.ndarray, fetch: PageFetch
     ) -> None:
-        old = self.page_slot[need]
-        dest = np.where(old >= 0, old, -1)
+        data = np.ascontiguousarray(fetch(need))  # first: a failed read changes nothing here
+        dest = self.page_slot[need]  # a stale copy is reloaded in its own slot
         fresh = dest < 0
-        dest[fresh] = self._victims(int(fresh.sum()), np.concatenate([keep, old[old >= 0]]))
+        count = int(np.count_nonzero(fresh))
+        if count > self.capacity - self.filled:  # evicting: what this request holds stays
+            self._touch(np.concatenate([keep, dest[~fresh]]))
+        dest[fresh] = self._victims(count)
         evicted = self.slot_page[dest[fresh]]
         self.page_slot[evicted[evicted >= 0]] = -1
         self.page_slot[need] = dest
         self.slot_page[dest] = need
         self.slot_version[dest] = versions
-        staging = torch.from_numpy(np.ascontiguousarray(fetch(need)))
+        staging = torch.from_numpy(data)
         if self.device.type == "cuda":
             staging = staging.pin_memory().to(self.device, non_blocking=True)
         slots = torch.from_numpy(dest.astype(np.int32)).to(self.device)
         scatter_pages(staging.to(self.kv.dtype), self.kv, slots)
         self.stats.loads += 1
-        self.stats.bytes_moved += need.size * self.page_bytes
+        self.stats.bytes_moved += need.size * self._page_bytes
 
-    def _victims(self, count: int, protected: np.ndarray) -> np.ndarray:
-        """``count`` slots to overwrite: empty ones first, then the least recently used."""
+    def _victims(self, count: int) -> np.ndarray:
+        """``count`` slots to overwrite: empty ones first, then the least recently used.
+
+        Slots used at the current tick are never chosen.
+        """
         if count == 0:
             return np.empty(0, dtype=np.int64)
-        age = self.slot_used.copy()
-        age[self.slot_page < 0] = -1  # empty slots first
-        age[protected] = np.iinfo(np.int64).max
-        age[self.slot_used == self.tick] = np.iinfo(np.int64).max  # used by this step
-        if count > self.capacity - int((age == np.iinfo(np.int64).max).sum()):
+        empty = self.capacity - self.filled
+        in_use = int(np.count_nonzero(self.slot_used == self.tick)) if count > empty else 0
+        if count > self.capacity - in_use:
             raise RuntimeError(
                 f"one step needs more than the device page cache's {self.capacity} pages; "
                 "raise the device cache size (--device-cache-mb) or lower the budget"
             )
-        return (
-            np.argpartition(age, count - 1)[:count] if count < self.capacity else np.arange(count)
-        )
+        take = min(count, empty)
+        out = [np.arange(self.filled, self.filled + take, dtype=np.int64)]
+        self.filled += take
+        count -= take
+        while count > 0:
+            tick, slots = self._lru.popleft()
+            assert tick < self.tick, "the capacity check leaves enough older slots"
+            self._lru_size -= slots.size
+            live = np.unique(slots[self.slot_used[slots] == tick])  # drops stale and repeats
+            if live.size > count:
+                self._lru.appendleft((tick, live[count:]))
+                self._lru_size += live.size - count
+                live = live[:count]
+            out.append(live)
+            count -= live.size
+        return np.concatenate(out)
+
+    def _touch(self, slots: np.ndarray) -> None:
+        """Marks ``slots`` (repeats allowed) used now, at the young end of the LRU order."""
+        self.slot_used[slots] = self.tick
+        self._lru.append((self.tick, slots))
+        self._lru_size += slots.size
+        if self._lru_size > 4 * self.capacity:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rebuilds the LRU records from ``slot_used``: one per occupied slot, oldest first."""
+        occupied = np.flatnonzero(self.slot_page >= 0)
+        order = occupied[np.argsort(self.slot_used[occupied], kind="stable")]
+        ticks = self.slot_used[order]
+        bounds = np.flatnonzero(np.diff(ticks)) + 1  # where the tick changes
+        starts = np.concatenate([[0], bounds]) if order.size else bounds
+        groups = np.split(order, bounds) if order.size else []
+        self._lru = deque((int(ticks[i]), g) for i, g in zip(starts, groups, strict=True))
+        self._lru_size = order.size
 
     def _grow_index(self, size: int) -> None:
         if size > self.page_slot.size:
