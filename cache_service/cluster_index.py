@@ -34,6 +34,7 @@ top-scoring tokens, in order, without repeats) and taken while they fit the budg
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -150,6 +151,7 @@ class _Level:
         self.parent = np.zeros(0, dtype=np.int64)
         self.cent = np.zeros((0, dim), dtype=np.float32)  # sums / counts
         self.children: list[list[int]] = []
+        self.changed()
 
     def add(self, count: int = 1) -> np.ndarray:
         """Append ``count`` empty nodes; their ids."""
@@ -164,7 +166,23 @@ class _Level:
         ids = np.arange(self.n, need)
         self.children.extend([] for _ in range(count))
         self.n = need
+        self.changed()
         return ids
+
+    def changed(self) -> None:
+        """Call after changing ``children``: drops the flat copy ``children_of`` uses."""
+        self._flat: tuple[np.ndarray, np.ndarray] | None = None
+
+    def children_of(self, nodes: np.ndarray) -> np.ndarray:
+        """The children of ``nodes``, node by node, each node's in list order."""
+        if self._flat is None:
+            lens = np.fromiter(map(len, self.children), np.int64, self.n)
+            flat = np.fromiter(itertools.chain.from_iterable(self.children), np.int64)
+            self._flat = (np.concatenate([[0], np.cumsum(lens)]), flat)
+        ptr, flat = self._flat
+        starts, lens = ptr[nodes], ptr[nodes + 1] - ptr[nodes]
+        offsets = np.repeat(starts - (np.cumsum(lens) - lens), lens)
+        return flat[offsets + np.arange(int(lens.sum()))]
 
     def refresh(self, nodes: np.ndarray | list[int]) -> None:
         nodes = np.asarray(nodes, dtype=np.int64)
@@ -277,16 +295,13 @@ class ClusterIndex:
         nodes = np.arange(top.n, dtype=np.int64)
         for depth in range(len(self.levels) - 1, 0, -1):
             level = self.levels[depth]
-            scores = (level.cent[nodes, : self.dim] @ queries.T).max(axis=1)
+            scores = (queries @ level.cent[nodes, : self.dim].T).max(axis=0)
             order = nodes[np.argsort(-scores, kind="stable")]
             need = quota * 2 ** (depth - 1)
             keep = int(np.searchsorted(np.cumsum(level.counts[order]), need, side="left")) + 1
-            chosen = order[:keep]
-            nodes = np.fromiter(
-                (c for node in chosen for c in level.children[node]), dtype=np.int64
-            )
+            nodes = level.children_of(order[:keep])
         size = self.config.page_size
-        scores = (self.keys[nodes].reshape(-1, self.dim) @ queries.T).max(axis=1)
+        scores = (queries @ self.keys[nodes].reshape(-1, self.dim).T).max(axis=0)
         scores = scores.reshape(len(nodes), size)
         scores[np.arange(size)[None, :] >= self.fill[nodes][:, None]] = -np.inf
         ranked = nodes[np.argsort(-scores.max(axis=1), kind="stable")]
@@ -495,6 +510,7 @@ class ClusterIndex:
             return
         upper = self.levels[depth + 1]
         upper.children[parent].append(new)
+        upper.changed()
         if len(upper.children[parent]) > 2 * self.config.fanout:
             self._split_node(depth + 1, parent)
 
@@ -508,6 +524,7 @@ class ClusterIndex:
             below.parent[part] = target
             level.sums[target] = below.sums[part].sum(0)
             level.counts[target] = below.counts[part].sum()
+        level.changed()
         level.refresh([node, new])
         self._adopt(depth, node, new)
 
@@ -537,6 +554,7 @@ class ClusterIndex:
         below.parent[:n] = labels
         for child, parent in enumerate(labels):
             level.children[int(parent)].append(child)
+        level.changed()
         np.add.at(level.sums, labels, below.sums[:n])
         np.add.at(level.counts, labels, below.counts[:n])
         level.refresh(np.arange(level.n))

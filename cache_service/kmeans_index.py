@@ -78,11 +78,10 @@ class FlatKMeansIndex(ClusterIndex):
         clusters = self.levels[1]
         if clusters.n == 0 or max_tokens == 0:
             return np.empty(0, dtype=np.int64)
-        scores = (clusters.cent[: clusters.n, : self.dim] @ queries.T).max(axis=1)
+        scores = (queries @ clusters.cent[: clusters.n, : self.dim].T).max(axis=0)
         order = np.argsort(-scores, kind="stable")
         take = int(np.searchsorted(np.cumsum(clusters.counts[order]), max_tokens, "right"))
-        chosen = [leaf for c in order[:take] for leaf in clusters.children[int(c)]]
-        return np.asarray(chosen, dtype=np.int64)
+        return clusters.children_of(order[:take])
 
     def _new_page(self, cluster: int, keys: np.ndarray, token_ids: np.ndarray) -> None:
         leaves, clusters = self.levels[0], self.levels[1]
@@ -91,6 +90,7 @@ class FlatKMeansIndex(ClusterIndex):
         self._set_leaf(leaf, keys, token_ids)
         leaves.parent[leaf] = cluster
         clusters.children[cluster].append(leaf)
+        clusters.changed()
         clusters.sums[cluster] += leaves.sums[leaf]
         clusters.counts[cluster] += len(keys)
         clusters.refresh([cluster])
