@@ -26,10 +26,12 @@ splits in two by 2-means; the old leaf keeps its id, the new one gets a new id a
 under the same parent; a parent with more than ``2 × fanout`` children splits the same
 way, up to the top.
 
-Search: score the top level against the query group (max over the group's heads), keep
-the best nodes until they cover the probe quota of tokens, descend, and at the leaves
-score every token exactly; leaves are ranked by their best token (the pages of the
-top-scoring tokens, in order, without repeats) and taken while they fit the budget.
+Search: score every node of the lowest upper level with at most ``scan_nodes`` nodes
+against the query group (max over the group's heads), keep the best nodes until they
+cover the probe quota of tokens, descend (twice the quota per level above the leaves'
+parents), and at the leaves score every token exactly; leaves are ranked by their best
+token (the pages of the top-scoring tokens, in order, without repeats) and taken while
+they fit the budget.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class IndexConfig:
         top_nodes: upper levels are added until the top has at most this many nodes.
         probe: leaves examined exactly hold at least ``probe × max_tokens`` tokens.
         probe_fraction: ... and at least this share of all tokens.
+        scan_nodes: search scores every node of the lowest upper level that has at most
+            this many nodes, and descends from there.
         niter: k-means iterations.
     """
 
@@ -68,6 +72,7 @@ class IndexConfig:
     top_nodes: int = 64
     probe: float = 4.0
     probe_fraction: float = 0.0
+    scan_nodes: int = 4096
     niter: int = 10
 
     def __post_init__(self) -> None:
@@ -84,6 +89,8 @@ class IndexConfig:
                 f"probe must be >= 1 and probe_fraction in [0, 1], got {self.probe}, "
                 f"{self.probe_fraction}"
             )
+        if self.scan_nodes < 1:
+            raise ValueError(f"scan_nodes must be positive, got {self.scan_nodes}")
         if self.niter < 1:
             raise ValueError(f"niter must be at least 1, got {self.niter}")
 
@@ -291,9 +298,13 @@ class ClusterIndex:
         if self.num_leaves == 0 or max_tokens == 0:
             return np.empty(0, dtype=np.int64)
         quota = max(self.config.probe * max_tokens, self.config.probe_fraction * self.num_tokens)
-        top = self.levels[-1]
-        nodes = np.arange(top.n, dtype=np.int64)
-        for depth in range(len(self.levels) - 1, 0, -1):
+        # Start at the lowest upper level small enough to score whole: pruning by centroid
+        # scores high in the tree (few huge nodes) loses the top tokens at long contexts.
+        start = len(self.levels) - 1
+        while start > 1 and self.levels[start - 1].n <= self.config.scan_nodes:
+            start -= 1
+        nodes = np.arange(self.levels[start].n, dtype=np.int64)
+        for depth in range(start, 0, -1):
             level = self.levels[depth]
             scores = (queries @ level.cent[nodes, : self.dim].T).max(axis=0)
             order = nodes[np.argsort(-scores, kind="stable")]

@@ -1,5 +1,8 @@
 """Exact facts about ``ClusterIndex``: planted clusters, nearest-leaf inserts, splits, search."""
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -496,3 +499,25 @@ def test_random_build_and_insert_batches_keep_every_token_in_exactly_one_slot(s)
         max_tokens = int(rng.integers(0, 2 * s["page_size"] + 20))
         q = rng.standard_normal((2, s["dim"])).astype(np.float32)
         assert _fills(index, index.search(q, max_tokens)) <= max_tokens
+
+
+@pytest.mark.parametrize("config", [DEEP, DEEPEST], ids=["deep", "deepest"])
+def test_search_scores_the_leaves_parents_whole_when_they_are_few(config):
+    """With level 1 under ``scan_nodes``, levels above it do not prune: the search equals
+    the same index cut down to leaves + level 1."""
+    index, _ = _built(config)
+    assert len(index.levels) > 2
+    flat = copy.deepcopy(index)
+    flat.levels = flat.levels[:2]
+    flat.levels[1].parent[:] = -1
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        queries = rng.standard_normal((2, DIM)).astype(np.float32)
+        assert np.array_equal(index.search(queries, 40), flat.search(queries, 40))
+    # ... whereas scanning only the top level prunes top-down and changes some selections.
+    index.config = dataclasses.replace(config, scan_nodes=1)
+    differs = sum(
+        not np.array_equal(index.search(q, 40), flat.search(q, 40))
+        for q in rng.standard_normal((20, 2, DIM)).astype(np.float32)
+    )
+    assert differs > 0
