@@ -1,0 +1,516 @@
+"""Selection benchmark: which tokens each policy attends, how good and how fast.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.selection     # writes bench/results/selection.*
+
+Two cases, every policy at budgets 64/128/256 (sinks and recent window included, split as
+``SequenceSpec`` splits them in the engine):
+
+- ``synthetic``: structured keys of the Llama-3.1-8B shape (32 layers x 8 KV heads x 128
+  dims, GQA group 4) at 8k/32k/128k tokens. Only a subset of (layer, KV head) pairs is
+  measured (``--synthetic-layers`` x ``--synthetic-heads``); build and search times per head
+  are scaled to all 256 heads, recall is the mean over the measured heads.
+- ``real``: keys and queries of the embedded SmolLM2-135M on ``pydoc_data.topics`` text,
+  captured with the ``recall`` eval's session (prefill keys + decode observer): all 30
+  layers x 3 KV heads, several decode steps; recall averages the selecting layers.
+
+Per (policy, budget, context): index build time (all layers), selection time per decode
+step (all layers), attention-mass recall, top-k hit rate (k = body budget) and body pages
+per head and step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cache_service.cluster_index import ClusterIndex, IndexConfig
+from cache_service.kmeans_index import FlatKMeansIndex
+from cache_service.types import SequenceSpec
+
+log = logging.getLogger("bench.selection")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PAGE = 16
+DENSE_LAYERS = 2
+REUSE_GROUP = 3
+POLICIES = ("icecache", "icecache-r", "kmeans", "quest", "oracle", "streaming")
+INDEXED = {"icecache": ClusterIndex, "kmeans": FlatKMeansIndex}
+
+
+# ---------------------------------------------------------------------------- budgets
+@dataclass(frozen=True)
+class Budget:
+    """A token budget split as the engine splits it (``SequenceSpec``)."""
+
+    total: int
+    sinks: int
+    window: int
+    """Recent-window tokens (whole pages)."""
+
+    @property
+    def body(self) -> int:
+        return self.total - self.sinks - self.window
+
+    @staticmethod
+    def of(total: int) -> Budget:
+        spec = SequenceSpec(1, 1, 1, 1, policy="icecache", budget=total)
+        spec.validate(PAGE)
+        return Budget(total, spec.sinks(PAGE), spec.window_pages(PAGE) * PAGE)
+
+
+# ---------------------------------------------------------------------------- cases
+@dataclass
+class HeadCase:
+    """One (layer, KV head): its keys and the query group at a few decode steps.
+
+    Step ``s`` attends to ``keys[:context[s]]``; the index body of a budget is
+    ``keys[sinks : body_end - window]`` (the tokens the engine's window has let go).
+    """
+
+    layer: int
+    head: int
+    keys: np.ndarray  # [N, D] float32, post-RoPE
+    queries: np.ndarray  # [S, G, D] float32, post-RoPE
+    context: np.ndarray  # [S] int, keys visible at each step
+    body_end: int  # prefill length: the window is counted back from here
+
+
+@dataclass
+class Cell:
+    """Measurements of one (case, context, policy, budget), one entry per head or step."""
+
+    mass: list[float] = field(default_factory=list)
+    hit: list[float] = field(default_factory=list)
+    pages: list[float] = field(default_factory=list)
+    search_s: list[float] = field(default_factory=list)
+    build_s: list[float] = field(default_factory=list)
+
+
+Key = tuple[str, int, str, int]  # case, context length, policy, budget
+
+
+# ---------------------------------------------------------------------------- synthetic keys
+def rope(x: np.ndarray, positions: np.ndarray, theta: float = 500000.0) -> np.ndarray:
+    """Llama RoPE (rotate-half layout) of ``x [N, ..., D]`` at ``positions [N]``."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-np.arange(half) / half)  # [D/2]
+    angle = positions.astype(np.float64)[:, None] * freqs[None]  # [N, D/2]
+    shape = (len(x),) + (1,) * (x.ndim - 2) + (half,)
+    cos, sin = np.cos(angle).reshape(shape), np.sin(angle).reshape(shape)
+    a, b = x[..., :half], x[..., half:]
+    return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1).astype(np.float32)
+
+
+def topic_runs(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Topic of each token ``[n]``: runs of mean length 48 drawn from Zipf-weighted topics
+    (a document's structure, shared by all layers and heads)."""
+    topics = max(16, n // 128)
+    weights = 1.0 / np.arange(1, topics + 1)
+    lengths = rng.geometric(1 / 48, size=n // 8 + 16)
+    labels = rng.choice(topics, size=len(lengths), p=weights / weights.sum())
+    return np.repeat(labels, lengths)[:n]
+
+
+def synthetic_head(
+    layer: int, head: int, topics: np.ndarray, steps: int, group: int, seed: int
+) -> HeadCase:
+    """Structured keys and queries of one 128-dim head (see the results file for the model).
+
+    Keys: ``mean + scale * (centroid[topic] + 0.8 noise)``, with a large shared mean
+    direction, per-dimension log-normal scales (larger on the slow RoPE dimensions) and four
+    sink tokens with a key of their own. Queries of a group aim at 3 topics (Zipf-weighted,
+    each head its own mix) and at the sinks, plus noise; then RoPE at each side's position.
+    """
+    dim, n = 128, len(topics)
+    rng = np.random.default_rng([seed, layer, head])
+    slow = np.tile(np.linspace(0.5, 2.0, dim // 2), 2)  # slow-rotating dims carry more
+    scale = slow * rng.lognormal(0.0, 0.5, dim)
+    mean = rng.standard_normal(dim) * 2.0
+    centroids = rng.standard_normal((topics.max() + 1, dim))
+    keys = mean + scale * (centroids[topics] + 0.8 * rng.standard_normal((n, dim)))
+    sink = rng.standard_normal(dim)
+    keys[:4] = mean + scale * 3.0 * sink
+    # queries: shared topics per step, reused across a layer cycle (a text's focus persists)
+    focus_rng = np.random.default_rng([seed, (layer - DENSE_LAYERS) // REUSE_GROUP, head])
+    present = np.unique(topics[4:])
+    queries = np.empty((steps, group, dim))
+    for s in range(steps):
+        focus = focus_rng.choice(present, size=3, replace=False)
+        if rng.random() < 0.3:  # layers of a cycle disagree sometimes
+            focus[rng.integers(3)] = rng.choice(present)
+        for g in range(group):
+            w = rng.dirichlet(np.ones(3))
+            aim = (w[:, None] * centroids[focus]).sum(0) + 0.5 * sink
+            queries[s, g] = 0.55 * scale * aim + 0.3 * rng.standard_normal(dim)
+    keys = rope(keys, np.arange(n))
+    end = np.full(steps, n)
+    queries = rope(queries.reshape(steps, group, dim), end)
+    return HeadCase(layer, head, keys, queries, end, n)
+
+
+def synthetic_cases(
+    n: int, layers: tuple[int, ...], heads: tuple[int, ...], steps: int, seed: int
+) -> Iterator[HeadCase]:
+    """The measured heads of the synthetic Llama-3.1-8B shape at ``n`` tokens."""
+    topics = topic_runs(n, np.random.default_rng(seed))
+    for layer in layers:
+        for head in heads:
+            yield synthetic_head(layer, head, topics, steps, group=4, seed=seed)
+
+
+# ---------------------------------------------------------------------------- real keys
+def real_cases(context: int, steps: int, seed: int) -> tuple[list[HeadCase], float]:
+    """Every (layer, KV head) of the embedded model on ``context`` corpus tokens, and the
+    model's dense prefill time (s). Reuses the ``recall`` eval's capture path: the session's
+    recorded prefill keys and its decode observer, under the ``full`` policy."""
+    from worker.eval.command import open_session
+    from worker.eval.corpus import Corpus, default_text
+    from worker.eval.session import SessionConfig
+
+    session = open_session(None, "cpu", SessionConfig(dense_layers=DENSE_LAYERS, seed=seed))
+    ids = Corpus(default_text(), session.tokenizer).window_ids(context, np.random.default_rng(seed))
+    prefix = context - steps - 1
+    engine = session.engine("full", None, context)
+    started = time.perf_counter()
+    seq, _ = session.start(engine, ids[:prefix])
+    prefill_s = time.perf_counter() - started
+    engine.finish(seq)
+    seen: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+
+    def observe(layer: int, keys: np.ndarray, queries: np.ndarray, _sels: object) -> None:
+        seen.setdefault(layer, []).append((keys[0].copy(), queries[0].copy()))
+
+    with session.observing(observe):
+        session.teacher_forced(engine, ids, prefix)
+    prefill = session.prefill_keys(ids[:prefix])  # per layer [T, Hkv, D]
+    cases = []
+    for layer, parts in sorted(seen.items()):
+        keys = np.concatenate([prefill[layer], np.stack([k for k, _ in parts])])  # [N, Hkv, D]
+        queries = np.stack([q for _, q in parts])  # [S, Hq, D]
+        kv_heads = keys.shape[1]
+        group = queries.shape[1] // kv_heads
+        context_at = prefix + 1 + np.arange(len(parts))
+        for h in range(kv_heads):
+            q = queries[:, h * group : (h + 1) * group].astype(np.float32)
+            cases.append(HeadCase(layer, h, keys[:, h].astype(np.float32), q, context_at, prefix))
+    return cases, prefill_s
+
+
+# ---------------------------------------------------------------------------- policies
+@dataclass
+class Bodies:
+    """Per-head structures built over one body span ``[start, end)`` of positions."""
+
+    start: int
+    end: int
+    indexes: dict[str, ClusterIndex]
+    quest_min: np.ndarray  # [pages, D]
+    quest_max: np.ndarray
+    build_s: dict[str, float]
+
+
+def build_bodies(case: HeadCase, start: int, end: int, seed: int) -> Bodies:
+    """Index the body ``keys[start:end]`` for every policy that needs a structure; timed."""
+    body = case.keys[start:end]
+    ids = np.arange(start, end)
+    indexes, build_s = {}, {}
+    for name, kind in INDEXED.items():
+        t0 = time.perf_counter()
+        index = kind(body.shape[1], IndexConfig(seed=seed))
+        index.build(body, ids)
+        build_s[name] = time.perf_counter() - t0
+        indexes[name] = index
+    t0 = time.perf_counter()
+    pad = -len(body) % PAGE
+    padded = np.concatenate([body, np.repeat(body[-1:], pad, axis=0)])  # last page repeats
+    pages = padded.reshape(-1, PAGE, body.shape[1])
+    qmin, qmax = pages.min(axis=1), pages.max(axis=1)
+    build_s["quest"] = time.perf_counter() - t0
+    return Bodies(start, end, indexes, qmin, qmax, build_s)
+
+
+def leaf_positions(index: ClusterIndex, leaves: np.ndarray) -> np.ndarray:
+    """Token positions held by ``leaves`` (token ids are positions here)."""
+    toks = index.tokens[leaves]
+    return toks[toks >= 0]
+
+
+def select(
+    policy: str, bodies: Bodies, case: HeadCase, q: np.ndarray, body_budget: int
+) -> tuple[np.ndarray, int]:
+    """Body positions attended by ``policy`` for query group ``q [G, D]`` and the pages they
+    occupy (leaves, positional pages or, for the oracle, the source pages it gathers from)."""
+    start, end = bodies.start, bodies.end
+    if policy in INDEXED:
+        index = bodies.indexes[policy]
+        leaves = index.search(q, body_budget)
+        return leaf_positions(index, leaves), len(leaves)
+    if policy == "quest":
+        bound = np.maximum(q[:, None] * bodies.quest_min[None], q[:, None] * bodies.quest_max[None])
+        order = np.argsort(-bound.sum(-1).max(axis=0), kind="stable")
+        take = order[: body_budget // PAGE]
+        pos = (start + take[:, None] * PAGE + np.arange(PAGE)[None]).ravel()
+        return pos[pos < end], len(take)
+    if policy == "oracle":
+        scores = (q @ case.keys[start:end].T).max(axis=0)
+        take = min(body_budget, len(scores))
+        pos = start + np.argpartition(-scores, take - 1)[:take]
+        return pos, len(np.unique((pos - start) // PAGE))
+    assert policy == "streaming", policy
+    pos = np.arange(max(start, end - body_budget), end)
+    return pos, math.ceil(len(pos) / PAGE)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def quality(probs: np.ndarray, attended: np.ndarray, k: int) -> tuple[float, float]:
+    """(attention-mass recall, top-k hit rate) of ``attended`` positions, mean over the
+    group's heads; ``probs [G, T]`` is the exact softmax."""
+    mask = np.zeros(probs.shape[1], dtype=bool)
+    mask[attended] = True
+    mass = float((probs * mask).sum(axis=1).mean())
+    top = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+    return mass, float(mask[top].mean())
+
+
+# ---------------------------------------------------------------------------- measuring
+class Measurer:
+    """Runs every policy and budget over head cases; accumulates ``Cell``\\ s."""
+
+    def __init__(self, budgets: tuple[int, ...], seed: int) -> None:
+        self.budgets = [Budget.of(b) for b in budgets]
+        self.seed = seed
+        self.cells: dict[Key, Cell] = {}
+        self.leader_pick: dict[tuple[int, int, int, int], tuple[np.ndarray, int]] = {}
+
+    def cell(self, key: Key) -> Cell:
+        return self.cells.setdefault(key, Cell())
+
+    def run(self, name: str, length: int, case: HeadCase) -> None:
+        """Measure one head: build once per body span, then every budget and step."""
+        leader = is_leader(case.layer)
+        spans = {(b.sinks, case.body_end - b.window) for b in self.budgets}
+        built = {span: build_bodies(case, *span, self.seed) for span in spans}
+        scale = case.keys.shape[1] ** -0.5
+        probs = [
+            softmax(q @ case.keys[:n].T * scale)
+            for q, n in zip(case.queries, case.context, strict=True)
+        ]
+        for budget in self.budgets:
+            bodies = built[(budget.sinks, case.body_end - budget.window)]
+            for policy in POLICIES:
+                cell = self.cell((name, length, policy, budget.total))
+                source = "icecache" if policy == "icecache-r" else policy
+                if policy != "icecache-r" or leader:
+                    cell.build_s.append(bodies.build_s.get(source, 0.0))
+                for s, q in enumerate(case.queries):
+                    fixed = np.r_[0 : budget.sinks, bodies.end : case.context[s]]
+                    pick_key = (case.head, budget.total, s, leader_of(case.layer))
+                    if policy == "icecache-r" and not leader:
+                        pos, pages = self.leader_pick[pick_key]
+                    else:
+                        t0 = time.perf_counter()
+                        pos, pages = select(source, bodies, case, q, budget.body)
+                        cell.search_s.append(time.perf_counter() - t0)
+                        if policy == "icecache-r":
+                            self.leader_pick[pick_key] = (pos, pages)
+                    mass, hit = quality(probs[s], np.concatenate([fixed, pos]), budget.body)
+                    cell.mass.append(mass)
+                    cell.hit.append(hit)
+                    cell.pages.append(pages)
+
+
+def leader_of(layer: int) -> int:
+    """The layer whose selection ``icecache-r`` reuses at ``layer`` (engine's rule)."""
+    if layer < DENSE_LAYERS:
+        return layer
+    return layer - (layer - DENSE_LAYERS) % REUSE_GROUP
+
+
+def is_leader(layer: int) -> bool:
+    return leader_of(layer) == layer
+
+
+# ---------------------------------------------------------------------------- summary
+@dataclass(frozen=True)
+class Row:
+    """One table line: a policy at a budget and context length, all-layer totals scaled."""
+
+    case: str
+    context: int
+    policy: str
+    budget: int
+    recall: float
+    vs_oracle: float
+    topk_hit: float
+    pages: float
+    select_ms: float
+    """Selection per decode step, all layers and heads (scaled from the measured heads)."""
+    build_s: float
+    """Index build, all layers and heads (scaled)."""
+    heads_measured: int
+
+
+def summarize(cells: dict[Key, Cell], layers: int, kv_heads: int) -> list[Row]:
+    """Rows of all cells; per-head times scaled to ``layers x kv_heads`` (``icecache-r``:
+    one search and one build per cycle of ``REUSE_GROUP`` layers)."""
+    rows = []
+    for (name, length, policy, budget), c in cells.items():
+        oracle = cells[(name, length, "oracle", budget)]
+        searched = layers if policy != "icecache-r" else math.ceil(layers / REUSE_GROUP)
+        heads = searched * kv_heads
+        rows.append(
+            Row(
+                name,
+                length,
+                policy,
+                budget,
+                float(np.mean(c.mass)),
+                float(np.mean(c.mass) / np.mean(oracle.mass)),
+                float(np.mean(c.hit)),
+                float(np.mean(c.pages)),
+                1e3 * heads * float(np.mean(c.search_s)),
+                heads * float(np.mean(c.build_s)) if c.build_s else 0.0,
+                len(c.build_s),
+            )
+        )
+    return rows
+
+
+def markdown(rows: list[Row], name: str, length: int) -> str:
+    """A Markdown table of one (case, context)."""
+    head = (
+        "| policy | budget | mass recall | × oracle | top-k hit | body pages/head/step "
+        "| select ms/step (all layers) | build s (all layers) |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+    )
+    lines = [
+        f"| {r.policy} | {r.budget} | {r.recall:.3f} | {r.vs_oracle:.3f} | {r.topk_hit:.3f} "
+        f"| {r.pages:.1f} | {r.select_ms:.1f} | {r.build_s:.1f} |"
+        for r in sorted(rows, key=lambda r: (r.budget, POLICIES.index(r.policy)))
+        if r.case == name and r.context == length
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], panels: list[tuple[str, int]], path: Path) -> None:
+    """Recall vs budget per policy for each panel, and icecache select ms vs context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, grid = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4), squeeze=False)
+    axes = list(grid[0])
+    for ax, (name, length) in zip(axes, panels, strict=False):
+        for policy in POLICIES:
+            mine = sorted(
+                (r for r in rows if (r.case, r.context, r.policy) == (name, length, policy)),
+                key=lambda r: r.budget,
+            )
+            ax.plot([r.budget for r in mine], [r.recall for r in mine], "o-", label=policy)
+        ax.set(title=f"{name}, {length} tokens", xlabel="budget (tokens)", ylabel="mass recall")
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=7)
+    ax = axes[-1]
+    for policy in ("icecache", "icecache-r", "kmeans", "quest", "oracle"):
+        mine = sorted(
+            (r for r in rows if r.case == "synthetic" and r.policy == policy and r.budget == 256),
+            key=lambda r: r.context,
+        )
+        ax.plot([r.context for r in mine], [r.select_ms for r in mine], "o-", label=policy)
+    ax.axhline(10, color="grey", ls="--", lw=1, label="target 10 ms @32k")
+    ax.set(
+        title="selection, 8B shape, budget 256",
+        xlabel="context (tokens)",
+        ylabel="ms / decode step (all layers)",
+    )
+    if any(r.case == "synthetic" for r in rows):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ---------------------------------------------------------------------------- main
+def int_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sizes", type=int_tuple, default=(8192, 32768, 131072))
+    p.add_argument("--budgets", type=int_tuple, default=(64, 128, 256))
+    p.add_argument("--synthetic-layers", type=int_tuple, default=(2, 3, 4))
+    p.add_argument("--synthetic-heads", type=int_tuple, default=(0, 1))
+    p.add_argument("--steps", type=int, default=8, help="decode query steps per head")
+    p.add_argument("--real-context", type=int, default=8192, help="0: skip the real case")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    measurer = Measurer(args.budgets, args.seed)
+    rows: list[Row] = []
+    meta: dict[str, object] = {}
+    if args.real_context:
+        started = time.perf_counter()
+        cases, prefill_s = real_cases(args.real_context, args.steps, args.seed)
+        log.info(
+            "captured real keys in %.1f s (prefill %.1f s)",
+            time.perf_counter() - started,
+            prefill_s,
+        )
+        meta["real_prefill_s"] = prefill_s
+        for case in cases:
+            if case.layer >= DENSE_LAYERS:
+                measurer.run("real", args.real_context, case)
+        rows += summarize(measurer.cells, layers=30, kv_heads=3)
+        measurer.cells.clear()
+        log.info("real case done")
+    for n in args.sizes:
+        started = time.perf_counter()
+        for case in synthetic_cases(
+            n, args.synthetic_layers, args.synthetic_heads, args.steps, args.seed
+        ):
+            measurer.run("synthetic", n, case)
+        log.info("synthetic %d done in %.1f s", n, time.perf_counter() - started)
+    rows += summarize(measurer.cells, layers=32, kv_heads=8)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    meta.update(
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        machine=f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        args={k: str(v) for k, v in vars(args).items()},
+    )
+    (args.out_dir / "selection.json").write_text(
+        json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1)
+    )
+    panels = [(r.case, r.context) for r in rows]
+    panels = list(dict.fromkeys(p for p in panels if p[0] == "real" or p[1] == 32768))
+    plot(rows, panels, args.out_dir / "selection.png")
+    tables = [markdown(rows, *key) for key in dict.fromkeys((r.case, r.context) for r in rows)]
+    sys.stdout.write("\n".join(tables))
+    log.info("wrote %s", args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
