@@ -7,39 +7,13 @@ then to the default of ``CacheServiceConfig``.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
-import signal
 import sys
-import threading
 from collections.abc import Callable
-from dataclasses import fields
-from types import FrameType
 from typing import Any
 
+from cache_service import process
 from cache_service.config import CacheServiceConfig, parse_bytes
-from cache_service.security import add_security_flags, security_from_args
-
-log = logging.getLogger("cache_service")
-
-_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and any ``extra`` fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": round(record.created, 6),
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        entry.update({k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS})
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
 
 
 def _bool(text: str) -> bool:
@@ -79,60 +53,23 @@ def parse_config(
     argv: list[str] | None = None, env: dict[str, str] | None = None
 ) -> CacheServiceConfig:
     """Flags, then ``ICECACHE_*`` environment variables, then defaults."""
-    env = dict(os.environ) if env is None else env
-    parser = argparse.ArgumentParser(prog="python -m cache_service", description=__doc__)
-    for f in fields(CacheServiceConfig):
-        if f.name == "security":
-            continue
-        convert = _PARSERS.get(f.name) or {"int": int, "float": float}.get(str(f.type), str)
-        variable = f"ICECACHE_{f.name.upper()}"
-        default = convert(env[variable]) if variable in env else f.default
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            type=convert,
-            default=default,
-            help=f"{_HELP[f.name]} [env {variable}; default {f.default}]",
-        )
-    add_security_flags(parser, env)
-    args = parser.parse_args(argv)
-    try:
-        security = security_from_args(args)
-        names = [f.name for f in fields(CacheServiceConfig) if f.name != "security"]
-        settings = {name: getattr(args, name) for name in names}
-        return CacheServiceConfig(**settings, security=security)
-    except ValueError as err:
-        parser.error(str(err))
-
-
-def setup_logging(config: CacheServiceConfig) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if config.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=config.log_level.upper(), handlers=[handler], force=True)
+    return process.parse_config(
+        CacheServiceConfig,
+        "python -m cache_service",
+        __doc__,
+        _HELP,
+        argv,
+        dict(os.environ) if env is None else env,
+        parsers=_PARSERS,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
-    setup_logging(config)
+    process.setup_logging(config.log_level, config.log_format)
     from cache_service.server import serve  # after logging: the stubs may be generated
 
-    service = serve(config)
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        stopping.wait()
-    finally:
-        service.stop(config.grace_s)
-    return 0
+    return process.serve_until_signal(lambda: serve(config), config.grace_s)
 
 
 if __name__ == "__main__":

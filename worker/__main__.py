@@ -11,22 +11,14 @@ SIGTERM (or Ctrl-C) drains: new calls are refused, in-flight ones get ``--grace-
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import signal
 import sys
-import threading
 from collections.abc import Callable
-from dataclasses import fields
-from types import FrameType
 from typing import Any
 
-from cache_service.__main__ import JsonFormatter
-from cache_service.security import add_security_flags, security_from_args
+from cache_service import process
 from cache_service.types import POLICIES
 from worker.service import WorkerConfig
-
-log = logging.getLogger("worker")
 
 
 def _addresses(text: str) -> tuple[str, ...]:
@@ -77,62 +69,25 @@ _HELP = {
 
 def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = None) -> WorkerConfig:
     """Flags, then ``ICECACHE_*`` environment variables, then defaults."""
-    env = dict(os.environ) if env is None else env
-    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
-    for f in fields(WorkerConfig):
-        if f.name == "security":
-            continue
-        convert = _PARSERS.get(f.name) or {"int": int, "float": float}.get(str(f.type), str)
-        variable = f"ICECACHE_{f.name.upper()}"
-        default = convert(env[variable]) if variable in env else f.default
-        flags = _FLAGS.get(f.name, ["--" + f.name.replace("_", "-")])
-        shown = ",".join(f.default) if isinstance(f.default, tuple) else f.default
-        parser.add_argument(
-            *flags,
-            dest=f.name,
-            type=convert,
-            default=default,
-            help=f"{_HELP[f.name]} [env {variable}; default {shown}]",
-            **_EXTRA.get(f.name, {}),
-        )
-    add_security_flags(parser, env)
-    args = parser.parse_args(argv)
-    try:
-        auth = security_from_args(args)
-        names = [f.name for f in fields(WorkerConfig) if f.name != "security"]
-        return WorkerConfig(**{name: getattr(args, name) for name in names}, security=auth)
-    except ValueError as err:
-        parser.error(str(err))
-
-
-def setup_logging(config: WorkerConfig) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if config.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=config.log_level.upper(), handlers=[handler], force=True)
+    return process.parse_config(
+        WorkerConfig,
+        "python -m worker",
+        __doc__,
+        _HELP,
+        argv,
+        dict(os.environ) if env is None else env,
+        parsers=_PARSERS,
+        flags=_FLAGS,
+        extra=_EXTRA,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
-    setup_logging(config)
+    process.setup_logging(config.log_level, config.log_format)
     from worker.service import serve
 
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    service = serve(config)
-    try:
-        stopping.wait()
-    finally:
-        service.stop(config.grace_s)
-    return 0
+    return process.serve_until_signal(lambda: serve(config), config.grace_s)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,119 @@
+"""What every IceCache server process shares: flags + env config, logging, signal handling.
+
+Both ``python -m cache_service`` and ``python -m worker`` describe their settings as a
+dataclass whose fields are flags (``--max-memory``) and environment variables
+(``ICECACHE_MAX_MEMORY``): flag over env over default. A ``security`` field, if any, gets
+the auth/TLS flags of ``cache_service.security``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import fields
+from types import FrameType
+from typing import Any, Protocol, TypeVar
+
+from cache_service.security import add_security_flags, security_from_args
+
+log = logging.getLogger(__name__)
+
+_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
+
+Config = TypeVar("Config")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def parse_config(
+    cls: type[Config],
+    prog: str,
+    description: str | None,
+    helps: Mapping[str, str],
+    argv: list[str] | None,
+    env: Mapping[str, str],
+    parsers: Mapping[str, Callable[[str], Any]] | None = None,
+    flags: Mapping[str, list[str]] | None = None,
+    extra: Mapping[str, dict[str, Any]] | None = None,
+) -> Config:
+    """``cls`` from flags, then ``ICECACHE_<FIELD>`` variables in ``env``, then defaults.
+
+    ``parsers`` convert a field's text (default: by its annotation, ``int``/``float``/str);
+    ``flags`` rename a field's flags; ``extra`` adds ``add_argument`` keywords.
+    """
+    parsers, flags, extra = parsers or {}, flags or {}, extra or {}
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    names = [f.name for f in fields(cls) if f.name != "security"]  # type: ignore[arg-type]
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name == "security":
+            continue
+        convert = parsers.get(f.name) or {"int": int, "float": float}.get(str(f.type), str)
+        variable = f"ICECACHE_{f.name.upper()}"
+        default = convert(env[variable]) if variable in env else f.default
+        shown = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+        parser.add_argument(
+            *flags.get(f.name, ["--" + f.name.replace("_", "-")]),
+            dest=f.name,
+            type=convert,
+            default=default,
+            help=f"{helps[f.name]} [env {variable}; default {shown}]",
+            **extra.get(f.name, {}),
+        )
+    add_security_flags(parser, env)
+    args = parser.parse_args(argv)
+    try:
+        security = security_from_args(args)
+        return cls(**{name: getattr(args, name) for name in names}, security=security)  # type: ignore[call-arg]
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def setup_logging(level: str, log_format: str) -> None:
+    """Structured (``json``) or ``text`` logs on stderr at ``level``."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+class Stoppable(Protocol):
+    def stop(self, grace_s: float) -> Any: ...
+
+
+def serve_until_signal(start: Callable[[], Stoppable], grace_s: float) -> int:
+    """Start a server, wait for SIGTERM or SIGINT, then stop it with ``grace_s`` to drain."""
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    service = start()
+    try:
+        stopping.wait()
+    finally:
+        service.stop(grace_s)
+    return 0
