@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_service.types import POLICIES, Selection, SequenceSpec
+from cache_service.types import POLICIES
 from worker.engine import Engine, EngineConfig, Sequence, StepTimings
 from worker.eval.corpus import Corpus, default_text
-from worker.kv_client import KVClient, LocalKVClient
+from worker.eval.session import TapKV
+from worker.kv_client import LocalKVClient
 from worker.loader import load_model
 from worker.model import LlamaModel
 from worker.page_cache import PageCacheStats
@@ -35,43 +36,6 @@ from worker.page_cache import PageCacheStats
 OUT = Path(__file__).parent / "results" / "decode.md"
 STORE_BYTES = 2 * 2**30
 """Pool of each policy's in-process store; the OS backs only the pages written."""
-
-
-@dataclass
-class Recorder:
-    """A ``KVClient`` that passes calls through and keeps the prefill's appends."""
-
-    kv: KVClient
-    appends: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.page_size = self.kv.page_size
-
-    def create(self, seq_id: str, spec: SequenceSpec) -> None:
-        self.kv.create(seq_id, spec)
-
-    def append(
-        self, seq_id: str, layer: int, keys: np.ndarray, values: np.ndarray, positions: np.ndarray
-    ) -> None:
-        self.appends.append((layer, keys.copy(), values.copy(), positions.copy()))
-        self.kv.append(seq_id, layer, keys, values, positions)
-
-    def decode(
-        self,
-        layer: int,
-        seq_ids: list[str],
-        keys: np.ndarray,
-        values: np.ndarray,
-        positions: np.ndarray,
-        queries: np.ndarray,
-    ) -> list[Selection]:
-        return self.kv.decode(layer, seq_ids, keys, values, positions, queries)
-
-    def read_pages(self, pages: np.ndarray) -> np.ndarray:
-        return self.kv.read_pages(pages)
-
-    def release(self, seq_id: str) -> None:
-        self.kv.release(seq_id)
 
 
 @dataclass
@@ -87,25 +51,31 @@ class Run:
     tokens: list[int] = field(default_factory=list)
 
 
-def prefill(model: LlamaModel, ids: list[int]) -> tuple[Recorder, int, float]:
+Appends = list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]
+"""A prefill's ``append`` calls: (layer, keys, values, positions)."""
+
+
+def prefill(model: LlamaModel, ids: list[int]) -> tuple[Appends, int, float]:
     """Dense prefill of ``ids``; returns the recorded appends, the first token, seconds."""
-    recorder = Recorder(LocalKVClient.with_capacity(STORE_BYTES, 16, model.config.head_dim))
-    engine = Engine(model, recorder, EngineConfig(policy="full"))
+    tap = TapKV(LocalKVClient.with_capacity(STORE_BYTES, 16, model.config.head_dim))
+    appends: Appends = []
+    tap.recording = appends
+    engine = Engine(model, tap, EngineConfig(policy="full"))  # type: ignore[arg-type]
     started = time.perf_counter()
     seq, logits = engine.start(ids, "prefill")
     seconds = time.perf_counter() - started
     engine.finish(seq)
-    return recorder, int(torch.argmax(logits)), seconds
+    return appends, int(torch.argmax(logits)), seconds
 
 
-def make_run(model: LlamaModel, policy: str, budget: int, ids: list[int], rec: Recorder) -> Run:
+def make_run(model: LlamaModel, policy: str, budget: int, ids: list[int], rec: Appends) -> Run:
     """A fresh store and engine for ``policy`` holding the recorded prompt K/V."""
     kv = LocalKVClient.with_capacity(STORE_BYTES, 16, model.config.head_dim)
     engine = Engine(model, kv, EngineConfig(policy=policy, budget=budget))
     seq = Sequence(policy, list(ids), len(ids))
     started = time.perf_counter()
     kv.create(seq.seq_id, engine.config.spec(model))
-    for layer, keys, values, positions in rec.appends:
+    for layer, keys, values, positions in rec:
         kv.append(seq.seq_id, layer, keys, values, positions)
     return Run(policy, engine, seq, time.perf_counter() - started)
 
