@@ -7,8 +7,11 @@ service, so every store holds the same cache. Then three engines decode greedily
 lock-step, one step each in turn (the order rotates), so a noisy machine slows them alike:
 
 - ``in-process``: ``LocalKVClient``;
-- ``remote shm``: ``RemoteKVClient``, pages copied from the service's shared memory;
-- ``remote rpc``: ``RemoteKVClient`` forced to read pages inside ``ReadPages`` responses.
+- ``remote shm``: ``RemoteKVClient``, decode steps on a ``DecodeStream``, pages copied from
+  the service's shared memory;
+- ``remote shm, unary``: the same with one unary ``Decode`` call per layer and step;
+- ``remote rpc``: ``RemoteKVClient`` on a stream, forced to read pages inside ``ReadPages``
+  responses.
 
 Per decode step it reports bytes moved into the device page cache and what would move
 without it (every selected page, every step), the cache hit rate, the per-layer ``Decode``
@@ -129,6 +132,7 @@ def make_runs(model: LlamaModel, address: str, config: EngineConfig) -> list[Run
     clients: list[tuple[str, KVClient]] = [
         ("in-process", local),
         ("remote shm", RemoteKVClient.connect(address, transport="shm")),
+        ("remote shm, unary", RemoteKVClient.connect(address, transport="shm", stream=False)),
         ("remote rpc", RemoteKVClient.connect(address, transport="rpc")),
     ]
     page_bytes = 2 * local.page_size * head_dim * 4
@@ -229,6 +233,8 @@ def main() -> None:
             for run in runs:
                 assert run.seq is not None
                 run.probe.release(run.seq.seq_id)
+                if isinstance(run.probe.kv, RemoteKVClient):
+                    run.probe.kv.close()
             lines += report(runs, context)
             print("\n".join(lines[-6:]), flush=True)
             args.out.write_text("\n".join(lines))
@@ -253,10 +259,11 @@ def _header(args: argparse.Namespace) -> list[str]:
         f"threads; cache service on 127.0.0.1 in its own process; written "
         f"{time.strftime('%Y-%m-%d')}.",
         "",
-        "Each row decodes the same prompt; steps of the three stores are interleaved. "
+        "Each row decodes the same prompt; steps of the four stores are interleaved. "
         "*Decode call* is one layer's `decode` (store new K/V + select pages) as the engine "
-        "sees it: a `Store.decode` call in-process, an RPC (encode, loopback, server, decode) "
-        "remotely. *Moved* is what the device page cache loaded; *without page cache* is "
+        "sees it: a `Store.decode` call in-process, a request and its response on the "
+        "`DecodeStream` (encode, loopback, server, decode) remotely, or a unary `Decode` RPC "
+        "in the *unary* row. *Moved* is what the device page cache loaded; *without page cache* is "
         "every selected page, every step. The first step (index build) is excluded. The "
         "prompt is `context - new_tokens - 1` tokens, so decoding ends at the context length.",
         "",

@@ -23,6 +23,7 @@ from cache_service.types import (
     SequenceFailed,
     SequenceSpec,
     TooManySequences,
+    TooManyStreams,
     UnknownSequence,
 )
 from proto.icecache.v1 import cache_service_pb2 as pb
@@ -187,6 +188,7 @@ _ERRORS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     (PoolExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TooManySequences, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TooManyStreams, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 """Domain exception -> status code, most specific first."""
 _BY_NAME = {kind.__name__: kind for kind, _ in _ERRORS}
@@ -226,7 +228,11 @@ def error_from_status(err: grpc.RpcError, address: str) -> Exception:
         return ValueError(details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return PoolExhausted(details)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+    if code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,  # e.g. a stream the service cut off when it stopped
+    ):
         return ConnectionError(
             f"cache service at {address} did not answer ({code.name}: {details}); "
             "check that it is running (python -m cache_service --port ...)"

@@ -44,7 +44,10 @@ class CacheServiceConfig:
     metrics_port: int = 0
     """HTTP port of the Prometheus ``/metrics`` endpoint; 0 turns it off."""
     workers: int = 4
-    """Threads serving RPCs."""
+    """Threads serving unary RPCs."""
+    max_streams: int = 32
+    """Most ``DecodeStream`` calls open at once; each holds a thread of its own while open
+    (on top of ``workers``). One more is refused and its client falls back to ``Decode``."""
     grace_s: float = 5.0
     """On SIGTERM, seconds in-flight RPCs get to finish before the server stops."""
     log_level: str = "INFO"
@@ -61,6 +64,8 @@ class CacheServiceConfig:
             raise ValueError(f"max_sequences must be >= 0 (0: no limit), got {self.max_sequences}")
         if self.page_size <= 0 or self.head_dim <= 0 or self.workers <= 0:
             raise ValueError("page_size, head_dim and workers must be positive")
+        if self.max_streams < 0:
+            raise ValueError(f"max_streams must be >= 0 (0: no streams), got {self.max_streams}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.num_pages < 1:

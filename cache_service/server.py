@@ -120,7 +120,10 @@ def make_store(config: CacheServiceConfig, port: int) -> Store:
 def serve(config: CacheServiceConfig) -> CacheServer:
     """Start a cache service as ``config`` says; it runs until ``stop``."""
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
+        # an open DecodeStream holds its thread: room for every stream besides the workers
+        futures.ThreadPoolExecutor(
+            max_workers=config.workers + config.max_streams, thread_name_prefix="rpc"
+        ),
         interceptors=security.server_interceptors(config.security),
         options=codec.CHANNEL_OPTIONS,
     )
@@ -140,7 +143,9 @@ def serve(config: CacheServiceConfig) -> CacheServer:
 
 def _start(config: CacheServiceConfig, server: grpc.Server, port: int, store: Store) -> CacheServer:
     metrics = ServiceMetrics(store)
-    servicer = CacheServicer(store, metrics, codec.host_identity(), config.max_memory)
+    servicer = CacheServicer(
+        store, metrics, codec.host_identity(), config.max_memory, config.max_streams
+    )
     pb_grpc.add_CacheServiceServicer_to_server(servicer, server)
     checker = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)

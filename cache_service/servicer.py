@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -25,7 +26,7 @@ from cache_service import codec
 from cache_service.metrics import ServiceMetrics
 from cache_service.page_pool import PoolExhausted
 from cache_service.store import Store
-from cache_service.types import POLICIES, SequenceSpec, UnknownSequence
+from cache_service.types import POLICIES, SequenceSpec, TooManyStreams, UnknownSequence
 from proto.icecache.v1 import cache_service_pb2 as pb
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
 
@@ -66,23 +67,34 @@ def _rpc(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     def wrapped(self: CacheServicer, request: Any, context: grpc.ServicerContext) -> Any:
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            _check_deadline(context)
-            return handler(self, request, context)
-        except DeadlinePassed as err:
-            code = grpc.StatusCode.DEADLINE_EXCEEDED
-            _abort(context, method, code, err)
-        except Exception as err:  # noqa: BLE001 - every error becomes a status
-            if isinstance(err, PoolExhausted):
-                err = PoolExhausted(f"{err} (limit: {self.limit})")
-            code = codec.error_status(err)
-            _abort(context, method, code, err)
-        finally:
-            self.metrics.observe(method, code.name, time.perf_counter() - started)
+        return _serve(self, method, handler, request, context)
 
     return wrapped  # type: ignore[return-value]
+
+
+def _serve(
+    servicer: CacheServicer,
+    method: str,
+    handler: Callable[[CacheServicer, Any, grpc.ServicerContext], Any],
+    request: Any,
+    context: grpc.ServicerContext,
+) -> Any:
+    """``handler``'s answer to one request; an exception ends the call with its status."""
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
+    try:
+        _check_deadline(context)
+        return handler(servicer, request, context)
+    except DeadlinePassed as err:
+        code = grpc.StatusCode.DEADLINE_EXCEEDED
+        _abort(context, method, code, err)
+    except Exception as err:  # noqa: BLE001 - every error becomes a status
+        if isinstance(err, PoolExhausted):
+            err = PoolExhausted(f"{err} (limit: {servicer.limit})")
+        code = codec.error_status(err)
+        _abort(context, method, code, err)
+    finally:
+        servicer.metrics.observe(method, code.name, time.perf_counter() - started)
 
 
 def _abort(
@@ -105,6 +117,8 @@ def _check_deadline(context: grpc.ServicerContext) -> None:
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
         raise DeadlinePassed("the call's deadline passed before the service could apply it")
+    if not context.is_active():  # a stream has no deadline; its client cancels instead
+        raise DeadlinePassed("the call was cancelled before the service could apply it")
 
 
 def _valid_id(seq_id: str) -> bool:
@@ -151,10 +165,17 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
     """Serves one store; ``info`` tells clients how to reach its page data."""
 
     def __init__(
-        self, store: Store, metrics: ServiceMetrics, host_id: str, max_memory: int = 0
+        self,
+        store: Store,
+        metrics: ServiceMetrics,
+        host_id: str,
+        max_memory: int = 0,
+        max_streams: int = 32,
     ) -> None:
         self.store = store
         self.metrics = metrics
+        self.max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams) if max_streams else None
         pool = store.pool
         self.limit = (
             f"--max-memory {max_memory or pool.num_pages * pool.page_bytes} bytes = "
@@ -206,6 +227,27 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
 
     @_rpc
     def Decode(self, request: pb.DecodeRequest, context: grpc.ServicerContext) -> pb.DecodeResponse:
+        return self._decode(request, context)
+
+    def DecodeStream(
+        self, requests: Iterator[pb.DecodeRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.DecodeResponse]:
+        """``Decode`` of each request in turn; a failed one ends the stream with its status."""
+        if self._streams is None or not self._streams.acquire(blocking=False):
+            err = TooManyStreams(
+                f"the cache service holds {self.max_streams} open decode streams, its "
+                "--max-streams; send this request with Decode, or raise --max-streams"
+            )
+            _abort(context, "DecodeStream", grpc.StatusCode.RESOURCE_EXHAUSTED, err)
+        try:
+            for request in requests:
+                yield _serve(self, "DecodeStream", CacheServicer._decode, request, context)
+        finally:
+            self._streams.release()
+
+    def _decode(
+        self, request: pb.DecodeRequest, context: grpc.ServicerContext
+    ) -> pb.DecodeResponse:
         seq_ids = list(request.seq_ids)
         keys, values = _floats(request.keys, "keys"), _floats(request.values, "values")
         positions = _ints(request.positions, "positions")

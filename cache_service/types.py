@@ -35,6 +35,10 @@ class TooManySequences(RuntimeError):
     """A create beyond the service's limit of concurrent sequences."""
 
 
+class TooManyStreams(RuntimeError):
+    """A ``DecodeStream`` beyond the service's limit of open streams; use ``Decode``."""
+
+
 @dataclass(frozen=True)
 class SequenceSpec:
     """How one sequence's KV cache is kept and selected from."""

@@ -1,7 +1,9 @@
 """The engine's KV store behind gRPC: a client of ``python -m cache_service``.
 
-Decode is one RPC per layer and step for the whole batch. Page data comes one of two ways,
-chosen on connect (``transport="auto"``):
+Decode is one request per layer and step for the whole batch, sent on a long-lived
+``DecodeStream`` (a message costs less than a unary call's set-up; ``Decode`` is used when
+the service refuses a stream). Page data comes one of two ways, chosen on connect
+(``transport="auto"``):
 
 - ``shm``: the service runs on this host (same host identity) and its pool is a shared-memory
   segment this process can map: the segment is mapped read-only and ``read_pages`` gathers
@@ -17,6 +19,9 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import queue
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -26,7 +31,7 @@ import numpy as np
 from cache_service import codec, security
 from cache_service.page_pool import DTYPES
 from cache_service.store import StoreStats
-from cache_service.types import Selection, SequenceSpec
+from cache_service.types import Selection, SequenceSpec, TooManyStreams
 from proto.icecache.v1 import cache_service_pb2 as pb
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
 
@@ -68,8 +73,62 @@ class SegmentView:
         self._mmap.close()
 
 
+class DecodeStream:
+    """One open ``DecodeStream`` call: ``send`` a request, get its response.
+
+    A stream has no per-message deadline, so a watchdog thread cancels the call when a
+    response takes longer than ``timeout`` s. After any error the stream is over.
+    """
+
+    def __init__(self, stub: pb_grpc.CacheServiceStub, timeout: float | None) -> None:
+        self._requests: queue.SimpleQueue[pb.DecodeRequest | None] = queue.SimpleQueue()
+        self._call = stub.DecodeStream(iter(self._requests.get, None))
+        self.timeout = timeout
+        self.answered = 0
+        """Responses received so far."""
+        self.timed_out = False
+        self._sent_at: float | None = None
+        self._closed = threading.Event()
+        if timeout is not None:
+            threading.Thread(target=self._watch, name="decode-stream-watchdog", daemon=True).start()
+
+    def send(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
+        """The response to ``request``; ``grpc.RpcError`` if the stream failed."""
+        self._sent_at = time.monotonic()
+        self._requests.put(request)
+        try:
+            response = next(self._call)
+        except StopIteration:
+            raise ConnectionError("the cache service ended the decode stream") from None
+        finally:
+            self._sent_at = None
+        self.answered += 1
+        return response
+
+    def close(self) -> None:
+        """End the stream (the service sees the end of its requests)."""
+        self._closed.set()
+        self._requests.put(None)
+
+    def _watch(self) -> None:
+        assert self.timeout is not None
+        tick = min(1.0, self.timeout / 4)
+        while not self._closed.wait(tick):
+            sent = self._sent_at
+            if sent is not None and time.monotonic() - sent > self.timeout:
+                self.timed_out = True
+                self._call.cancel()
+                return
+
+
 class RemoteKVClient:
-    """``KVClient`` over gRPC; ``transport`` is ``shm`` or ``rpc`` once connected."""
+    """``KVClient`` over gRPC; ``transport`` is ``shm`` or ``rpc`` once connected.
+
+    ``stream``: send decode steps on a ``DecodeStream`` (``False``: unary ``Decode`` calls).
+    """
+
+    STREAM_RETRY_S = 60.0
+    """After the service refused a stream, seconds of unary ``Decode`` before asking again."""
 
     def __init__(
         self,
@@ -77,9 +136,13 @@ class RemoteKVClient:
         address: str,
         transport: Transport = "auto",
         timeout: float | None = 300.0,
+        stream: bool = True,
     ) -> None:
         self.address = address
         self.timeout = timeout
+        self._stream: DecodeStream | None = None
+        self._stream_lock = threading.Lock()  # one caller at a time on the stream
+        self._stream_after = 0.0 if stream else float("inf")
         self._channel = channel
         self._stub = pb_grpc.CacheServiceStub(channel)
         self.info = self._call(self._stub.Info, pb.InfoRequest())
@@ -104,6 +167,7 @@ class RemoteKVClient:
         timeout: float | None = 300.0,
         connect_timeout: float = 10.0,
         auth: security.SecurityConfig | None = None,
+        stream: bool = True,
     ) -> RemoteKVClient:
         """Open a channel to ``host:port`` and wait up to ``connect_timeout`` s for it.
 
@@ -114,7 +178,7 @@ class RemoteKVClient:
         channel = security.make_channel(address, auth, options=codec.CLIENT_OPTIONS)
         try:
             grpc.channel_ready_future(channel).result(timeout=connect_timeout)
-            return cls(channel, address, transport, timeout)
+            return cls(channel, address, transport, timeout, stream)
         except grpc.FutureTimeoutError:
             channel.close()
             tls = "with TLS " if auth.client_tls else "without TLS "
@@ -170,7 +234,7 @@ class RemoteKVClient:
             positions=codec.to_tensor(np.asarray(positions, dtype=np.int64)),
             queries=codec.to_tensor(queries),
         )
-        response = self._call(self._stub.Decode, request)
+        response = self._decode(request)
         return [codec.selection_from_proto(s) for s in response.selections]
 
     def retrieve(self, seq_id: str, layer: int, queries: np.ndarray) -> Selection:
@@ -200,7 +264,11 @@ class RemoteKVClient:
         return StoreStats(s.sequences, s.pages_used, s.pages_total, s.page_bytes)
 
     def close(self) -> None:
-        """Unmap the segment and close the channel."""
+        """End the decode stream, unmap the segment and close the channel."""
+        with self._stream_lock:
+            if self._stream is not None:
+                self._stream.close()
+                self._stream = None
         if self.segment is not None:
             self.segment.close()
             self.segment = None
@@ -218,6 +286,50 @@ class RemoteKVClient:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as err:
             raise codec.error_from_status(err, self.address) from None
+
+    def _decode(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
+        """On the stream when there is one to use (opening it if need be), else unary."""
+        if time.monotonic() >= self._stream_after and self._stream_lock.acquire(blocking=False):
+            try:
+                response = self._decode_on_stream(request)
+            finally:
+                self._stream_lock.release()
+            if response is not None:
+                return response
+        return self._call(self._stub.Decode, request)
+
+    def _decode_on_stream(self, request: pb.DecodeRequest) -> pb.DecodeResponse | None:
+        """The response, or ``None`` when the service refused the stream before reading
+        the request (too many streams, or a service without ``DecodeStream``)."""
+        stream = self._stream or DecodeStream(self._stub, self.timeout)
+        self._stream = stream
+        try:
+            return stream.send(request)
+        except grpc.RpcError as err:
+            self._stream = None
+            stream.close()
+            meta = dict(getattr(err, "trailing_metadata", lambda: ())() or ())
+            refused = err.code() == grpc.StatusCode.UNIMPLEMENTED or (
+                meta.get(codec.ERROR_KEY) == TooManyStreams.__name__
+            )
+            if stream.answered == 0 and refused:
+                self._stream_after = time.monotonic() + self.STREAM_RETRY_S
+                log.warning(
+                    "cache service at %s refused a decode stream (%s); using Decode calls",
+                    self.address,
+                    err.details(),
+                )
+                return None
+            if stream.timed_out:
+                raise ConnectionError(
+                    f"cache service at {self.address} did not answer a decode step within "
+                    f"{self.timeout:g} s; check that it is running"
+                ) from None
+            raise codec.error_from_status(err, self.address) from None
+        except BaseException:
+            self._stream = None
+            stream.close()
+            raise
 
     def _map_segment(self) -> SegmentView | None:
         """The pool's segment mapped read-only, or ``None`` when it cannot be shared."""

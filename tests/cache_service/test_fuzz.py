@@ -12,6 +12,7 @@ one known way, plus raw garbage bytes. Facts checked:
 """
 
 import itertools
+import queue
 from dataclasses import dataclass, field
 
 import grpc
@@ -297,8 +298,29 @@ def _apply(model, effect):
             seq.flushed[layer] = True
 
 
-def _send(stub, channel, method, request):
-    """Status code, error name and details of one call."""
+class _Stream:
+    """An open DecodeStream: one request in, its response out, until an error ends it."""
+
+    def __init__(self, stub):
+        self.requests = queue.SimpleQueue()
+        self.call = stub.DecodeStream(iter(self.requests.get, None), timeout=600)
+
+    def __call__(self, request, timeout):
+        self.requests.put(request)
+        return next(self.call)
+
+
+def _send(stub, channel, method, request, stream=None):
+    """Status code, error name and details of one call (a Decode on ``stream`` if given)."""
+    if stream is not None and method == "Decode":
+        try:
+            stream[0](request, timeout=30)
+            return OK, "", ""
+        except grpc.RpcError as err:
+            stream[0].requests.put(None)
+            stream[0] = _Stream(stub)  # an error ends a stream: the client opens another
+            meta = dict(err.trailing_metadata() or ())
+            return err.code(), meta.get(codec.ERROR_KEY, ""), err.details()
     if method == "garbage":
         call = channel.unary_unary("/icecache.v1.CacheService/Append")
     else:
@@ -326,11 +348,13 @@ messages = st.lists(
 def test_random_and_mutated_messages_get_the_right_status_and_leak_nothing(service, stub, batch):
     stub, channel = stub
     model = Model(prefix=f"fz{COUNTS['messages']}")
+    stream = [_Stream(stub)]
     try:
         for op, seed in batch:
             rng = np.random.default_rng(seed)
             method, request, expect, effect = _build(rng, model, op)
-            code, name, details = _send(stub, channel, method, request)
+            on_stream = stream if seed % 2 else None  # half the decodes go on a stream
+            code, name, details = _send(stub, channel, method, request, on_stream)
             COUNTS["messages"] += 1
             key = f"{method} {code.name}"
             COUNTS[key] = COUNTS.get(key, 0) + 1
@@ -353,6 +377,7 @@ def test_random_and_mutated_messages_get_the_right_status_and_leak_nothing(servi
             if code == OK and effect is not None:
                 _apply(model, effect)
     finally:
+        stream[0].requests.put(None)
         for seq_id in list(model.seqs):
             code, _, details = _send(stub, channel, "Release", pb.ReleaseRequest(seq_id=seq_id))
             assert code == OK, details

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from cache_service.config import CacheServiceConfig
 from cache_service.page_pool import PagePool, PoolExhausted
 from cache_service.server import serve
 from cache_service.store import Store
-from cache_service.types import SequenceExists, SequenceSpec, UnknownSequence
+from cache_service.types import OutOfOrder, SequenceExists, SequenceSpec, UnknownSequence
 from proto.icecache.v1 import cache_service_pb2 as pb
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
 from worker.remote_kv import RemoteKVClient
@@ -125,6 +126,112 @@ def test_decode_selections_equal_the_in_process_store(shm_client):
         got_data, want_data = shm_client.read_pages(got.pages), local.read_pages(want.pages)
         np.testing.assert_array_equal(got_data, want_data)
     shm_client.release("replay")
+
+
+def _decodes(service, method):
+    sample = {"method": method, "code": "OK"}
+    return service.metrics.registry.get_sample_value("icecache_requests_total", sample) or 0
+
+
+def test_stream_and_unary_decodes_select_the_same_pages(address, service):
+    local = Store(PagePool(2048, PAGE, DIM))
+    want = _replay(local, "both")
+    streamed, unary = _decodes(service, "DecodeStream"), _decodes(service, "Decode")
+    with RemoteKVClient.connect(address, stream=False) as client:
+        got_unary = _replay(client, "unary")
+        assert _decodes(service, "Decode") == unary + len(want)
+        with RemoteKVClient.connect(address) as streaming:
+            got_stream = _replay(streaming, "stream")
+            assert _decodes(service, "DecodeStream") == streamed + len(want)
+            for a, b, c in zip(got_stream, got_unary, want, strict=True):
+                for field in ("indptr", "lens"):
+                    np.testing.assert_array_equal(getattr(a, field), getattr(c, field))
+                    np.testing.assert_array_equal(getattr(b, field), getattr(c, field))
+                np.testing.assert_array_equal(
+                    streaming.read_pages(a.pages), local.read_pages(c.pages)
+                )
+            streaming.release("stream")
+        client.release("unary")
+
+
+def test_an_error_ends_the_stream_and_the_next_step_opens_another(shm_client):
+    local = Store(PagePool(2048, PAGE, DIM))
+    rng = np.random.default_rng(3)
+    for kv in (local, shm_client):
+        kv.create("gap", _spec())
+        for layer in range(LAYERS):
+            kv.append("gap", layer, *_kv(rng, 40), np.arange(40))
+    step = (*_kv(rng, 1), np.array([41]), rng.standard_normal((1, Q, DIM), np.float32))
+    with pytest.raises(OutOfOrder) as want:
+        local.decode(0, ["gap"], *step)
+    first = shm_client._stream
+    with pytest.raises(OutOfOrder) as got:
+        shm_client.decode(0, ["gap"], *step)
+    assert str(got.value) == str(want.value)  # the store's own message
+    assert shm_client._stream is None and first is not None
+    sel = shm_client.decode(0, ["gap"], step[0], step[1], np.array([40]), step[3])[0]
+    assert shm_client._stream is not None and sel.pages.size > 0
+    shm_client.release("gap")
+
+
+def test_streams_beyond_the_limit_fall_back_to_unary_decode(caplog):
+    server = serve(_config(max_streams=1))
+    address = f"127.0.0.1:{server.port}"
+    try:
+        with RemoteKVClient.connect(address) as first, RemoteKVClient.connect(address) as second:
+            _replay(first, "first", steps=1)
+            assert _decodes(server, "DecodeStream") == LAYERS  # first holds the one stream
+            with caplog.at_level("WARNING", logger="worker.remote_kv"):
+                _replay(second, "second", steps=2)
+            assert _decodes(server, "Decode") == 2 * LAYERS
+            assert "refused a decode stream" in caplog.text and "TooManyStreams" not in caplog.text
+            assert "--max-streams" in caplog.text
+            first.close()  # its stream ends and frees the slot
+            second._stream_after = 0.0  # (the retry pause is a minute)
+            _replay(second, "third", steps=1)
+            assert _decodes(server, "DecodeStream") == 2 * LAYERS
+    finally:
+        server.stop(0)
+
+
+def test_a_service_without_streams_serves_unary_decode():
+    server = serve(_config(max_streams=0))
+    try:
+        with RemoteKVClient.connect(f"127.0.0.1:{server.port}") as client:
+            assert len(_replay(client, "plain", steps=2)) == 2 * LAYERS
+        assert _decodes(server, "Decode") == 2 * LAYERS
+    finally:
+        server.stop(0)
+
+
+def test_a_stream_step_without_answer_times_out_and_is_not_applied(address, service):
+    with RemoteKVClient.connect(address, timeout=0.5) as client:
+        rng = np.random.default_rng(4)
+        client.create("stuck", _spec())
+        client.append("stuck", 0, *_kv(rng, 40), np.arange(40))
+        step = (*_kv(rng, 1), np.array([40]), rng.standard_normal((1, Q, DIM), np.float32))
+        no_answer = pytest.raises(ConnectionError, match="did not answer a decode step within")
+        with service.store.lock, no_answer:  # the service cannot get to the request
+            client.decode(0, ["stuck"], *step)
+        # the cancelled step was refused, not applied: position 40 is still the next one
+        assert client.decode(0, ["stuck"], *step)[0].pages.size > 0
+        client.release("stuck")
+
+
+def test_stopping_the_service_ends_open_streams():
+    server = serve(_config())
+    client = RemoteKVClient.connect(f"127.0.0.1:{server.port}")
+    try:
+        _replay(client, "open", steps=1)
+        assert client._stream is not None
+        started = time.monotonic()
+        server.stop(0.5)
+        assert time.monotonic() - started < 5
+        with pytest.raises(ConnectionError):
+            _replay(client, "after", steps=1)
+    finally:
+        client.close()
+        server.stop(0)
 
 
 def test_shm_and_rpc_reads_give_identical_bytes(shm_client, rpc_client, service):
@@ -254,12 +361,10 @@ def test_health_is_serving_and_reflection_lists_the_service(address):
 def test_metrics_count_requests_and_expose_memory(service, shm_client):
     _replay(shm_client, "metrics", steps=2)
     registry = service.metrics.registry
+    ok = {"method": "DecodeStream", "code": "OK"}  # a client decodes on a stream
+    assert registry.get_sample_value("icecache_requests_total", ok) >= 2 * LAYERS
     assert (
-        registry.get_sample_value("icecache_requests_total", {"method": "Decode", "code": "OK"})
-        >= 2 * LAYERS
-    )
-    assert (
-        registry.get_sample_value("icecache_request_seconds_count", {"method": "Decode"})
+        registry.get_sample_value("icecache_request_seconds_count", {"method": "DecodeStream"})
         >= 2 * LAYERS
     )
     assert registry.get_sample_value("icecache_selected_pages_total") > 0
