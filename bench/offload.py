@@ -206,6 +206,36 @@ def report(runs: list[Run], context: int) -> list[str]:
     return lines + [""]
 
 
+def round_trip_floor(address: str, calls: int = 300, compute_ms: float = 3.0) -> list[str]:
+    """p50 of a bare unary call (``Stats``: lock-free, no tensors) back to back, and after
+    ``compute_ms`` of single-threaded matrix work, as a worker computes between layers."""
+    weight, x = torch.randn(576, 1536), torch.randn(1, 576)  # an MLP matrix of the model
+
+    def compute() -> None:
+        until = time.perf_counter() + compute_ms / 1000
+        while time.perf_counter() < until:
+            torch.mm(x, weight)
+
+    p50 = {}
+    with RemoteKVClient.connect(address) as client:
+        for name, between in (("back to back", None), ("after compute", compute)):
+            times = []
+            for _ in range(calls):
+                if between is not None:
+                    between()
+                started = time.perf_counter()
+                client.stats()
+                times.append(time.perf_counter() - started)
+            p50[name] = 1000 * float(np.median(times))
+    return [
+        f"Bare round trip on this machine (a `Stats` call, p50 of {calls}): "
+        f"{p50['back to back']:.2f} ms back to back, {p50['after compute']:.2f} ms after "
+        f"{compute_ms:g} ms of single-threaded compute (the server's idle threads wake "
+        "slower). A decode step makes 30 such round trips, one per layer.",
+        "",
+    ]
+
+
 def _agree(a: list[int], b: list[int]) -> str:
     same = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
     return f"first {same} of {len(a)}"
@@ -225,6 +255,8 @@ def main() -> None:
     proc, address = start_service("3G")
     lines = _header(args)
     try:
+        lines += round_trip_floor(address)
+        print("\n".join(lines[-3:]), flush=True)
         for context in (int(x) for x in args.contexts.split(",")):
             runs = make_runs(model, address, config)
             prompt = context - args.new_tokens - 1  # the context reaches ``context`` at the end
