@@ -264,8 +264,8 @@ def select(
         return pos[pos < end], len(take)
     if policy == "oracle":
         scores = (q @ case.keys[start:end].T).max(axis=0)
-        take = min(body_budget, len(scores))
-        pos = start + np.argpartition(-scores, take - 1)[:take]
+        count = min(body_budget, len(scores))
+        pos = start + np.argpartition(-scores, count - 1)[:count]
         return pos, len(np.unique((pos - start) // PAGE))
     assert policy == "streaming", policy
     pos = np.arange(max(start, end - body_budget), end)

@@ -113,7 +113,11 @@ def serve_until_signal(start: Callable[[], Stoppable], grace_s: float) -> int:
     signal.signal(signal.SIGINT, on_signal)
     service = start()
     try:
-        stopping.wait()
+        # Wake now and then: Python runs a signal's handler in the main thread only, and a
+        # blocking wait there is not interrupted when the OS hands the signal to another
+        # of this process's threads (gRPC's, the decode loop, a decode stream's).
+        while not stopping.wait(0.2):
+            pass
     finally:
         service.stop(grace_s)
     return 0
