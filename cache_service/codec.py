@@ -210,10 +210,15 @@ def error_name(err: Exception) -> str:
     return ""
 
 
+def trailer(err: grpc.RpcError) -> dict[str, str]:
+    """The trailing metadata of a failed call (empty when it has none)."""
+    return dict(getattr(err, "trailing_metadata", lambda: ())() or ())
+
+
 def error_from_status(err: grpc.RpcError, address: str) -> Exception:
     """The domain exception a failed call stands for, with the service's message."""
     code, details = err.code(), err.details() or ""
-    meta = dict(getattr(err, "trailing_metadata", lambda: ())() or ())
+    meta = trailer(err)
     if code == grpc.StatusCode.NOT_FOUND:
         return UnknownSequence(meta.get(SEQ_ID_KEY, details))
     kind = _BY_NAME.get(meta.get(ERROR_KEY, ""))

@@ -77,7 +77,10 @@ class DecodeStream:
     """One open ``DecodeStream`` call: ``send`` a request, get its response.
 
     A stream has no per-message deadline, so a watchdog thread cancels the call when a
-    response takes longer than ``timeout`` s. After any error the stream is over.
+    response takes longer than ``timeout`` s. The service refuses a step it gets to after the
+    cancellation; one it was already applying may have been applied (as with a unary call
+    whose reply is lost), so the caller treats the sequence as failed. After any error the
+    stream is over.
     """
 
     def __init__(self, stub: pb_grpc.CacheServiceStub, timeout: float | None) -> None:
@@ -305,12 +308,13 @@ class RemoteKVClient:
         self._stream = stream
         try:
             return stream.send(request)
-        except grpc.RpcError as err:
-            self._stream = None
+        except BaseException as err:
+            self._stream = None  # any failure ends the stream; the next step opens another
             stream.close()
-            meta = dict(getattr(err, "trailing_metadata", lambda: ())() or ())
+            if not isinstance(err, grpc.RpcError):
+                raise
             refused = err.code() == grpc.StatusCode.UNIMPLEMENTED or (
-                meta.get(codec.ERROR_KEY) == TooManyStreams.__name__
+                codec.trailer(err).get(codec.ERROR_KEY) == TooManyStreams.__name__
             )
             if stream.answered == 0 and refused:
                 self._stream_after = time.monotonic() + self.STREAM_RETRY_S
@@ -326,10 +330,6 @@ class RemoteKVClient:
                     f"{self.timeout:g} s; check that it is running"
                 ) from None
             raise codec.error_from_status(err, self.address) from None
-        except BaseException:
-            self._stream = None
-            stream.close()
-            raise
 
     def _map_segment(self) -> SegmentView | None:
         """The pool's segment mapped read-only, or ``None`` when it cannot be shared."""

@@ -312,16 +312,10 @@ class _Stream:
 
 def _send(stub, channel, method, request, stream=None):
     """Status code, error name and details of one call (a Decode on ``stream`` if given)."""
-    if stream is not None and method == "Decode":
-        try:
-            stream[0](request, timeout=30)
-            return OK, "", ""
-        except grpc.RpcError as err:
-            stream[0].requests.put(None)
-            stream[0] = _Stream(stub)  # an error ends a stream: the client opens another
-            meta = dict(err.trailing_metadata() or ())
-            return err.code(), meta.get(codec.ERROR_KEY, ""), err.details()
-    if method == "garbage":
+    on_stream = stream is not None and method == "Decode"
+    if on_stream:
+        call = stream[0]
+    elif method == "garbage":
         call = channel.unary_unary("/icecache.v1.CacheService/Append")
     else:
         call = getattr(stub, method)
@@ -329,8 +323,10 @@ def _send(stub, channel, method, request, stream=None):
         call(request, timeout=30)
         return OK, "", ""
     except grpc.RpcError as err:
-        meta = dict(err.trailing_metadata() or ())
-        return err.code(), meta.get(codec.ERROR_KEY, ""), err.details()
+        if on_stream:  # an error ends a stream: the client opens another
+            stream[0].requests.put(None)
+            stream[0] = _Stream(stub)
+        return err.code(), codec.trailer(err).get(codec.ERROR_KEY, ""), err.details()
 
 
 messages = st.lists(

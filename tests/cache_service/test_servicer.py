@@ -161,15 +161,17 @@ def test_an_error_ends_the_stream_and_the_next_step_opens_another(shm_client):
         kv.create("gap", _spec())
         for layer in range(LAYERS):
             kv.append("gap", layer, *_kv(rng, 40), np.arange(40))
-    step = (*_kv(rng, 1), np.array([41]), rng.standard_normal((1, Q, DIM), np.float32))
+    keys, values = _kv(rng, 1)
+    queries = rng.standard_normal((1, Q, DIM), np.float32)
+    shm_client.decode(1, ["gap"], keys, values, np.array([40]), queries)  # opens the stream
+    assert shm_client._stream is not None
     with pytest.raises(OutOfOrder) as want:
-        local.decode(0, ["gap"], *step)
-    first = shm_client._stream
+        local.decode(0, ["gap"], keys, values, np.array([41]), queries)
     with pytest.raises(OutOfOrder) as got:
-        shm_client.decode(0, ["gap"], *step)
+        shm_client.decode(0, ["gap"], keys, values, np.array([41]), queries)
     assert str(got.value) == str(want.value)  # the store's own message
-    assert shm_client._stream is None and first is not None
-    sel = shm_client.decode(0, ["gap"], step[0], step[1], np.array([40]), step[3])[0]
+    assert shm_client._stream is None
+    sel = shm_client.decode(0, ["gap"], keys, values, np.array([40]), queries)[0]
     assert shm_client._stream is not None and sel.pages.size > 0
     shm_client.release("gap")
 
@@ -211,9 +213,11 @@ def test_a_stream_step_without_answer_times_out_and_is_not_applied(address, serv
         client.append("stuck", 0, *_kv(rng, 40), np.arange(40))
         step = (*_kv(rng, 1), np.array([40]), rng.standard_normal((1, Q, DIM), np.float32))
         no_answer = pytest.raises(ConnectionError, match="did not answer a decode step within")
-        with service.store.lock, no_answer:  # the service cannot get to the request
-            client.decode(0, ["stuck"], *step)
-        # the cancelled step was refused, not applied: position 40 is still the next one
+        with service.store.lock:  # the service cannot get to the request
+            with no_answer:
+                client.decode(0, ["stuck"], *step)
+            time.sleep(0.3)  # the cancellation reaches the service before the lock is free
+        # refused once the service got to it, not applied: position 40 is still the next one
         assert client.decode(0, ["stuck"], *step)[0].pages.size > 0
         client.release("stuck")
 
