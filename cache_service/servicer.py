@@ -238,7 +238,9 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
                 f"the cache service holds {self.max_streams} open decode streams, its "
                 "--max-streams; send this request with Decode, or raise --max-streams"
             )
-            _abort(context, "DecodeStream", grpc.StatusCode.RESOURCE_EXHAUSTED, err)
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            self.metrics.observe("DecodeStream", code.name, 0.0)
+            _abort(context, "DecodeStream", code, err)
         try:
             for request in requests:
                 yield _serve(self, "DecodeStream", CacheServicer._decode, request, context)

@@ -186,6 +186,8 @@ def test_streams_beyond_the_limit_fall_back_to_unary_decode(caplog):
             with caplog.at_level("WARNING", logger="worker.remote_kv"):
                 _replay(second, "second", steps=2)
             assert _decodes(server, "Decode") == 2 * LAYERS
+            refused = {"method": "DecodeStream", "code": "RESOURCE_EXHAUSTED"}
+            assert server.metrics.registry.get_sample_value("icecache_requests_total", refused)
             assert "refused a decode stream" in caplog.text and "TooManyStreams" not in caplog.text
             assert "--max-streams" in caplog.text
             first.close()  # its stream ends and frees the slot
