@@ -8,13 +8,12 @@ import torch
 
 from kernels import emulator
 from kernels.cupy_ops import MODULE_KERNELS
+from tests.kernels import require_emulator
 
 
 @pytest.fixture(scope="module")
 def kernels() -> emulator.EmulatedKernels:
-    reason = emulator.available()
-    if reason:
-        pytest.skip(reason)
+    require_emulator()
     return emulator.load()
 
 

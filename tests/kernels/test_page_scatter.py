@@ -9,6 +9,7 @@ import torch
 
 from kernels import cupy_ops, emulator
 from kernels.reference import page_scatter_ref
+from tests.kernels import require_emulator
 
 
 class Runner(NamedTuple):
@@ -20,9 +21,7 @@ class Runner(NamedTuple):
 def runner(request: pytest.FixtureRequest) -> Runner:
     """The emulator on CPU tensors, or CuPy on CUDA tensors (skipped without them)."""
     if request.param == "emulator":
-        reason = emulator.available()
-        if reason:
-            pytest.skip(reason)
+        require_emulator()
         return Runner(emulator.EmulatorBackend(num_sms=2), torch.device("cpu"))
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")

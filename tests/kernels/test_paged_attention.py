@@ -14,6 +14,7 @@ import torch
 
 from kernels import cupy_ops, emulator
 from kernels.reference import paged_decode_attention_ref
+from tests.kernels import require_emulator
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -27,9 +28,7 @@ class Runner(NamedTuple):
 def runner(request: pytest.FixtureRequest) -> Runner:
     """The emulator on CPU tensors, or CuPy on CUDA tensors (skipped without them)."""
     if request.param == "emulator":
-        reason = emulator.available()
-        if reason:
-            pytest.skip(reason)
+        require_emulator()
         return Runner(emulator.EmulatorBackend(num_sms=2), torch.device("cpu"))
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
