@@ -3,20 +3,21 @@
 Writes ``bench/results/offload.md``. A ``python -m cache_service`` process is started on
 loopback; for each context length one prompt (a window of Python's ``pydoc_data``
 documentation) is prefilled once in-process, and the recorded K/V are replayed into the
-service, so every store holds the same cache. Then three engines decode greedily in
+service, so every store holds the same cache. Then the engines decode greedily in
 lock-step, one step each in turn (the order rotates), so a noisy machine slows them alike:
 
 - ``in-process``: ``LocalKVClient``;
-- ``remote shm``: ``RemoteKVClient``, decode steps on a ``DecodeStream``, pages copied from
-  the service's shared memory;
+- ``remote shm``: ``RemoteKVClient`` as a same-host worker gets it: decode steps on a local
+  stream (``OpenLocalStream``, a Unix socket), pages copied from the service's shared memory;
+- ``remote shm, gRPC stream``: the same with decode steps on a gRPC ``DecodeStream``;
 - ``remote shm, unary``: the same with one unary ``Decode`` call per layer and step;
-- ``remote rpc``: ``RemoteKVClient`` on a stream, forced to read pages inside ``ReadPages``
-  responses.
+- ``remote rpc``: ``RemoteKVClient`` forced to read pages inside ``ReadPages`` responses
+  (as on another host), decode steps on a gRPC ``DecodeStream``.
 
 Per decode step it reports bytes moved into the device page cache and what would move
 without it (every selected page, every step), the cache hit rate, the per-layer ``Decode``
 call latency (p50/p99; the in-process row times ``Store.decode``), ms per token, and whether
-the three greedy outputs agree. The first decode step (index build) is left out of timings.
+the greedy outputs agree. The first decode step (index build) is left out of timings.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.offload [--contexts 4096,8192] [--new-tokens 16]
 
@@ -132,7 +133,8 @@ def make_runs(model: LlamaModel, address: str, config: EngineConfig) -> list[Run
     clients: list[tuple[str, KVClient]] = [
         ("in-process", local),
         ("remote shm", RemoteKVClient.connect(address, transport="shm")),
-        ("remote shm, unary", RemoteKVClient.connect(address, transport="shm", stream=False)),
+        ("remote shm, gRPC stream", RemoteKVClient.connect(address, decode="stream")),
+        ("remote shm, unary", RemoteKVClient.connect(address, transport="shm", decode="unary")),
         ("remote rpc", RemoteKVClient.connect(address, transport="rpc")),
     ]
     page_bytes = 2 * local.page_size * head_dim * 4
@@ -291,11 +293,13 @@ def _header(args: argparse.Namespace) -> list[str]:
         f"threads; cache service on 127.0.0.1 in its own process; written "
         f"{time.strftime('%Y-%m-%d')}.",
         "",
-        "Each row decodes the same prompt; steps of the four stores are interleaved. "
+        "Each row decodes the same prompt; steps of the five stores are interleaved. "
         "*Decode call* is one layer's `decode` (store new K/V + select pages) as the engine "
-        "sees it: a `Store.decode` call in-process, a request and its response on the "
-        "`DecodeStream` (encode, loopback, server, decode) remotely, or a unary `Decode` RPC "
-        "in the *unary* row. *Moved* is what the device page cache loaded; *without page cache* is "
+        "sees it: a `Store.decode` call in-process, remotely a request and its response "
+        "(encode, loopback, server, decode) on a local stream (*remote shm*: the same-host "
+        "default, a Unix socket), on a gRPC `DecodeStream` (*gRPC stream* and *remote rpc*), "
+        "or as a unary `Decode` RPC (*unary*). *Moved* is what the device page cache loaded; "
+        "*without page cache* is "
         "every selected page, every step. The first step (index build) is excluded. The "
         "prompt is `context - new_tokens - 1` tokens, so decoding ends at the context length.",
         "",

@@ -31,7 +31,11 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-_PARSERS: dict[str, Callable[[str], Any]] = {"max_memory": _size, "shared_memory": _bool}
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "max_memory": _size,
+    "shared_memory": _bool,
+    "local_streams": _bool,
+}
 _HELP = {
     "host": "interface to listen on (0.0.0.0 for all)",
     "port": "gRPC port (0: a free one, logged)",
@@ -41,9 +45,10 @@ _HELP = {
     "head_dim": "key/value dimension of the served model",
     "dtype": "stored K/V type: float32 or float16",
     "shared_memory": "keep pages in POSIX shared memory for same-host workers (true/false)",
+    "local_streams": "decode streams on a Unix socket for same-host workers (true/false)",
     "metrics_port": "Prometheus /metrics HTTP port (0: off)",
     "workers": "threads serving unary RPCs",
-    "max_streams": "most DecodeStream calls open at once (0: none; clients use Decode)",
+    "max_streams": "most decode streams open at once, gRPC and local (0: none; clients use Decode)",
     "grace_s": "seconds in-flight RPCs get on SIGTERM",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "json or text",

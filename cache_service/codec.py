@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+import struct
 from pathlib import Path
 
 import grpc
@@ -217,8 +218,20 @@ def trailer(err: grpc.RpcError) -> dict[str, str]:
 
 def error_from_status(err: grpc.RpcError, address: str) -> Exception:
     """The domain exception a failed call stands for, with the service's message."""
-    code, details = err.code(), err.details() or ""
-    meta = trailer(err)
+    return error_from_parts(err.code(), err.details() or "", trailer(err), address)
+
+
+def error_from_local(err: pb.LocalError, address: str) -> Exception:
+    """The domain exception an error on a local stream stands for (as ``error_from_status``)."""
+    code = getattr(grpc.StatusCode, err.code, grpc.StatusCode.UNKNOWN)
+    meta = {ERROR_KEY: err.error, SEQ_ID_KEY: err.seq_id}
+    return error_from_parts(code, err.message, {k: v for k, v in meta.items() if v}, address)
+
+
+def error_from_parts(
+    code: grpc.StatusCode, details: str, meta: dict[str, str], address: str
+) -> Exception:
+    """The domain exception of a status ``code`` with ``details`` and trailing ``meta``."""
     if code == grpc.StatusCode.NOT_FOUND:
         return UnknownSequence(meta.get(SEQ_ID_KEY, details))
     kind = _BY_NAME.get(meta.get(ERROR_KEY, ""))
@@ -243,3 +256,51 @@ def error_from_status(err: grpc.RpcError, address: str) -> Exception:
             "check that it is running (python -m cache_service --port ...)"
         )
     return RuntimeError(f"cache service at {address} failed ({code.name}): {details}")
+
+
+# ---- local streams ---------------------------------------------------------------------------
+_FRAME_HEADER = struct.Struct("<I")
+
+
+class FrameError(ConnectionError):
+    """A local stream carried something that is not a frame (or ended inside one)."""
+
+
+def write_frame(sock: socket.socket, payload: bytes) -> None:
+    """Send one frame of a local stream: a 4-byte little-endian length, then ``payload``."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise ValueError(
+            f"a message of {len(payload)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit"
+        )
+    sock.sendall(_FRAME_HEADER.pack(len(payload)) + payload)
+
+
+def read_frame(sock: socket.socket) -> bytes | None:
+    """The next frame's payload; ``None`` when the peer closed between frames.
+
+    Raises ``FrameError`` for a length over the message limit or an end inside a frame.
+    """
+    header = _read_exactly(sock, _FRAME_HEADER.size)
+    if not header:
+        return None
+    (size,) = _FRAME_HEADER.unpack(header)
+    if size > MAX_MESSAGE_BYTES:
+        raise FrameError(f"a frame of {size} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
+    payload = _read_exactly(sock, size)
+    if len(payload) < size:
+        raise FrameError(f"the stream ended {size - len(payload)} bytes into a frame")
+    return payload
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes, or fewer only where the peer closed (``FrameError`` if some came)."""
+    data = sock.recv(size)
+    if len(data) == size or not data:
+        return data
+    buffer = bytearray(data)
+    while len(buffer) < size:
+        more = sock.recv(size - len(buffer))
+        if not more:
+            raise FrameError(f"the stream ended {size - len(buffer)} bytes into a frame")
+        buffer += more
+    return bytes(buffer)

@@ -41,13 +41,17 @@ class CacheServiceConfig:
     """Element type of stored K/V: ``float32`` or ``float16``."""
     shared_memory: bool = True
     """Keep page data in a POSIX shared-memory segment that same-host workers map."""
+    local_streams: bool = True
+    """Offer same-host clients decode streams on a Unix socket (``OpenLocalStream``), which
+    cost less per message than gRPC's; needs ``shared_memory``."""
     metrics_port: int = 0
     """HTTP port of the Prometheus ``/metrics`` endpoint; 0 turns it off."""
     workers: int = 4
     """Threads serving unary RPCs."""
     max_streams: int = 32
-    """Most ``DecodeStream`` calls open at once; each holds a thread of its own while open
-    (on top of ``workers``). One more is refused and its client falls back to ``Decode``."""
+    """Most decode streams open at once (``DecodeStream`` calls and local streams together);
+    each holds a thread of its own while open (on top of ``workers``). One more is refused and
+    its client falls back to ``Decode``."""
     grace_s: float = 5.0
     """On SIGTERM, seconds in-flight RPCs get to finish before the server stops."""
     log_level: str = "INFO"

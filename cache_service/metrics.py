@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -70,6 +70,12 @@ class ServiceMetrics:
         )
         self.selected_pages = Counter(
             "icecache_selected_pages", "Pages returned by selections", registry=self.registry
+        )
+        self.open_streams = Gauge(
+            "icecache_open_streams",
+            "Decode streams open, by kind (grpc: DecodeStream, local: OpenLocalStream)",
+            ["kind"],
+            registry=self.registry,
         )
         self.registry.register(StoreCollector(store))
         self._http: WSGIServer | None = None

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cache_service import codec, security
 from cache_service.config import CacheServiceConfig
+from cache_service.local_stream import LocalStreams
 from cache_service.metrics import ServiceMetrics
 from cache_service.page_pool import PagePool
 from cache_service.servicer import SERVICE_NAME, CacheServicer
@@ -43,11 +44,17 @@ class CacheServer:
     store: Store
     metrics: ServiceMetrics
     health: health.HealthServicer
+    local: LocalStreams | None = None
+    """Same-host decode streams (``None``: not offered)."""
 
     def stop(self, grace: float | None = None) -> None:
-        """Refuse new RPCs, let in-flight ones finish for ``grace`` s, free the segment."""
+        """Refuse new RPCs and streams, let in-flight ones finish for ``grace`` s (open
+        streams until they close or the grace ends), free the segment."""
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        stopped = self.server.stop(grace)
+        if self.local is not None:
+            self.local.stop(grace)
+        stopped.wait()
         self.metrics.close()
         self.store.pool.close()
         log.info("stopped", extra={"port": self.port})
@@ -146,12 +153,19 @@ def _start(config: CacheServiceConfig, server: grpc.Server, port: int, store: St
     servicer = CacheServicer(
         store, metrics, codec.host_identity(), config.max_memory, config.max_streams
     )
+    if config.local_streams and store.pool.shm_name:
+        servicer.local = _local_streams(servicer, store.pool.shm_name + ".decode")
     pb_grpc.add_CacheServiceServicer_to_server(servicer, server)
     checker = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    server.start()
+    try:
+        server.start()
+    except BaseException:
+        if servicer.local is not None:
+            servicer.local.stop(0)
+        raise
     for name in ("", SERVICE_NAME):
         checker.set(name, health_pb2.HealthCheckResponse.SERVING)
     if config.metrics_port:
@@ -171,6 +185,16 @@ def _start(config: CacheServiceConfig, server: grpc.Server, port: int, store: St
             "auth": bool(config.security.token),
             "tls": config.security.server_tls,
             "max_sequences": config.max_sequences,
+            "local_streams": servicer.local.name if servicer.local else None,
         },
     )
-    return CacheServer(server, port, store, metrics, checker)
+    return CacheServer(server, port, store, metrics, checker, servicer.local)
+
+
+def _local_streams(servicer: CacheServicer, name: str) -> LocalStreams | None:
+    """Local streams on abstract socket ``name``; ``None`` (logged) where it cannot bind."""
+    try:
+        return LocalStreams(servicer, name)
+    except OSError as err:  # e.g. no abstract Unix sockets on this OS
+        log.warning("cannot offer local decode streams (%s); clients use DecodeStream", err)
+        return None

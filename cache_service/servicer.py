@@ -21,8 +21,10 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from cache_service import codec
+from cache_service.local_stream import METHOD, LocalContext, LocalStreams
 from cache_service.metrics import ServiceMetrics
 from cache_service.page_pool import PoolExhausted
 from cache_service.store import Store
@@ -80,6 +82,32 @@ def _serve(
     context: grpc.ServicerContext,
 ) -> Any:
     """``handler``'s answer to one request; an exception ends the call with its status."""
+    try:
+        return _answer(servicer, method, handler, request, context)
+    except Refused as refused:
+        _abort(context, method, refused.code, refused.err)
+
+
+class Refused(Exception):
+    """A request that failed: the status ``code`` it ends with and the error ``err``."""
+
+    def __init__(self, code: grpc.StatusCode, err: Exception) -> None:
+        super().__init__(code, err)
+        self.code, self.err = code, err
+
+
+def _answer(
+    servicer: CacheServicer,
+    method: str,
+    handler: Callable[[CacheServicer, Any, Any], Any],
+    request: Any,
+    context: Any,
+) -> Any:
+    """``handler``'s answer, timed in the metrics; ``Refused`` (from the error) if it fails.
+
+    ``context`` is a ``grpc.ServicerContext`` or anything with its ``time_remaining`` and
+    ``is_active`` (a local stream's).
+    """
     started = time.perf_counter()
     code = grpc.StatusCode.OK
     try:
@@ -87,12 +115,12 @@ def _serve(
         return handler(servicer, request, context)
     except DeadlinePassed as err:
         code = grpc.StatusCode.DEADLINE_EXCEEDED
-        _abort(context, method, code, err)
+        raise Refused(code, err) from err
     except Exception as err:  # noqa: BLE001 - every error becomes a status
         if isinstance(err, PoolExhausted):
             err = PoolExhausted(f"{err} (limit: {servicer.limit})")
         code = codec.error_status(err)
-        _abort(context, method, code, err)
+        raise Refused(code, err) from err
     finally:
         servicer.metrics.observe(method, code.name, time.perf_counter() - started)
 
@@ -101,19 +129,41 @@ def _abort(
     context: grpc.ServicerContext, method: str, code: grpc.StatusCode, err: Exception
 ) -> NoReturn:
     """Log ``err`` and end the RPC with ``code`` and its message (``abort`` raises)."""
-    if code == grpc.StatusCode.INTERNAL:
-        log.exception("%s failed", method, extra={"method": method})
-        context.abort(code, f"internal error in {method}: {type(err).__name__}: {err}")
-    log.info("%s refused: %s", method, err, extra={"method": method, "code": code.name})
-    trailer = [(codec.ERROR_KEY, codec.error_name(err))]
-    if isinstance(err, UnknownSequence) and _valid_id(str(err.args[0])):
-        trailer.append((codec.SEQ_ID_KEY, str(err.args[0])))
-    context.set_trailing_metadata(tuple(trailer))
-    context.abort(code, str(err))
+    details = _log_refusal(method, code, err)
+    if code != grpc.StatusCode.INTERNAL:
+        trailer = [(codec.ERROR_KEY, codec.error_name(err))]
+        if isinstance(err, UnknownSequence) and _valid_id(str(err.args[0])):
+            trailer.append((codec.SEQ_ID_KEY, str(err.args[0])))
+        context.set_trailing_metadata(tuple(trailer))
+    context.abort(code, details)
     raise AssertionError("grpc's abort returned")  # unreachable: abort raises
 
 
-def _check_deadline(context: grpc.ServicerContext) -> None:
+def local_error(method: str, refused: Refused) -> pb.LocalError:
+    """Log a failed request of a local stream; what its client gets instead of a status."""
+    code, err = refused.code, refused.err
+    details = _log_refusal(method, code, err)
+    if code == grpc.StatusCode.INTERNAL:
+        return pb.LocalError(code=code.name, message=details)
+    seq_id = str(err.args[0]) if isinstance(err, UnknownSequence) else ""
+    return pb.LocalError(
+        code=code.name,
+        message=details,
+        error=codec.error_name(err),
+        seq_id=seq_id if _valid_id(seq_id) else "",
+    )
+
+
+def _log_refusal(method: str, code: grpc.StatusCode, err: Exception) -> str:
+    """Log a failed request (with its traceback if unexpected); returns the status details."""
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("%s failed", method, exc_info=err, extra={"method": method})
+        return f"internal error in {method}: {type(err).__name__}: {err}"
+    log.info("%s refused: %s", method, err, extra={"method": method, "code": code.name})
+    return str(err)
+
+
+def _check_deadline(context: grpc.ServicerContext | LocalContext) -> None:
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
         raise DeadlinePassed("the call's deadline passed before the service could apply it")
@@ -176,6 +226,8 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         self.metrics = metrics
         self.max_streams = max_streams
         self._streams = threading.BoundedSemaphore(max_streams) if max_streams else None
+        self.local: LocalStreams | None = None
+        """Same-host decode streams, when the service offers them (set by the server)."""
         pool = store.pool
         self.limit = (
             f"--max-memory {max_memory or pool.num_pages * pool.page_bytes} bytes = "
@@ -233,22 +285,60 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         self, requests: Iterator[pb.DecodeRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.DecodeResponse]:
         """``Decode`` of each request in turn; a failed one ends the stream with its status."""
-        if self._streams is None or not self._streams.acquire(blocking=False):
-            err = TooManyStreams(
-                f"the cache service holds {self.max_streams} open decode streams, its "
-                "--max-streams; send this request with Decode, or raise --max-streams"
-            )
+        if not self.acquire_stream("grpc"):
             code = grpc.StatusCode.RESOURCE_EXHAUSTED
             self.metrics.observe("DecodeStream", code.name, 0.0)
-            _abort(context, "DecodeStream", code, err)
+            _abort(context, "DecodeStream", code, self.too_many_streams())
         try:
             for request in requests:
                 yield _serve(self, "DecodeStream", CacheServicer._decode, request, context)
         finally:
-            self._streams.release()
+            self.release_stream("grpc")
+
+    @_rpc
+    def OpenLocalStream(
+        self, request: pb.OpenLocalStreamRequest, context: grpc.ServicerContext
+    ) -> pb.OpenLocalStreamResponse:
+        if self.local is None:
+            return pb.OpenLocalStreamResponse()
+        return pb.OpenLocalStreamResponse(socket=self.local.name, ticket=self.local.ticket())
+
+    def decode_local(self, frame: bytes, context: LocalContext) -> pb.LocalReply:
+        """The reply to one frame of a local stream: ``Decode``'s response, or its error."""
+        try:
+            response = _answer(self, METHOD, CacheServicer._decode_frame, frame, context)
+        except Refused as refused:
+            return pb.LocalReply(error=local_error(METHOD, refused))
+        return pb.LocalReply(response=response)
+
+    def acquire_stream(self, kind: str) -> bool:
+        """Take one of the ``--max-streams`` slots for a stream of ``kind`` (``grpc`` or
+        ``local``); ``False`` when none is free."""
+        if self._streams is None or not self._streams.acquire(blocking=False):
+            return False
+        self.metrics.open_streams.labels(kind).inc()
+        return True
+
+    def release_stream(self, kind: str) -> None:
+        assert self._streams is not None
+        self.metrics.open_streams.labels(kind).dec()
+        self._streams.release()
+
+    def too_many_streams(self) -> TooManyStreams:
+        return TooManyStreams(
+            f"the cache service holds {self.max_streams} open decode streams, its "
+            "--max-streams; send this request with Decode, or raise --max-streams"
+        )
+
+    def _decode_frame(self, frame: bytes, context: LocalContext) -> pb.DecodeResponse:
+        try:
+            request = pb.DecodeRequest.FromString(frame)
+        except DecodeError as err:
+            raise ValueError(f"a local-stream frame is not a DecodeRequest: {err}") from None
+        return self._decode(request, context)
 
     def _decode(
-        self, request: pb.DecodeRequest, context: grpc.ServicerContext
+        self, request: pb.DecodeRequest, context: grpc.ServicerContext | LocalContext
     ) -> pb.DecodeResponse:
         seq_ids = list(request.seq_ids)
         keys, values = _floats(request.keys, "keys"), _floats(request.values, "values")

@@ -1,9 +1,10 @@
 """The engine's KV store behind gRPC: a client of ``python -m cache_service``.
 
-Decode is one request per layer and step for the whole batch, sent on a long-lived
-``DecodeStream`` (a message costs less than a unary call's set-up; ``Decode`` is used when
-the service refuses a stream). Page data comes one of two ways, chosen on connect
-(``transport="auto"``):
+Decode is one request per layer and step for the whole batch, sent on a long-lived stream:
+on the service's host a local stream (``OpenLocalStream``: the same messages on a Unix
+socket, a fraction of a gRPC message's cost), else a ``DecodeStream`` (a message costs less
+than a unary call's set-up); ``Decode`` is used when the service refuses a stream. Page
+data comes one of two ways, chosen on connect (``transport="auto"``):
 
 - ``shm``: the service runs on this host (same host identity) and its pool is a shared-memory
   segment this process can map: the segment is mapped read-only and ``read_pages`` gathers
@@ -20,6 +21,7 @@ import logging
 import mmap
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +40,10 @@ from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 Transport = Literal["auto", "shm", "rpc"]
+DecodePath = Literal["auto", "stream", "unary"]
+"""How decode steps travel: ``auto`` (a local stream where pages come through shared
+memory and the service offers one, else a gRPC stream), ``stream`` (a gRPC stream) or
+``unary`` (a ``Decode`` call each); refused streams fall back to ``Decode`` calls."""
 
 
 class SegmentView:
@@ -124,10 +130,82 @@ class DecodeStream:
                 return
 
 
+class LocalDecodeStream:
+    """A local stream (``OpenLocalStream``): ``send`` a request, get its response.
+
+    The same contract as ``DecodeStream``, over the service's Unix socket: ``timeout`` s per
+    step (then the connection is closed, and the service applies nothing it had not started);
+    after any error the stream is over.
+    """
+
+    def __init__(self, sock: socket.socket, address: str, timeout: float | None) -> None:
+        self._sock = sock
+        self.address = address
+        self.timeout = timeout
+        self.answered = 0
+        """Responses received so far."""
+
+    @classmethod
+    def open(
+        cls, stub: pb_grpc.CacheServiceStub, address: str, timeout: float | None
+    ) -> LocalDecodeStream | None:
+        """A stream the service accepted; ``None`` where it offers none or its socket is out
+        of reach (another network namespace). Raises the service's refusal (e.g.
+        ``TooManyStreams``) as its exception, ``grpc.RpcError`` if ``OpenLocalStream`` fails."""
+        offer = stub.OpenLocalStream(pb.OpenLocalStreamRequest(), timeout=timeout)
+        if not offer.socket:
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            try:
+                sock.connect("\0" + offer.socket)
+            except OSError as err:
+                log.info("cannot reach local stream socket %s (%s)", offer.socket, err)
+                sock.close()
+                return None
+            stream = cls(sock, address, timeout)
+            stream._reply(offer.ticket)
+        except BaseException:
+            sock.close()
+            raise
+        return stream
+
+    def send(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
+        """The response to ``request``; the service's error as its exception."""
+        response = self._reply(request.SerializeToString()).response
+        self.answered += 1
+        return response
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _reply(self, frame: bytes) -> pb.LocalReply:
+        try:
+            codec.write_frame(self._sock, frame)
+            answer = codec.read_frame(self._sock)
+        except TimeoutError:
+            assert self.timeout is not None
+            raise ConnectionError(
+                f"cache service at {self.address} did not answer a decode step within "
+                f"{self.timeout:g} s; check that it is running"
+            ) from None
+        except OSError as err:
+            raise ConnectionError(
+                f"the cache service at {self.address} ended the decode stream ({err})"
+            ) from None
+        if answer is None:
+            raise ConnectionError(f"the cache service at {self.address} ended the decode stream")
+        reply = pb.LocalReply.FromString(answer)
+        if reply.HasField("error"):
+            raise codec.error_from_local(reply.error, self.address)
+        return reply
+
+
 class RemoteKVClient:
     """``KVClient`` over gRPC; ``transport`` is ``shm`` or ``rpc`` once connected.
 
-    ``stream``: send decode steps on a ``DecodeStream`` (``False``: unary ``Decode`` calls).
+    ``decode``: how decode steps travel (``DecodePath``).
     """
 
     STREAM_RETRY_S = 60.0
@@ -139,13 +217,15 @@ class RemoteKVClient:
         address: str,
         transport: Transport = "auto",
         timeout: float | None = 300.0,
-        stream: bool = True,
+        decode: DecodePath = "auto",
     ) -> None:
+        if decode not in ("auto", "stream", "unary"):
+            raise ValueError(f"decode must be auto, stream or unary, got {decode!r}")
         self.address = address
         self.timeout = timeout
-        self._stream: DecodeStream | None = None
+        self._stream: DecodeStream | LocalDecodeStream | None = None
         self._stream_lock = threading.Lock()  # one caller at a time on the stream
-        self._stream_after = 0.0 if stream else float("inf")
+        self._stream_after = float("inf") if decode == "unary" else 0.0
         self._channel = channel
         self._stub = pb_grpc.CacheServiceStub(channel)
         self.info = self._call(self._stub.Info, pb.InfoRequest())
@@ -160,6 +240,8 @@ class RemoteKVClient:
                 "host or has no shared-memory segment; use transport='auto' or 'rpc'"
             )
         self.transport: Transport = "shm" if self.segment is not None else "rpc"
+        self._local = decode == "auto" and self.transport == "shm"
+        """Whether to try a local stream when opening one."""
         log.info("connected to %s (pages via %s)", address, self.transport)
 
     @classmethod
@@ -170,7 +252,7 @@ class RemoteKVClient:
         timeout: float | None = 300.0,
         connect_timeout: float = 10.0,
         auth: security.SecurityConfig | None = None,
-        stream: bool = True,
+        decode: DecodePath = "auto",
     ) -> RemoteKVClient:
         """Open a channel to ``host:port`` and wait up to ``connect_timeout`` s for it.
 
@@ -181,7 +263,7 @@ class RemoteKVClient:
         channel = security.make_channel(address, auth, options=codec.CLIENT_OPTIONS)
         try:
             grpc.channel_ready_future(channel).result(timeout=connect_timeout)
-            return cls(channel, address, transport, timeout, stream)
+            return cls(channel, address, transport, timeout, decode)
         except grpc.FutureTimeoutError:
             channel.close()
             tls = "with TLS " if auth.client_tls else "without TLS "
@@ -304,8 +386,13 @@ class RemoteKVClient:
     def _decode_on_stream(self, request: pb.DecodeRequest) -> pb.DecodeResponse | None:
         """The response, or ``None`` when the service refused the stream before reading
         the request (too many streams, or a service without ``DecodeStream``)."""
-        stream = self._stream or DecodeStream(self._stub, self.timeout)
-        self._stream = stream
+        if self._stream is None:
+            try:
+                self._stream = self._open_local() or DecodeStream(self._stub, self.timeout)
+            except TooManyStreams as err:
+                self._refused(str(err))
+                return None
+        stream = self._stream
         try:
             return stream.send(request)
         except BaseException as err:
@@ -313,16 +400,12 @@ class RemoteKVClient:
             stream.close()
             if not isinstance(err, grpc.RpcError):
                 raise
+            assert isinstance(stream, DecodeStream)
             refused = err.code() == grpc.StatusCode.UNIMPLEMENTED or (
                 codec.trailer(err).get(codec.ERROR_KEY) == TooManyStreams.__name__
             )
             if stream.answered == 0 and refused:
-                self._stream_after = time.monotonic() + self.STREAM_RETRY_S
-                log.warning(
-                    "cache service at %s refused a decode stream (%s); using Decode calls",
-                    self.address,
-                    err.details(),
-                )
+                self._refused(err.details())
                 return None
             if stream.timed_out:
                 raise ConnectionError(
@@ -330,6 +413,30 @@ class RemoteKVClient:
                     f"{self.timeout:g} s; check that it is running"
                 ) from None
             raise codec.error_from_status(err, self.address) from None
+
+    def _open_local(self) -> LocalDecodeStream | None:
+        """A local stream where one is to be had (else ``None``, and no more tries)."""
+        if not self._local:
+            return None
+        try:
+            stream = LocalDecodeStream.open(self._stub, self.address, self.timeout)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNIMPLEMENTED:  # else: a service before them
+                raise codec.error_from_status(err, self.address) from None
+            stream = None
+        if stream is None:
+            self._local = False
+            log.info("decode steps to %s go on a gRPC stream", self.address)
+        return stream
+
+    def _refused(self, details: str | None) -> None:
+        """Use ``Decode`` calls for a while: the service refused a stream."""
+        self._stream_after = time.monotonic() + self.STREAM_RETRY_S
+        log.warning(
+            "cache service at %s refused a decode stream (%s); using Decode calls",
+            self.address,
+            details,
+        )
 
     def _map_segment(self) -> SegmentView | None:
         """The pool's segment mapped read-only, or ``None`` when it cannot be shared."""

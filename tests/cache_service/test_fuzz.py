@@ -2,7 +2,8 @@
 
 Each hypothesis example drives a few sequences through a batch of ~40 requests: well-formed
 ones built from a model of what the service holds, and mutations of them that are wrong in
-one known way, plus raw garbage bytes. Facts checked:
+one known way, plus raw garbage bytes. Decodes go a third each as unary calls, on a gRPC
+``DecodeStream`` and on a local stream. Facts checked:
 
 - a mutated request gets exactly the status its mutation calls for, never OK or INTERNAL;
 - a well-formed request succeeds, or is refused for memory (RESOURCE_EXHAUSTED) having
@@ -13,6 +14,7 @@ one known way, plus raw garbage bytes. Facts checked:
 
 import itertools
 import queue
+import socket
 from dataclasses import dataclass, field
 
 import grpc
@@ -309,9 +311,41 @@ class _Stream:
         self.requests.put(request)
         return next(self.call)
 
+    def close(self):
+        self.requests.put(None)
+
+
+class _LocalFailure(Exception):
+    def __init__(self, error):
+        super().__init__(error.code)
+        self.error = error
+
+
+class _LocalStream:
+    """An open local stream (``OpenLocalStream``), spoken by hand: frames on its socket."""
+
+    def __init__(self, stub):
+        offer = stub.OpenLocalStream(pb.OpenLocalStreamRequest())
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(600)
+        self.sock.connect("\0" + offer.socket)
+        self(offer.ticket, None)
+
+    def __call__(self, request, timeout):
+        frame = request if isinstance(request, bytes) else request.SerializeToString()
+        codec.write_frame(self.sock, frame)
+        reply = pb.LocalReply.FromString(codec.read_frame(self.sock))
+        if reply.HasField("error"):
+            raise _LocalFailure(reply.error)
+        return reply.response
+
+    def close(self):
+        self.sock.close()
+
 
 def _send(stub, channel, method, request, stream=None):
-    """Status code, error name and details of one call (a Decode on ``stream`` if given)."""
+    """Status code, error name and details of one call (a Decode on ``stream`` if given:
+    a one-item list holding a ``_Stream`` or a ``_LocalStream``)."""
     on_stream = stream is not None and method == "Decode"
     if on_stream:
         call = stream[0]
@@ -324,9 +358,14 @@ def _send(stub, channel, method, request, stream=None):
         return OK, "", ""
     except grpc.RpcError as err:
         if on_stream:  # an error ends a stream: the client opens another
-            stream[0].requests.put(None)
+            stream[0].close()
             stream[0] = _Stream(stub)
         return err.code(), codec.trailer(err).get(codec.ERROR_KEY, ""), err.details()
+    except _LocalFailure as failure:
+        stream[0].close()
+        stream[0] = _LocalStream(stub)
+        error = failure.error
+        return getattr(grpc.StatusCode, error.code), error.error, error.message
 
 
 messages = st.lists(
@@ -344,12 +383,12 @@ messages = st.lists(
 def test_random_and_mutated_messages_get_the_right_status_and_leak_nothing(service, stub, batch):
     stub, channel = stub
     model = Model(prefix=f"fz{COUNTS['messages']}")
-    stream = [_Stream(stub)]
+    streams = {1: [_Stream(stub)], 2: [_LocalStream(stub)]}
     try:
         for op, seed in batch:
             rng = np.random.default_rng(seed)
             method, request, expect, effect = _build(rng, model, op)
-            on_stream = stream if seed % 2 else None  # half the decodes go on a stream
+            on_stream = streams.get(seed % 3)  # decodes: unary, on a gRPC or a local stream
             code, name, details = _send(stub, channel, method, request, on_stream)
             COUNTS["messages"] += 1
             key = f"{method} {code.name}"
@@ -373,7 +412,8 @@ def test_random_and_mutated_messages_get_the_right_status_and_leak_nothing(servi
             if code == OK and effect is not None:
                 _apply(model, effect)
     finally:
-        stream[0].requests.put(None)
+        for stream in streams.values():
+            stream[0].close()
         for seq_id in list(model.seqs):
             code, _, details = _send(stub, channel, "Release", pb.ReleaseRequest(seq_id=seq_id))
             assert code == OK, details

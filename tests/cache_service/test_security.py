@@ -20,7 +20,7 @@ from cache_service.types import SequenceSpec
 from proto.icecache.v1 import cache_service_pb2 as pb
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
 from tests.cache_service.test_server_process import _free_port, _wait_serving
-from worker.remote_kv import RemoteKVClient
+from worker.remote_kv import LocalDecodeStream, RemoteKVClient
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "s3cret-token"
@@ -100,6 +100,9 @@ def test_calls_without_the_right_token_are_unauthenticated(token_service):
         health = health_pb2_grpc.HealthStub(channel)
         reply = health.Check(health_pb2.HealthCheckRequest(service="icecache.v1.CacheService"))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        # a local stream's ticket comes only with the token
+        code, _ = _status(lambda: stub.OpenLocalStream(pb.OpenLocalStreamRequest()))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
         # nothing a refused call asked for happened
         authed = [("authorization", f"Bearer {TOKEN}")]
         assert stub.Stats(pb.StatsRequest(), metadata=authed).sequences == 0
@@ -110,6 +113,7 @@ def test_the_right_token_works_and_clients_without_it_are_told_what_to_set(token
     with RemoteKVClient.connect(address, auth=SecurityConfig(auth_token=TOKEN)) as client:
         assert client.transport == "shm"
         assert _use(client).shape[1:] == (2, 16, 64)
+        assert isinstance(client._stream, LocalDecodeStream)  # its ticket came with the token
         assert client.stats().sequences == 0
     with pytest.raises(PermissionError, match="ICECACHE_AUTH_TOKEN"):
         RemoteKVClient.connect(address, auth=SecurityConfig())

@@ -21,7 +21,7 @@ from cache_service.store import Store
 from cache_service.types import OutOfOrder, SequenceExists, SequenceSpec, UnknownSequence
 from proto.icecache.v1 import cache_service_pb2 as pb
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
-from worker.remote_kv import RemoteKVClient
+from worker.remote_kv import DecodeStream, LocalDecodeStream, RemoteKVClient
 
 LAYERS, KV, Q, DIM, PAGE = 3, 2, 4, 64, 16
 SHM = Path("/dev/shm")
@@ -128,72 +128,99 @@ def test_decode_selections_equal_the_in_process_store(shm_client):
     shm_client.release("replay")
 
 
-def _decodes(service, method):
-    sample = {"method": method, "code": "OK"}
+def _decodes(service, method, code="OK"):
+    sample = {"method": method, "code": code}
     return service.metrics.registry.get_sample_value("icecache_requests_total", sample) or 0
 
 
-def test_stream_and_unary_decodes_select_the_same_pages(address, service):
+def _open_streams(service, kind):
+    sample = {"kind": kind}
+    return service.metrics.registry.get_sample_value("icecache_open_streams", sample) or 0
+
+
+def _wait_for(condition, timeout=10.0):
+    """Until ``condition()`` holds: a service notices a closed stream on its own thread."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the service did not get there in time"
+        time.sleep(0.01)
+
+
+DECODE_PATHS = {"auto": "LocalStream", "stream": "DecodeStream", "unary": "Decode"}
+"""A client's ``decode`` setting -> the method its decode steps are counted under (on the
+service's host, ``auto`` takes a local stream)."""
+STREAM_TYPES = {"auto": LocalDecodeStream, "stream": DecodeStream}
+
+
+def test_local_stream_grpc_stream_and_unary_decodes_select_the_same_pages(address, service):
     local = Store(PagePool(2048, PAGE, DIM))
-    want = _replay(local, "both")
-    streamed, unary = _decodes(service, "DecodeStream"), _decodes(service, "Decode")
-    with RemoteKVClient.connect(address, stream=False) as client:
-        got_unary = _replay(client, "unary")
-        assert _decodes(service, "Decode") == unary + len(want)
-        with RemoteKVClient.connect(address) as streaming:
-            got_stream = _replay(streaming, "stream")
-            assert _decodes(service, "DecodeStream") == streamed + len(want)
-            for a, b, c in zip(got_stream, got_unary, want, strict=True):
+    want = _replay(local, "all")
+    open_before = {kind: _open_streams(service, kind) for kind in ("local", "grpc")}
+    for decode, method in DECODE_PATHS.items():
+        before = _decodes(service, method)
+        with RemoteKVClient.connect(address, decode=decode) as client:
+            got = _replay(client, decode)
+            assert _decodes(service, method) == before + len(want)
+            if decode in STREAM_TYPES:
+                assert type(client._stream) is STREAM_TYPES[decode]
+            for a, c in zip(got, want, strict=True):
                 for field in ("indptr", "lens"):
                     np.testing.assert_array_equal(getattr(a, field), getattr(c, field))
-                    np.testing.assert_array_equal(getattr(b, field), getattr(c, field))
-                np.testing.assert_array_equal(
-                    streaming.read_pages(a.pages), local.read_pages(c.pages)
-                )
-            streaming.release("stream")
-        client.release("unary")
+                ours, theirs = client.read_pages(a.pages), local.read_pages(c.pages)
+                for page, tokens in enumerate(c.lens):  # past ``lens``: what a freed page held
+                    np.testing.assert_array_equal(ours[page, :, :tokens], theirs[page, :, :tokens])
+            client.release(decode)
+    # closed clients' streams end at the service
+    _wait_for(lambda: all(_open_streams(service, k) == n for k, n in open_before.items()))
 
 
-def test_an_error_ends_the_stream_and_the_next_step_opens_another(shm_client):
+@pytest.mark.parametrize("decode", STREAM_TYPES)
+def test_an_error_ends_the_stream_and_the_next_step_opens_another(address, decode):
     local = Store(PagePool(2048, PAGE, DIM))
     rng = np.random.default_rng(3)
-    for kv in (local, shm_client):
-        kv.create("gap", _spec())
-        for layer in range(LAYERS):
-            kv.append("gap", layer, *_kv(rng, 40), np.arange(40))
-    keys, values = _kv(rng, 1)
-    queries = rng.standard_normal((1, Q, DIM), np.float32)
-    shm_client.decode(1, ["gap"], keys, values, np.array([40]), queries)  # opens the stream
-    assert shm_client._stream is not None
-    with pytest.raises(OutOfOrder) as want:
-        local.decode(0, ["gap"], keys, values, np.array([41]), queries)
-    with pytest.raises(OutOfOrder) as got:
-        shm_client.decode(0, ["gap"], keys, values, np.array([41]), queries)
-    assert str(got.value) == str(want.value)  # the store's own message
-    assert shm_client._stream is None
-    sel = shm_client.decode(0, ["gap"], keys, values, np.array([40]), queries)[0]
-    assert shm_client._stream is not None and sel.pages.size > 0
-    shm_client.release("gap")
+    with RemoteKVClient.connect(address, decode=decode) as client:
+        for kv in (local, client):
+            kv.create("gap", _spec())
+            for layer in range(LAYERS):
+                kv.append("gap", layer, *_kv(rng, 40), np.arange(40))
+        keys, values = _kv(rng, 1)
+        queries = rng.standard_normal((1, Q, DIM), np.float32)
+        client.decode(1, ["gap"], keys, values, np.array([40]), queries)  # opens the stream
+        assert type(client._stream) is STREAM_TYPES[decode]
+        with pytest.raises(OutOfOrder) as want:
+            local.decode(0, ["gap"], keys, values, np.array([41]), queries)
+        with pytest.raises(OutOfOrder) as got:
+            client.decode(0, ["gap"], keys, values, np.array([41]), queries)
+        assert str(got.value) == str(want.value)  # the store's own message
+        assert client._stream is None
+        with pytest.raises(UnknownSequence, match="nobody"):
+            client.decode(0, ["nobody"], keys, values, np.array([0]), queries)
+        sel = client.decode(0, ["gap"], keys, values, np.array([40]), queries)[0]
+        assert type(client._stream) is STREAM_TYPES[decode] and sel.pages.size > 0
+        client.release("gap")
 
 
-def test_streams_beyond_the_limit_fall_back_to_unary_decode(caplog):
+@pytest.mark.parametrize(("holder", "refused"), [("auto", "stream"), ("stream", "auto")])
+def test_streams_beyond_the_limit_fall_back_to_unary_decode(caplog, holder, refused):
     server = serve(_config(max_streams=1))
     address = f"127.0.0.1:{server.port}"
     try:
-        with RemoteKVClient.connect(address) as first, RemoteKVClient.connect(address) as second:
+        first = RemoteKVClient.connect(address, decode=holder)
+        with first, RemoteKVClient.connect(address, decode=refused) as second:
             _replay(first, "first", steps=1)
-            assert _decodes(server, "DecodeStream") == LAYERS  # first holds the one stream
+            assert _decodes(server, DECODE_PATHS[holder]) == LAYERS  # first holds the one stream
             with caplog.at_level("WARNING", logger="worker.remote_kv"):
                 _replay(second, "second", steps=2)
             assert _decodes(server, "Decode") == 2 * LAYERS
-            refused = {"method": "DecodeStream", "code": "RESOURCE_EXHAUSTED"}
-            assert server.metrics.registry.get_sample_value("icecache_requests_total", refused)
+            assert _decodes(server, DECODE_PATHS[refused], "RESOURCE_EXHAUSTED") == 1
             assert "refused a decode stream" in caplog.text and "TooManyStreams" not in caplog.text
             assert "--max-streams" in caplog.text
             first.close()  # its stream ends and frees the slot
+            _wait_for(lambda: _open_streams(server, "local") + _open_streams(server, "grpc") == 0)
             second._stream_after = 0.0  # (the retry pause is a minute)
             _replay(second, "third", steps=1)
-            assert _decodes(server, "DecodeStream") == 2 * LAYERS
+            assert _decodes(server, DECODE_PATHS[refused]) == LAYERS
+            assert type(second._stream) is STREAM_TYPES[refused]
     finally:
         server.stop(0)
 
@@ -208,28 +235,59 @@ def test_a_service_without_streams_serves_unary_decode():
         server.stop(0)
 
 
-def test_a_stream_step_without_answer_times_out_and_is_not_applied(address, service):
-    with RemoteKVClient.connect(address, timeout=0.5) as client:
+def test_without_local_streams_same_host_clients_use_a_grpc_stream():
+    server = serve(_config(local_streams=False))
+    try:
+        assert server.local is None
+        with RemoteKVClient.connect(f"127.0.0.1:{server.port}") as client:
+            _replay(client, "grpc", steps=1)
+            assert type(client._stream) is DecodeStream
+        assert _decodes(server, "DecodeStream") == LAYERS
+    finally:
+        server.stop(0)
+
+
+def test_a_local_socket_out_of_reach_means_a_grpc_stream(address, service, monkeypatch):
+    # as for a client in another network namespace: the name leads to no listener
+    monkeypatch.setattr(service.local, "name", "icecache-nobody-listens-here")
+    with RemoteKVClient.connect(address) as client:
+        _replay(client, "unreachable", steps=1)
+        assert type(client._stream) is DecodeStream
+        client.release("unreachable")
+
+
+def test_clients_on_another_host_or_reading_by_rpc_use_a_grpc_stream(rpc_client):
+    _replay(rpc_client, "by-rpc", steps=1)
+    assert type(rpc_client._stream) is DecodeStream
+    rpc_client.release("by-rpc")
+
+
+@pytest.mark.parametrize("decode", STREAM_TYPES)
+def test_a_stream_step_without_answer_times_out_and_is_not_applied(address, service, decode):
+    with RemoteKVClient.connect(address, timeout=0.5, decode=decode) as client:
         rng = np.random.default_rng(4)
         client.create("stuck", _spec())
         client.append("stuck", 0, *_kv(rng, 40), np.arange(40))
         step = (*_kv(rng, 1), np.array([40]), rng.standard_normal((1, Q, DIM), np.float32))
         no_answer = pytest.raises(ConnectionError, match="did not answer a decode step within")
+        refused = _decodes(service, DECODE_PATHS[decode], "DEADLINE_EXCEEDED")
         with service.store.lock:  # the service cannot get to the request
             with no_answer:
                 client.decode(0, ["stuck"], *step)
             time.sleep(0.3)  # the cancellation reaches the service before the lock is free
+        _wait_for(lambda: _decodes(service, DECODE_PATHS[decode], "DEADLINE_EXCEEDED") > refused)
         # refused once the service got to it, not applied: position 40 is still the next one
         assert client.decode(0, ["stuck"], *step)[0].pages.size > 0
         client.release("stuck")
 
 
-def test_stopping_the_service_ends_open_streams():
+@pytest.mark.parametrize("decode", STREAM_TYPES)
+def test_stopping_the_service_ends_open_streams(decode):
     server = serve(_config())
-    client = RemoteKVClient.connect(f"127.0.0.1:{server.port}")
+    client = RemoteKVClient.connect(f"127.0.0.1:{server.port}", decode=decode)
     try:
         _replay(client, "open", steps=1)
-        assert client._stream is not None
+        assert type(client._stream) is STREAM_TYPES[decode]
         started = time.monotonic()
         server.stop(0.5)
         assert time.monotonic() - started < 5

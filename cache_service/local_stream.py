@@ -1,0 +1,209 @@
+"""Same-host decode streams: ``DecodeStream``'s messages on a Unix socket instead of gRPC.
+
+A worker on the service's host decodes layer after layer, one request and one answer per
+layer and step, so the cost of a round trip is paid ~30 times per token. Over a gRPC stream
+a message wakes several threads at each end (the client's request feeder and channel poller,
+the server's poller and handler): ~1 ms per round trip on a 2-vCPU VM. Here a dedicated
+thread per connection reads a frame, answers through the same servicer code as ``Decode``,
+and writes a frame back, so a round trip is one socket write and one read each way.
+
+The protocol (``OpenLocalStream`` in the .proto): the client gets a socket name and a
+one-time ticket over gRPC (so auth applies), connects to the Linux abstract socket, sends the
+ticket and reads an empty ``LocalReply``; then ``DecodeRequest`` frames, each answered by a
+``LocalReply`` frame. Abstract sockets leave nothing on disk to clean up after a crash and
+are reachable only within the service's network namespace; a client that cannot connect
+uses ``DecodeStream``. Open local streams count against ``--max-streams`` with the gRPC ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import select
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+
+from cache_service import codec
+from proto.icecache.v1 import cache_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from cache_service.servicer import CacheServicer
+
+log = logging.getLogger(__name__)
+
+METHOD = "LocalStream"
+"""The method label of local-stream requests in the metrics."""
+TICKET_TTL_S = 60.0
+"""Seconds a ticket from ``OpenLocalStream`` stays good."""
+MAX_TICKETS = 1024
+"""Most unused tickets held at once; ``OpenLocalStream`` beyond it is RESOURCE_EXHAUSTED."""
+HANDSHAKE_TIMEOUT_S = 10.0
+"""Seconds a new connection has to send its ticket."""
+EXTRA_CONNECTIONS = 16
+"""Connections accepted beyond ``--max-streams`` (for tickets and refusals in flight)."""
+
+
+class LocalContext:
+    """What the servicer asks of a call (``time_remaining``, ``is_active``) for a connection.
+
+    A local stream has no deadline; it is cancelled by its client hanging up, which a step
+    that waited for the store sees before it applies anything.
+    """
+
+    def __init__(self, conn: socket.socket) -> None:
+        self._poll = select.poll()
+        self._poll.register(conn, select.POLLRDHUP)
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def is_active(self) -> bool:
+        """Whether the client is still there (it has not closed or shut down its end)."""
+        return not self._poll.poll(0)
+
+
+class LocalStreams:
+    """Listens on an abstract Unix socket and serves each connection on a thread of its own."""
+
+    def __init__(self, servicer: CacheServicer, name: str) -> None:
+        self.name = name
+        self._servicer = servicer
+        self._tickets: dict[bytes, float] = {}  # ticket -> when it expires (monotonic)
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a connection ended
+        self._closed = False
+        self._limit = servicer.max_streams + EXTRA_CONNECTIONS
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._listener.bind("\0" + name)
+            self._listener.listen(64)
+        except BaseException:
+            self._listener.close()
+            raise
+        self._thread = threading.Thread(target=self._accept, name="local-streams", daemon=True)
+        self._thread.start()
+
+    @property
+    def connections(self) -> int:
+        """Connections open now (streams, and clients still presenting their ticket)."""
+        return len(self._conns)
+
+    def ticket(self) -> bytes:
+        """A new one-time ticket for one connection within ``TICKET_TTL_S``."""
+        now = time.monotonic()
+        ticket = secrets.token_bytes(32)
+        with self._lock:
+            if len(self._tickets) >= MAX_TICKETS:
+                self._tickets = {t: end for t, end in self._tickets.items() if end > now}
+            if len(self._tickets) >= MAX_TICKETS:
+                raise RuntimeError(
+                    f"{MAX_TICKETS} local-stream tickets are unused; connect with the ones "
+                    "issued before asking for more"
+                )
+            self._tickets[ticket] = now + TICKET_TTL_S
+        return ticket
+
+    def stop(self, grace: float | None) -> None:
+        """Accept no more connections, give open ones ``grace`` s to close, then end them.
+
+        Returns once every connection's thread is done with the store.
+        """
+        with self._lock:
+            self._closed = True
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        self._listener.close()
+        self._thread.join()
+        with self._changed:
+            self._changed.wait_for(lambda: not self._conns, timeout=grace or 0)
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)  # its thread reads the end of the stream
+            if not self._changed.wait_for(lambda: not self._conns, timeout=30):
+                log.error("%d local streams did not end", len(self._conns))
+
+    # ---- connections ---------------------------------------------------------------------
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # stopped
+            with self._lock:
+                if self._closed or len(self._conns) >= self._limit:
+                    conn.close()
+                    if self._closed:
+                        return
+                    log.warning("refused a local connection: %d are open", len(self._conns))
+                    continue
+                self._conns.add(conn)
+            threading.Thread(
+                target=self._serve, args=(conn,), name="local-stream", daemon=True
+            ).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        servicer, holding = self._servicer, False
+        try:
+            conn.settimeout(HANDSHAKE_TIMEOUT_S)
+            refusal = self._admit(codec.read_frame(conn))
+            if refusal is not None:
+                _send(conn, pb.LocalReply(error=refusal))
+                return
+            holding = True
+            conn.settimeout(None)
+            _send(conn, pb.LocalReply())
+            context = LocalContext(conn)
+            while (frame := codec.read_frame(conn)) is not None:
+                reply = servicer.decode_local(frame, context)
+                _send(conn, reply)
+                if reply.HasField("error"):
+                    return
+        except codec.FrameError as err:
+            error = pb.LocalError(code=grpc.StatusCode.INVALID_ARGUMENT.name, message=str(err))
+            log.info("local stream refused: %s", err, extra={"method": METHOD})
+            _send_quietly(conn, pb.LocalReply(error=error))
+        except OSError as err:  # the client went away (or the service is stopping)
+            log.debug("local stream ended: %s", err, extra={"method": METHOD})
+        finally:
+            if holding:
+                servicer.release_stream("local")
+            conn.close()
+            with self._changed:
+                self._conns.discard(conn)
+                self._changed.notify_all()
+
+    def _admit(self, ticket: bytes | None) -> pb.LocalError | None:
+        """``None`` when ``ticket`` is good and a stream is free (now held); else why not."""
+        now = time.monotonic()
+        with self._lock:
+            expires = self._tickets.pop(ticket, 0.0) if ticket else 0.0
+        if expires <= now:
+            code = grpc.StatusCode.UNAUTHENTICATED
+            self._servicer.metrics.observe(METHOD, code.name, 0.0)
+            return pb.LocalError(
+                code=code.name,
+                message="the local-stream ticket is unknown, used or expired; ask "
+                "OpenLocalStream for a new one and send it first",
+            )
+        if not self._servicer.acquire_stream("local"):
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            self._servicer.metrics.observe(METHOD, code.name, 0.0)
+            err = self._servicer.too_many_streams()
+            return pb.LocalError(code=code.name, message=str(err), error=type(err).__name__)
+        return None
+
+
+def _send(conn: socket.socket, reply: pb.LocalReply) -> None:
+    codec.write_frame(conn, reply.SerializeToString())
+
+
+def _send_quietly(conn: socket.socket, reply: pb.LocalReply) -> None:
+    """``_send`` to a client that may be gone already."""
+    with contextlib.suppress(OSError):
+        _send(conn, reply)
