@@ -90,15 +90,23 @@ _WIRE_NAMES = {np.dtype(dt.kind + str(dt.itemsize)): name for name, dt in WIRE_D
 
 
 # ---- tensors ---------------------------------------------------------------------------------
-def to_tensor(array: np.ndarray) -> pb.Tensor:
-    """A message holding ``array`` (any shape) as raw little-endian bytes."""
-    name = _WIRE_NAMES.get(array.dtype.newbyteorder("="))
+def to_tensor(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:
+    """A message holding ``array`` (any shape) as raw little-endian bytes.
+
+    ``out``: a field of a message being built, filled in place (no copy of the message).
+    """
+    name = _WIRE_NAMES.get(array.dtype) or _WIRE_NAMES.get(array.dtype.newbyteorder("="))
     if name is None:
         raise ValueError(
             f"dtype {array.dtype} cannot go on the wire; use one of {sorted(WIRE_DTYPES)}"
         )
     data = np.ascontiguousarray(array, dtype=WIRE_DTYPES[name])
-    return pb.Tensor(dtype=name, shape=data.shape, data=data.tobytes())
+    if out is None:
+        return pb.Tensor(dtype=name, shape=data.shape, data=data.tobytes())
+    out.dtype = name
+    out.shape[:] = data.shape
+    out.data = data.tobytes()
+    return out
 
 
 def from_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
@@ -109,12 +117,10 @@ def from_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
     shape = tuple(tensor.shape)
     if len(shape) > MAX_DIMS:
         raise ValueError(f"{field}: {len(shape)} dimensions; at most {MAX_DIMS} are allowed")
-    expected = math.prod(shape) * dtype.itemsize
-    if any(d < 0 for d in shape) or len(tensor.data) != expected:
-        raise ValueError(
-            f"{field}: {len(tensor.data)} bytes do not fill shape {shape} of {tensor.dtype}"
-        )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    data = tensor.data  # (each read of a bytes field makes a new object)
+    if len(data) != math.prod(shape) * dtype.itemsize or (shape and min(shape) < 0):
+        raise ValueError(f"{field}: {len(data)} bytes do not fill shape {shape} of {tensor.dtype}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 # ---- specs and selections --------------------------------------------------------------------
@@ -154,17 +160,23 @@ def spec_from_proto(msg: pb.SequenceSpec) -> SequenceSpec:
     )
 
 
-def selection_to_proto(sel: Selection) -> pb.Selection:
-    return pb.Selection(
-        indptr=to_tensor(sel.indptr),
-        pages=to_tensor(sel.pages),
-        lens=to_tensor(sel.lens),
-        versions=to_tensor(sel.versions),
-    )
+def selection_to_proto(sel: Selection, out: pb.Selection | None = None) -> pb.Selection:
+    """``sel`` as a message; ``out``: a field of a message being built, filled in place."""
+    msg = pb.Selection() if out is None else out
+    to_tensor(sel.indptr, msg.indptr)
+    to_tensor(sel.pages, msg.pages)
+    to_tensor(sel.lens, msg.lens)
+    to_tensor(sel.versions, msg.versions)
+    return msg
 
 
 def selection_from_proto(msg: pb.Selection) -> Selection:
-    return Selection(*(from_tensor(getattr(msg, f), f) for f in Selection._fields))
+    return Selection(
+        from_tensor(msg.indptr, "indptr"),
+        from_tensor(msg.pages, "pages"),
+        from_tensor(msg.lens, "lens"),
+        from_tensor(msg.versions, "versions"),
+    )
 
 
 # ---- host identity ---------------------------------------------------------------------------

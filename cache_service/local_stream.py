@@ -159,9 +159,15 @@ class LocalStreams:
             conn.settimeout(None)
             _send(conn, pb.LocalReply())
             context = LocalContext(conn)
+            observed: list[tuple[str, str, float]] = []
             while (frame := codec.read_frame(conn)) is not None:
-                reply = servicer.decode_local(frame, context)
-                _send(conn, reply)
+                reply = servicer.decode_local(frame, context, observed)
+                try:
+                    _send(conn, reply)
+                finally:
+                    for observation in observed:
+                        servicer.metrics.observe(*observation)
+                    observed.clear()
                 if reply.HasField("error"):
                     return
         except codec.FrameError as err:

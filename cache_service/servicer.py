@@ -102,11 +102,13 @@ def _answer(
     handler: Callable[[CacheServicer, Any, Any], Any],
     request: Any,
     context: Any,
+    observed: list[tuple[str, str, float]] | None = None,
 ) -> Any:
     """``handler``'s answer, timed in the metrics; ``Refused`` (from the error) if it fails.
 
     ``context`` is a ``grpc.ServicerContext`` or anything with its ``time_remaining`` and
-    ``is_active`` (a local stream's).
+    ``is_active`` (a local stream's). ``observed``: where to leave the metrics observation
+    for the caller to make once it has answered (``None``: made here).
     """
     started = time.perf_counter()
     code = grpc.StatusCode.OK
@@ -122,7 +124,11 @@ def _answer(
         code = codec.error_status(err)
         raise Refused(code, err) from err
     finally:
-        servicer.metrics.observe(method, code.name, time.perf_counter() - started)
+        observation = (method, code.name, time.perf_counter() - started)
+        if observed is None:
+            servicer.metrics.observe(*observation)
+        else:
+            observed.append(observation)
 
 
 def _abort(
@@ -279,7 +285,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
 
     @_rpc
     def Decode(self, request: pb.DecodeRequest, context: grpc.ServicerContext) -> pb.DecodeResponse:
-        return self._decode(request, context)
+        return self._decode(request, context, pb.DecodeResponse())
 
     def DecodeStream(
         self, requests: Iterator[pb.DecodeRequest], context: grpc.ServicerContext
@@ -291,7 +297,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             _abort(context, "DecodeStream", code, self.too_many_streams())
         try:
             for request in requests:
-                yield _serve(self, "DecodeStream", CacheServicer._decode, request, context)
+                yield _serve(self, "DecodeStream", CacheServicer._decode_new, request, context)
         finally:
             self.release_stream("grpc")
 
@@ -303,13 +309,20 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             return pb.OpenLocalStreamResponse()
         return pb.OpenLocalStreamResponse(socket=self.local.name, ticket=self.local.ticket())
 
-    def decode_local(self, frame: bytes, context: LocalContext) -> pb.LocalReply:
-        """The reply to one frame of a local stream: ``Decode``'s response, or its error."""
+    def decode_local(
+        self, frame: bytes, context: LocalContext, observed: list[tuple[str, str, float]]
+    ) -> pb.LocalReply:
+        """The reply to one frame of a local stream: ``Decode``'s response, or its error.
+
+        The metrics observation is left in ``observed``: the caller makes it once the reply
+        is on its way, off the client's wait.
+        """
+        reply = pb.LocalReply()
         try:
-            response = _answer(self, METHOD, CacheServicer._decode_frame, frame, context)
+            _answer(self, METHOD, CacheServicer._decode_frame, (frame, reply), context, observed)
         except Refused as refused:
             return pb.LocalReply(error=local_error(METHOD, refused))
-        return pb.LocalReply(response=response)
+        return reply
 
     def acquire_stream(self, kind: str) -> bool:
         """Take one of the ``--max-streams`` slots for a stream of ``kind`` (``grpc`` or
@@ -330,31 +343,46 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             "--max-streams; send this request with Decode, or raise --max-streams"
         )
 
-    def _decode_frame(self, frame: bytes, context: LocalContext) -> pb.DecodeResponse:
+    def _decode_frame(
+        self, frame_reply: tuple[bytes, pb.LocalReply], context: LocalContext
+    ) -> pb.DecodeResponse:
+        frame, reply = frame_reply
         try:
             request = pb.DecodeRequest.FromString(frame)
         except DecodeError as err:
             raise ValueError(f"a local-stream frame is not a DecodeRequest: {err}") from None
-        return self._decode(request, context)
+        return self._decode(request, context, reply.response)
+
+    def _decode_new(
+        self, request: pb.DecodeRequest, context: grpc.ServicerContext
+    ) -> pb.DecodeResponse:
+        return self._decode(request, context, pb.DecodeResponse())
 
     def _decode(
-        self, request: pb.DecodeRequest, context: grpc.ServicerContext | LocalContext
+        self,
+        request: pb.DecodeRequest,
+        context: grpc.ServicerContext | LocalContext,
+        response: pb.DecodeResponse,
     ) -> pb.DecodeResponse:
+        """Apply a decode step; its selections go into ``response`` (returned)."""
         seq_ids = list(request.seq_ids)
         keys, values = _floats(request.keys, "keys"), _floats(request.values, "values")
         positions = _ints(request.positions, "positions")
         queries = _floats(request.queries, "queries")
         arrays = (keys, values, positions, queries)
-        if any(a.ndim == 0 for a in arrays) or not all(len(a) == len(seq_ids) for a in arrays):
-            raise ValueError(
-                f"Decode needs one key, value, position and query per sequence ({len(seq_ids)}"
-                f" ids): shapes {[tuple(a.shape) for a in arrays]}"
-            )
+        for array in arrays:
+            if array.ndim == 0 or len(array) != len(seq_ids):
+                raise ValueError(
+                    f"Decode needs one key, value, position and query per sequence "
+                    f"({len(seq_ids)} ids): shapes {[tuple(a.shape) for a in arrays]}"
+                )
         with self.store.lock:
             _check_deadline(context)
             sels = self.store.decode(request.layer, seq_ids, keys, values, positions, queries)
+        for sel in sels:
+            codec.selection_to_proto(sel, response.selections.add())
         self.metrics.selected_pages.inc(sum(s.pages.size for s in sels))
-        return pb.DecodeResponse(selections=[codec.selection_to_proto(s) for s in sels])
+        return response
 
     @_rpc
     def Retrieve(

@@ -311,14 +311,11 @@ class RemoteKVClient:
             positions: ``[B]``.
             queries: ``[B, q_heads, head_dim]``.
         """
-        request = pb.DecodeRequest(
-            layer=layer,
-            seq_ids=seq_ids,
-            keys=codec.to_tensor(keys),
-            values=codec.to_tensor(values),
-            positions=codec.to_tensor(np.asarray(positions, dtype=np.int64)),
-            queries=codec.to_tensor(queries),
-        )
+        request = pb.DecodeRequest(layer=layer, seq_ids=seq_ids)
+        codec.to_tensor(keys, request.keys)  # (filled in place: no copies of messages)
+        codec.to_tensor(values, request.values)
+        codec.to_tensor(np.asarray(positions, dtype=np.int64), request.positions)
+        codec.to_tensor(queries, request.queries)
         response = self._decode(request)
         return [codec.selection_from_proto(s) for s in response.selections]
 

@@ -82,7 +82,8 @@ def test_a_worker_command_generates_the_same_tokens_through_the_service(smollm, 
         assert len(remote) == NEW_TOKENS or remote[-1] in tokenizer.eos_token_ids
         assert client.stats().sequences == 0
         scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
-        assert b'icecache_requests_total{code="OK",method="DecodeStream"}' in scrape.read()
+        # a same-host worker decodes on a local stream
+        assert b'icecache_requests_total{code="OK",method="LocalStream"}' in scrape.read()
         # stop while this client still maps the segment: the service unlinks it anyway
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
