@@ -1,4 +1,5 @@
-"""Starting and stopping a cache service: pool, store, gRPC server, health, reflection, metrics.
+"""Starting and stopping a cache service: pool, store, gRPC server, local streams, health,
+reflection, metrics.
 
 Shared-memory segments are named ``icecache_<port>_<pid>_<random>``. A replica that starts on
 a port first unlinks the segments of that port whose owner process is dead: what a SIGKILLed

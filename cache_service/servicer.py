@@ -297,7 +297,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             _abort(context, "DecodeStream", code, self.too_many_streams())
         try:
             for request in requests:
-                yield _serve(self, "DecodeStream", CacheServicer._decode_new, request, context)
+                yield _serve(self, "DecodeStream", CacheServicer._decode_request, request, context)
         finally:
             self.release_stream("grpc")
 
@@ -353,7 +353,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             raise ValueError(f"a local-stream frame is not a DecodeRequest: {err}") from None
         return self._decode(request, context, reply.response)
 
-    def _decode_new(
+    def _decode_request(
         self, request: pb.DecodeRequest, context: grpc.ServicerContext
     ) -> pb.DecodeResponse:
         return self._decode(request, context, pb.DecodeResponse())
