@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from cache_service import codec
+from cache_service.types import TooManyStreams
 from proto.icecache.v1 import cache_service_pb2 as pb
 
 if TYPE_CHECKING:
@@ -41,7 +42,8 @@ METHOD = "LocalStream"
 TICKET_TTL_S = 60.0
 """Seconds a ticket from ``OpenLocalStream`` stays good."""
 MAX_TICKETS = 1024
-"""Most unused tickets held at once; ``OpenLocalStream`` beyond it is RESOURCE_EXHAUSTED."""
+"""Most unused tickets held at once; ``OpenLocalStream`` beyond it is RESOURCE_EXHAUSTED
+(``TooManyStreams``: its client decodes with ``Decode`` calls for a while)."""
 HANDSHAKE_TIMEOUT_S = 10.0
 """Seconds a new connection has to send its ticket."""
 EXTRA_CONNECTIONS = 16
@@ -102,7 +104,7 @@ class LocalStreams:
             if len(self._tickets) >= MAX_TICKETS:
                 self._tickets = {t: end for t, end in self._tickets.items() if end > now}
             if len(self._tickets) >= MAX_TICKETS:
-                raise RuntimeError(
+                raise TooManyStreams(
                     f"{MAX_TICKETS} local-stream tickets are unused; connect with the ones "
                     "issued before asking for more"
                 )

@@ -112,6 +112,27 @@ def test_an_expired_ticket_is_refused(stub, monkeypatch):
     sock.close()
 
 
+def test_unused_tickets_are_capped(monkeypatch):
+    monkeypatch.setattr(local_stream, "MAX_TICKETS", 3)
+    server = serve(CacheServiceConfig(port=0, max_memory=8 * 2**20, workers=2))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.CacheServiceStub(channel)
+            monkeypatch.setattr(local_stream, "TICKET_TTL_S", 0.0)
+            for _ in range(4):  # expired ones are dropped to make room
+                stub.OpenLocalStream(pb.OpenLocalStreamRequest())
+            monkeypatch.setattr(local_stream, "TICKET_TTL_S", 60.0)
+            for _ in range(3):
+                stub.OpenLocalStream(pb.OpenLocalStreamRequest())
+            with pytest.raises(grpc.RpcError) as err:
+                stub.OpenLocalStream(pb.OpenLocalStreamRequest())
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "tickets are unused" in err.value.details()
+            assert codec.trailer(err.value)[codec.ERROR_KEY] == "TooManyStreams"
+    finally:
+        server.stop(0)
+
+
 def test_a_client_that_sends_no_ticket_is_disconnected(stub, monkeypatch):
     monkeypatch.setattr(local_stream, "HANDSHAKE_TIMEOUT_S", 0.2)
     sock = _dial(stub.OpenLocalStream(pb.OpenLocalStreamRequest()))
