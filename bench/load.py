@@ -406,7 +406,7 @@ def _worker_note(one: Phase, many: Phase) -> str:
     return (
         f"- **Batching.** {many.clients} concurrent clients get {gain:.2f}x the tokens/s of "
         f"one client (mean decode batch {batch:.2f}). A decode step reads every weight once "
-        "and makes one `Decode` RPC per layer and replica whatever the batch size, so those "
+        "and makes one decode request per layer and replica whatever the batch size, so those "
         "costs are shared; attention, page loads and the cache services' per-token selection "
         "grow with the batch. Prefill is not batched: a new request's prefill runs between "
         "two decode steps and stalls the running ones (the latency and first-token columns). "
