@@ -413,7 +413,7 @@ def _worker_note(one: Phase, many: Phase) -> str:
         f"The cap here is the worker's one decode thread: it kept {worker_cores:.2f} cores "
         f"busy and the whole machine {many.machine_busy:.2f} of {os.cpu_count()}. The forward "
         "pass runs on one torch thread (OMP_NUM_THREADS=1) and waits for each layer's "
-        "`Decode` RPC before the next layer, so the worker and the cache services take turns "
+        "decode reply before the next layer, so the worker and the cache services take turns "
         "rather than run side by side, and the second core mostly idles; more torch threads "
         "or overlapping a layer's retrieval with other work would use it."
     )
