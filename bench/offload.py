@@ -11,8 +11,9 @@ lock-step, one step each in turn (the order rotates), so a noisy machine slows t
   stream (``OpenLocalStream``, a Unix socket), pages copied from the service's shared memory;
 - ``remote shm, gRPC stream``: the same with decode steps on a gRPC ``DecodeStream``;
 - ``remote shm, unary``: the same with one unary ``Decode`` call per layer and step;
-- ``remote rpc``: ``RemoteKVClient`` forced to read pages inside ``ReadPages`` responses
-  (as on another host), decode steps on a gRPC ``DecodeStream``.
+- ``remote rpc``: ``RemoteKVClient`` forced to get pages by RPC (as on another host):
+  decode steps on a gRPC ``DecodeStream`` whose responses carry the pages the client lacks
+  (``push_pages``).
 
 Per decode step it reports bytes moved into the device page cache and what would move
 without it (every selected page, every step), the cache hit rate, the per-layer ``Decode``
@@ -88,10 +89,10 @@ class Probe:
         self._layer = layer
         return sels
 
-    def read_pages(self, pages: np.ndarray) -> np.ndarray:
+    def read_pages(self, pages: np.ndarray, versions: np.ndarray | None = None) -> np.ndarray:
         if self.timing:
             self._count(self.moved, self._layer, pages.size)
-        return self.kv.read_pages(pages)
+        return self.kv.read_pages(pages, versions)
 
     def release(self, seq_id: str) -> None:
         self.kv.release(seq_id)
@@ -297,7 +298,8 @@ def _header(args: argparse.Namespace) -> list[str]:
         "*Decode call* is one layer's `decode` (store new K/V + select pages) as the engine "
         "sees it: a `Store.decode` call in-process, remotely a request and its response "
         "(encode, loopback, server, decode) on a local stream (*remote shm*: the same-host "
-        "default, a Unix socket), on a gRPC `DecodeStream` (*gRPC stream* and *remote rpc*), "
+        "default, a Unix socket), on a gRPC `DecodeStream` (*gRPC stream*; *remote rpc*, whose "
+        "responses also carry the pages it lacks), "
         "or as a unary `Decode` RPC (*unary*). *Moved* is what the device page cache loaded; "
         "*without page cache* is "
         "every selected page, every step. The first step (index build) is excluded. The "

@@ -28,7 +28,13 @@ from cache_service.local_stream import METHOD, LocalContext, LocalStreams
 from cache_service.metrics import ServiceMetrics
 from cache_service.page_pool import PoolExhausted
 from cache_service.store import Store
-from cache_service.types import POLICIES, SequenceSpec, TooManyStreams, UnknownSequence
+from cache_service.types import (
+    POLICIES,
+    Selection,
+    SequenceSpec,
+    TooManyStreams,
+    UnknownSequence,
+)
 from proto.icecache.v1 import cache_service_pb2 as pb
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
 
@@ -53,6 +59,10 @@ SPEC_LIMITS = {
 """Largest value of each ``SequenceSpec`` field the service takes."""
 MAX_HEADS_TOTAL = 2**15
 """Most (layer, KV head) pairs of one sequence."""
+PUSH_MAX_BYTES = 16 * 2**20
+"""Most page bytes one ``DecodeStream`` response carries for ``push_pages``."""
+MAX_CARRIED = 2**18
+"""Most pages a stream remembers having sent (then it forgets them all)."""
 MAX_ABS_VALUE = 65504.0
 """Keys, values and queries must be finite and within the float16 range."""
 
@@ -295,9 +305,14 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             code = grpc.StatusCode.RESOURCE_EXHAUSTED
             self.metrics.observe("DecodeStream", code.name, 0.0)
             _abort(context, "DecodeStream", code, self.too_many_streams())
+        carried: dict[int, int] = {}  # page -> version this stream sent (``push_pages``)
+
+        def decode(servicer: CacheServicer, request: pb.DecodeRequest, context: Any) -> Any:
+            return servicer._decode(request, context, pb.DecodeResponse(), carried)
+
         try:
             for request in requests:
-                yield _serve(self, "DecodeStream", CacheServicer._decode_request, request, context)
+                yield _serve(self, "DecodeStream", decode, request, context)
         finally:
             self.release_stream("grpc")
 
@@ -353,18 +368,18 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             raise ValueError(f"a local-stream frame is not a DecodeRequest: {err}") from None
         return self._decode(request, context, reply.response)
 
-    def _decode_request(
-        self, request: pb.DecodeRequest, context: grpc.ServicerContext
-    ) -> pb.DecodeResponse:
-        return self._decode(request, context, pb.DecodeResponse())
-
     def _decode(
         self,
         request: pb.DecodeRequest,
         context: grpc.ServicerContext | LocalContext,
         response: pb.DecodeResponse,
+        carried: dict[int, int] | None = None,
     ) -> pb.DecodeResponse:
-        """Apply a decode step; its selections go into ``response`` (returned)."""
+        """Apply a decode step; its selections go into ``response`` (returned).
+
+        ``carried``: on a gRPC stream, page -> version of the page data it has sent (for
+        ``push_pages``).
+        """
         seq_ids = list(request.seq_ids)
         keys, values = _floats(request.keys, "keys"), _floats(request.values, "values")
         positions = _ints(request.positions, "positions")
@@ -379,10 +394,30 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         with self.store.lock:
             _check_deadline(context)
             sels = self.store.decode(request.layer, seq_ids, keys, values, positions, queries)
+            if carried is not None and request.push_pages:
+                self._push(sels, carried, response.pushed)
         for sel in sels:
             codec.selection_to_proto(sel, response.selections.add())
         self.metrics.selected_pages.inc(sum(s.pages.size for s in sels))
         return response
+
+    def _push(self, sels: list[Selection], carried: dict[int, int], out: pb.PageData) -> None:
+        """Data of the selected pages not in ``carried`` at their version, into ``out``."""
+        pages = np.concatenate([s.pages for s in sels])
+        versions = np.concatenate([s.versions for s in sels])
+        pages, first = np.unique(pages, return_index=True)
+        versions = versions[first]
+        new = [carried.get(p) != v for p, v in zip(pages.tolist(), versions.tolist(), strict=True)]
+        limit = max(1, min(codec.READ_PAGES_MAX, PUSH_MAX_BYTES // self.store.pool.page_bytes))
+        pages, versions = pages[new][:limit], versions[new][:limit]
+        if len(carried) + pages.size > MAX_CARRIED:
+            carried.clear()  # forgetting only costs sending a page again
+        carried.update(zip(pages.tolist(), versions.tolist(), strict=True))
+        data = self.store.read_pages(pages)
+        codec.to_tensor(pages, out.pages)
+        codec.to_tensor(versions, out.versions)
+        codec.to_tensor(data, out.data)
+        self.metrics.sent.labels("DecodeStream").inc(data.nbytes)
 
     @_rpc
     def Retrieve(

@@ -42,8 +42,12 @@ class KVClient(Protocol):
         queries ``[B, q_heads, head_dim]``.
         """
 
-    def read_pages(self, pages: np.ndarray) -> np.ndarray:
-        """ids ``[n]`` -> page data ``[n, 2, page_size, head_dim]``."""
+    def read_pages(self, pages: np.ndarray, versions: np.ndarray | None = None) -> np.ndarray:
+        """ids ``[n]`` -> page data ``[n, 2, page_size, head_dim]``.
+
+        ``versions``: the versions a selection named for them (a client may serve those
+        from data it already got with that selection); the data read is current either way.
+        """
 
     def release(self, seq_id: str) -> None: ...
 
@@ -82,7 +86,7 @@ class LocalKVClient:
     ) -> list[Selection]:
         return self.store.decode(layer, seq_ids, keys, values, positions, queries)
 
-    def read_pages(self, pages: np.ndarray) -> np.ndarray:
+    def read_pages(self, pages: np.ndarray, versions: np.ndarray | None = None) -> np.ndarray:
         return self.store.read_pages(pages)
 
     def release(self, seq_id: str) -> None:

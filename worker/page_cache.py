@@ -29,8 +29,9 @@ from kernels.cupy_ops import scatter_pages
 
 log = logging.getLogger(__name__)
 
-PageFetch = Callable[[np.ndarray], np.ndarray]
-"""Reads pages from the store: ids ``[n]`` -> data ``[n, 2, page_size, head_dim]``."""
+PageFetch = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""Reads pages from the store: ids ``[n]`` and the versions the selection named ``[n]`` ->
+data ``[n, 2, page_size, head_dim]``."""
 
 
 @dataclass
@@ -111,7 +112,7 @@ class DevicePageCache:
     def _load(
         self, need: np.ndarray, versions: np.ndarray, keep: np.ndarray, fetch: PageFetch
     ) -> None:
-        data = np.ascontiguousarray(fetch(need))  # first: a failed read changes nothing here
+        data = np.ascontiguousarray(fetch(need, versions))  # first: a failed read changes nothing
         dest = self.page_slot[need]  # a stale copy is reloaded in its own slot
         fresh = dest < 0
         count = int(np.count_nonzero(fresh))

@@ -202,6 +202,14 @@ class LocalDecodeStream:
         return reply
 
 
+class _Pushed(threading.local):
+    """Page data the last decode on this thread brought (``push_pages``), for its reads."""
+
+    pages: np.ndarray | None = None  # sorted ids
+    versions: np.ndarray | None = None
+    data: np.ndarray | None = None
+
+
 class RemoteKVClient:
     """``KVClient`` over gRPC; ``transport`` is ``shm`` or ``rpc`` once connected.
 
@@ -223,6 +231,7 @@ class RemoteKVClient:
             raise ValueError(f"decode must be auto, stream or unary, got {decode!r}")
         self.address = address
         self.timeout = timeout
+        self._pushed = _Pushed()
         self._stream: DecodeStream | LocalDecodeStream | None = None
         self._stream_lock = threading.Lock()  # one caller at a time on the stream
         self._stream_after = float("inf") if decode == "unary" else 0.0
@@ -311,12 +320,20 @@ class RemoteKVClient:
             positions: ``[B]``.
             queries: ``[B, q_heads, head_dim]``.
         """
-        request = pb.DecodeRequest(layer=layer, seq_ids=seq_ids)
+        # pages by RPC: a stream sends the pages this client does not hold along with the
+        # selections, which spares a ReadPages round trip per layer
+        request = pb.DecodeRequest(layer=layer, seq_ids=seq_ids, push_pages=self.segment is None)
         codec.to_tensor(keys, request.keys)  # (filled in place: no copies of messages)
         codec.to_tensor(values, request.values)
         codec.to_tensor(np.asarray(positions, dtype=np.int64), request.positions)
         codec.to_tensor(queries, request.queries)
+        self._pushed.pages = None  # what an earlier step pushed is not for this one's pages
         response = self._decode(request)
+        if response.pushed.pages.shape:
+            pushed = response.pushed
+            self._pushed.pages = codec.from_tensor(pushed.pages, "pushed.pages")
+            self._pushed.versions = codec.from_tensor(pushed.versions, "pushed.versions")
+            self._pushed.data = codec.from_tensor(pushed.data, "pushed.data")
         return [codec.selection_from_proto(s) for s in response.selections]
 
     def retrieve(self, seq_id: str, layer: int, queries: np.ndarray) -> Selection:
@@ -324,17 +341,29 @@ class RemoteKVClient:
         request = pb.RetrieveRequest(seq_id=seq_id, layer=layer, queries=codec.to_tensor(queries))
         return codec.selection_from_proto(self._call(self._stub.Retrieve, request).selection)
 
-    def read_pages(self, pages: np.ndarray) -> np.ndarray:
-        """ids ``[n]`` -> page data ``[n, 2, page_size, head_dim]`` in one contiguous array."""
+    def read_pages(self, pages: np.ndarray, versions: np.ndarray | None = None) -> np.ndarray:
+        """ids ``[n]`` -> page data ``[n, 2, page_size, head_dim]`` in one contiguous array.
+
+        By RPC, pages the last decode on this thread brought along (``push_pages``) at the
+        ``versions`` asked for are not read again.
+        """
         pages = np.asarray(pages, dtype=np.int64)
         if self.segment is not None:
             return self.segment.gather(pages)
         out = np.empty((pages.size, *self.page_shape), dtype=DTYPES[self.info.pool.dtype])
-        for start in range(0, pages.size, codec.READ_PAGES_MAX):
-            part = pages[start : start + codec.READ_PAGES_MAX]
-            request = pb.ReadPagesRequest(pages=codec.to_tensor(part))
+        missing = np.arange(pages.size)
+        pushed = self._pushed
+        if versions is not None and pushed.pages is not None and pushed.pages.size:
+            assert pushed.versions is not None and pushed.data is not None
+            at = np.minimum(np.searchsorted(pushed.pages, pages), pushed.pages.size - 1)
+            have = (pushed.pages[at] == pages) & (pushed.versions[at] == versions)
+            out[have] = pushed.data[at[have]]
+            missing = np.flatnonzero(~have)
+        for start in range(0, missing.size, codec.READ_PAGES_MAX):
+            rows = missing[start : start + codec.READ_PAGES_MAX]
+            request = pb.ReadPagesRequest(pages=codec.to_tensor(pages[rows]))
             response = self._call(self._stub.ReadPages, request)
-            out[start : start + part.size] = codec.from_tensor(response.data, "data")
+            out[rows] = codec.from_tensor(response.data, "data")
         return out
 
     def release(self, seq_id: str) -> None:

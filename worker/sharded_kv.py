@@ -261,7 +261,7 @@ class ShardedKVClient:
         self._remember(seq_ids, out)
         return out
 
-    def read_pages(self, pages: np.ndarray) -> np.ndarray:
+    def read_pages(self, pages: np.ndarray, versions: np.ndarray | None = None) -> np.ndarray:
         """Global ids ``[n]`` -> page data ``[n, 2, page_size, head_dim]``, from each owner.
 
         Pages of a failed replica read as zeros: only lost sequences (whose step is discarded)
@@ -276,7 +276,8 @@ class ShardedKVClient:
             rows = np.flatnonzero(which == index)
             data = None
             if shard is not None and not shard.stale:
-                data = self._read(shard, pages[rows] - shard.base)
+                wanted = None if versions is None else versions[rows]
+                data = self._read(shard, pages[rows] - shard.base, wanted)
             parts.append((rows, data))
         template = self._page_template
         out = np.zeros((pages.size, *template.shape[1:]), dtype=template.dtype)
@@ -404,10 +405,12 @@ class ShardedKVClient:
     def _retry(self, call: Callable[[], T], what: str) -> T:
         return retry(call, self.backoff, (ConnectionError,), what)
 
-    def _read(self, shard: Shard, local: np.ndarray) -> np.ndarray | None:
+    def _read(
+        self, shard: Shard, local: np.ndarray, versions: np.ndarray | None
+    ) -> np.ndarray | None:
         assert local.max(initial=0) < shard.num_pages, "page id beyond its replica's pool"
         try:
-            data = self._retry(lambda: shard.client.read_pages(local), "read pages")
+            data = self._retry(lambda: shard.client.read_pages(local, versions), "read pages")
         except ConnectionError as err:
             self._fail(shard, err)
             return None

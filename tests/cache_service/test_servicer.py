@@ -21,6 +21,7 @@ from cache_service.store import Store
 from cache_service.types import OutOfOrder, SequenceExists, SequenceSpec, UnknownSequence
 from proto.icecache.v1 import cache_service_pb2 as pb
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
+from worker.page_cache import DevicePageCache
 from worker.remote_kv import DecodeStream, LocalDecodeStream, RemoteKVClient
 
 LAYERS, KV, Q, DIM, PAGE = 3, 2, 4, 64, 16
@@ -303,6 +304,43 @@ def test_stopping_the_service_ends_open_streams(decode):
     finally:
         client.close()
         server.stop(0)
+
+
+def test_a_stream_sends_an_rpc_client_the_pages_it_lacks_with_the_selections(address, service):
+    local = Store(PagePool(2048, PAGE, DIM))
+    rng = np.random.default_rng(5)
+    prompt = [_kv(rng, 100) for _ in range(LAYERS)]
+    reads = _decodes(service, "ReadPages")
+    with RemoteKVClient.connect(address, transport="rpc") as client:
+        assert client.transport == "rpc"
+        cache = DevicePageCache(4096, PAGE, DIM)
+        for kv in (local, client):
+            kv.create("pushed", _spec())
+            for layer in range(LAYERS):
+                kv.append("pushed", layer, *prompt[layer], np.arange(100))
+        for step in range(6):
+            for layer in range(LAYERS):
+                step_in = (*_kv(rng, 1), np.array([100 + step]))
+                queries = rng.standard_normal((1, Q, DIM), np.float32)
+                want = local.decode(layer, ["pushed"], *step_in, queries)[0]
+                got = client.decode(layer, ["pushed"], *step_in, queries)[0]
+                slots = cache.resolve(got.pages, got.versions, client.read_pages)
+                theirs = local.read_pages(want.pages)
+                for row, tokens in enumerate(want.lens):
+                    ours = cache.kv[slots[row], :, :tokens].numpy()
+                    np.testing.assert_array_equal(ours, theirs[row, :, :tokens])
+        assert type(client._stream) is DecodeStream
+        assert cache.stats.misses > 0 and _decodes(service, "ReadPages") == reads
+        # a read naming no versions, or other ones, is a ReadPages call
+        client.read_pages(got.pages)
+        client.read_pages(got.pages, got.versions + 1)
+        assert _decodes(service, "ReadPages") == reads + 2
+        client.release("pushed")
+    with RemoteKVClient.connect(address, transport="rpc", decode="unary") as unary:
+        got = _replay(unary, "unary-rpc", steps=1)[-1]  # Decode sends no pages along
+        assert unary.read_pages(got.pages, got.versions).shape[0] == got.pages.size
+        assert _decodes(service, "ReadPages") == reads + 3
+        unary.release("unary-rpc")
 
 
 def test_shm_and_rpc_reads_give_identical_bytes(shm_client, rpc_client, service):

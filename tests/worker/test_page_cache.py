@@ -19,7 +19,7 @@ class PoolReader:
         self.data = self.pool.data
         self.reads: list[list[int]] = []
 
-    def fetch(self, ids: np.ndarray) -> np.ndarray:
+    def fetch(self, ids: np.ndarray, versions: np.ndarray) -> np.ndarray:
         self.reads.append(ids.tolist())
         return self.pool.data[ids]
 
@@ -106,7 +106,7 @@ def test_a_failed_read_leaves_the_cache_as_it_was():
     cache, store = DevicePageCache(2, PAGE, DIM), PoolReader(10)
     _resolve(cache, store, [0, 1])
 
-    def failing(ids: np.ndarray) -> np.ndarray:
+    def failing(ids: np.ndarray, versions: np.ndarray) -> np.ndarray:
         raise ConnectionError("store unreachable")
 
     with pytest.raises(ConnectionError):

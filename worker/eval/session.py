@@ -80,8 +80,8 @@ class TapKV:
             self.observer(layer, keys, queries, sels)
         return sels
 
-    def read_pages(self, pages: np.ndarray) -> np.ndarray:
-        return self.inner.read_pages(pages)
+    def read_pages(self, pages: np.ndarray, versions: np.ndarray | None = None) -> np.ndarray:
+        return self.inner.read_pages(pages, versions)
 
     def release(self, seq_id: str) -> None:
         self.inner.release(seq_id)
