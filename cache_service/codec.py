@@ -287,32 +287,45 @@ def write_frame(sock: socket.socket, payload: bytes) -> None:
     sock.sendall(_FRAME_HEADER.pack(len(payload)) + payload)
 
 
-def read_frame(sock: socket.socket) -> bytes | None:
-    """The next frame's payload; ``None`` when the peer closed between frames.
+class FrameReader:
+    """Reads the frames of one local-stream connection (a buffer of what arrived early).
 
-    Raises ``FrameError`` for a length over the message limit or an end inside a frame.
+    A frame usually arrives in one piece, so one ``recv`` gets its header and its payload.
     """
-    header = _read_exactly(sock, _FRAME_HEADER.size)
-    if not header:
-        return None
-    (size,) = _FRAME_HEADER.unpack(header)
-    if size > MAX_MESSAGE_BYTES:
-        raise FrameError(f"a frame of {size} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
-    payload = _read_exactly(sock, size)
-    if len(payload) < size:
-        raise FrameError(f"the stream ended {size - len(payload)} bytes into a frame")
-    return payload
 
+    READ_BYTES = 2**16
 
-def _read_exactly(sock: socket.socket, size: int) -> bytes:
-    """``size`` bytes, or fewer only where the peer closed (``FrameError`` if some came)."""
-    data = sock.recv(size)
-    if len(data) == size or not data:
-        return data
-    buffer = bytearray(data)
-    while len(buffer) < size:
-        more = sock.recv(size - len(buffer))
-        if not more:
-            raise FrameError(f"the stream ended {size - len(buffer)} bytes into a frame")
-        buffer += more
-    return bytes(buffer)
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+
+    def read(self) -> bytes | None:
+        """The next frame's payload; ``None`` when the peer closed between frames.
+
+        Raises ``FrameError`` for a length over the message limit or an end inside a frame.
+        """
+        header = _FRAME_HEADER.size
+        if not self._fill(header):
+            if self._buffer:
+                raise FrameError(self._cut(header))
+            return None
+        (size,) = _FRAME_HEADER.unpack_from(self._buffer)
+        if size > MAX_MESSAGE_BYTES:
+            raise FrameError(f"a frame of {size} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
+        if not self._fill(header + size):
+            raise FrameError(self._cut(header + size))
+        payload = bytes(self._buffer[header : header + size])
+        del self._buffer[: header + size]
+        return payload
+
+    def _cut(self, size: int) -> str:
+        return f"the stream ended {size - len(self._buffer)} bytes short of a frame's end"
+
+    def _fill(self, size: int) -> bool:
+        """Buffer at least ``size`` bytes; ``False`` if the peer closed first."""
+        while len(self._buffer) < size:
+            chunk = self._sock.recv(max(self.READ_BYTES, size - len(self._buffer)))
+            if not chunk:
+                return False
+            self._buffer += chunk
+        return True

@@ -153,7 +153,8 @@ class LocalStreams:
         servicer, holding = self._servicer, False
         try:
             conn.settimeout(HANDSHAKE_TIMEOUT_S)
-            refusal = self._admit(codec.read_frame(conn))
+            frames = codec.FrameReader(conn)
+            refusal = self._admit(frames.read())
             if refusal is not None:
                 _send(conn, pb.LocalReply(error=refusal))
                 return
@@ -162,7 +163,7 @@ class LocalStreams:
             _send(conn, pb.LocalReply())
             context = LocalContext(conn)
             observed: list[tuple[str, str, float]] = []
-            while (frame := codec.read_frame(conn)) is not None:
+            while (frame := frames.read()) is not None:
                 reply = servicer.decode_local(frame, context, observed)
                 try:
                     _send(conn, reply)

@@ -140,6 +140,7 @@ class LocalDecodeStream:
 
     def __init__(self, sock: socket.socket, address: str, timeout: float | None) -> None:
         self._sock = sock
+        self._frames = codec.FrameReader(sock)
         self.address = address
         self.timeout = timeout
         self.answered = 0
@@ -183,7 +184,7 @@ class LocalDecodeStream:
     def _reply(self, frame: bytes) -> pb.LocalReply:
         try:
             codec.write_frame(self._sock, frame)
-            answer = codec.read_frame(self._sock)
+            answer = self._frames.read()
         except TimeoutError:
             assert self.timeout is not None
             raise ConnectionError(

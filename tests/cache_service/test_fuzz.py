@@ -329,12 +329,13 @@ class _LocalStream:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(600)
         self.sock.connect("\0" + offer.socket)
+        self.frames = codec.FrameReader(self.sock)
         self(offer.ticket, None)
 
     def __call__(self, request, timeout):
         frame = request if isinstance(request, bytes) else request.SerializeToString()
         codec.write_frame(self.sock, frame)
-        reply = pb.LocalReply.FromString(codec.read_frame(self.sock))
+        reply = pb.LocalReply.FromString(self.frames.read())
         if reply.HasField("error"):
             raise _LocalFailure(reply.error)
         return reply.response

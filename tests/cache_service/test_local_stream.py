@@ -46,7 +46,7 @@ def _dial(offer):
 
 def _reply(sock, frame):
     codec.write_frame(sock, frame)
-    return pb.LocalReply.FromString(codec.read_frame(sock))
+    return pb.LocalReply.FromString(codec.FrameReader(sock).read())  # (one frame in flight)
 
 
 def _closed(sock):
@@ -190,7 +190,7 @@ def test_a_frame_that_is_no_valid_request_is_an_invalid_argument(stub, frame, sa
 def test_a_frame_over_the_message_limit_is_refused_unread(stub):
     sock = _handshake(stub)
     sock.sendall(struct.pack("<I", codec.MAX_MESSAGE_BYTES + 1))
-    reply = pb.LocalReply.FromString(codec.read_frame(sock))
+    reply = pb.LocalReply.FromString(codec.FrameReader(sock).read())
     assert reply.error.code == "INVALID_ARGUMENT" and "over the" in reply.error.message
     assert _closed(sock)
     sock.close()
@@ -211,17 +211,26 @@ def test_a_stream_cut_inside_a_frame_ends_quietly_and_frees_its_slot(stub, servi
 def test_frames_round_trip_and_a_cut_frame_is_an_error():
     a, b = socket.socketpair()
     with a, b:
+        frames = codec.FrameReader(b)
         codec.write_frame(a, b"")
         codec.write_frame(a, b"x" * 100_000)  # more than one read's worth
-        assert codec.read_frame(b) == b""
-        assert codec.read_frame(b) == b"x" * 100_000
+        codec.write_frame(a, b"after")  # arrives with the one before: kept for the next read
+        assert frames.read() == b""
+        assert frames.read() == b"x" * 100_000
+        assert frames.read() == b"after"
         a.sendall(struct.pack("<I", 10) + b"12345")
         a.shutdown(socket.SHUT_WR)
-        with pytest.raises(codec.FrameError, match="5 bytes into a frame"):
-            codec.read_frame(b)
+        with pytest.raises(codec.FrameError, match="5 bytes short of a frame"):
+            frames.read()
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(b"\1\0")
+        a.close()
+        with pytest.raises(codec.FrameError, match="2 bytes short of a frame"):  # in the header
+            codec.FrameReader(b).read()
     a, b = socket.socketpair()
     with a, b:
         a.close()
-        assert codec.read_frame(b) is None  # the end between frames
+        assert codec.FrameReader(b).read() is None  # the end between frames
     with pytest.raises(ValueError, match="over the"):
         codec.write_frame(socket.socket(), b"\0" * (codec.MAX_MESSAGE_BYTES + 1))
