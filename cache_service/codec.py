@@ -235,7 +235,7 @@ def error_from_status(err: grpc.RpcError, address: str) -> Exception:
 
 def error_from_local(err: pb.LocalError, address: str) -> Exception:
     """The domain exception an error on a local stream stands for (as ``error_from_status``)."""
-    code = getattr(grpc.StatusCode, err.code, grpc.StatusCode.UNKNOWN)
+    code = grpc.StatusCode.__members__.get(err.code, grpc.StatusCode.UNKNOWN)
     meta = {ERROR_KEY: err.error, SEQ_ID_KEY: err.seq_id}
     return error_from_parts(code, err.message, {k: v for k, v in meta.items() if v}, address)
 
