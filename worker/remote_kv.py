@@ -9,8 +9,9 @@ data comes one of two ways, chosen on connect (``transport="auto"``):
 - ``shm``: the service runs on this host (same host identity) and its pool is a shared-memory
   segment this process can map: the segment is mapped read-only and ``read_pages`` gathers
   the pages straight from it into one contiguous staging array, with no RPC.
-- ``rpc``: otherwise (another host, another container, or no segment), ``ReadPages`` carries
-  the pages inside its responses.
+- ``rpc``: otherwise (another host, another container, or no segment), the decode stream's
+  responses carry the selected pages this client was not sent yet (``push_pages``), and
+  ``ReadPages`` the rest (pages the device cache dropped since, or after a ``Decode`` call).
 
 Errors come back as the store's own exceptions with its message (see ``cache_service.codec``).
 """
