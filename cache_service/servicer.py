@@ -220,6 +220,14 @@ def _floats(tensor: pb.Tensor, field: str) -> np.ndarray:
     return array
 
 
+def _decode_request(frame: bytes) -> pb.DecodeRequest:
+    """A local stream's frame as the ``DecodeRequest`` it must be."""
+    try:
+        return pb.DecodeRequest.FromString(frame)
+    except DecodeError as err:
+        raise ValueError(f"a local-stream frame is not a DecodeRequest: {err}") from None
+
+
 def _ints(tensor: pb.Tensor, field: str) -> np.ndarray:
     array = codec.from_tensor(tensor, field)
     if array.dtype.kind != "i":
@@ -333,8 +341,12 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         is on its way, off the client's wait.
         """
         reply = pb.LocalReply()
+
+        def decode(servicer: CacheServicer, frame: bytes, context: LocalContext) -> Any:
+            return servicer._decode(_decode_request(frame), context, reply.response)
+
         try:
-            _answer(self, METHOD, CacheServicer._decode_frame, (frame, reply), context, observed)
+            _answer(self, METHOD, decode, frame, context, observed)
         except Refused as refused:
             return pb.LocalReply(error=local_error(METHOD, refused))
         return reply
@@ -357,16 +369,6 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             f"the cache service holds {self.max_streams} open decode streams, its "
             "--max-streams; send this request with Decode, or raise --max-streams"
         )
-
-    def _decode_frame(
-        self, frame_reply: tuple[bytes, pb.LocalReply], context: LocalContext
-    ) -> pb.DecodeResponse:
-        frame, reply = frame_reply
-        try:
-            request = pb.DecodeRequest.FromString(frame)
-        except DecodeError as err:
-            raise ValueError(f"a local-stream frame is not a DecodeRequest: {err}") from None
-        return self._decode(request, context, reply.response)
 
     def _decode(
         self,
