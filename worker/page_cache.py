@@ -11,8 +11,11 @@ in one copy, and scattered into their slots by a kernel. Eviction is least-recen
 among the pages the current request does not need.
 
 Bookkeeping costs O(pages requested) per call, never O(capacity): empty slots are taken in
-order, and the LRU order is a queue of ``(tick, slots)`` records, one per call, where a
-record is stale once its slot has been used again.
+order, and the LRU order is a queue of ``(tick, slots)`` records, one per touch, where a
+slot's entry is stale once the slot has been used at a later tick. A slot may stand in
+several records of one tick (a call touches what it keeps before evicting, then everything
+it returns), so an eviction claims each slot it takes at once: the next record of the same
+tick then sees it as used now and cannot hand it out a second time.
 """
 
 from __future__ import annotations
@@ -95,16 +98,24 @@ class DevicePageCache:
         if pages.size and int(pages.max()) >= self.page_slot.size:
             self._grow_index(int(pages.max()) + 1)
         slots = self.page_slot[pages]
-        hit = slots >= 0
-        hit &= self.slot_version[slots] == versions  # slot -1 reads the last slot: masked
+        hit = slots >= 0  # slot -1 reads the last slot: masked by this
+        hit &= self.slot_page[slots] == pages
+        hit &= self.slot_version[slots] == versions
         hits = int(np.count_nonzero(hit))
-        self.stats.hits += hits
         if hits < pages.size:
             miss = ~hit
             need, first = np.unique(pages[miss], return_index=True)
+            keep = np.unique(slots[hit])
+            if need.size + keep.size > self.capacity:
+                raise RuntimeError(
+                    f"one step needs {need.size + keep.size} pages, more than the device page "
+                    f"cache's {self.capacity}; raise the device cache size (--device-cache-mb) "
+                    "or lower the budget"
+                )
+            self._load(need, versions[miss][first], keep, fetch)
             self.stats.misses += int(need.size)
-            self._load(need, versions[miss][first], slots[hit], fetch)
             slots = self.page_slot[pages]
+        self.stats.hits += hits
         self._touch(slots)
         out = torch.from_numpy(slots.astype(np.int32))
         return out if self.device.type == "cpu" else out.to(self.device)
@@ -114,7 +125,7 @@ class DevicePageCache:
     ) -> None:
         data = np.ascontiguousarray(fetch(need, versions))  # first: a failed read changes nothing
         dest = self.page_slot[need]  # a stale copy is reloaded in its own slot
-        fresh = dest < 0
+        fresh = (dest < 0) | (self.slot_page[dest] != need)  # slot -1 reads the last: masked
         count = int(np.count_nonzero(fresh))
         if count > self.capacity - self.filled:  # evicting: what this request holds stays
             self._touch(np.concatenate([keep, dest[~fresh]]))
@@ -135,18 +146,12 @@ class DevicePageCache:
     def _victims(self, count: int) -> np.ndarray:
         """``count`` slots to overwrite: empty ones first, then the least recently used.
 
-        Slots used at the current tick are never chosen.
+        Slots used at the current tick are never chosen; the caller has checked that enough
+        others exist.
         """
         if count == 0:
             return np.empty(0, dtype=np.int64)
-        empty = self.capacity - self.filled
-        in_use = int(np.count_nonzero(self.slot_used == self.tick)) if count > empty else 0
-        if count > self.capacity - in_use:
-            raise RuntimeError(
-                f"one step needs more than the device page cache's {self.capacity} pages; "
-                "raise the device cache size (--device-cache-mb) or lower the budget"
-            )
-        take = min(count, empty)
+        take = min(count, self.capacity - self.filled)
         out = [np.arange(self.filled, self.filled + take, dtype=np.int64)]
         self.filled += take
         count -= take
@@ -159,6 +164,7 @@ class DevicePageCache:
                 self._lru.appendleft((tick, live[count:]))
                 self._lru_size += live.size - count
                 live = live[:count]
+            self.slot_used[live] = self.tick  # claimed: no later record may hand them out
             out.append(live)
             count -= live.size
         return np.concatenate(out)
