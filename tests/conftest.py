@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pydoc_data.topics
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,9 @@ from typing import Any
 import pytest
 import torch
 
+from cache_service.types import POLICIES
+from worker.engine import Engine, EngineConfig
+from worker.kv_client import LocalKVClient
 from worker.loader import embedded_checkpoint_dir, load_model
 from worker.model import LlamaModel
 from worker.tokenizer import Tokenizer
@@ -79,3 +83,48 @@ def _random_hf_model(model_type: str, seed: int, config: dict[str, Any]) -> Any:
             noise = torch.randn_like(param)
             param.copy_(1 + 0.1 * noise if name.endswith("norm.weight") else 0.15 * noise)
     return model
+
+
+# ---- long prompts of real text, and each one's tokens alone (the determinism tests) --------
+DOC_BUDGET, DOC_NEW_TOKENS = 64, 10
+DOC_PROMPT_TOKENS = (470, 380, 500)  # ~30 pages per (layer, KV head), far over the budget
+DOC_UNBOUNDED_MB = 256  # holds every page of these sequences: never evicts
+
+
+def doc_store() -> LocalKVClient:
+    """An in-process store for the doc prompts (1 GiB pool; the OS backs only pages written)."""
+    return LocalKVClient.with_capacity(2**30, 16, 64)
+
+
+def doc_engine(
+    smollm: tuple[LlamaModel, Tokenizer], policy: str, cache_mb: int, kv: Any = None
+) -> Engine:
+    """An engine over ``kv`` (a new store by default) with a ``cache_mb`` device page cache."""
+    config = EngineConfig(policy=policy, budget=DOC_BUDGET, device_cache_mb=cache_mb)
+    return Engine(smollm[0], kv or doc_store(), config)
+
+
+@pytest.fixture(scope="session")
+def doc_prompts(smollm: tuple[LlamaModel, Tokenizer]) -> list[list[int]]:
+    """Three prompts of real text (Python's docs), each from another part of them."""
+    topics = pydoc_data.topics.topics
+    names = sorted(topics)
+    out = []
+    for i, tokens in enumerate(DOC_PROMPT_TOKENS):
+        text = " ".join(topics[k] for k in names[26 * i : 26 * i + 26])
+        out.append(smollm[1].encode(text)[:tokens])
+    return out
+
+
+@pytest.fixture(scope="session")
+def doc_outputs(
+    smollm: tuple[LlamaModel, Tokenizer], doc_prompts: list[list[int]]
+) -> dict[str, list[list[int]]]:
+    """policy -> each doc prompt's greedy tokens alone, in an engine that never evicts."""
+    out = {}
+    for policy in POLICIES:
+        engine = doc_engine(smollm, policy, DOC_UNBOUNDED_MB)
+        out[policy] = [engine.generate(p, DOC_NEW_TOKENS) for p in doc_prompts]
+        assert engine.cache.stats.hits > 0  # resident pages were reused, never evicted
+        assert engine.cache.filled < engine.cache.capacity
+    return out

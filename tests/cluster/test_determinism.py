@@ -1,0 +1,123 @@
+"""Live workers with tiny device caches: each request's tokens are those of its prompt alone.
+
+One cache service (the compose file's ``cache-0``) and two ``python -m worker`` processes
+sharing it, each with a 4 MiB device page cache (512 pages; a step of three sequences
+touches ~2,000, so every step evicts). Requests go to both workers at once, with several
+policies in one batch; each output must equal the in-process engine's on that prompt alone
+with a cache that never evicts.
+"""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DOC_BUDGET, DOC_NEW_TOKENS
+from worker.client import WorkerClient, check_health
+from worker.launcher import LocalCluster
+
+from .test_compose_cluster import _free_ports
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVICE_CACHE_MB = 4
+# (worker, prompt, policy): three requests on each worker at once, policies mixed in a batch
+REQUESTS = [
+    (0, 0, "icecache"), (0, 1, "icecache"), (0, 2, "quest"),
+    (1, 2, "icecache"), (1, 0, "icecache-r"), (1, 1, "icecache"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache_service(tmp_path_factory):
+    ports = _free_ports(2)
+    overrides = {
+        "ICECACHE_CACHE0_PORT": str(ports[0]),
+        "ICECACHE_CACHE0_METRICS_PORT": str(ports[1]),
+        "ICECACHE_CACHE_MEMORY": "1G",
+    }
+    logs = tmp_path_factory.mktemp("determinism-logs")
+    cluster = LocalCluster.from_compose(overrides=overrides, names=["cache-0"], log_dir=logs)
+    cluster.start(timeout=120)
+    try:
+        yield cluster.address("cache-0")
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def workers(cache_service, tmp_path_factory):
+    """Two worker processes on the one cache service; yields their addresses."""
+    logs = tmp_path_factory.mktemp("worker-logs")
+    processes, addresses = [], []
+    try:
+        for i, port in enumerate(_free_ports(2)):
+            command = [
+                sys.executable, "-m", "worker", "--port", str(port),
+                "--cache-service", cache_service, "--policy", "icecache",
+                "--budget", str(DOC_BUDGET), "--device-cache-mb", str(DEVICE_CACHE_MB),
+                "--log-format", "text",
+            ]  # fmt: skip
+            with open(logs / f"worker-{i}.log", "wb") as out:
+                processes.append(
+                    subprocess.Popen(
+                        command,
+                        cwd=ROOT,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env={**os.environ, "OMP_NUM_THREADS": "1"},
+                    )  # fmt: skip
+                )
+            addresses.append(f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 180
+        for address, process in zip(addresses, processes, strict=True):
+            while not check_health(address, service="icecache.v1.Worker"):
+                assert process.poll() is None, (logs / "worker-0.log").read_text()
+                assert time.monotonic() < deadline, "a worker did not start in 180 s"
+                time.sleep(0.2)
+        yield addresses
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait(30)
+
+
+def test_two_workers_on_one_cache_service_give_each_prompt_its_tokens_alone(
+    workers, doc_prompts, doc_outputs
+):
+    results: list[list[int] | BaseException | None] = [None] * len(REQUESTS)
+    stats = [None] * len(REQUESTS)
+
+    def run(i: int) -> None:
+        worker, prompt, policy = REQUESTS[i]
+        try:
+            with WorkerClient(workers[worker]) as client:
+                done = list(
+                    client.generate(
+                        doc_prompts[prompt],
+                        DOC_NEW_TOKENS,
+                        chat=False,
+                        ignore_eos=True,
+                        policy=policy,
+                        budget=DOC_BUDGET,
+                    )  # fmt: skip
+                )[-1].done
+                results[i], stats[i] = list(done.token_ids), done.stats
+        except BaseException as error:  # reported below, with the others
+            results[i] = error
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(REQUESTS))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    want = [doc_outputs[policy][prompt] for _, prompt, policy in REQUESTS]
+    assert results == want
+    assert [s.policy for s in stats] == [policy for _, _, policy in REQUESTS]
+    for worker in (0, 1):
+        mine = [s for (w, _, _), s in zip(REQUESTS, stats, strict=True) if w == worker]
+        assert max(s.mean_batch for s in mine) > 1  # its requests shared decode steps
+        assert sum(s.pages_moved for s in mine) > DEVICE_CACHE_MB * 128  # so it evicted
