@@ -1,14 +1,16 @@
 """Plan checks, summary rows against full, and the reports (no model needed)."""
 
 import json
+import math
 
 import pytest
 
 from worker.eval.report import markdown_tables, plot, text_table, to_json
 from worker.eval.runner import EvalPlan, EvalResult, check_plan, summarize
+from worker.eval.stats import wilson
 from worker.eval.tasks.base import Task, TaskOptions
 from worker.eval.tasks.ppl import PerplexityTask
-from worker.eval.types import AnswerDetail, Outcome, PerplexityDetail, SampleRecord
+from worker.eval.types import AnswerDetail, Outcome, PairedTest, PerplexityDetail, SampleRecord
 
 
 class _Task(PerplexityTask):
@@ -111,12 +113,15 @@ def _result() -> EvalResult:
 def test_reports_show_scores_and_ratios(tmp_path):
     result = _result()
     text = text_table(result.rows)
-    assert "passkey / single" in text and "1.000 (ref)" in text
-    assert "0.000 (0.0%)" in text and "1.000 (100.0%)" in text
-    assert "| streaming |  | 0.000 (0.0%) | 1.000 (100.0%) |" in markdown_tables(result.rows)
+    assert "passkey / single — accuracy" in text and "1.000 [0.207, 1.000] n=1 (ref)" in text
+    assert "0.000 [0.000, 0.793] n=1 (0.0%)" in text and "95% wilson intervals" in text
+    assert (
+        "| streaming |  | 0.000 [0.000, 0.793] n=1 (0.0%) | 1.000 [0.207, 1.000] n=1 (100.0%) |"
+        in markdown_tables(result.rows)
+    )
     doc = json.loads(json.dumps(to_json(result, {"task": "passkey"})))
     assert set(doc) >= {"summary", "samples"}
-    row = doc["summary"][1]
+    row = next(r for r in doc["summary"] if (r["measure"], r["budget"]) == ("accuracy", 64))
     assert {
         k: row[k]
         for k in ("task", "variant", "policy", "budget", "context_len", "score", "ratio_to_full")
@@ -129,6 +134,70 @@ def test_reports_show_scores_and_ratios(tmp_path):
         "score": 0.0,
         "ratio_to_full": 0.0,
     }
+    assert row["samples"] == 1 and row["interval"]["method"] == "wilson"
+    assert row["interval"]["low"] == 0.0 and row["interval"]["high"] == pytest.approx(0.7935, 1e-4)
     assert doc["samples"][0]["outcomes"][0]["detail"]["expected"] == ["12345"]
     plot(tmp_path / "p.png", result.rows)
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _answers(full, oracle, stream) -> list[SampleRecord]:
+    """Hand-built pass-key samples: 1 where the policy answered."""
+    records = []
+    for i, scores in enumerate(zip(full, oracle, stream, strict=True)):
+        keys = [("full", None), ("oracle", 64), ("streaming", 64)]
+        outcomes = [
+            Outcome(p, b, float(s), "", AnswerDetail(("1",), ()))
+            for (p, b), s in zip(keys, scores, strict=True)
+        ]
+        records.append(SampleRecord("passkey", "single", 512, i, i, "", 512, ("1",), outcomes))
+    return records
+
+
+def test_retrieval_rows_give_conditional_accuracy_and_the_paired_test_against_oracle():
+    from worker.eval.tasks.passkey import PasskeyTask
+
+    records = _answers(
+        full=[1, 1, 1, 1, 0, 0],
+        oracle=[1, 1, 1, 0, 0, 1],
+        stream=[1, 0, 0, 0, 0, 1],
+    )
+    pairs = [("full", None), ("oracle", 64), ("streaming", 64)]
+    rows = summarize(PasskeyTask(None, TaskOptions()), "single", 512, records, pairs)  # type: ignore[arg-type]
+    got = {(r.measure, r.policy): r for r in rows}
+    assert sorted(got) == [
+        ("accuracy", "full"),
+        ("accuracy", "oracle"),
+        ("accuracy", "streaming"),
+        ("conditional accuracy", "full"),
+        ("conditional accuracy", "oracle"),
+        ("conditional accuracy", "streaming"),
+        ("discordant vs oracle", "streaming"),
+    ]
+    acc = got[("accuracy", "streaming")]
+    assert (acc.score, acc.samples, acc.ratio_to_full) == (2 / 6, 6, 0.5)
+    assert acc.interval == wilson(2, 6)
+    cond = {p: got[("conditional accuracy", p)] for p in ("full", "oracle", "streaming")}
+    assert [(c.score, c.samples) for c in cond.values()] == [(1.0, 4), (0.75, 4), (0.25, 4)]
+    assert cond["streaming"].ratio_to_full == 0.25 and cond["oracle"].interval == wilson(3, 4)
+    versus = got[("discordant vs oracle", "streaming")]
+    # streaming answers nothing oracle misses; oracle answers samples 1 and 2 it misses
+    assert versus.paired == PairedTest("oracle", wins=0, losses=2, samples=6, p_value=0.5)
+    assert (versus.score, versus.samples, versus.ratio_to_full) == (2 / 6, 6, None)
+    assert versus.interval == wilson(2, 6) and not versus.higher_is_better
+    text = text_table(rows)
+    assert "conditional accuracy (higher is better), 512 tokens, 4 samples" in text
+    assert "0.333 [0.097, 0.700] n=6 +0/-2 p=0.5" in text
+    assert "exact McNemar" in markdown_tables(rows)
+
+
+def test_conditional_accuracy_without_a_full_answer_is_nan_with_n_zero():
+    from worker.eval.tasks.passkey import PasskeyTask
+
+    records = _answers(full=[0, 0], oracle=[1, 0], stream=[0, 0])
+    pairs = [("full", None), ("oracle", 64), ("streaming", 64)]
+    rows = summarize(PasskeyTask(None, TaskOptions()), "single", 512, records, pairs)  # type: ignore[arg-type]
+    cond = [r for r in rows if r.measure == "conditional accuracy"]
+    assert all(math.isnan(r.score) and r.samples == 0 and r.interval is None for r in cond)
+    assert all(r.ratio_to_full is None for r in cond)
+    assert "nan n=0" in text_table(rows)

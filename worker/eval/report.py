@@ -9,6 +9,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from worker.eval.runner import EvalResult
 from worker.eval.types import Row
 
@@ -30,10 +32,19 @@ def fmt_score(value: float) -> str:
 
 
 def fmt_cell(row: Row) -> str:
+    """``score [low, high] n=K (ratio)``; the interval and n where the row has an interval,
+    wins/losses and the p-value instead of a ratio on a paired row."""
+    out = fmt_score(row.score)
+    if row.interval is not None:
+        out += f" [{fmt_score(row.interval.low)}, {fmt_score(row.interval.high)}]"
+    if row.interval is not None or math.isnan(row.score):
+        out += f" n={row.samples}"
+    if row.paired is not None:
+        return out + f" +{row.paired.wins}/-{row.paired.losses} p={row.paired.p_value:.2g}"
     if row.policy == "full":
-        return f"{fmt_score(row.score)} (ref)"
+        return f"{out} (ref)"
     ratio = "n/a" if row.ratio_to_full is None else f"{100 * row.ratio_to_full:.1f}%"
-    return f"{fmt_score(row.score)} ({ratio})"
+    return f"{out} ({ratio})"
 
 
 def _table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
@@ -53,10 +64,16 @@ def _table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
 def _title(key: GroupKey, rows: list[Row]) -> str:
     task, variant, measure, n = key
     better = "higher" if rows[0].higher_is_better else "lower"
-    return (
-        f"{task} / {variant} — {measure} ({better} is better), {n} tokens, "
-        f"{rows[0].samples} samples"
-    )
+    title = f"{task} / {variant} — {measure} ({better} is better), {n} tokens"
+    counts = {r.samples for r in rows}
+    if len(counts) == 1:
+        title += f", {counts.pop()} samples"
+    methods = sorted({r.interval.method for r in rows if r.interval is not None})
+    if methods:
+        title += f", 95% {'/'.join(methods)} intervals"
+    if any(r.paired is not None for r in rows):
+        title += ", +wins/-losses against oracle with the exact McNemar p"
+    return title
 
 
 def text_table(rows: list[Row]) -> str:
@@ -129,7 +146,20 @@ def _panel(ax: Any, key: GroupKey, group: list[Row]) -> None:
         if policy == "full":
             ax.axhline(mine[0].score, color="black", linestyle="--", label="full")
             continue
-        ax.plot([r.budget for r in mine], [r.score for r in mine], marker="o", label=policy)
+        errors = [
+            (r.score - r.interval.low, r.interval.high - r.score)
+            if r.interval is not None
+            else (0.0, 0.0)
+            for r in mine
+        ]
+        ax.errorbar(
+            [r.budget for r in mine],
+            [r.score for r in mine],
+            yerr=np.array(errors).T,
+            marker="o",
+            capsize=3,
+            label=policy,
+        )
     if budgets:
         ax.set_xscale("log", base=2)
         ax.set_xticks(budgets, [str(b) for b in budgets])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from cache_service.types import POLICIES, SequenceSpec
 from worker.eval.metrics import ratio_to_full
 from worker.eval.session import Session
 from worker.eval.tasks import Task
-from worker.eval.types import Outcome, Row, SampleRecord
+from worker.eval.types import Measure, Outcome, Row, SampleRecord
 
 log = logging.getLogger(__name__)
 
@@ -149,27 +150,47 @@ def run_cell(
 def summarize(
     task: Task, variant: str, context_len: int, records: list[SampleRecord], pairs: list[Key]
 ) -> list[Row]:
-    """One row per (measure, policy, budget), each against ``full``'s value."""
+    """One row per (measure, policy, budget), each against ``full``'s value.
+
+    A task's ``compared`` measures (paired with full's and oracle's outcomes on the same
+    samples) follow its own; a measure full does not have gets no ratio.
+    """
     by_key: dict[Key, list[Outcome]] = {key: [] for key in pairs}
     for record in records:
         for outcome in record.outcomes:
             by_key[(outcome.policy, outcome.budget)].append(outcome)
-    full = task.measures(by_key[("full", None)])
+    full = {m.name: m for m in _measures(task, ("full", None), by_key)}
     rows = []
-    for (policy, budget), outcomes in by_key.items():
-        for measure, ref in zip(task.measures(outcomes), full, strict=True):
+    for key, outcomes in by_key.items():
+        for measure in _measures(task, key, by_key):
+            ref = full.get(measure.name)
             rows.append(
                 Row(
                     task.name,
                     variant,
                     measure.name,
-                    policy,
-                    budget,
+                    key[0],
+                    key[1],
                     context_len,
                     measure.value,
-                    ratio_to_full(measure.value, ref.value, measure.higher_is_better),
-                    len(outcomes),
+                    None if ref is None else _ratio(measure, ref),
+                    len(outcomes) if measure.samples is None else measure.samples,
                     measure.higher_is_better,
+                    measure.interval,
+                    measure.paired,
                 )
             )
     return rows
+
+
+def _measures(task: Task, key: Key, by_key: dict[Key, list[Outcome]]) -> list[Measure]:
+    policy, budget = key
+    oracle = None if policy in ("full", "oracle") else by_key.get(("oracle", budget))
+    outcomes = by_key[key]
+    return task.measures(outcomes) + task.compared(outcomes, by_key[("full", None)], oracle)
+
+
+def _ratio(measure: Measure, ref: Measure) -> float | None:
+    if not measure.ratio or math.isnan(measure.value) or math.isnan(ref.value):
+        return None
+    return ratio_to_full(measure.value, ref.value, measure.higher_is_better)

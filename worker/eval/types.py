@@ -73,7 +73,20 @@ class RecallDetail:
     """First layer that selects (earlier layers attend fully)."""
 
 
-Detail = AnswerDetail | PerplexityDetail | AgreementDetail | RecallDetail
+@dataclass(frozen=True)
+class FidelityDetail:
+    """Teacher-forced steps compared with ``full``'s on the same inputs, means over steps."""
+
+    steps: int
+    top1: float
+    """Share of steps whose argmax equals ``full``'s."""
+    kl: float
+    """Mean KL(full || policy) of the next-token distributions, in nats."""
+    l2: float
+    """Mean relative L2 error of the final normed hidden state, ``|h - h_full| / |h_full|``."""
+
+
+Detail = AnswerDetail | PerplexityDetail | AgreementDetail | RecallDetail | FidelityDetail
 
 
 @dataclass(frozen=True)
@@ -91,12 +104,43 @@ class Outcome:
 
 
 @dataclass(frozen=True)
+class Interval:
+    """A 95% confidence interval of a cell's value."""
+
+    low: float
+    high: float
+    method: str
+    """``wilson`` (a share of binary outcomes) or ``bootstrap`` (percentile, over samples)."""
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """A policy against another on the same samples' binary outcomes (exact McNemar)."""
+
+    against: str
+    """The other policy, at the same budget."""
+    wins: int
+    """Samples this policy answers and the other does not."""
+    losses: int
+    """Samples the other answers and this policy does not."""
+    samples: int
+    p_value: float
+    """Exact two-sided sign test of wins against losses; 1.0 with no discordant pair."""
+
+
+@dataclass(frozen=True)
 class Measure:
     """One aggregated number of a cell and which direction is better."""
 
     name: str
     value: float
     higher_is_better: bool = True
+    interval: Interval | None = None
+    samples: int | None = None
+    """Samples behind the value when not all of the cell's (conditional accuracy)."""
+    paired: PairedTest | None = None
+    ratio: bool = True
+    """False where a ratio to full's value means nothing (it is 0 by construction)."""
 
 
 @dataclass(frozen=True)
@@ -126,12 +170,18 @@ class Row:
     context_len: int
     score: float
     ratio_to_full: float | None
-    """1.0 is as good as ``full``, lower is worse; ``None`` when undefined (full scored 0)."""
+    """1.0 is as good as ``full``, lower is worse; ``None`` when undefined (full scored 0,
+    a measure that already compares with full, or a paired row)."""
     samples: int
+    """n behind ``score`` (for conditional accuracy: the samples ``full`` answers)."""
     higher_is_better: bool = True
+    interval: Interval | None = None
+    """95% interval of ``score``, where the task gives one."""
+    paired: PairedTest | None = None
+    """The discordant pairs behind a ``vs oracle`` row."""
 
 
-D = TypeVar("D", AnswerDetail, PerplexityDetail, AgreementDetail, RecallDetail)
+D = TypeVar("D", AnswerDetail, PerplexityDetail, AgreementDetail, RecallDetail, FidelityDetail)
 
 
 def details_of(outcomes: list[Outcome], kind: type[D]) -> list[D]:

@@ -28,6 +28,8 @@ class TaskOptions:
     """``agreement``: greedy tokens generated after the prompt."""
     probes: int = 16
     """``recall``: decode steps whose selections are compared with exact attention."""
+    steps: int = 64
+    """``fidelity``: true tokens fed one by one after the prefill of ``context_len``."""
 
 
 class Task(ABC):
@@ -58,6 +60,14 @@ class Task(ABC):
     @abstractmethod
     def measures(self, outcomes: list[Outcome]) -> list[Measure]:
         """The cell's aggregated numbers from one policy's outcomes over its samples."""
+
+    def compared(
+        self, outcomes: list[Outcome], full: list[Outcome], oracle: list[Outcome] | None
+    ) -> list[Measure]:
+        """Numbers of one policy paired with ``full``'s and ``oracle``'s outcomes on the
+        same samples (``oracle`` at the same budget, ``None`` for full, oracle itself, or
+        when oracle did not run); none unless the task defines them."""
+        return []
 
 
 def depths(samples: int) -> list[float]:

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from worker.eval.metrics import all_numbers, exact_number, numbers_in
-from worker.eval.tasks.base import Task, depths
+from worker.eval.tasks.base import depths
 from worker.eval.tasks.needle import build_needle_prompt
-from worker.eval.types import AnswerDetail, Measure, Outcome, Prompt
+from worker.eval.tasks.retrieval import RetrievalTask
+from worker.eval.types import AnswerDetail, Outcome, Prompt
 
 if TYPE_CHECKING:
     from worker.engine import Engine
@@ -139,7 +140,7 @@ def max_new_tokens(variant: str) -> int:
     return 16 + 10 * VALUES if variant == "multivalue" else 28
 
 
-class NiahTask(Task):
+class NiahTask(RetrievalTask):
     name = "niah"
     variants = VARIANTS
 
@@ -189,6 +190,3 @@ class NiahTask(Task):
             AnswerDetail(prompt.answers, tuple(numbers_in(text))),
             time.perf_counter() - started,
         )
-
-    def measures(self, outcomes: list[Outcome]) -> list[Measure]:
-        return [Measure("accuracy", float(np.mean([o.score for o in outcomes])))]

@@ -10,9 +10,10 @@ import numpy as np
 
 from worker.eval.corpus import Corpus
 from worker.eval.metrics import exact_number, numbers_in
-from worker.eval.tasks.base import Task, depths
+from worker.eval.tasks.base import depths
 from worker.eval.tasks.needle import build_needle_prompt
-from worker.eval.types import AnswerDetail, Measure, Outcome, Prompt
+from worker.eval.tasks.retrieval import RetrievalTask
+from worker.eval.types import AnswerDetail, Outcome, Prompt
 
 if TYPE_CHECKING:
     from worker.engine import Engine
@@ -70,7 +71,7 @@ def score_passkey(output: str, key: str) -> float:
     return exact_number(output, key)
 
 
-class PasskeyTask(Task):
+class PasskeyTask(RetrievalTask):
     name = "passkey"
     variants = ("single",)
 
@@ -110,6 +111,3 @@ class PasskeyTask(Task):
             AnswerDetail(prompt.answers, tuple(numbers_in(text))),
             time.perf_counter() - started,
         )
-
-    def measures(self, outcomes: list[Outcome]) -> list[Measure]:
-        return [Measure("accuracy", float(np.mean([o.score for o in outcomes])))]
