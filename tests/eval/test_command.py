@@ -111,15 +111,67 @@ def test_eval_runs_end_to_end_on_the_embedded_model(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "passkey / single" in table and "streaming" in table
     doc = json.loads(out.read_text())
-    assert [(r["policy"], r["budget"]) for r in doc["summary"]] == [
-        ("full", None),
-        ("streaming", 64),
+    assert [(r["measure"], r["policy"], r["budget"]) for r in doc["summary"]] == [
+        ("accuracy", "full", None),
+        ("conditional accuracy", "full", None),
+        ("accuracy", "streaming", 64),
+        ("conditional accuracy", "streaming", 64),
     ]
+    assert all(r["samples"] <= 1 and r["paired"] is None for r in doc["summary"])
     sample = doc["samples"][0]
     assert sample["prompt_tokens"] > 500 and len(sample["outcomes"]) == 2
     for outcome in sample["outcomes"]:
         assert outcome["score"] == score_passkey(outcome["output"], sample["answers"][0])
     assert png.stat().st_size > 1000
+
+
+def test_fidelity_runs_end_to_end_with_bootstrap_intervals(tmp_path, capsys):
+    out = tmp_path / "f.json"
+    args = _args(
+        "--task",
+        "fidelity",
+        "--context-len",
+        "128",
+        "--steps",
+        "4",
+        "--budget",
+        "64",
+        "--policy",
+        "streaming",
+        "--samples",
+        "2",
+        "--json",
+        str(out),
+    )
+    assert command.run_command(args) == 0
+    table = capsys.readouterr().out
+    assert "fidelity / teacher-forced — KL(full||policy) (lower is better), 128 tokens" in table
+    assert "0.000 [0.000, 0.000] n=2 (ref)" in table and "95% bootstrap intervals" in table
+    doc = json.loads(out.read_text())
+    rows = {(r["measure"], r["policy"]): r for r in doc["summary"]}
+    assert set(rows) == {
+        (m, p)
+        for m in ("top-1 agreement", "KL(full||policy)", "hidden rel. L2")
+        for p in ("full", "streaming")
+    }
+    kl = rows[("KL(full||policy)", "streaming")]
+    assert kl["samples"] == 2 and kl["ratio_to_full"] is None and kl["budget"] == 64
+    assert kl["interval"]["method"] == "bootstrap"
+    assert kl["interval"]["low"] <= kl["score"] <= kl["interval"]["high"]
+    details = [s["outcomes"][1]["detail"] for s in doc["samples"]]
+    assert kl["score"] == pytest.approx(sum(d["kl"] for d in details) / 2)
+    assert all(d["steps"] == 4 and d["kl"] > 0 for d in details)
+    assert doc["samples"][0]["outcomes"][0]["detail"] == {
+        "steps": 4,
+        "top1": 1.0,
+        "kl": 0.0,
+        "l2": 0.0,
+    }
+
+
+def test_steps_must_be_positive():
+    with pytest.raises(ValueError, match="--steps"):
+        command.validate(_args("--task", "fidelity", "--steps", "0", *BASE))
 
 
 def test_longbench_runs_on_user_files(tmp_path, capsys):

@@ -1,16 +1,20 @@
-"""Scorers of the synthetic tasks and the orientation of the ratio to full."""
+"""Scorers of the tasks, per-step fidelity measures, and the orientation of the ratio."""
 
 import math
 
 import pytest
+import torch
 
 from worker.eval.metrics import (
     agreement,
     all_numbers,
     exact_number,
+    kl_divergence,
     numbers_in,
     perplexity,
     ratio_to_full,
+    relative_l2,
+    top1_agreement,
 )
 
 
@@ -51,3 +55,23 @@ def test_ratio_is_one_at_full_and_lower_when_worse_in_both_orientations():
     assert ratio_to_full(8.0, 10.0, higher_is_better=False) > 1.0  # better than full
     assert ratio_to_full(0.0, 0.0) == 1.0
     assert ratio_to_full(0.5, 0.0) is None
+
+
+def test_kl_of_a_known_pair_and_of_equal_distributions():
+    f64 = torch.float64
+    p = torch.tensor([[0.5, 0.5], [1.0, 0.0]], dtype=f64).log()  # [1, 0]: a zero probability
+    q = torch.tensor([[0.25, 0.75], [0.5, 0.5]], dtype=f64).log()
+    kl = kl_divergence(p, q)
+    # 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.5 ln(4/3); 1 ln(1/0.5) = ln 2
+    assert kl.tolist() == pytest.approx([0.5 * math.log(4 / 3), math.log(2)], rel=1e-12)
+    logits = torch.randn(3, 50)
+    assert kl_divergence(logits, logits).tolist() == [0.0, 0.0, 0.0]
+    assert kl_divergence(logits, logits + 7.0).tolist() == pytest.approx([0.0] * 3, abs=1e-12)
+
+
+def test_top1_agreement_and_relative_l2():
+    ref = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
+    other = torch.tensor([[0.0, 5.0, 1.0], [0.0, 1.0, 0.0]])
+    assert top1_agreement(ref, other).tolist() == [True, False]
+    h = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    assert relative_l2(h, torch.tensor([[3.0, 9.0], [1.0, 0.0]])).tolist() == [1.0, 0.0]

@@ -2,7 +2,7 @@
 
     icecache eval --task TASK --context-len N[,N...] --budget B[,B...] --policy P[,P...]
         [--variant V[,V...]] [--samples K] [--seed S] [--text-file F] [--json OUT]
-        [--plot OUT.png] [--model PATH] [--data-dir DIR --datasets a,b]
+        [--plot OUT.png] [--model PATH] [--data-dir DIR --datasets a,b] [--steps N]
 
 ``register(subparsers)`` adds the subcommand to ``worker.cli``'s parser.
 """
@@ -84,6 +84,12 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         "--gen-tokens", type=int, default=256, help="agreement: greedy tokens per sample"
     )
     parser.add_argument("--probes", type=int, default=16, help="recall: decode steps probed")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=64,
+        help="fidelity: true tokens fed one by one after the prefill (default 64)",
+    )
     parser.add_argument("--data-dir", type=Path, help="longbench: directory of JSONL files")
     parser.add_argument(
         "--datasets",
@@ -131,7 +137,11 @@ def validate(args: argparse.Namespace) -> EvalArgs:
     if args.text_file is not None:
         read_text_file(args.text_file)  # fail before loading the model
         text = args.text_file
-    options = TaskOptions(args.samples, args.seed, args.span, args.gen_tokens, args.probes)
+    if args.steps <= 0:
+        raise ValueError(f"--steps must be positive, got {args.steps}")
+    options = TaskOptions(
+        args.samples, args.seed, args.span, args.gen_tokens, args.probes, args.steps
+    )
     policies = tuple(dict.fromkeys(("full", *args.policy)))
     plan = EvalPlan(tuple(args.variant), tuple(args.context_len), policies, tuple(args.budget))
     return EvalArgs(args.task, plan, options, text, args.data_dir, tuple(args.datasets))

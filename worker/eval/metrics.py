@@ -6,6 +6,8 @@ import math
 import re
 from collections.abc import Sequence
 
+import torch
+
 _NUMBER = re.compile(r"\d+")
 
 
@@ -60,3 +62,25 @@ def ratio_to_full(value: float, full: float, higher_is_better: bool = True) -> f
     if den == 0:
         return None
     return num / den
+
+
+def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(ref || other) in nats per row of logits ``[N, vocab]`` -> ``[N]`` float64.
+
+    Both are softmaxed in float64; tokens the reference gives probability 0 add nothing.
+    """
+    ref = torch.log_softmax(ref_logits.double(), -1)
+    other = torch.log_softmax(logits.double(), -1)
+    terms = ref.exp() * (ref - other)
+    return torch.where(ref.exp() > 0, terms, torch.zeros_like(terms)).sum(-1)
+
+
+def top1_agreement(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Whether each row's argmax equals the reference's: ``[N, vocab]`` -> ``[N]`` bool."""
+    return torch.argmax(ref_logits, -1) == torch.argmax(logits, -1)
+
+
+def relative_l2(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``|other - ref| / |ref|`` per row: ``[N, D]`` -> ``[N]`` float64."""
+    ref, other = ref.double(), other.double()
+    return torch.linalg.vector_norm(other - ref, dim=-1) / torch.linalg.vector_norm(ref, dim=-1)

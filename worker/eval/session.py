@@ -47,6 +47,16 @@ class _Prefill:
     logits: torch.Tensor  # [vocab]
 
 
+@dataclass(frozen=True)
+class ForcedSteps:
+    """What each teacher-forced decode step produced."""
+
+    logits: torch.Tensor
+    """Next-token logits ``[N, vocab]`` float32."""
+    hidden: torch.Tensor
+    """Final hidden state after the last norm, before the LM head ``[N, hidden]`` float32."""
+
+
 class TapKV:
     """A ``KVClient`` that forwards everything and lets the session watch appends/decodes."""
 
@@ -212,3 +222,28 @@ class Session:
         finally:
             engine.finish(seq)
         return nll, len(ids) - prefix
+
+    def teacher_forced_steps(self, engine: Engine, ids: list[int], prefix: int) -> ForcedSteps:
+        """Logits and final normed hidden state after feeding each of ``ids[prefix:]``.
+
+        ``ids[:prefix]`` is prefilled (dense, identical under every policy); then every
+        true token is fed with ``decode_step``, so step ``i`` predicts ``ids[prefix + i + 1]``
+        from the policy's sparse attention. The hidden state is the output of the model's
+        final norm, observed with a forward hook during the decode steps.
+        """
+        if not 0 < prefix < len(ids):
+            raise ValueError(f"prefix {prefix} must be inside the sequence of {len(ids)} tokens")
+        seq, _ = self.start(engine, ids[:prefix])
+        hidden: list[torch.Tensor] = []
+        hook = engine.model.norm.register_forward_hook(
+            lambda _module, _inputs, out: hidden.append(out.detach().float())
+        )
+        logits = []
+        try:
+            for t in range(prefix, len(ids)):
+                logits.append(engine.decode_step([seq], [ids[t]])[0].float())
+        finally:
+            hook.remove()
+            engine.finish(seq)
+        assert len(hidden) == len(logits), "the final norm runs once per decode step"
+        return ForcedSteps(torch.stack(logits), torch.cat(hidden))

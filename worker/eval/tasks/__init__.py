@@ -7,6 +7,7 @@ from pathlib import Path
 from worker.eval.corpus import Corpus
 from worker.eval.tasks.agreement import AgreementTask
 from worker.eval.tasks.base import Task, TaskOptions
+from worker.eval.tasks.fidelity import FidelityTask
 from worker.eval.tasks.longbench import LongBenchTask
 from worker.eval.tasks.niah import NiahTask
 from worker.eval.tasks.passkey import PasskeyTask
@@ -15,7 +16,15 @@ from worker.eval.tasks.recall import RecallTask
 
 TASKS: dict[str, type[Task]] = {
     t.name: t
-    for t in (PasskeyTask, NiahTask, PerplexityTask, AgreementTask, RecallTask, LongBenchTask)
+    for t in (
+        PasskeyTask,
+        NiahTask,
+        PerplexityTask,
+        AgreementTask,
+        FidelityTask,
+        RecallTask,
+        LongBenchTask,
+    )
 }
 
 
