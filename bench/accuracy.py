@@ -143,7 +143,11 @@ def goals(rows: list[Row]) -> list[str]:
         )
         out.append(f"- {'PASS' if cells and not misses else 'MISS'}: {name} — {shown}")
 
-    retrieval = [r for r in rows if r.task in RETRIEVAL and r.policy == "icecache"]
+    retrieval = [
+        r
+        for r in rows
+        if r.task in RETRIEVAL and r.policy == "icecache" and r.measure == "accuracy"
+    ]
     check(
         "icecache@256 ≥ 99% of full on retrieval", [r for r in retrieval if r.budget == 256], 0.99
     )
