@@ -17,13 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from cache_service.types import POLICIES, Selection, SequenceSpec
 from kernels.cupy_ops import decode_attention
 from worker.kv_client import KVClient
-from worker.model import LlamaModel
+from worker.model import LlamaModel, causal_attention
 from worker.page_cache import DevicePageCache
 
 log = logging.getLogger(__name__)
@@ -179,7 +178,7 @@ class Engine:
             out = []
             for start in range(0, len(token_ids), chunk):
                 end = min(start + chunk, len(token_ids))
-                attn = _causal_attention(q[start:end], k[:end], v[:end], start, self.scale)
+                attn = causal_attention(q[start:end], k[:end], v[:end], self.scale)
                 out.append(model.attention_output(layer, h[start:end], attn))
             h = torch.cat(out)
             bar.update()
@@ -282,24 +281,3 @@ def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
     """An int32 tensor of ``a`` on ``device``."""
     t = torch.from_numpy(a.astype(np.int32))
     return t if device.type == "cpu" else t.to(device)
-
-
-def _causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float
-) -> torch.Tensor:
-    """Causal GQA attention of a query chunk over all keys up to it.
-
-    Args:
-        q: ``[Tq, Hq, D]`` queries at positions ``offset .. offset + Tq - 1``.
-        k, v: ``[Tk, Hkv, D]`` keys and values at positions ``0 .. Tk - 1``.
-
-    Returns:
-        ``[Tq, Hq, D]``.
-    """
-    qh, kh, vh = (x.transpose(0, 1) for x in (q, k, v))  # [Hq, Tq, D], [Hkv, Tk, D] x2
-    rows = torch.arange(q.shape[0], device=q.device)[:, None] + offset
-    mask = torch.arange(k.shape[0], device=q.device)[None, :] <= rows  # [Tq, Tk]
-    out = F.scaled_dot_product_attention(
-        qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True
-    )  # no repeated K/V copies
-    return out.transpose(0, 1)

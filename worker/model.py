@@ -371,23 +371,35 @@ class LlamaModel(nn.Module):
         return self.logits(h)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
     """Full causal GQA attention of the last T positions of one sequence over all S.
+
+    The heads go to SDPA as ``[1, H, T, D]``: a 4-D layout takes its fused (flash) kernels,
+    a 3-D one falls back to the math path, which materialises every score. The first query
+    chunk (``T == S``) is causal by ``is_causal``; a later one needs a mask, as SDPA aligns
+    ``is_causal`` to the top left.
 
     Args:
         q: ``[T, Hq, D]`` queries of positions ``S - T .. S - 1``.
         k: ``[S, Hkv, D]`` keys of positions ``0 .. S - 1``.
         v: ``[S, Hkv, D]`` values.
+        scale: softmax scale; None for ``D ** -0.5``.
 
     Returns:
-        ``[T, Hq, D]`` in q's dtype.
+        ``[T, Hq, D]`` in q's dtype (a view of ``[Hq, T, D]``).
     """
     t, s = q.shape[0], k.shape[0]
-    qh, kh, vh = (x.transpose(0, 1) for x in (q, k, v))  # [H, T|S, D]
+    qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, T|S, D]
     if t == s:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True
+        )
     else:
         rows = torch.arange(s - t, s, device=q.device)[:, None]  # [T, 1]
         mask = torch.arange(s, device=q.device)[None, :] <= rows  # [T, S]
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
-    return out.transpose(0, 1)  # [T, Hq, D]
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+    return out[0].transpose(0, 1)  # [T, Hq, D]
