@@ -16,9 +16,10 @@ def paged_decode_attention_torch(
     """Same contract as ``kernels.reference.paged_decode_attention_ref``, batched over rows.
 
     The CSR rows are padded to the longest one (padding repeats a selected page with no valid
-    tokens), each row's keys and values are gathered once into ``[rows, W * P, D]``, and two
-    batched matmuls around a masked softmax serve every row: about fifteen tensor ops per
-    call whatever the batch, heads or pages.
+    tokens). One gather over the cache, read as ``[S * 2, P * D]`` rows, lays out every key
+    page and then every value page, so the keys of a row are ``[W * P, D]`` contiguous and so
+    are its values; then ``baddbmm`` (scores, scaled, invalid tokens at -inf), softmax and
+    ``bmm``: four passes over the data, whatever the batch, heads or pages.
 
     Args:
         q: ``[B, Hq, D]``.
@@ -43,12 +44,15 @@ def paged_decode_attention_torch(
     slots = indices.long().index_select(0, at)  # [rows * W]
     lens = page_lens.long().index_select(0, at).view(rows, width)
     lens = lens.masked_fill_(col >= counts[:, None], 0)  # padding: no valid tokens
-    keys = kv_cache[:, 0].index_select(0, slots).view(rows, width * page_size, dim).float()
-    values = kv_cache[:, 1].index_select(0, slots).view(rows, width * page_size, dim).float()
+    pages = torch.cat((2 * slots, 2 * slots + 1))  # [2 * rows * W]: keys, then values
+    kv = kv_cache.view(-1, page_size * dim).index_select(0, pages)  # [2 * rows * W, P * D]
+    keys, values = kv.view(2, rows, width * page_size, dim).float().unbind(0)  # [rows, W*P, D]
     invalid = torch.arange(page_size, device=q.device) >= lens[:, :, None]  # [rows, W, P]
+    bias = torch.zeros(invalid.shape, device=q.device).masked_fill_(invalid, float("-inf"))
     qg = q.reshape(rows, group, dim).float()  # [rows, G, D]
-    scores = torch.bmm(qg, keys.transpose(1, 2)).mul_(sm_scale)  # [rows, G, W * P]
-    scores.masked_fill_(invalid.view(rows, 1, width * page_size), float("-inf"))
+    scores = torch.baddbmm(  # [rows, G, W * P]
+        bias.view(rows, 1, width * page_size), qg, keys.transpose(1, 2), alpha=sm_scale
+    )
     out = torch.bmm(torch.softmax(scores, dim=-1), values)  # [rows, G, D]
     out.masked_fill_((counts == 0)[:, None, None], 0.0)  # an empty row gives 0
     return out.reshape(batch, q_heads, dim).to(q.dtype)
