@@ -26,12 +26,16 @@ splits in two by 2-means; the old leaf keeps its id, the new one gets a new id a
 under the same parent; a parent with more than ``2 × fanout`` children splits the same
 way, up to the top.
 
-Search: score every node of the lowest upper level with at most ``scan_nodes`` nodes
-against the query group (max over the group's heads), keep the best nodes until they
-cover the probe quota of tokens, descend (twice the quota per level above the leaves'
-parents), and at the leaves score every token exactly; leaves are ranked by their best
-token (the pages of the top-scoring tokens, in order, without repeats) and taken while
-they fit the budget.
+Search, in three stages whose effort grows with the sequence (as DCI's field of view
+does): (1) score every node of the lowest level with at most ``scan_nodes`` nodes (the
+leaves themselves while they are few) against the query group (max over the group's
+heads) and descend under the best nodes until the leaves reached hold the field of view,
+``max(view × exact, view_fraction × n)`` tokens; (2) rank those leaves by centroid score and
+keep the best holding ``exact = max(probe × max_tokens, probe_fraction × n)`` tokens;
+(3) score their tokens exactly and rank the leaves by the attention mass they carry
+(``exp(scale × q·k - max)`` summed over the leaf, each query head normalised over the
+probed leaves, mean over the group). The budget is filled in that order, each leaf taken
+if it still fits.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
-from cache_service.policies.base import take_within
+from cache_service.policies.base import fill_within
 
 
 @dataclass(frozen=True)
@@ -58,10 +62,16 @@ class IndexConfig:
         fanout: children per inner node at build; a node with more than twice this many
             splits.
         top_nodes: upper levels are added until the top has at most this many nodes.
-        probe: leaves examined exactly hold at least ``probe × max_tokens`` tokens.
-        probe_fraction: ... and at least this share of all tokens.
-        scan_nodes: search scores every node of the lowest upper level that has at most
-            this many nodes, and descends from there.
+        probe: leaves scored token by token hold at least ``probe × max_tokens`` tokens,
+        probe_fraction: ... and at least this share of all tokens (effort grows with the
+            sequence, as DCI's field of view does).
+        view: the leaves whose centroids are scored (the field of view) hold at least
+            ``view ×`` the tokens scored exactly,
+        view_fraction: ... and at least this share of all tokens.
+        scan_nodes: search scores every node of the lowest level (leaves included) that
+            has at most this many nodes, and descends from there.
+        softmax_scale: attention's scale of ``q·k`` when leaves are ranked by attention
+            mass; ``None``: ``head_dim ** -0.5``.
         niter: k-means iterations.
     """
 
@@ -71,8 +81,11 @@ class IndexConfig:
     fanout: int = 16
     top_nodes: int = 64
     probe: float = 4.0
-    probe_fraction: float = 0.0
+    probe_fraction: float = 1 / 128
+    view: float = 4.0
+    view_fraction: float = 1 / 4
     scan_nodes: int = 4096
+    softmax_scale: float | None = None
     niter: int = 10
 
     def __post_init__(self) -> None:
@@ -89,10 +102,26 @@ class IndexConfig:
                 f"probe must be >= 1 and probe_fraction in [0, 1], got {self.probe}, "
                 f"{self.probe_fraction}"
             )
+        if self.view < 1.0 or not 0.0 <= self.view_fraction <= 1.0:
+            raise ValueError(
+                f"view must be >= 1 and view_fraction in [0, 1], got {self.view}, "
+                f"{self.view_fraction}"
+            )
+        if self.softmax_scale is not None and not self.softmax_scale > 0:
+            raise ValueError(f"softmax_scale must be positive, got {self.softmax_scale}")
         if self.scan_nodes < 1:
             raise ValueError(f"scan_nodes must be positive, got {self.scan_nodes}")
         if self.niter < 1:
             raise ValueError(f"niter must be at least 1, got {self.niter}")
+
+
+class SearchEffort(NamedTuple):
+    """What one search examined: upper nodes scored by centroid, leaves scored by centroid
+    (its field of view), tokens scored exactly."""
+
+    nodes: int
+    leaves: int
+    tokens: int
 
 
 class Placement(NamedTuple):
@@ -213,6 +242,7 @@ class ClusterIndex:
         self.token_slot = np.zeros(0, dtype=np.int64)
         self.levels: list[_Level] = [_Level(head_dim + 1)]
         self.built = False
+        self.last_effort = SearchEffort(0, 0, 0)
 
     # ---------------------------------------------------------------- public API
 
@@ -289,34 +319,78 @@ class ClusterIndex:
         return self._placement(np.unique(np.concatenate(touched)))
 
     def search(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
-        """Leaves for a query group ``[G, D]``, best first, holding at most ``max_tokens``.
+        """Leaves for a query group ``[G, D]``, most attention mass first, holding at most
+        ``max_tokens``.
 
-        A leaf's rank is the best inner product of any of its tokens with any query of the
-        group; only leaves under the top-ranked upper nodes are scored exactly.
+        Upper nodes narrow the search to the leaves of the field of view, their centroids
+        pick the leaves scored exactly (both quotas grow with the sequence, see
+        ``effort``), and those leaves are ranked by the attention mass their tokens carry.
         """
         queries = self._check_queries(queries, max_tokens)
         if self.num_leaves == 0 or max_tokens == 0:
+            self.last_effort = SearchEffort(0, 0, 0)
             return np.empty(0, dtype=np.int64)
-        quota = max(self.config.probe * max_tokens, self.config.probe_fraction * self.num_tokens)
-        # Start at the lowest upper level small enough to score whole: pruning by centroid
-        # scores high in the tree (few huge nodes) loses the top tokens at long contexts.
+        view, exact = self.effort(max_tokens)
+        nodes_scored, leaves = self._field_of_view(queries, view)
+        cents = np.take(self.levels[0].cent, leaves, axis=0)[:, : self.dim]
+        probed = self._best(leaves, (queries @ cents.T).max(axis=0), self.fill[leaves], exact)
+        mass = self._leaf_mass(queries, probed)
+        ranked = probed[np.argsort(-mass, kind="stable")]
+        self.last_effort = SearchEffort(nodes_scored, len(leaves), int(self.fill[probed].sum()))
+        return fill_within(ranked, self.fill[ranked], max_tokens)
+
+    def effort(self, max_tokens: int) -> tuple[float, float]:
+        """Tokens under the leaves whose centroids a search scores (its field of view), and
+        tokens it scores exactly; both at least a share of the sequence."""
+        c, n = self.config, self.num_tokens
+        exact = max(c.probe * max_tokens, c.probe_fraction * n)
+        return max(c.view * exact, c.view_fraction * n), exact
+
+    def _field_of_view(self, queries: np.ndarray, view: float) -> tuple[int, np.ndarray]:
+        """Upper nodes scored, and the leaves under the best ones covering ``view`` tokens.
+
+        Starts at the lowest level small enough to score whole (pruning by centroids high in
+        the tree, few huge nodes, loses the top tokens at long contexts): the leaves
+        themselves while there are at most ``scan_nodes``.
+        """
         start = len(self.levels) - 1
-        while start > 1 and self.levels[start - 1].n <= self.config.scan_nodes:
+        while start > 0 and self.levels[start - 1].n <= self.config.scan_nodes:
             start -= 1
         nodes = np.arange(self.levels[start].n, dtype=np.int64)
+        scored = 0
         for depth in range(start, 0, -1):
             level = self.levels[depth]
-            scores = (queries @ level.cent[nodes, : self.dim].T).max(axis=0)
-            order = nodes[np.argsort(-scores, kind="stable")]
-            need = quota * 2 ** (depth - 1)
-            keep = int(np.searchsorted(np.cumsum(level.counts[order]), need, side="left")) + 1
-            nodes = level.children_of(order[:keep])
+            cents = np.take(level.cent, nodes, axis=0)[:, : self.dim]
+            scored += len(nodes)
+            scores = (queries @ cents.T).max(axis=0)
+            best = self._best(nodes, scores, level.counts[nodes], view * 2 ** (depth - 1))
+            nodes = level.children_of(best)
+        return scored, nodes
+
+    @staticmethod
+    def _best(nodes: np.ndarray, scores: np.ndarray, counts: np.ndarray, need: float) -> np.ndarray:
+        """The best-scoring ``nodes`` (best first) until their ``counts`` reach ``need``:
+        partial sort of the likely few first, full sort only if they fall short."""
+        k = min(len(nodes), 2 * math.ceil(need * len(nodes) / max(int(counts.sum()), 1)) + 1)
+        top = np.argpartition(-scores, k - 1)[:k] if k < len(nodes) else np.arange(len(nodes))
+        top = top[np.argsort(-scores[top], kind="stable")]
+        covered = np.cumsum(counts[top])
+        if covered[-1] < need and k < len(nodes):
+            top = np.argsort(-scores, kind="stable")
+            covered = np.cumsum(counts[top])
+        return nodes[top[: int(np.searchsorted(covered, need, side="left")) + 1]]
+
+    def _leaf_mass(self, queries: np.ndarray, leaves: np.ndarray) -> np.ndarray:
+        """Attention mass ``[L]`` of each leaf's tokens: ``exp(scale × q·k - max)`` summed
+        over the leaf, each query head normalised over these leaves, mean over the group."""
         size = self.config.page_size
-        scores = (queries @ self.keys[nodes].reshape(-1, self.dim).T).max(axis=0)
-        scores = scores.reshape(len(nodes), size)
-        scores[np.arange(size)[None, :] >= self.fill[nodes][:, None]] = -np.inf
-        ranked = nodes[np.argsort(-scores.max(axis=1), kind="stable")]
-        return take_within(ranked, self.fill[ranked], max_tokens)
+        scale = self.config.softmax_scale or self.dim**-0.5
+        keys = np.take(self.keys, leaves, axis=0).reshape(-1, self.dim)  # [L * P, D]
+        scores = (queries @ keys.T).reshape(len(queries), len(leaves), size) * scale
+        scores[:, np.arange(size)[None, :] >= self.fill[leaves][:, None]] = -np.inf
+        weights = np.exp(scores - scores.max(axis=(1, 2), keepdims=True))  # [G, L, P]
+        per_leaf = weights.sum(axis=2)  # [G, L]
+        return (per_leaf / per_leaf.sum(axis=1, keepdims=True)).mean(axis=0)
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the structure is inconsistent (for tests and debugging)."""

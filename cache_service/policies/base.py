@@ -48,3 +48,19 @@ def take_within(pages: np.ndarray, fills: np.ndarray, max_tokens: int) -> np.nda
     """The longest prefix of ``pages`` (ranked) whose fills sum to at most ``max_tokens``."""
     count = int(np.searchsorted(np.cumsum(fills), max_tokens, side="right"))
     return pages[:count]
+
+
+def fill_within(pages: np.ndarray, fills: np.ndarray, max_tokens: int) -> np.ndarray:
+    """``pages`` (ranked) taken in order, each one that still fits in ``max_tokens``: the
+    longest fitting prefix, then any later page small enough for what is left."""
+    total = np.cumsum(fills)
+    count = int(np.searchsorted(total, max_tokens, side="right"))
+    left = max_tokens - (int(total[count - 1]) if count else 0)
+    taken = [pages[:count]]
+    for page, fill in zip(pages[count:].tolist(), fills[count:].tolist(), strict=True):
+        if left <= 0:
+            break
+        if fill <= left:
+            taken.append(np.array([page], dtype=pages.dtype))
+            left -= fill
+    return np.concatenate(taken)

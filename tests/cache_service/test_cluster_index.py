@@ -103,6 +103,9 @@ def test_kmeans_labels_recovers_two_blobs_and_is_deterministic():
         ({"top_nodes": 1}, "fanout and top_nodes must be at least 2, got 16, 1"),
         ({"probe": 0.5}, "probe must be >= 1"),
         ({"probe_fraction": 1.5}, r"probe_fraction in \[0, 1\]"),
+        ({"view": 0.5}, "view must be >= 1"),
+        ({"view_fraction": -0.1}, r"view_fraction in \[0, 1\]"),
+        ({"softmax_scale": 0.0}, "softmax_scale must be positive, got 0.0"),
         ({"niter": 0}, "niter must be at least 1, got 0"),
     ],
 )
@@ -152,9 +155,12 @@ def test_a_query_near_one_cluster_selects_exactly_its_leaves(config):
     for j in range(16):
         leaves = index.search(centres[j : j + 1] / 10, max_tokens=64)
         assert sorted(_tokens_of(index, leaves).tolist()) == np.flatnonzero(blob == j).tolist()
-        # One token less: a strict subset of the same cluster's leaves.
+        # One token less: a strict subset of the same cluster's leaves, the rest of the
+        # budget filled by leaves of other clusters that still fit.
         fewer = index.search(centres[j : j + 1] / 10, max_tokens=63)
-        assert set(fewer.tolist()) < set(leaves.tolist())
+        ours = [leaf for leaf in fewer.tolist() if leaf in set(leaves.tolist())]
+        assert fewer.tolist()[: len(ours)] == ours and set(ours) < set(leaves.tolist())
+        assert _fills(index, fewer) <= 63
 
 
 def test_a_query_group_selects_the_clusters_of_each_of_its_heads():
@@ -339,34 +345,45 @@ def test_a_budget_covering_every_token_selects_every_leaf(config):
     assert sorted(index.search(q, index.num_tokens).tolist()) == index.leaf_ids().tolist()
 
 
+def _mass_ranking(index, keys, q, max_tokens):
+    """Brute force: every leaf's attention mass (each query head's softmax over all tokens,
+    mean over the group), best first; then each leaf taken while it still fits."""
+    probs = np.exp((q @ keys.T) * index.dim**-0.5)  # [G, N]
+    probs /= probs.sum(1, keepdims=True)
+    leaves = index.leaf_ids()
+    mass = np.array([probs[:, index.leaf_tokens(int(leaf))].sum(1).mean() for leaf in leaves])
+    chosen, left = [], max_tokens
+    for leaf in leaves[np.argsort(-mass, kind="stable")]:
+        if index.leaf_fill(int(leaf)) <= left:
+            chosen.append(int(leaf))
+            left -= index.leaf_fill(int(leaf))
+    return chosen, mass
+
+
 @pytest.mark.parametrize("config", [DEEP, DEEPEST], ids=["deep", "deepest"])
-def test_exact_probe_ranks_leaves_by_their_best_token(config):
-    """With every leaf probed, the ranking is the brute-force one: the leaves of the tokens
-    in score order (max over the query group), without repeats, while they fit."""
-    exact = IndexConfig(**{**config.__dict__, "probe_fraction": 1.0})
+def test_exact_probe_ranks_leaves_by_attention_mass_and_fills_the_budget(config):
+    """With every leaf in view and probed, the selection is the brute-force one: leaves by
+    attention mass, each taken if it still fits (a smaller later leaf fills the rest)."""
+    exact = dataclasses.replace(config, probe_fraction=1.0, view_fraction=1.0)
     index, keys = _built(exact)
     rng = np.random.default_rng(12)
     for max_tokens in [8, 50, 128]:
         for _ in range(10):
             q = rng.standard_normal((2, DIM)).astype(np.float32)
-            order = np.argsort(-(keys @ q.T).max(1), kind="stable")
-            leaf_of = np.array([index.token_leaf[t] for t in order])
-            ranked = leaf_of[np.sort(np.unique(leaf_of, return_index=True)[1])]
-            fills = np.array([index.leaf_fill(leaf) for leaf in ranked])
-            expected = ranked[: int(np.searchsorted(np.cumsum(fills), max_tokens, "right"))]
+            expected, mass = _mass_ranking(index, keys, q, max_tokens)
             got = index.search(q, max_tokens)
-            assert got.tolist() == expected.tolist()
-            assert index.token_leaf[order[0]] == got[0]  # the true top-1 token is selected
+            assert got.tolist() == expected
+            assert got[0] == int(np.argmax(mass))  # the heaviest leaf is selected first
+            assert max_tokens - _fills(index, got) < min(index.fill[: index.num_leaves])
 
 
-def test_a_large_probe_finds_the_true_top_token():
+def test_a_large_probe_is_the_brute_force_mass_ranking():
     config = IndexConfig(page_size=8, fanout=4, top_nodes=4, probe=1000.0)
     index, keys = _built(config, n=1000, inserted=200)
     rng = np.random.default_rng(13)
     for _ in range(30):
         q = rng.standard_normal((4, DIM)).astype(np.float32)
-        top = int(np.argmax((keys @ q.T).max(1)))
-        assert index.token_leaf[top] in index.search(q, 16).tolist()
+        assert index.search(q, 16).tolist() == _mass_ranking(index, keys, q, 16)[0]
 
 
 def test_default_probe_finds_most_top_tokens_on_clustered_keys():
@@ -502,20 +519,22 @@ def test_random_build_and_insert_batches_keep_every_token_in_exactly_one_slot(s)
 
 
 @pytest.mark.parametrize("config", [DEEP, DEEPEST], ids=["deep", "deepest"])
-def test_search_scores_the_leaves_parents_whole_when_they_are_few(config):
-    """With level 1 under ``scan_nodes``, levels above it do not prune: the search equals
-    the same index cut down to leaves + level 1."""
-    index, _ = _built(config)
+def test_search_scores_every_leaf_centroid_when_the_leaves_are_few(config):
+    """With at most ``scan_nodes`` leaves, upper levels do not prune: the search equals the
+    same index cut down to its leaves."""
+    narrow = dataclasses.replace(config, probe=1.0, probe_fraction=0.0, view=1.0, view_fraction=0)
+    index, _ = _built(narrow)
     assert len(index.levels) > 2
     flat = copy.deepcopy(index)
-    flat.levels = flat.levels[:2]
-    flat.levels[1].parent[:] = -1
+    flat.levels = flat.levels[:1]
+    flat.levels[0].parent[:] = -1
     rng = np.random.default_rng(5)
     for _ in range(20):
         queries = rng.standard_normal((2, DIM)).astype(np.float32)
         assert np.array_equal(index.search(queries, 40), flat.search(queries, 40))
+        assert index.last_effort.nodes == 0 and index.last_effort.leaves == index.num_leaves
     # ... whereas scanning only the top level prunes top-down and changes some selections.
-    index.config = dataclasses.replace(config, scan_nodes=1)
+    index.config = dataclasses.replace(narrow, scan_nodes=1)
     differs = sum(
         not np.array_equal(index.search(q, 40), flat.search(q, 40))
         for q in rng.standard_normal((20, 2, DIM)).astype(np.float32)
