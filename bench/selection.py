@@ -101,10 +101,23 @@ Key = tuple[str, int, str, int]  # case, context length, policy, budget
 
 
 # ---------------------------------------------------------------------------- synthetic keys
+def llama31_freqs(dim: int, theta: float = 500000.0) -> np.ndarray:
+    """RoPE frequencies ``[D/2]`` of Llama-3.1 (``rope_type: llama3``: factor 8,
+    low_freq_factor 1, high_freq_factor 4, original context 8192): wavelengths above 8192
+    tokens turn 8x slower, below 2048 unchanged, smoothly in between."""
+    half = dim // 2
+    freqs = theta ** (-np.arange(half) / half)
+    factor, low, high, original = 8.0, 1.0, 4.0, 8192.0
+    wavelen = 2 * np.pi / freqs
+    smooth = np.clip((original / wavelen - low) / (high - low), 0.0, 1.0)
+    return (1 - smooth) * freqs / factor + smooth * freqs
+
+
 def rope(x: np.ndarray, positions: np.ndarray, theta: float = 500000.0) -> np.ndarray:
-    """Llama RoPE (rotate-half layout) of ``x [N, ..., D]`` at ``positions [N]``."""
+    """Llama-3.1 RoPE (rotate-half layout, scaled frequencies) of ``x [N, ..., D]`` at
+    ``positions [N]``."""
     half = x.shape[-1] // 2
-    freqs = theta ** (-np.arange(half) / half)  # [D/2]
+    freqs = llama31_freqs(x.shape[-1], theta)  # [D/2]
     angle = positions.astype(np.float64)[:, None] * freqs[None]  # [N, D/2]
     shape = (len(x),) + (1,) * (x.ndim - 2) + (half,)
     cos, sin = np.cos(angle).reshape(shape), np.sin(angle).reshape(shape)
@@ -112,33 +125,54 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float = 500000.0) -> np.nd
     return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1).astype(np.float32)
 
 
-def topic_runs(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Topic of each token ``[n]``: runs of mean length 48 drawn from Zipf-weighted topics
-    (a document's structure, shared by all layers and heads)."""
+SUBTOPICS = 4
+"""Subtopics per topic: a run of one topic moves between a few sub-subjects."""
+
+
+def topic_runs(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Topic and subtopic of each token ``[n]`` (a document's structure, shared by all
+    layers and heads): runs of mean length 48 drawn from Zipf-weighted topics, and within
+    them sub-runs of mean length 12, each on one of the topic's ``SUBTOPICS``."""
     topics = max(16, n // 128)
     weights = 1.0 / np.arange(1, topics + 1)
     lengths = rng.geometric(1 / 48, size=n // 8 + 16)
     labels = rng.choice(topics, size=len(lengths), p=weights / weights.sum())
-    return np.repeat(labels, lengths)[:n]
+    sub_lengths = rng.geometric(1 / 12, size=n // 2 + 16)
+    subs = np.repeat(rng.integers(0, SUBTOPICS, len(sub_lengths)), sub_lengths)
+    return np.repeat(labels, lengths)[:n], subs[:n]
 
 
 def synthetic_head(
-    layer: int, head: int, topics: np.ndarray, steps: int, group: int, seed: int
+    layer: int,
+    head: int,
+    doc: tuple[np.ndarray, np.ndarray],
+    steps: int,
+    group: int,
+    seed: int,
 ) -> HeadCase:
     """Structured keys and queries of one 128-dim head (see the results file for the model).
 
-    Keys: ``mean + scale * (centroid[topic] + 0.8 noise)``, with a large shared mean
-    direction, per-dimension log-normal scales (larger on the slow RoPE dimensions) and four
-    sink tokens with a key of their own. Queries of a group aim at 3 topics (Zipf-weighted,
-    each head its own mix) and at the sinks, plus noise; then RoPE at each side's position.
+    Keys: ``mean + scale * (centroid[topic] + 0.8 sub[topic, subtopic] + 0.5 noise +
+    0.8 near)``, with a large shared mean direction, per-dimension log-normal scales
+    (larger on the slow RoPE dimensions) and four sink tokens with a key of their own.
+    ``near`` lives on the dimensions whose RoPE wavelength is 32..1024 tokens: queries carry
+    it too, so after RoPE it favours keys a few hundred tokens back (recency).
+    Queries of a group aim at 3 (topic, subtopic) pairs (Zipf-weighted topics, each head
+    its own mix), the sinks and ``near``, plus noise; then Llama-3.1 RoPE (scaled
+    frequencies) at each side's position.
     """
+    topics, subs = doc
     dim, n = 128, len(topics)
     rng = np.random.default_rng([seed, layer, head])
     slow = np.tile(np.linspace(0.5, 2.0, dim // 2), 2)  # slow-rotating dims carry more
     scale = slow * rng.lognormal(0.0, 0.5, dim)
     mean = rng.standard_normal(dim) * 2.0
     centroids = rng.standard_normal((topics.max() + 1, dim))
-    keys = mean + scale * (centroids[topics] + 0.8 * rng.standard_normal((n, dim)))
+    sub = rng.standard_normal((topics.max() + 1, SUBTOPICS, dim))
+    wavelen = np.tile(2 * np.pi / llama31_freqs(dim), 2)
+    near = rng.standard_normal(dim) * ((wavelen >= 32) & (wavelen <= 1024))
+    noise = rng.standard_normal((n, dim))
+    keys = mean + scale * (centroids[topics] + 0.8 * sub[topics, subs] + 0.5 * noise + 0.8 * near)
     sink = rng.standard_normal(dim)
     keys[:4] = mean + scale * 3.0 * sink
     # queries: shared topics per step, reused across a layer cycle (a text's focus persists)
@@ -147,11 +181,13 @@ def synthetic_head(
     queries = np.empty((steps, group, dim))
     for s in range(steps):
         focus = focus_rng.choice(present, size=3, replace=False)
+        part = focus_rng.integers(0, SUBTOPICS, 3)
         if rng.random() < 0.3:  # layers of a cycle disagree sometimes
             focus[rng.integers(3)] = rng.choice(present)
         for g in range(group):
             w = rng.dirichlet(np.ones(3))
-            aim = (w[:, None] * centroids[focus]).sum(0) + 0.5 * sink
+            aim = (w[:, None] * (centroids[focus] + 0.8 * sub[focus, part])).sum(0)
+            aim = aim + 0.5 * sink + 0.8 * near
             queries[s, g] = 0.55 * scale * aim + 0.3 * rng.standard_normal(dim)
     keys = rope(keys, np.arange(n))
     end = np.full(steps, n)
@@ -163,10 +199,10 @@ def synthetic_cases(
     n: int, layers: tuple[int, ...], heads: tuple[int, ...], steps: int, seed: int
 ) -> Iterator[HeadCase]:
     """The measured heads of the synthetic Llama-3.1-8B shape at ``n`` tokens."""
-    topics = topic_runs(n, np.random.default_rng(seed))
+    doc = topic_runs(n, np.random.default_rng(seed))
     for layer in layers:
         for head in heads:
-            yield synthetic_head(layer, head, topics, steps, group=4, seed=seed)
+            yield synthetic_head(layer, head, doc, steps, group=4, seed=seed)
 
 
 # ---------------------------------------------------------------------------- real keys
