@@ -38,21 +38,25 @@ def paged_decode_attention_torch(
         return torch.zeros_like(q)
     starts = indptr[:-1].long()
     counts = indptr[1:].long() - starts  # [rows]
-    width = int(counts.max())
-    col = torch.arange(width, device=q.device)  # [W]
-    at = (starts[:, None] + col).clamp_(max=nnz - 1).view(-1)  # [rows * W] into the CSR
-    slots = indices.long().index_select(0, at)  # [rows * W]
-    lens = page_lens.long().index_select(0, at).view(rows, width)
-    lens = lens.masked_fill_(col >= counts[:, None], 0)  # padding: no valid tokens
+    width, shortest = int(counts.max()), int(counts.min())
+    if shortest == width:  # every row has W pages: the CSR is already [rows, W]
+        slots, lens = indices.long(), page_lens.long().view(rows, width)
+    else:
+        col = torch.arange(width, device=q.device)  # [W]
+        at = (starts[:, None] + col).clamp_(max=nnz - 1).view(-1)  # [rows * W] into the CSR
+        slots = indices.long().index_select(0, at)  # [rows * W]
+        lens = page_lens.long().index_select(0, at).view(rows, width)
+        lens = lens.masked_fill_(col >= counts[:, None], 0)  # padding: no valid tokens
     pages = torch.cat((2 * slots, 2 * slots + 1))  # [2 * rows * W]: keys, then values
     kv = kv_cache.view(-1, page_size * dim).index_select(0, pages)  # [2 * rows * W, P * D]
     keys, values = kv.view(2, rows, width * page_size, dim).float().unbind(0)  # [rows, W*P, D]
     invalid = torch.arange(page_size, device=q.device) >= lens[:, :, None]  # [rows, W, P]
-    bias = torch.zeros(invalid.shape, device=q.device).masked_fill_(invalid, float("-inf"))
+    bias = torch.where(invalid, float("-inf"), 0.0)  # [rows, W, P] float32
     qg = q.reshape(rows, group, dim).float()  # [rows, G, D]
     scores = torch.baddbmm(  # [rows, G, W * P]
         bias.view(rows, 1, width * page_size), qg, keys.transpose(1, 2), alpha=sm_scale
     )
     out = torch.bmm(torch.softmax(scores, dim=-1), values)  # [rows, G, D]
-    out.masked_fill_((counts == 0)[:, None, None], 0.0)  # an empty row gives 0
+    if shortest == 0:
+        out.masked_fill_((counts == 0)[:, None, None], 0.0)  # an empty row gives 0
     return out.reshape(batch, q_heads, dim).to(q.dtype)

@@ -168,15 +168,18 @@ class Engine:
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         positions = torch.arange(len(token_ids), device=self.device)
         h = model.embed(ids)  # [T, hidden]
+        rope = model.rope.cos_sin(positions)  # [T, D] x2, shared by every layer
+        host_positions = positions.cpu().numpy()
         layers = model.config.num_layers
         bar = tqdm(
             total=layers, desc="prefill", unit="layer", disable=not sys.stderr.isatty(), leave=False
         )
         for layer in range(layers):
-            q, k, v = model.attention_inputs(layer, h, positions)  # [T, H, D]
-            self.kv.append(seq_id, layer, _np(k), _np(v), positions.cpu().numpy())
+            q, k, v = model.attention_inputs(layer, h, positions, rope)  # [T, H, D]
+            self.kv.append(seq_id, layer, _np(k), _np(v), host_positions)
             out = []
-            for start in range(0, len(token_ids), chunk):
+            first = len(token_ids) - 1 if layer == layers - 1 else 0  # logits need the last row
+            for start in range(first, len(token_ids), chunk):
                 end = min(start + chunk, len(token_ids))
                 attn = causal_attention(q[start:end], k[:end], v[:end], self.scale)
                 out.append(model.attention_output(layer, h[start:end], attn))
@@ -201,8 +204,9 @@ class Engine:
         positions = torch.from_numpy(host_positions).to(self.device)
         seq_ids = [s.seq_id for s in seqs]
         h = model.embed(ids)  # [B, hidden]
+        rope = model.rope.cos_sin(positions)  # [B, D] x2, shared by every layer
         for layer in range(model.config.num_layers):
-            q, k, v = model.attention_inputs(layer, h, positions)  # [B, H, D]
+            q, k, v = model.attention_inputs(layer, h, positions, rope)  # [B, H, D]
             t0 = time.perf_counter()
             sels = self.kv.decode(layer, seq_ids, _np(k), _np(v), host_positions, _np(q))
             t1 = time.perf_counter()

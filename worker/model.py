@@ -327,22 +327,29 @@ class LlamaModel(nn.Module):
         return self.embed_tokens(token_ids)
 
     def attention_inputs(
-        self, layer: int, h: torch.Tensor, positions: torch.Tensor
+        self,
+        layer: int,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h ``[T, hidden]``, positions ``[T]`` long -> q ``[T, Hq, D]``, k, v ``[T, Hkv, D]``.
 
-        Applies the layer's input RMSNorm, the q/k/v projections, and RoPE to q and k.
+        Applies the layer's input RMSNorm, the q/k/v projections, and RoPE to q and k (in one
+        pass: they are adjacent in the fused projection). ``rope``: ``self.rope.cos_sin(
+        positions)``, computed once for every layer of a step; None computes it here.
+        q and k are views of one ``[T, Hq + Hkv, D]`` tensor.
         """
         cfg = self.config
         block = self.block(layer)
         x = block.input_layernorm(h)  # [T, hidden]
         qkv = block.self_attn.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
-        q, k, v = qkv.split(block.self_attn.split, dim=-1)  # [T, Hq*D], [T, Hkv*D] x2
-        q = q.view(-1, cfg.num_heads, cfg.head_dim)  # [T, Hq, D]
-        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
-        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
-        cos, sin = self.rope.cos_sin(positions)  # [T, D] float32
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        q_dim, kv_dim, _ = block.self_attn.split
+        qk, v = qkv.split((q_dim + kv_dim, kv_dim), dim=-1)  # [T, (Hq + Hkv) * D], [T, Hkv * D]
+        cos, sin = self.rope.cos_sin(positions) if rope is None else rope  # [T, D] float32
+        qk = apply_rope(qk.view(-1, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        q, k = qk.split((cfg.num_heads, cfg.num_kv_heads), dim=1)  # [T, Hq, D], [T, Hkv, D]
+        return q, k, v.view(-1, cfg.num_kv_heads, cfg.head_dim)
 
     def attention_output(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """h ``[T, hidden]`` (residual), attn ``[T, Hq, D]`` -> new residual ``[T, hidden]``.
@@ -365,8 +372,9 @@ class LlamaModel(nn.Module):
         """
         positions = torch.arange(token_ids.shape[0], device=token_ids.device)  # [T]
         h = self.embed(token_ids)  # [T, hidden]
+        rope = self.rope.cos_sin(positions)  # [T, D] x2
         for layer in range(self.config.num_layers):
-            q, k, v = self.attention_inputs(layer, h, positions)
+            q, k, v = self.attention_inputs(layer, h, positions, rope)
             h = self.attention_output(layer, h, causal_attention(q, k, v))
         return self.logits(h)
 
