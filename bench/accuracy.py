@@ -12,6 +12,7 @@ cells; the same numbers come from, e.g.,
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import multiprocessing
 import platform
@@ -29,7 +30,7 @@ from worker.eval.report import markdown_tables, plot, text_table, write_json  # 
 from worker.eval.runner import EvalPlan, EvalResult, run_plan  # noqa: E402
 from worker.eval.session import Session, SessionConfig  # noqa: E402
 from worker.eval.tasks import TaskOptions, make_task  # noqa: E402
-from worker.eval.types import Row  # noqa: E402
+from worker.eval.types import Interval, PairedTest, Row  # noqa: E402
 
 log = logging.getLogger("bench.accuracy")
 
@@ -64,6 +65,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--span", type=int, default=64, help="ppl: scored tokens per sample")
     p.add_argument("--gen-tokens", type=int, default=256, help="agreement: generated tokens")
     p.add_argument("--tasks", default=",".join(s.task for s in SUITES), help="subset of suites")
+    p.add_argument(
+        "--context-lens", help="subset of the suites' context lengths, e.g. 2048 (default: all)"
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="run nothing: write one result from the accuracy.json of several partial runs",
+    )
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", help="local HF checkpoint directory (default: embedded SmolLM2)")
@@ -82,11 +93,15 @@ def run(args: argparse.Namespace, session: Session, suites: tuple[Suite, ...]) -
     corpus = Corpus(default_text(), session.tokenizer)
     policies = tuple(dict.fromkeys(("full", *args.policies.split(","))))
     result = EvalResult()
+    wanted = {int(n) for n in args.context_lens.split(",")} if args.context_lens else None
     for suite in suites:
+        lens = tuple(n for n in suite.context_lens if wanted is None or n in wanted)
+        if not lens:
+            continue
         samples = args.fidelity_samples if suite.fidelity else args.retrieval_samples
         options = TaskOptions(samples, args.seed, args.span, args.gen_tokens)
         task = make_task(suite.task, corpus, options)
-        plan = EvalPlan(suite.variants, suite.context_lens, policies, BUDGETS)
+        plan = EvalPlan(suite.variants, lens, policies, BUDGETS)
         started = time.perf_counter()
         result.extend(run_plan(session, task, plan))
         log.info("%s done in %.0f s", suite.task, time.perf_counter() - started)
@@ -227,16 +242,52 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def merge(parts: list[Path], out_dir: Path) -> EvalResult:
+    """Join partial runs (``--tasks``/``--context-lens`` subsets) into ``out_dir``'s files.
+
+    Rows are read back from each part's ``accuracy.json``; the samples are copied as they
+    are, with each part's config, into the merged ``accuracy.json``.
+    """
+    loaded = [json.loads((part / "accuracy.json").read_text()) for part in parts]
+    result = EvalResult(seconds=sum(d["seconds"] for d in loaded))
+    result.rows = [_row(r) for d in loaded for r in d["summary"]]
+    merged = {
+        "parts": [
+            {"dir": str(part), "config": data["config"]}
+            for part, data in zip(parts, loaded, strict=True)
+        ],
+        "seconds": result.seconds,
+        "summary": [r for d in loaded for r in d["summary"]],
+        "samples": [s for d in loaded for s in d["samples"]],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "accuracy.json").write_text(json.dumps(merged, indent=1) + "\n", encoding="utf-8")
+    return result
+
+
+def _row(data: dict) -> Row:
+    interval = data.pop("interval", None)
+    paired = data.pop("paired", None)
+    return Row(
+        **data,
+        interval=Interval(**interval) if interval else None,
+        paired=PairedTest(**paired) if paired else None,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    result = run_all(args)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(
-        args.out_dir / "accuracy.json",
-        result,
-        {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    )
+    if args.merge:
+        result = merge(args.merge, args.out_dir)
+    else:
+        result = run_all(args)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(
+            args.out_dir / "accuracy.json",
+            result,
+            {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        )
     (args.out_dir / "accuracy.md").write_text(markdown(args, result), encoding="utf-8")
     plot(args.out_dir / "accuracy.png", result.rows)
     print(text_table(result.rows))
