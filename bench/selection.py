@@ -8,7 +8,12 @@ Two cases, every policy at budgets 64/128/256 (sinks and recent window included,
 - ``synthetic``: structured keys of the Llama-3.1-8B shape (32 layers x 8 KV heads x 128
   dims, GQA group 4) at 8k/32k/128k tokens. Only a subset of (layer, KV head) pairs is
   measured (``--synthetic-layers`` x ``--synthetic-heads``); build and search times per head
-  are scaled to all 256 heads, recall is the mean over the measured heads.
+  are scaled to all 256 heads, recall is the mean over the measured heads. The generator
+  (``synthetic_head``) uses Llama-3.1's scaled RoPE (``rope_type: llama3``, factor 8), so
+  sink keys keep their mass at long range as in the real model (plain theta=500000 rotated
+  them away), carries recency (a component shared by keys and queries on the dimensions of
+  RoPE wavelength 32..1024 tokens) and subtopics within topics (sub-runs of mean length
+  12), so that a query's top tokens are a structure a clustering can co-locate, not noise.
 - ``real``: keys and queries of the embedded SmolLM2-135M on ``pydoc_data.topics`` text,
   captured with the ``recall`` eval's session (prefill keys + decode observer): all 30
   layers x 3 KV heads, several decode steps; recall averages the selecting layers.
