@@ -177,10 +177,12 @@ def _common_prefix(a: list[int], b: list[int]) -> Any:
 
 def _header(args: argparse.Namespace) -> list[str]:
     cpu = _cpu_name()
+    threads = os.environ.get("OMP_NUM_THREADS")
+    omp = f"OMP_NUM_THREADS={threads} " if threads else ""
     return [
         "# Forward speed: our engine against transformers (embedded SmolLM2-135M, CPU)",
         "",
-        f"Command: `.venv/bin/python -m bench.forward --contexts {args.contexts} "
+        f"Command: `{omp}.venv/bin/python -m bench.forward --contexts {args.contexts} "
         f"--new-tokens {args.new_tokens} --repeats {args.repeats} --threads {args.threads}`; "
         f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, float32; "
         f"torch {torch.__version__}, transformers {transformers.__version__}; written "
