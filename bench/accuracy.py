@@ -213,11 +213,23 @@ def _pct(ratio: float | None) -> str:
 
 
 def markdown(args: argparse.Namespace, result: EvalResult) -> str:
+    minutes, machine = f"{result.seconds / 60:.0f} min", f"{platform.machine()}, {_cpus()} cores"
+    if args.merge:
+        parts = ", ".join(f"`{p}`" for p in args.merge)
+        produced = (
+            f"Merged by `.venv/bin/python bench/accuracy.py --merge` from partial runs ({parts};\n"
+            "each run's `--tasks`/`--context-lens` are in `accuracy.json`'s `parts`), "
+            f"{minutes}\nof wall in all on {machine}, no GPU."
+        )
+    else:
+        produced = (
+            f"Produced by `.venv/bin/python bench/accuracy.py` ({minutes} wall on {machine},\n"
+            f"no GPU, suites split over {args.jobs} process(es); sample counts are sized to fit\n"
+            "about 40 minutes there)."
+        )
     head = f"""# Accuracy: policies against full KV
 
-Produced by `.venv/bin/python bench/accuracy.py` ({result.seconds / 60:.0f} min wall on
-{platform.machine()} with {_cpus()} CPU cores, no GPU, suites split over {args.jobs}
-process(es); sample counts are sized to fit about 40 minutes there).
+{produced}
 
 - Model: embedded SmolLM2-135M-Instruct (30 layers, 9 query / 3 KV heads, 8k context),
   float32, 2 dense layers. Corpus: Python's `pydoc_data.topics`.
