@@ -1,10 +1,12 @@
 """Live workers with tiny device caches: each request's tokens are those of its prompt alone.
 
 One cache service (the compose file's ``cache-0``) and two ``python -m worker`` processes
-sharing it, each with a 4 MiB device page cache (512 pages; a step of three sequences
-touches ~2,000, so every step evicts). Requests go to both workers at once, with several
-policies in one batch; each output must equal the in-process engine's on that prompt alone
-with a cache that never evicts.
+sharing it. Worker 0 has a 1 MiB device page cache (128 pages: one dense layer of one
+sequence, so each layer of each step evicts most of it) and decodes one sequence at a time,
+the others of its concurrent requests waiting; worker 1 batches three sequences with several
+policies in a 4 MiB cache (512 pages; a step touches ~2,000). Requests go to both at once;
+each output must equal the in-process engine's on that prompt alone with a cache that never
+evicts.
 """
 
 import os
@@ -23,8 +25,9 @@ from worker.launcher import LocalCluster
 from .test_compose_cluster import _free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
-DEVICE_CACHE_MB = 4
-# (worker, prompt, policy): three requests on each worker at once, policies mixed in a batch
+# worker -> (device cache MiB, --max-batch)
+WORKERS = ((1, 1), (4, 16))
+# (worker, prompt, policy): three requests on each worker at once
 REQUESTS = [
     (0, 0, "icecache"), (0, 1, "icecache"), (0, 2, "quest"),
     (1, 2, "icecache"), (1, 0, "icecache-r"), (1, 1, "icecache"),
@@ -54,12 +57,12 @@ def workers(cache_service, tmp_path_factory):
     logs = tmp_path_factory.mktemp("worker-logs")
     processes, addresses = [], []
     try:
-        for i, port in enumerate(_free_ports(2)):
+        for i, ((cache_mb, batch), port) in enumerate(zip(WORKERS, _free_ports(2), strict=True)):
             command = [
                 sys.executable, "-m", "worker", "--port", str(port),
                 "--cache-service", cache_service, "--policy", "icecache",
-                "--budget", str(DOC_BUDGET), "--device-cache-mb", str(DEVICE_CACHE_MB),
-                "--log-format", "text",
+                "--budget", str(DOC_BUDGET), "--device-cache-mb", str(cache_mb),
+                "--max-batch", str(batch), "--log-format", "text",
             ]  # fmt: skip
             with open(logs / f"worker-{i}.log", "wb") as out:
                 processes.append(
@@ -117,7 +120,10 @@ def test_two_workers_on_one_cache_service_give_each_prompt_its_tokens_alone(
     want = [doc_outputs[policy][prompt] for _, prompt, policy in REQUESTS]
     assert results == want
     assert [s.policy for s in stats] == [policy for _, _, policy in REQUESTS]
-    for worker in (0, 1):
+    for worker, (cache_mb, batch) in enumerate(WORKERS):
         mine = [s for (w, _, _), s in zip(REQUESTS, stats, strict=True) if w == worker]
-        assert max(s.mean_batch for s in mine) > 1  # its requests shared decode steps
-        assert sum(s.pages_moved for s in mine) > DEVICE_CACHE_MB * 128  # so it evicted
+        if batch == 1:
+            assert all(s.mean_batch == 1 for s in mine)  # one at a time, the others waiting
+        else:
+            assert max(s.mean_batch for s in mine) > 1  # its requests shared decode steps
+        assert sum(s.pages_moved for s in mine) > cache_mb * 128  # so it evicted
