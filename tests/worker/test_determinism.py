@@ -10,7 +10,7 @@ import pytest
 from cache_service.types import POLICIES
 from tests.conftest import DOC_NEW_TOKENS as NEW_TOKENS
 from tests.conftest import doc_engine, doc_store
-from worker.scheduler import DoneEvent, ErrorEvent, Request, Scheduler
+from worker.scheduler import DoneEvent, ErrorEvent, Request, Scheduler, SchedulerConfig
 
 ONE_LAYER_MB = 1  # 128 pages: one dense layer of one sequence (3 heads x 32 pages), no more
 BATCH_MB = 4  # one dense layer of three sequences; a step touches ~2,000 pages
@@ -41,12 +41,18 @@ def test_tokens_do_not_depend_on_sequences_before_or_beside(
 
 
 def test_engines_sharing_one_store_decode_side_by_side_unchanged(smollm, doc_prompts, doc_outputs):
-    # Two schedulers (each its own thread, engine and tiny device cache) over one store: the
-    # store interleaves their layers' decodes while their sequences share its pool and index.
+    # Two schedulers (each its own thread and engine) over one store: the store interleaves
+    # their layers' decodes while their sequences share its pool and index. One batches in a
+    # small cache; the other decodes one sequence at a time in a one-layer cache.
     store = doc_store()
+    engines = [(BATCH_MB, 16), (ONE_LAYER_MB, 1)]  # (device cache MiB, max batch)
     loops = [
-        Scheduler(doc_engine(smollm, "icecache", BATCH_MB, store), id_prefix=f"engine{i}").start()
-        for i in range(2)
+        Scheduler(
+            doc_engine(smollm, "icecache", cache_mb, store),
+            SchedulerConfig(max_batch=batch),
+            id_prefix=f"engine{i}",
+        ).start()
+        for i, (cache_mb, batch) in enumerate(engines)
     ]
     try:
         order = [(0, 0), (1, 1), (0, 2), (1, 0), (0, 1), (1, 2)]  # (engine, prompt)
