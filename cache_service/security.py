@@ -278,7 +278,3 @@ def make_channel(
         channel = grpc.secure_channel(target, creds, options=options)
     token = cfg.token
     return grpc.intercept_channel(channel, TokenClientInterceptor(token)) if token else channel
-
-
-secure_channel = make_channel
-"""Alias of ``make_channel``."""

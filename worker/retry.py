@@ -42,7 +42,6 @@ class Backoff:
 
 
 DEFAULT_BACKOFF = Backoff()
-NO_RETRY = Backoff(attempts=1)
 
 
 def retry(
