@@ -51,6 +51,10 @@ class EngineConfig:
     """Device memory for resident KV pages."""
     seed: int = 0
     """Seed of the clustering."""
+    allow_extrapolation: bool = False
+    """Accept sequences longer than the model's ``max_position_embeddings``, with RoPE
+    extrapolated past the trained context (for offline measurement only: the model's output
+    there is not what it was trained to give)."""
 
     def spec(self, model: LlamaModel) -> SequenceSpec:
         """The store's spec for one sequence of ``model`` under this config."""
@@ -138,7 +142,7 @@ class Engine:
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token")
         limit = self.model.config.max_position_embeddings
-        if len(prompt_ids) >= limit:
+        if len(prompt_ids) >= limit and not self.config.allow_extrapolation:
             raise ValueError(
                 f"the prompt has {len(prompt_ids)} tokens but the model supports {limit}; "
                 "shorten it"

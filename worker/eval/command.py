@@ -3,6 +3,7 @@
     icecache eval --task TASK --context-len N[,N...] --budget B[,B...] --policy P[,P...]
         [--variant V[,V...]] [--samples K] [--seed S] [--text-file F] [--json OUT]
         [--plot OUT.png] [--model PATH] [--data-dir DIR --datasets a,b] [--steps N]
+        [--prefill-cache [DIR]] [--allow-extrapolation]
 
 ``register(subparsers)`` adds the subcommand to ``worker.cli``'s parser.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cache_service.types import POLICIES
+from worker.eval.capture import PrefillStore, default_root, model_digest
 from worker.eval.corpus import Corpus, default_text, read_text_file
 from worker.eval.report import plot, text_table, write_json
 from worker.eval.runner import EvalPlan, EvalResult, run_plan
@@ -90,6 +92,20 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         default=64,
         help="fidelity: true tokens fed one by one after the prefill (default 64)",
     )
+    parser.add_argument(
+        "--prefill-cache",
+        nargs="?",
+        type=Path,
+        const=default_root(),
+        help="keep dense prefills on disk (float16) and replay them in later runs "
+        "(default DIR: $ICECACHE_CACHE_DIR/prefills)",
+    )
+    parser.add_argument(
+        "--allow-extrapolation",
+        action="store_true",
+        help="accept contexts past the model's trained length, RoPE extrapolated "
+        "(for recall/fidelity measurement; the model's outputs there are not trustworthy)",
+    )
     parser.add_argument("--data-dir", type=Path, help="longbench: directory of JSONL files")
     parser.add_argument(
         "--datasets",
@@ -147,8 +163,14 @@ def validate(args: argparse.Namespace) -> EvalArgs:
     return EvalArgs(args.task, plan, options, text, args.data_dir, tuple(args.datasets))
 
 
-def open_session(model_path: str | None, device: str, config: SessionConfig) -> Session:
-    """Load the model once and open the in-process store."""
+def open_session(
+    model_path: str | None,
+    device: str,
+    config: SessionConfig,
+    prefill_cache: Path | None = None,
+) -> Session:
+    """Load the model once and open the in-process store (and the prefill captures under
+    ``prefill_cache``, if given)."""
     import torch
 
     from worker.factory import open_kv, pick_device
@@ -157,7 +179,24 @@ def open_session(model_path: str | None, device: str, config: SessionConfig) -> 
     device = pick_device(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, tokenizer = load_model(model_path, dtype=dtype, device=device)
-    return Session(model, tokenizer, open_kv(model), config)
+    session = Session(model, tokenizer, open_kv(model), config)
+    if prefill_cache is not None:
+        session.prefills = PrefillStore(prefill_cache, model_digest(model, model.config))
+    return session
+
+
+def extrapolation_note(session: Session, context_lens: tuple[int, ...]) -> str | None:
+    """What a run past the trained context must say about itself (``None`` if it is not)."""
+    trained = session.trained_positions
+    past = [n for n in context_lens if n >= trained]
+    if not past:
+        return None
+    return (
+        f"NOTE: the model was trained to {trained} positions; the contexts "
+        f"{', '.join(map(str, past))} run with RoPE extrapolated past them "
+        "(--allow-extrapolation). Selection recall there measures the index on real keys; "
+        "the model's own answers are not trustworthy."
+    )
 
 
 def build_task(session: Session, parsed: EvalArgs) -> Task:
@@ -179,10 +218,18 @@ def evaluate(session: Session, parsed: EvalArgs) -> EvalResult:
 def run_command(args: argparse.Namespace) -> int:
     """``icecache eval``: run, print the table, write the JSON and the plot."""
     parsed = validate(args)
-    session = open_session(args.model, args.device, SessionConfig(args.dense_layers, args.seed))
+    session_config = SessionConfig(args.dense_layers, args.seed, args.allow_extrapolation)
+    session = open_session(args.model, args.device, session_config, args.prefill_cache)
+    note = extrapolation_note(session, parsed.plan.context_lens)
+    if note:
+        print(note, flush=True)
     result = evaluate(session, parsed)
+    if note:
+        print(note)
     print(text_table(result.rows))
     config = run_config(args)
+    if note:
+        config["note"] = note
     if args.json_out:
         write_json(args.json_out, result, config)
     if args.plot_out:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from cache_service.types import POLICIES, SequenceSpec
+from worker.eval.journal import Journal
 from worker.eval.metrics import ratio_to_full
 from worker.eval.session import Session
 from worker.eval.tasks import Task
@@ -67,7 +68,8 @@ def check_plan(task: Task, plan: EvalPlan, max_positions: int, page_size: int) -
         if need > max_positions:
             raise ValueError(
                 f"--context-len {n} needs {need} positions with the generated tokens, but the "
-                f"model supports {max_positions}; lower it"
+                f"model supports {max_positions}; lower it (or, to measure recall or "
+                "fidelity past the trained context, pass --allow-extrapolation)"
             )
     for budget in plan.budgets:
         _check_budget(budget, min(plan.context_lens), page_size)
@@ -86,14 +88,27 @@ def _check_budget(budget: int, context_len: int, page_size: int) -> None:
         )
 
 
-def run_plan(session: Session, task: Task, plan: EvalPlan) -> EvalResult:
-    """Every cell of ``plan``; ``full`` runs once per sample, as the reference."""
+@dataclass(frozen=True)
+class Resume:
+    """Where finished samples are kept (and found again) and under what signature."""
+
+    journal: Journal
+    signature: str
+    """What besides the cell and seed decides a sample's numbers (corpus, options, model)."""
+
+
+def run_plan(
+    session: Session, task: Task, plan: EvalPlan, resume: Resume | None = None
+) -> EvalResult:
+    """Every cell of ``plan``; ``full`` runs once per sample, as the reference. With
+    ``resume``, samples already in its journal are read back instead of run, and each new
+    one is appended to it as soon as it finishes."""
     check_plan(task, plan, session.max_positions, session.kv.page_size)
     result = EvalResult()
     started = time.perf_counter()
     for n in plan.context_lens:
         for variant in plan.variants:
-            cell = run_cell(session, task, plan, variant, n)
+            cell = run_cell(session, task, plan, variant, n, resume)
             result.samples += cell
             result.rows += summarize(task, variant, n, cell, plan.pairs())
     result.seconds = time.perf_counter() - started
@@ -101,7 +116,12 @@ def run_plan(session: Session, task: Task, plan: EvalPlan) -> EvalResult:
 
 
 def run_cell(
-    session: Session, task: Task, plan: EvalPlan, variant: str, context_len: int
+    session: Session,
+    task: Task,
+    plan: EvalPlan,
+    variant: str,
+    context_len: int,
+    resume: Resume | None = None,
 ) -> list[SampleRecord]:
     """All samples of one (variant, context length) under every (policy, budget)."""
     prompts = task.prompts(variant, context_len)
@@ -115,6 +135,14 @@ def run_cell(
     records = []
     max_len = max(len(p.ids) + p.max_new_tokens + 1 for p in prompts)
     for prompt in prompts:
+        if resume is not None:
+            done = resume.journal.get(
+                resume.signature, task.name, variant, context_len, prompt.seed, pairs
+            )
+            if done is not None:
+                records.append(done)
+                bar.update(len(pairs))
+                continue
         outcomes: list[Outcome] = []
         for policy, budget in pairs:
             engine = session.engine(policy, budget, max_len)
@@ -122,19 +150,20 @@ def run_cell(
             bar.set_postfix_str(f"{policy}@{budget or 'all'}")
             bar.update()
         session.forget()
-        records.append(
-            SampleRecord(
-                task.name,
-                variant,
-                context_len,
-                prompt.seed,
-                prompt.index,
-                prompt.description,
-                len(prompt.ids),
-                prompt.answers,
-                outcomes,
-            )
+        record = SampleRecord(
+            task.name,
+            variant,
+            context_len,
+            prompt.seed,
+            prompt.index,
+            prompt.description,
+            len(prompt.ids),
+            prompt.answers,
+            outcomes,
         )
+        records.append(record)
+        if resume is not None:
+            resume.journal.add(resume.signature, record)
         log.info(
             "%s %s %d sample %d: %s",
             task.name,

@@ -4,6 +4,11 @@ Prefill is dense and identical under every policy, so the session computes it on
 input and replays its per-layer K/V into each policy's new sequence (the store then builds
 that policy's layout and index from them, exactly as after a real prefill). Every decode
 step runs the engine's real sparse path.
+
+With a ``PrefillStore`` the prefill is also kept on disk (float16) and later runs replay it
+without computing it; then every policy, ``full`` included, decodes over the same float16-
+rounded prefill K/V (as a GPU holding its cache in half precision would), so all of them
+still see identical inputs.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 
 from cache_service.types import Selection, SequenceSpec
 from worker.engine import Engine, EngineConfig, Sequence
+from worker.eval.capture import Capture, PrefillStore
 from worker.kv_client import KVClient
 from worker.model import LlamaModel
 from worker.tokenizer import Tokenizer
@@ -38,13 +44,51 @@ class SessionConfig:
     """The first layers attend fully under every policy."""
     seed: int = 0
     """Seed of the clustering policies."""
+    allow_extrapolation: bool = False
+    """Run sequences past the model's trained context (RoPE extrapolated)."""
 
 
 @dataclass
 class _Prefill:
     ids: tuple[int, ...]
-    appends: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]  # layer, k, v, positions
+    keys: list[np.ndarray]  # per layer [T, Hkv, D] (float32 in memory, float16 on disk)
+    values: list[np.ndarray]
     logits: torch.Tensor  # [vocab]
+
+    @classmethod
+    def recorded(
+        cls,
+        ids: tuple[int, ...],
+        appends: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]],
+        layers: int,
+        logits: torch.Tensor,
+    ) -> _Prefill:
+        """From the appends of a dense prefill, joined per layer in position order."""
+        keys: list[list[np.ndarray]] = [[] for _ in range(layers)]
+        values: list[list[np.ndarray]] = [[] for _ in range(layers)]
+        positions: list[list[np.ndarray]] = [[] for _ in range(layers)]
+        for layer, k, v, p in appends:
+            keys[layer].append(k)
+            values[layer].append(v)
+            positions[layer].append(p)
+        for layer in range(layers):
+            got = np.concatenate(positions[layer])
+            assert np.array_equal(got, np.arange(len(ids))), "a prefill appends every position"
+        return cls(
+            ids,
+            [np.concatenate(k) for k in keys],
+            [np.concatenate(v) for v in values],
+            logits,
+        )
+
+    @classmethod
+    def captured(cls, ids: tuple[int, ...], capture: Capture) -> _Prefill:
+        return cls(
+            ids,
+            list(capture.keys),
+            list(capture.values),
+            torch.from_numpy(np.array(capture.logits, dtype=np.float32)),
+        )
 
 
 @dataclass(frozen=True)
@@ -111,9 +155,22 @@ class Session:
         self._sized: dict[tuple[str, int | None], int] = {}
         self._prefill: _Prefill | None = None
         self._seq_ids = iter(range(1 << 62))
+        self.prefills: PrefillStore | None = None
+        """Where dense prefills are kept on disk (``None``: computed once per run)."""
+        self.prefills_computed = 0
+        """Dense prefills this session computed (the rest were replayed)."""
 
     @property
     def max_positions(self) -> int:
+        """The longest sequence the session accepts (the trained context, unless
+        extrapolation is allowed)."""
+        if self.config.allow_extrapolation:
+            return 1 << 31
+        return self.model.config.max_position_embeddings
+
+    @property
+    def trained_positions(self) -> int:
+        """The context the model was trained to."""
         return self.model.config.max_position_embeddings
 
     def engine(self, policy: str, budget: int | None, max_len: int) -> Engine:
@@ -127,6 +184,7 @@ class Session:
                 dense_layers=self.config.dense_layers,
                 device_cache_mb=self._cache_mb(key[1], max_len),
                 seed=self.config.seed,
+                allow_extrapolation=self.config.allow_extrapolation,
             )
             self._engines[key] = Engine(self.model, self.kv, config)  # type: ignore[arg-type]
             self._sized[key] = max_len
@@ -144,35 +202,64 @@ class Session:
 
     # ---- sequences -------------------------------------------------------------------
     def start(self, engine: Engine, ids: list[int]) -> tuple[Sequence, torch.Tensor]:
-        """Like ``engine.start``, with the dense prefill computed once per distinct input."""
+        """Like ``engine.start``, with the dense prefill computed once per distinct input
+        (and, with ``prefills``, once across runs)."""
         key = tuple(ids)
         if self._prefill is None or self._prefill.ids != key:
             self._prefill = None
-            self.kv.recording = []
-            try:
-                seq, logits = engine.start(ids)
-                self._prefill = _Prefill(key, self.kv.recording, logits.clone())
-            finally:
-                self.kv.recording = None
-            return seq, logits
-        seq = Sequence(f"eval-{next(self._seq_ids)}", list(ids), len(ids))
-        self.kv.create(seq.seq_id, engine.config.spec(engine.model))
+            capture = None if self.prefills is None else self.prefills.load(key)
+            if capture is not None:
+                self._prefill = _Prefill.captured(key, capture)
+            else:
+                seq, logits = self._compute(engine, ids)
+                if self.prefills is None:
+                    return seq, logits  # the sequence holds exactly the recorded K/V
+                engine.finish(seq)  # replay the float16 capture, as every later policy does
+        return self._replay(engine, key)
+
+    def _compute(self, engine: Engine, ids: list[int]) -> tuple[Sequence, torch.Tensor]:
+        """A real dense prefill, recorded (and stored on disk with ``prefills``)."""
+        key = tuple(ids)
+        self.kv.recording = []
         try:
-            for layer, k, v, positions in self._prefill.appends:
-                self.kv.append(seq.seq_id, layer, k, v, positions)
+            seq, logits = engine.start(ids)
+            layers = self.model.config.num_layers
+            prefill = _Prefill.recorded(key, self.kv.recording, layers, logits.clone())
+        finally:
+            self.kv.recording = None
+        self.prefills_computed += 1
+        if self.prefills is not None:
+            logits_np = prefill.logits.float().numpy()
+            capture = self.prefills.save(key, prefill.keys, prefill.values, logits_np)
+            prefill = _Prefill.captured(key, capture)
+        self._prefill = prefill
+        return seq, logits
+
+    def _replay(self, engine: Engine, key: tuple[int, ...]) -> tuple[Sequence, torch.Tensor]:
+        prefill = self._prefill
+        assert prefill is not None and prefill.ids == key
+        seq = Sequence(f"eval-{next(self._seq_ids)}", list(key), len(key))
+        self.kv.create(seq.seq_id, engine.config.spec(engine.model))
+        positions = np.arange(len(key), dtype=np.int64)
+        try:
+            for layer, (k, v) in enumerate(zip(prefill.keys, prefill.values, strict=True)):
+                self.kv.append(
+                    seq.seq_id,
+                    layer,
+                    np.asarray(k, dtype=np.float32),
+                    np.asarray(v, dtype=np.float32),
+                    positions,
+                )
         except BaseException:
             self.kv.release(seq.seq_id)
             raise
-        return seq, self._prefill.logits.clone()
+        return seq, prefill.logits.clone()
 
     def prefill_keys(self, ids: list[int]) -> list[np.ndarray]:
-        """Per-layer prefill keys ``[T, Hkv, D]`` of ``ids`` (after a ``start`` of them)."""
+        """Per-layer prefill keys ``[T, Hkv, D]`` float32 of ``ids`` (after a ``start`` of
+        them), as the store holds them."""
         assert self._prefill is not None and self._prefill.ids == tuple(ids), "start first"
-        layers = self.model.config.num_layers
-        keys: list[list[np.ndarray]] = [[] for _ in range(layers)]
-        for layer, k, _, _ in self._prefill.appends:
-            keys[layer].append(k)
-        return [np.concatenate(parts) for parts in keys]
+        return [np.asarray(k, dtype=np.float32) for k in self._prefill.keys]
 
     def forget(self) -> None:
         """Drop the cached prefill (call between inputs to bound memory)."""

@@ -1,0 +1,153 @@
+"""Finished samples of a long accuracy run, one JSON line each, so a rerun skips them.
+
+One sample of every policy and budget costs minutes here, so a run that is killed, or that
+is grown across sessions, must not pay again for what it finished. Each line is a sample
+with every (policy, budget) outcome, under a ``signature``: the things besides the cell and
+the seed that decide its numbers (corpus, task options, model, dense layers). A sample is
+done when the journal holds it under the same signature with every pair the run asks for.
+Lines are appended with one ``write`` each and flushed, so a killed run leaves at most one
+torn last line, which is skipped (and reported) on reading.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+from worker.eval.types import (
+    AgreementDetail,
+    AnswerDetail,
+    Detail,
+    FidelityDetail,
+    Outcome,
+    PerplexityDetail,
+    RecallDetail,
+    SampleRecord,
+)
+
+log = logging.getLogger(__name__)
+
+_DETAILS: tuple[type, ...] = (
+    AnswerDetail,
+    PerplexityDetail,
+    AgreementDetail,
+    RecallDetail,
+    FidelityDetail,
+)
+
+SampleKey = tuple[str, str, str, int, int]
+"""signature, task, variant, context length, seed."""
+
+Pair = tuple[str, int | None]
+
+
+def detail_from_json(data: dict[str, Any]) -> Detail:
+    """The detail dataclass whose fields are exactly ``data``'s keys."""
+    for kind in _DETAILS:
+        names = {f.name for f in fields(kind)}
+        if names == set(data):
+            values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+            return kind(**values)  # type: ignore[no-any-return]
+    raise ValueError(f"no outcome detail has the fields {sorted(data)}")
+
+
+def record_from_json(data: dict[str, Any]) -> SampleRecord:
+    """A ``SampleRecord`` from its ``asdict`` form."""
+    outcomes = [
+        Outcome(
+            o["policy"],
+            o["budget"],
+            o["score"],
+            o["output"],
+            detail_from_json(o["detail"]),
+            o.get("seconds", 0.0),
+        )
+        for o in data["outcomes"]
+    ]
+    return SampleRecord(
+        data["task"],
+        data["variant"],
+        data["context_len"],
+        data["seed"],
+        data["index"],
+        data["description"],
+        data["prompt_tokens"],
+        tuple(data["answers"]),
+        outcomes,
+    )
+
+
+class Journal:
+    """The samples finished so far, read from ``path`` and appended to it as they finish."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._records: dict[SampleKey, SampleRecord] = {}
+        if self.path.exists():
+            self._read()
+
+    def _read(self) -> None:
+        with self.path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    data = json.loads(line)
+                    record = record_from_json(data["sample"])
+                except (ValueError, KeyError, TypeError) as err:
+                    log.warning(
+                        "%s line %d skipped (torn or unreadable): %s", self.path, number, err
+                    )
+                    continue
+                self._records[self.key(data["signature"], record)] = record
+
+    @staticmethod
+    def key(signature: str, record: SampleRecord) -> SampleKey:
+        return (signature, record.task, record.variant, record.context_len, record.seed)
+
+    def get(
+        self,
+        signature: str,
+        task: str,
+        variant: str,
+        context_len: int,
+        seed: int,
+        pairs: list[Pair],
+    ) -> SampleRecord | None:
+        """The finished sample with every one of ``pairs`` (only those, in that order)."""
+        record = self._records.get((signature, task, variant, context_len, seed))
+        if record is None:
+            return None
+        by_pair = {(o.policy, o.budget): o for o in record.outcomes}
+        if any(pair not in by_pair for pair in pairs):
+            return None
+        return SampleRecord(
+            record.task,
+            record.variant,
+            record.context_len,
+            record.seed,
+            record.index,
+            record.description,
+            record.prompt_tokens,
+            record.answers,
+            [by_pair[pair] for pair in pairs],
+        )
+
+    def add(self, signature: str, record: SampleRecord) -> None:
+        """Keep ``record`` (replacing an earlier one of the same sample) and append it."""
+        self._records[self.key(signature, record)] = record
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"signature": signature, "sample": asdict(record)}) + "\n"
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+
+    def records(self, signature: str) -> list[SampleRecord]:
+        """Every finished sample under ``signature``."""
+        return [r for k, r in self._records.items() if k[0] == signature]
+
+    def __len__(self) -> int:
+        return len(self._records)
