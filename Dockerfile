@@ -46,7 +46,8 @@ RUN pip install -e ".${EXTRAS:+[$EXTRAS]}" \
     && python -c "from worker.loader import embedded_checkpoint_dir; embedded_checkpoint_dir()"
 
 RUN useradd --create-home --uid 10001 icecache && chown -R icecache /app /opt/icecache
-USER icecache
+# by uid: a name may not resolve on the host, and runAsNonRoot can check only a number
+USER 10001
 
 EXPOSE 50051 50061 9100 9101
 CMD ["python", "-m", "worker", "--help"]
