@@ -145,6 +145,10 @@ class Journal:
             f.write(line)
             f.flush()
 
+    def items(self) -> list[tuple[SampleKey, SampleRecord]]:
+        """Every finished sample with its key, in key order."""
+        return sorted(self._records.items(), key=lambda item: item[0])
+
     def records(self, signature: str) -> list[SampleRecord]:
         """Every finished sample under ``signature``."""
         return [r for k, r in self._records.items() if k[0] == signature]
