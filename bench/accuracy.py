@@ -168,7 +168,7 @@ def run_group(args: argparse.Namespace, suites: tuple[Suite, ...], threads: int)
     text = default_text() if args.text_file is None else read_text_file(args.text_file)
     corpus = Corpus(text, session.tokenizer)
     policies = tuple(dict.fromkeys(("full", *args.policies.split(","))))
-    journal = Journal(args.out_dir / "accuracy.jsonl")
+    journal = Journal(args.out_dir / "accuracy.jsonl", {"commit": _commit()})
     for round_ in range(args.samples):  # sample 0 of every cell, then sample 1, ...
         for suite in suites:
             task = make_task(suite.task, corpus, task_options(args, round_ + 1))
@@ -330,6 +330,21 @@ def _pct(ratio: float | None) -> str:
     return "n/a" if ratio is None else f"{100 * ratio:.1f}%"
 
 
+def _commit() -> str:
+    """The checkout's commit (with ``+dirty`` if it has uncommitted changes)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*argv: str) -> str:
+        return subprocess.run(
+            ["git", *argv], cwd=root, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    head = git("rev-parse", "--short=10", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def _cpus() -> int:
     import os
 
@@ -342,8 +357,18 @@ def counts(journal: Journal) -> str:
     for (sig, task, variant, n, _), _record in journal.items():
         key = (sig.split("|")[0], task, variant, n)
         cells[key] = cells.get(key, 0) + 1
-    lines = ["| corpus | task | variant | context | samples |", "|---|---|---|---|---|"]
-    lines += [f"| {c} | {t} | {v} | {n} | {k} |" for (c, t, v, n), k in sorted(cells.items())]
+    commits: dict[tuple[str, str, str, int], set[str]] = {}
+    for sample, _record in journal.items():
+        cell = (sample[0].split("|")[0], sample[1], sample[2], sample[3])
+        commits.setdefault(cell, set()).add(str(journal.meta_of(sample).get("commit", "?")))
+    lines = [
+        "| corpus | task | variant | context | samples | run on commit |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c} | {t} | {v} | {n} | {k} | {', '.join(sorted(commits[(c, t, v, n)]))} |"
+        for (c, t, v, n), k in sorted(cells.items())
+    ]
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""The CI smoke set of ``bench/accuracy.py``: tiny cells through the real run, journal and report."""
+"""CI smoke set of bench/accuracy.py: tiny cells through the real run, journal and report."""
 
 import json
 
@@ -33,6 +33,7 @@ def test_the_smoke_set_runs_resumes_and_reports(tmp_path, smollm):
     journal = tmp_path / "accuracy.jsonl"
     lines = journal.read_text().splitlines()
     assert [json.loads(x)["sample"]["task"] for x in lines] == ["fidelity", "recall", "passkey"]
+    assert all(json.loads(x)["meta"]["commit"] for x in lines)
     assert len(list((tmp_path / "prefills").iterdir())) == 3  # one capture per distinct input
 
     accuracy.run_group(args, SMOKE, 1)  # everything is done: nothing runs, nothing is added
@@ -40,7 +41,7 @@ def test_the_smoke_set_runs_resumes_and_reports(tmp_path, smollm):
 
     accuracy.write_report(args, None)
     report = (tmp_path / "accuracy.md").read_text()
-    assert "| pydoc | fidelity | teacher-forced | 300 | 1 |" in report
+    assert "| pydoc | fidelity | teacher-forced | 300 | 1 | " in report
     assert "icecache's fidelity gap ≤ 1.25× oracle's" in report
     assert "pass key (≥ 30 samples)" in report and "MISS" in report  # n = 1 < 30
     assert "trained to\n  8192 positions" in report

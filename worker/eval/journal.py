@@ -83,9 +83,12 @@ def record_from_json(data: dict[str, Any]) -> SampleRecord:
 class Journal:
     """The samples finished so far, read from ``path`` and appended to it as they finish."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, meta: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
+        self.meta = meta or {}
+        """Written with every new line (e.g. the commit that ran it)."""
         self._records: dict[SampleKey, SampleRecord] = {}
+        self._meta: dict[SampleKey, dict[str, Any]] = {}
         if self.path.exists():
             self._read()
 
@@ -102,7 +105,9 @@ class Journal:
                         "%s line %d skipped (torn or unreadable): %s", self.path, number, err
                     )
                     continue
-                self._records[self.key(data["signature"], record)] = record
+                key = self.key(data["signature"], record)
+                self._records[key] = record
+                self._meta[key] = data.get("meta", {})
 
     @staticmethod
     def key(signature: str, record: SampleRecord) -> SampleKey:
@@ -138,16 +143,23 @@ class Journal:
 
     def add(self, signature: str, record: SampleRecord) -> None:
         """Keep ``record`` (replacing an earlier one of the same sample) and append it."""
-        self._records[self.key(signature, record)] = record
+        key = self.key(signature, record)
+        self._records[key] = record
+        self._meta[key] = self.meta
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"signature": signature, "sample": asdict(record)}) + "\n"
+        line = {"signature": signature, "meta": self.meta, "sample": asdict(record)}
+        text = json.dumps(line) + "\n"
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(line)
+            f.write(text)
             f.flush()
 
     def items(self) -> list[tuple[SampleKey, SampleRecord]]:
         """Every finished sample with its key, in key order."""
         return sorted(self._records.items(), key=lambda item: item[0])
+
+    def meta_of(self, key: SampleKey) -> dict[str, Any]:
+        """What was written with a sample's line (empty for lines without it)."""
+        return self._meta.get(key, {})
 
     def records(self, signature: str) -> list[SampleRecord]:
         """Every finished sample under ``signature``."""
