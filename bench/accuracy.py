@@ -118,6 +118,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--jobs", type=int, choices=(1, 2), default=2, help="processes (suites split in two)"
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process (decoding is dominated by per-step Python work)",
+    )
     return p.parse_args(argv)
 
 
@@ -191,11 +197,11 @@ def run_all(args: argparse.Namespace) -> float:
     started = time.perf_counter()
     if args.jobs == 1 or len(groups) == 1:
         for group in groups:
-            run_group(args, group, max(1, _cpus()))
+            run_group(args, group, args.threads)
     else:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(len(groups), mp_context=context) as pool:
-            for future in [pool.submit(run_group, args, g, 1) for g in groups]:
+            for future in [pool.submit(run_group, args, g, args.threads) for g in groups]:
                 future.result()
     return time.perf_counter() - started
 
