@@ -1,6 +1,13 @@
-"""LongBench's official metrics against values computed by hand on tiny strings."""
+"""LongBench's official metrics against values computed by hand on tiny strings, and against
+the packages LongBench's own ``metrics.py`` calls (``rouge`` 1.0.1, ``fuzzywuzzy`` without
+python-Levenshtein, ``jieba``) on fixed cases."""
 
+import difflib
+import warnings
+
+import jieba
 import pytest
+from rouge import Rouge
 
 from worker.eval.longbench_metrics import (
     classification_score,
@@ -10,11 +17,25 @@ from worker.eval.longbench_metrics import (
     lcs_words,
     normalize_answer,
     qa_f1_score,
+    qa_f1_zh_score,
     retrieval_score,
     rouge_l,
     rouge_score,
+    rouge_zh_score,
     score_prediction,
 )
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # "Using slow pure-python SequenceMatcher": the path we want
+    from fuzzywuzzy import fuzz
+
+
+def reference_rouge(prediction, ground_truth):
+    """LongBench's ``rouge_score``: the package's ROUGE-L F, 0.0 when it raises."""
+    try:
+        return Rouge().get_scores([prediction], [ground_truth], avg=True)["rouge-l"]["f"]
+    except Exception:  # LongBench catches everything (a bare except)
+        return 0.0
 
 
 def test_qa_f1_normalises_and_counts_tokens():
@@ -64,3 +85,76 @@ def test_code_similarity_uses_first_code_line():
 def test_score_prediction_takes_best_answer_and_first_line_for_fewshot():
     assert score_prediction("triviaqa", "Paris\nLondon is big", ["London", "Paris"], []) == 1.0
     assert score_prediction("hotpotqa", "London", ["Paris", "London"], []) == 1.0
+
+
+# ---- against the reference packages ---------------------------------------------------------
+ROUGE_CASES = [
+    ("the cat sat. on the mat", "the cat is on the mat"),
+    ("The Cat sat on the mat.", "the cat sat on the mat"),  # case counts
+    ("a b a b. b a", "a a b. b b a a"),  # repeated words, LCS union across sentences
+    ("first sentence here. second one there. third", "second one. first here"),
+    ("no overlap at all", "completely different words"),
+    ("  spaced   out \n words. ", "spaced words"),
+    ("1.5 million people", "about 1.5 million"),  # the "." of a number splits sentences too
+    ("", "a b c"),  # the package raises on an empty side: 0.0
+    ("...", "a"),
+]
+
+
+@pytest.mark.parametrize(("prediction", "truth"), ROUGE_CASES)
+def test_rouge_score_equals_the_rouge_package(prediction, truth):
+    assert rouge_score(prediction, truth) == pytest.approx(reference_rouge(prediction, truth))
+
+
+def test_a_sentence_too_long_for_the_packages_recursion_is_scored_not_zeroed():
+    """The one known difference: ``rouge`` rebuilds the LCS recursively and overflows the
+    stack on a pair of sentences of ~1,000 words; LongBench then scores 0, we score it."""
+    text = " ".join(["word"] * 1200)
+    with pytest.raises(RecursionError):  # which LongBench's bare except turns into 0.0
+        Rouge().get_scores([text], [text])
+    assert rouge_score(text, text) == pytest.approx(1.0)
+
+
+FUZZ_CASES = [
+    ("x = foo(1)", "x = foo(2)"),
+    ("return a + b", "return a+b"),
+    ("", "abc"),
+    ("abc", "abc"),
+    ("def f(x):", "async def f(x, y):"),
+    ("self.assertEqual(" + "a" * 250 + ")", "self.assertEqual(" + "a" * 240 + "b)"),  # autojunk
+    ("naïve = 'é'", "naive = 'e'"),
+]
+
+
+@pytest.mark.parametrize(("a", "b"), FUZZ_CASES)
+def test_fuzz_ratio_equals_fuzzywuzzy(a, b):
+    assert fuzz.SequenceMatcher is difflib.SequenceMatcher, "fuzzywuzzy's C path is installed"
+    assert fuzz_ratio(a, b) == fuzz.ratio(a, b)
+    assert code_sim_score(f"```python\n# first\n{a}\n", b) == fuzz.ratio(a, b) / 100
+
+
+def test_chinese_metrics_segment_with_jieba():
+    assert list(jieba.cut("北京是中国的首都。", cut_all=False)) == [
+        "北京",
+        "是",
+        "中国",
+        "的",
+        "首都",
+        "。",
+    ]
+    assert list(jieba.cut("我喜欢北京", cut_all=False)) == ["我", "喜欢", "北京"]
+    # "。" is dropped by the normalisation: 5 predicted words, 3 true, 1 shared ->
+    # P = 1/5, R = 1/3, F1 = 1/4
+    assert qa_f1_zh_score("北京是中国的首都。", "我喜欢北京") == pytest.approx(0.25)
+    # ROUGE-L over words: LCS 中国 的 首都 of 6 unique predicted, 5 true words -> F = 6/11
+    prediction, truth = "北京是中国的首都。", "中国的首都是北京"
+    assert rouge_zh_score(prediction, truth) == pytest.approx(6 / 11)
+    segmented = [" ".join(jieba.cut(t, cut_all=False)) for t in (prediction, truth)]
+    assert rouge_zh_score(prediction, truth) == pytest.approx(reference_rouge(*segmented))
+
+
+def test_classification_keeps_the_class_after_a_dropped_one_as_published():
+    # matches in class order: ball, all, football; LongBench removes while iterating, so
+    # after dropping "ball" (inside "football") it skips "all": 2 classes remain -> 1/2
+    classes = ["ball", "all", "football"]
+    assert classification_score("football all ball", "football", all_classes=classes) == 0.5
