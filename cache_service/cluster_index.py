@@ -177,11 +177,52 @@ def two_means(x: np.ndarray, iters: int = 8) -> np.ndarray:
     return second
 
 
-class _Level:
-    """One level of nodes: augmented sums and counts of the tokens below, parents, children."""
+CENTROID_LEVELS = 127
+"""Quantized centroid coordinates lie in ``[-127, 127]`` (int8)."""
 
-    def __init__(self, dim: int) -> None:
+
+def query_levels(dim: int) -> int:
+    """Largest ``L`` for which the dot product of an int8 centroid and a query of integers in
+    ``[-L, L]`` stays below 2**24 in magnitude, whatever the order of its partial sums: float32
+    then computes it exactly, so a score does not depend on how a matmul was batched."""
+    return (2**24 - 1) // (CENTROID_LEVELS * dim)
+
+
+def quantize_queries(queries: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Queries ``[..., G, D]`` in the quantized centroid space: integers ``q̂`` in ``[-L, L]``
+    (float32) and a step ``[..., G, 1]`` with ``q·c ≈ step × (q̂·ĉ)`` for
+    ``ĉ = round(c / scale)``; ``scale`` ``[..., D]`` per dimension (float64)."""
+    levels = query_levels(queries.shape[-1])
+    q = queries.astype(np.float32) * np.expand_dims(scale.astype(np.float32), -2)
+    top = np.abs(q).max(axis=-1, keepdims=True)
+    step = np.where(top > 0, top / np.float32(levels), np.float32(1)).astype(np.float32)
+    return np.clip(np.rint(q / step), -levels, levels).astype(np.float32), step
+
+
+def centroid_scores(qhat: np.ndarray, step: np.ndarray, qcent: np.ndarray) -> np.ndarray:
+    """Group score ``max_g step_g × (q̂_g·ĉ)`` ``[n]`` of int8 centroids ``qcent [n, D]`` for
+    quantized queries ``qhat [G, D]``, ``step [G, 1]``. The products are exact integers."""
+    return (step * (qhat @ qcent.astype(np.float32).T)).max(axis=0) + np.float32(0)
+
+
+def token_rows(leaves: np.ndarray, fills: np.ndarray, page_size: int) -> np.ndarray:
+    """Rows of ``flat_keys`` holding the tokens of ``leaves`` (``fills`` of each), leaf by
+    leaf ``[sum(fills)]``."""
+    starts = leaves * page_size - (np.cumsum(fills) - fills)
+    return np.repeat(starts, fills) + np.arange(int(fills.sum()))
+
+
+class _Level:
+    """One level of nodes: augmented sums and counts of the tokens below, parents, children.
+
+    ``qcent`` are the centroids' first ``dim - 1`` (key) coordinates quantized per dimension
+    to int8 by ``scale`` (the index's, shared and updated in place): ``round(cent / scale)``.
+    """
+
+    def __init__(self, dim: int, scale: np.ndarray) -> None:
         self.n = 0
+        self.scale = scale  # [dim - 1] float64, owned by the index
+        self.qcent = np.zeros((0, dim - 1), dtype=np.int8)
         self.sums = np.zeros((0, dim), dtype=np.float64)
         self.counts = np.zeros(0, dtype=np.int64)
         self.parent = np.zeros(0, dtype=np.int64)
@@ -199,6 +240,7 @@ class _Level:
             self.counts = np.concatenate([self.counts, np.zeros(grow, np.int64)])
             self.parent = np.concatenate([self.parent, np.full(grow, -1, np.int64)])
             self.cent = np.concatenate([self.cent, np.zeros((grow, self.cent.shape[1]), "f4")])
+            self.qcent = np.concatenate([self.qcent, np.zeros((grow, self.qcent.shape[1]), "i1")])
         ids = np.arange(self.n, need)
         self.children.extend([] for _ in range(count))
         self.n = need
@@ -223,6 +265,12 @@ class _Level:
     def refresh(self, nodes: np.ndarray | list[int]) -> None:
         nodes = np.asarray(nodes, dtype=np.int64)
         self.cent[nodes] = self.sums[nodes] / np.maximum(self.counts[nodes], 1)[:, None]
+        self.quantize(nodes)
+
+    def quantize(self, nodes: np.ndarray) -> None:
+        """Recompute ``qcent`` of ``nodes`` from their centroids."""
+        q = np.rint(self.cent[nodes, :-1] / self.scale)
+        self.qcent[nodes] = np.clip(q, -CENTROID_LEVELS, CENTROID_LEVELS)
 
 
 class ClusterIndex:
@@ -235,16 +283,22 @@ class ClusterIndex:
         self.config = config or IndexConfig()
         size = self.config.page_size
         self.norm_bound = 0.0  # M of the augmentation
+        self.key_bound = np.zeros(head_dim)  # per dimension, above every |key|: quantization
+        self.qscale = np.ones(head_dim)  # centroid quantization step per dimension
         self.keys = np.zeros((0, size, head_dim), dtype=np.float32)  # [leaf, slot, D]
         self.tokens = np.zeros((0, size), dtype=np.int64)  # [leaf, slot], -1 empty
         self.fill = np.zeros(0, dtype=np.int64)  # [leaf]
         self.token_leaf = np.zeros(0, dtype=np.int64)  # token id -> leaf, -1 absent
         self.token_slot = np.zeros(0, dtype=np.int64)
-        self.levels: list[_Level] = [_Level(head_dim + 1)]
+        self.levels: list[_Level] = [self.new_level()]
         self.built = False
         self.last_effort = SearchEffort(0, 0, 0)
 
     # ---------------------------------------------------------------- public API
+
+    def new_level(self) -> _Level:
+        """An empty level whose centroids quantize with this index's ``qscale``."""
+        return _Level(self.dim + 1, self.qscale)
 
     @property
     def num_tokens(self) -> int:
@@ -325,72 +379,83 @@ class ClusterIndex:
         Upper nodes narrow the search to the leaves of the field of view, their centroids
         pick the leaves scored exactly (both quotas grow with the sequence, see
         ``effort``), and those leaves are ranked by the attention mass their tokens carry.
+        Ties rank the lower node id first. This is the reference of
+        ``cache_service.batched_search.search_heads``, which serves decoding: one call
+        for all heads of a layer, with exactly this result.
         """
         queries = self._check_queries(queries, max_tokens)
         if self.num_leaves == 0 or max_tokens == 0:
             self.last_effort = SearchEffort(0, 0, 0)
             return np.empty(0, dtype=np.int64)
         view, exact = self.effort(max_tokens)
-        nodes_scored, leaves = self._field_of_view(queries, view)
-        cents = np.take(self.levels[0].cent, leaves, axis=0)[:, : self.dim]
-        probed = self._best(leaves, (queries @ cents.T).max(axis=0), self.fill[leaves], exact)
+        qhat, step = quantize_queries(queries, self.qscale)
+        nodes_scored, leaves = self._field_of_view(qhat, step, view)
+        scores = centroid_scores(qhat, step, self.levels[0].qcent[leaves])
+        probed = self._best(leaves, scores, self.fill[leaves], exact)
         mass = self._leaf_mass(queries, probed)
-        ranked = probed[np.argsort(-mass, kind="stable")]
+        ranked = probed[np.lexsort((probed, -mass))]
         self.last_effort = SearchEffort(nodes_scored, len(leaves), int(self.fill[probed].sum()))
         return fill_within(ranked, self.fill[ranked], max_tokens)
 
     def effort(self, max_tokens: int) -> tuple[float, float]:
         """Tokens under the leaves whose centroids a search scores (its field of view), and
         tokens it scores exactly; both at least a share of the sequence."""
-        c, n = self.config, self.num_tokens
+        c, top = self.config, self.levels[-1]
+        n = int(top.counts[: top.n].sum())
         exact = max(c.probe * max_tokens, c.probe_fraction * n)
         return max(c.view * exact, c.view_fraction * n), exact
 
-    def _field_of_view(self, queries: np.ndarray, view: float) -> tuple[int, np.ndarray]:
-        """Upper nodes scored, and the leaves under the best ones covering ``view`` tokens.
-
-        Starts at the lowest level small enough to score whole (pruning by centroids high in
-        the tree, few huge nodes, loses the top tokens at long contexts): the leaves
-        themselves while there are at most ``scan_nodes``.
-        """
+    def start_depth(self) -> int:
+        """The lowest level a search scores whole: at most ``scan_nodes`` nodes (pruning by
+        centroids high in the tree, few huge nodes, loses the top tokens at long contexts)."""
         start = len(self.levels) - 1
         while start > 0 and self.levels[start - 1].n <= self.config.scan_nodes:
             start -= 1
+        return start
+
+    def _field_of_view(
+        self, qhat: np.ndarray, step: np.ndarray, view: float
+    ) -> tuple[int, np.ndarray]:
+        """Upper nodes scored, and the leaves under the best ones covering ``view`` tokens;
+        from ``start_depth`` down, the leaves themselves while there are at most
+        ``scan_nodes``."""
+        start = self.start_depth()
         nodes = np.arange(self.levels[start].n, dtype=np.int64)
         scored = 0
         for depth in range(start, 0, -1):
             level = self.levels[depth]
-            cents = np.take(level.cent, nodes, axis=0)[:, : self.dim]
             scored += len(nodes)
-            scores = (queries @ cents.T).max(axis=0)
+            scores = centroid_scores(qhat, step, level.qcent[nodes])
             best = self._best(nodes, scores, level.counts[nodes], view * 2 ** (depth - 1))
             nodes = level.children_of(best)
         return scored, nodes
 
     @staticmethod
     def _best(nodes: np.ndarray, scores: np.ndarray, counts: np.ndarray, need: float) -> np.ndarray:
-        """The best-scoring ``nodes`` (best first) until their ``counts`` reach ``need``:
-        partial sort of the likely few first, full sort only if they fall short."""
-        k = min(len(nodes), 2 * math.ceil(need * len(nodes) / max(int(counts.sum()), 1)) + 1)
-        top = np.argpartition(-scores, k - 1)[:k] if k < len(nodes) else np.arange(len(nodes))
-        top = top[np.argsort(-scores[top], kind="stable")]
-        covered = np.cumsum(counts[top])
-        if covered[-1] < need and k < len(nodes):
-            top = np.argsort(-scores, kind="stable")
-            covered = np.cumsum(counts[top])
-        return nodes[top[: int(np.searchsorted(covered, need, side="left")) + 1]]
+        """The best-scoring ``nodes`` (best first, ties by node id) until their ``counts``
+        reach ``need``."""
+        order = np.lexsort((nodes, -scores))
+        covered = np.cumsum(counts[order])
+        return nodes[order[: int(np.searchsorted(covered, need, side="left")) + 1]]
 
     def _leaf_mass(self, queries: np.ndarray, leaves: np.ndarray) -> np.ndarray:
         """Attention mass ``[L]`` of each leaf's tokens: ``exp(scale × q·k - max)`` summed
         over the leaf, each query head normalised over these leaves, mean over the group."""
-        size = self.config.page_size
-        scale = self.config.softmax_scale or self.dim**-0.5
-        keys = np.take(self.keys, leaves, axis=0).reshape(-1, self.dim)  # [L * P, D]
-        scores = (queries @ keys.T).reshape(len(queries), len(leaves), size) * scale
-        scores[:, np.arange(size)[None, :] >= self.fill[leaves][:, None]] = -np.inf
-        weights = np.exp(scores - scores.max(axis=(1, 2), keepdims=True))  # [G, L, P]
-        per_leaf = weights.sum(axis=2)  # [G, L]
-        return (per_leaf / per_leaf.sum(axis=1, keepdims=True)).mean(axis=0)
+        fills = self.fill[leaves]
+        keys = np.take(self.flat_keys(), token_rows(leaves, fills, self.config.page_size), 0)
+        scores = (queries @ keys.T) * self.softmax_scale  # [G, T]
+        weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+        per_leaf = np.add.reduceat(weights, np.cumsum(fills) - fills, axis=1)  # [G, L]
+        total = np.add.reduceat(per_leaf, [0], axis=1)  # [G, 1]
+        return (per_leaf / total).mean(axis=0)
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.config.softmax_scale or self.dim**-0.5
+
+    def flat_keys(self) -> np.ndarray:
+        """The key slots as rows ``[leaves × page_size, D]`` (a view)."""
+        return self.keys.reshape(-1, self.dim)
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the structure is inconsistent (for tests and debugging)."""
@@ -458,7 +523,9 @@ class ClusterIndex:
         return queries
 
     def _raise_bound(self, keys: np.ndarray) -> None:
-        """Keep ``M`` above every key norm; when it grows, re-augment all sums."""
+        """Keep ``M`` above every key norm; when it grows, re-augment all sums. Also keep the
+        per-dimension bound of the centroid quantization above every key."""
+        self._raise_key_bound(keys)
         top = float(np.sqrt((keys.astype(np.float64) ** 2).sum(1).max()))
         if top <= self.norm_bound:
             return
@@ -475,6 +542,17 @@ class ClusterIndex:
             level.sums[: level.n, -1] = 0
             np.add.at(level.sums[:, -1], below.parent[: below.n], below.sums[: below.n, -1])
             level.refresh(np.arange(level.n))
+
+    def _raise_key_bound(self, keys: np.ndarray) -> None:
+        """Quantization steps: ``1.25 × max |key|`` per dimension over ``CENTROID_LEVELS``;
+        when a key exceeds the bound, every centroid is quantized again."""
+        top = np.abs(keys.astype(np.float64)).max(axis=0)
+        if (top <= self.key_bound).all():
+            return
+        self.key_bound = np.maximum(self.key_bound, 1.25 * top)
+        self.qscale[:] = np.where(self.key_bound > 0, self.key_bound / CENTROID_LEVELS, 1.0)
+        for level in self.levels:
+            level.quantize(np.arange(level.n))
 
     def _augment(self, keys: np.ndarray) -> np.ndarray:
         """``[n, D] -> [n, D + 1]``: the key and ``sqrt(M² - ‖k‖²)``."""
@@ -634,7 +712,7 @@ class ClusterIndex:
             weights=below.counts[:n],
         )
         used, labels = np.unique(labels, return_inverse=True)
-        level = _Level(self.dim + 1)
+        level = self.new_level()
         level.add(len(used))
         below.parent[:n] = labels
         for child, parent in enumerate(labels):

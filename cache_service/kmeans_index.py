@@ -20,7 +20,6 @@ from cache_service.cluster_index import (
     IndexConfig,
     Placement,
     _empty_placement,
-    _Level,
     kmeans_labels,
 )
 
@@ -35,7 +34,7 @@ class FlatKMeansIndex(ClusterIndex):
         if cluster_pages < 1:
             raise ValueError(f"cluster_pages must be at least 1, got {cluster_pages}")
         self.cluster_tokens = cluster_pages * self.config.page_size
-        self.levels.append(_Level(head_dim + 1))
+        self.levels.append(self.new_level())
 
     @property
     def num_clusters(self) -> int:

@@ -16,6 +16,7 @@ import numpy as np
 from cache_service.head_layout import HeadLayout
 from cache_service.page_pool import PagePool, PoolExhausted
 from cache_service.policies import Body, make_bodies
+from cache_service.policies.indexed import select_layer
 from cache_service.types import (
     OutOfOrder,
     Selection,
@@ -168,15 +169,16 @@ class Store:
         group = spec.num_q_heads // spec.num_kv_heads
         dense = layer < spec.dense_layers or spec.policy == "full"
         max_tokens = spec.body_budget(self.pool.page_size)
+        bodies = seq.bodies[layer]
+        if dense or max_tokens is None:
+            chosen = [body.all_pages() for body in bodies]
+        else:
+            grouped = queries.reshape(spec.num_kv_heads, group, spec.head_dim)
+            chosen = select_layer(bodies, grouped, max_tokens)
         parts = []
-        for head in range(spec.num_kv_heads):
-            body = seq.bodies[layer][head]
-            if dense or max_tokens is None:
-                chosen = body.all_pages()
-            else:
-                chosen = body.select(queries[head * group : (head + 1) * group], max_tokens)
+        for head, pages in enumerate(chosen):
             lay = seq.heads[layer][head]
-            parts.append(np.concatenate([lay.sink_pages(), chosen, lay.window_pages_now()]))
+            parts.append(np.concatenate([lay.sink_pages(), pages, lay.window_pages_now()]))
         return self._selection(parts)
 
     def decode(

@@ -119,6 +119,38 @@ class IndexedBody(LeafPages):
         return self.pages_of(self.last_leaves)
 
 
+def select_layer(bodies: list[Body], queries: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Pages of every KV head of one layer, as each body's ``select`` would choose them.
+
+    The heads laid out by a ``ClusterIndex`` are searched in one call
+    (``cache_service.batched_search.search_heads``, exactly the per-head result); the others
+    (``kmeans``, ``icecache-r`` followers, positional bodies) one by one.
+
+    Args:
+        bodies: ``[H]`` bodies of the layer's KV heads.
+        queries: ``[H, G, head_dim]`` float32, each KV head's query group.
+        max_tokens: at most this many valid tokens in each head's pages.
+    """
+    from cache_service.batched_search import search_heads
+    from cache_service.cluster_index import ClusterIndex
+
+    together: list[tuple[int, IndexedBody, ClusterIndex]] = []
+    for h, body in enumerate(bodies):
+        if isinstance(body, IndexedBody) and body.built and type(body.index) is ClusterIndex:
+            together.append((h, body, body.index))
+    pages: dict[int, np.ndarray] = {}
+    if together:
+        heads = [h for h, _, _ in together]
+        found = search_heads([index for _, _, index in together], queries[heads], max_tokens)
+        for (h, body, _), leaves in zip(together, found, strict=True):
+            body.last_leaves = leaves
+            pages[h] = body.pages_of(leaves)
+    return [
+        pages[h] if h in pages else body.select(queries[h], max_tokens)
+        for h, body in enumerate(bodies)
+    ]
+
+
 class MirroredBody(LeafPages):
     """An ``icecache-r`` follower layer: the leader layer's layout and selection, own K/V."""
 

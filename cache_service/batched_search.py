@@ -1,0 +1,219 @@
+"""One search for all KV heads of a layer: ``ClusterIndex.search`` over many indexes at once.
+
+Decoding asks, per layer, which leaves each of its KV heads attends. Searching head by head
+costs ~30 NumPy calls per head, most of them on small arrays; here each stage runs once
+for the layer over the heads' candidates laid end to end (ragged, no padding), and only
+the gathers and the exact stage's matmul stay per head (each head owns its arrays).
+
+The result is exactly ``[index.search(q, max_tokens) for index, q in zip(indexes, queries)]``
+(same leaves, same order), by construction rather than by tolerance:
+
+- centroid scores are integer dot products of int8 centroids and quantized queries, exact
+  in float32 whatever the batching (``query_levels``);
+- the exact stage's matmul is per head with the same operands as the per-head search;
+  ``exp``, products and quotients are elementwise; sums over a leaf or a head go through
+  ``np.add.reduceat`` over the same contiguous segments; maxima are exact;
+- every ranking is a total order: score descending, then node id (``_order``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from cache_service.cluster_index import (
+    ClusterIndex,
+    SearchEffort,
+    quantize_queries,
+    token_rows,
+)
+from cache_service.policies.base import fill_within
+
+_ID_BITS = 20  # node ids below 2**20 fit the packed sort key (else: lexsort)
+_HEAD_BITS = 11
+
+
+def search_heads(
+    indexes: Sequence[ClusterIndex], queries: np.ndarray, max_tokens: int
+) -> list[np.ndarray]:
+    """Leaves of each index for its query group, as ``ClusterIndex.search`` returns them.
+
+    Args:
+        indexes: ``[H]`` indexes of one head dimension ``D`` (e.g. the KV heads of a layer).
+        queries: ``[H, G, D]`` query group of each index.
+        max_tokens: token budget of every head.
+
+    Returns:
+        ``[H]`` arrays of leaf ids, most attention mass first; sets each ``last_effort``.
+    """
+    queries = np.asarray(queries, dtype=np.float32)
+    if len(indexes) == 0:
+        return []
+    dim = indexes[0].dim
+    if queries.ndim != 3 or queries.shape[0] != len(indexes) or queries.shape[1] == 0:
+        raise ValueError(
+            f"queries must be [{len(indexes)}, G >= 1, {dim}], got {tuple(queries.shape)}"
+        )
+    if any(index.dim != queries.shape[2] for index in indexes):
+        raise ValueError(f"every index and the queries must have head_dim {queries.shape[2]}")
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be non-negative, got {max_tokens}")
+    out = [np.empty(0, dtype=np.int64) for _ in indexes]
+    live = [h for h, index in enumerate(indexes) if index.num_leaves and max_tokens]
+    for h in range(len(indexes)):
+        indexes[h].last_effort = SearchEffort(0, 0, 0)
+    if not live:
+        return out
+    heads = [indexes[h] for h in live]
+    group = queries[live]  # [H', G, D]
+    quotas = [index.effort(max_tokens) for index in heads]
+    qhat, step = quantize_queries(group, np.stack([index.qscale for index in heads]))
+    scored, leaves = _fields_of_view(heads, qhat, step, [view for view, _ in quotas])
+    scores = _centroid_scores([index.levels[0].qcent for index in heads], leaves, qhat, step)
+    fills = [index.fill for index in heads]
+    probed = _best(leaves, scores, fills, [exact for _, exact in quotas])
+    probed_fills = [index.fill[nodes] for index, nodes in zip(heads, probed, strict=True)]
+    mass = _leaf_mass(heads, group, probed, probed_fills)
+    ranked = _ranked(probed, mass)
+    for i, h in enumerate(live):
+        index = heads[i]
+        index.last_effort = SearchEffort(scored[i], len(leaves[i]), int(probed_fills[i].sum()))
+        out[h] = fill_within(ranked[i], index.fill[ranked[i]], max_tokens)
+    return out
+
+
+def _fields_of_view(
+    heads: list[ClusterIndex], qhat: np.ndarray, step: np.ndarray, views: list[float]
+) -> tuple[list[int], list[np.ndarray]]:
+    """Upper nodes scored per head, and the leaves in each head's field of view
+    (``ClusterIndex._field_of_view``, one round per level for every head still above)."""
+    depth = [index.start_depth() for index in heads]
+    nodes = [
+        np.arange(index.levels[d].n, dtype=np.int64) for index, d in zip(heads, depth, strict=True)
+    ]
+    scored = [0] * len(heads)
+    while any(depth):
+        act = [i for i, d in enumerate(depth) if d]
+        levels = [heads[i].levels[depth[i]] for i in act]
+        cand = [nodes[i] for i in act]
+        scores = _centroid_scores([lv.qcent for lv in levels], cand, qhat[act], step[act])
+        counts = [lv.counts for lv in levels]
+        needs = [views[i] * 2 ** (depth[i] - 1) for i in act]
+        for i, level, best in zip(act, levels, _best(cand, scores, counts, needs), strict=True):
+            scored[i] += len(nodes[i])
+            nodes[i] = level.children_of(best)
+            depth[i] -= 1
+    return scored, nodes
+
+
+def _centroid_scores(
+    qcents: list[np.ndarray], nodes: list[np.ndarray], qhat: np.ndarray, step: np.ndarray
+) -> np.ndarray:
+    """``centroid_scores`` of each head's ``nodes`` (rows of its int8 ``qcents``), laid end
+    to end ``[sum of lens]``; ``qhat [H, G, D]``, ``step [H, G, 1]``."""
+    sizes = np.array([len(n) for n in nodes])
+    ends = np.cumsum(sizes)
+    cents = np.empty((int(ends[-1]), qhat.shape[2]), dtype=np.int8)
+    for qcent, rows, a, b in zip(qcents, nodes, ends - sizes, ends, strict=True):
+        np.take(qcent, rows, axis=0, out=cents[a:b], mode="clip")  # unbuffered
+    flat = cents.astype(np.float32)
+    scores = np.empty((qhat.shape[1], len(flat)), dtype=np.float32)  # [G, N]
+    for h, (a, b) in enumerate(zip(ends - sizes, ends, strict=True)):
+        scores[:, a:b] = qhat[h] @ flat[a:b].T
+    scores *= np.repeat(step[:, :, 0].T, sizes, axis=1)
+    return scores.max(axis=0) + np.float32(0)
+
+
+def _packed(sizes: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
+    """One int64 per candidate whose ascending order is: segment (``sizes`` laid end to
+    end), score descending, id ascending, i.e. per segment ``np.lexsort((ids, -scores))``;
+    ``None`` if segment or id do not fit their bits."""
+    if len(sizes) >> _HEAD_BITS or (len(ids) and int(ids.max()) >> _ID_BITS):
+        return None
+    head = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+    bits = scores.astype(np.float32).view(np.uint32).astype(np.int64)
+    ascending = np.where(bits >> 31, 0xFFFFFFFF - bits, bits | 0x80000000)
+    return (head << (32 + _ID_BITS)) | ((0xFFFFFFFF - ascending) << _ID_BITS) | ids
+
+
+def _unpacked(keys: np.ndarray, segments: int) -> list[np.ndarray]:
+    """Ids of sorted packed keys, split by segment."""
+    head = keys >> (32 + _ID_BITS)
+    ids = keys & ((1 << _ID_BITS) - 1)
+    return np.split(ids, np.searchsorted(head, np.arange(1, segments)))
+
+
+def _best(
+    nodes: list[np.ndarray], scores: np.ndarray, counts: list[np.ndarray], needs: list[float]
+) -> list[np.ndarray]:
+    """``ClusterIndex._best`` of every head: its best nodes until their counts reach its
+    need; ``scores`` laid end to end, ``counts`` indexed by node id.
+
+    Only the likely best of each head are sorted (a partition per head), all of a head
+    when they fall short."""
+    sizes = np.array([len(n) for n in nodes])
+    starts = np.cumsum(sizes) - sizes
+    keys = _packed(sizes, scores, np.concatenate(nodes))
+    if keys is None:
+        cuts = np.split(scores, np.cumsum(sizes)[:-1])
+        return [
+            ClusterIndex._best(n, s, c[n], need)
+            for n, s, c, need in zip(nodes, cuts, counts, needs, strict=True)
+        ]
+    limit = np.full(len(nodes), np.iinfo(np.int64).max)
+    for h, (n, c, need) in enumerate(zip(nodes, counts, needs, strict=True)):
+        k = 2 * math.ceil(need * len(n) / max(int(c[n].sum()), 1)) + 1
+        if k < len(n):
+            limit[h] = np.partition(keys[starts[h] : starts[h] + len(n)], k)[k]
+    chosen = _unpacked(np.sort(keys[keys < np.repeat(limit, sizes)]), len(nodes))
+    out = []
+    for h, (ids, c, need) in enumerate(zip(chosen, counts, needs, strict=True)):
+        covered = np.cumsum(c[ids])
+        if covered[-1] < need and len(ids) < sizes[h]:
+            seg = np.sort(keys[starts[h] : starts[h] + sizes[h]])
+            ids = seg & ((1 << _ID_BITS) - 1)
+            covered = np.cumsum(c[ids])
+        out.append(ids[: int(np.searchsorted(covered, need, side="left")) + 1])
+    return out
+
+
+def _leaf_mass(
+    heads: list[ClusterIndex],
+    queries: np.ndarray,
+    leaves: list[np.ndarray],
+    fills: list[np.ndarray],
+) -> list[np.ndarray]:
+    """``ClusterIndex._leaf_mass`` of every head's ``leaves``: tokens of all heads end to
+    end, one matmul per head, every other step once for the layer."""
+    tokens = np.array([int(f.sum()) for f in fills])
+    ends = np.cumsum(tokens)
+    scores = np.empty((queries.shape[1], int(ends[-1])), dtype=np.float32)  # [G, T]
+    for h, index in enumerate(heads):
+        rows = token_rows(leaves[h], fills[h], index.config.page_size)
+        keys = np.take(index.flat_keys(), rows, axis=0)
+        scores[:, ends[h] - tokens[h] : ends[h]] = queries[h] @ keys.T
+    scales = np.array([index.softmax_scale for index in heads], dtype=np.float32)
+    if (scales == scales[0]).all():
+        scores *= heads[0].softmax_scale
+    else:
+        scores *= np.repeat(scales, tokens)[None, :]
+    top = np.maximum.reduceat(scores, ends - tokens, axis=1)  # [G, H]
+    scores -= np.repeat(top, tokens, axis=1)
+    weights = np.exp(scores, out=scores)
+    flat_fills = np.concatenate(fills)
+    per_leaf = np.add.reduceat(weights, np.cumsum(flat_fills) - flat_fills, axis=1)  # [G, L]
+    sizes = np.array([len(n) for n in leaves])
+    total = np.add.reduceat(per_leaf, np.cumsum(sizes) - sizes, axis=1)  # [G, H]
+    mass = (per_leaf / np.repeat(total, sizes, axis=1)).mean(axis=0)
+    return np.split(mass, np.cumsum(sizes)[:-1])
+
+
+def _ranked(leaves: list[np.ndarray], mass: list[np.ndarray]) -> list[np.ndarray]:
+    """Each head's leaves by mass descending, then leaf id."""
+    sizes = np.array([len(n) for n in leaves])
+    keys = _packed(sizes, np.concatenate(mass), np.concatenate(leaves))
+    if keys is None:
+        return [n[np.lexsort((n, -m))] for n, m in zip(leaves, mass, strict=True)]
+    return _unpacked(np.sort(keys), len(leaves))
