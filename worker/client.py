@@ -5,6 +5,11 @@ that address reports ``SERVING`` on the standard health service (any IceCache se
 or cache service); it is the healthcheck of ``docker-compose.yml`` and of the Kubernetes
 probes. A worker is *ready* (``--service icecache.v1.Worker``) only while a cache-service
 replica is healthy, and *live* (no ``--service``) while its process serves.
+
+Retries: ``WorkerClient`` repeats UNAVAILABLE with ``worker.retry`` (one loop per call; the
+worker's channel has no gRPC retry policy): ``Generate`` only while no token has arrived (so
+nothing was generated for the caller), ``CountTokens`` and ``Info`` always (they change
+nothing).
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,7 +31,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cache_service.security import SecurityConfig, make_channel, security_from_env
 from proto.icecache.v1 import worker_pb2 as pb
 from proto.icecache.v1 import worker_pb2_grpc as pb_grpc
-from worker.retry import DEFAULT_BACKOFF, Backoff
+from worker.retry import DEFAULT_BACKOFF, Backoff, retry
+
+T = TypeVar("T")
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 """Codes of a ``Generate`` that ``complete`` repeats when no token has arrived yet (nothing
@@ -111,28 +118,23 @@ class WorkerClient:
 
     def complete(self, prompt: str | list[int], max_new_tokens: int, **kwargs: Any) -> Generation:
         """Run one generation to the end; UNAVAILABLE before the first token is retried."""
-        delays = self.backoff.delays(self._rng)
-        while True:
+        times: list[float] = []
+
+        def attempt() -> Generation:
             started = time.perf_counter()
-            times: list[float] = []
-            try:
-                for message in self.generate(prompt, max_new_tokens, **kwargs):
-                    if message.HasField("token"):
-                        times.append(time.perf_counter() - started)
-                    else:
-                        done = message.done
-                        return Generation(
-                            list(done.token_ids), done.text, done.usage.prompt_tokens,
-                            done.stats, times,
-                        )  # fmt: skip
-            except grpc.RpcError as err:
-                wait = next(delays, None)
-                if times or err.code() not in RETRYABLE or wait is None:
-                    raise
-                self.retries += 1
-                time.sleep(wait)
-                continue
+            times.clear()
+            for message in self.generate(prompt, max_new_tokens, **kwargs):
+                if message.HasField("token"):
+                    times.append(time.perf_counter() - started)
+                else:
+                    done = message.done
+                    return Generation(
+                        list(done.token_ids), done.text, done.usage.prompt_tokens,
+                        done.stats, list(times),
+                    )  # fmt: skip
             raise ConnectionError(f"the worker at {self.address} closed the stream before the end")
+
+        return self._retried(attempt, "Generate", lambda: not times)
 
     def count_tokens(self, prompt: str, chat: bool = True) -> int:
         request = pb.CountTokensRequest(prompt=prompt, chat=chat)
@@ -144,16 +146,24 @@ class WorkerClient:
 
     def _unary(self, method: Any, request: Any) -> Any:
         """A unary call, UNAVAILABLE retried with backoff (these calls change nothing)."""
-        delays = self.backoff.delays(self._rng)
-        while True:
-            try:
-                return method(request, timeout=self.timeout)
-            except grpc.RpcError as err:
-                wait = next(delays, None)
-                if err.code() not in RETRYABLE or wait is None:
-                    raise
-                self.retries += 1
-                time.sleep(wait)
+        return self._retried(lambda: method(request, timeout=self.timeout), "call")
+
+    def _retried(
+        self, call: Callable[[], T], what: str, safe: Callable[[], bool] = lambda: True
+    ) -> T:
+        """``call()``, repeated on a ``RETRYABLE`` status while ``safe()``, with backoff."""
+
+        def retryable(err: BaseException) -> bool:
+            assert isinstance(err, grpc.RpcError)
+            return err.code() in RETRYABLE and safe()
+
+        return retry(
+            call, self.backoff, (grpc.RpcError,), f"{what} to {self.address}", self._rng,
+            on_retry=self._count_retry, retryable=retryable,
+        )  # fmt: skip
+
+    def _count_retry(self, err: BaseException) -> None:
+        self.retries += 1
 
     def close(self) -> None:
         self.channel.close()

@@ -1,9 +1,17 @@
-"""Retries of transient failures: exponential backoff with full jitter.
+"""Our own retry loop: exponential backoff with full jitter, for what gRPC cannot retry.
 
 Attempt ``n`` (0-based) that fails with a transient error waits a uniformly random time in
 ``[0, min(cap_s, base_s * 2**n)]`` before the next one ("full jitter": clients that failed
-together do not retry together). Only calls that are safe to repeat are retried: reads, and
-writes whose repetition is harmless (create of a fresh id, release).
+together do not retry together).
+
+Who retries what (one layer per call):
+
+- calls to a cache service: its channel's gRPC retry policy (``cache_service.codec``), never
+  this loop;
+- a sequence whose replica failed during its prefill: ``worker.scheduler`` places it anew
+  with this loop (each try is a new placement, not a repeat of a call);
+- calls to a worker (``worker.client.WorkerClient``): this loop, as the attempts must be
+  counted and may exceed gRPC's cap of 5; the worker's channel has no retry policy.
 """
 
 from __future__ import annotations
@@ -52,14 +60,18 @@ def retry(
     rng: random.Random | None = None,
     sleep: Callable[[float], None] = time.sleep,
     on_retry: Callable[[BaseException], None] | None = None,
+    retryable: Callable[[BaseException], bool] | None = None,
 ) -> T:
     """``call()``, repeated after each ``transient`` error until it succeeds or the attempts
-    run out (then the last error propagates); other errors propagate at once."""
+    run out (then the last error propagates); other errors propagate at once, as do those
+    ``retryable`` (when given) says no to."""
     delays = backoff.delays(rng or random.Random())
     while True:
         try:
             return call()
         except transient as err:
+            if retryable is not None and not retryable(err):
+                raise
             wait = next(delays, None)
             if wait is None:
                 raise

@@ -63,6 +63,18 @@ def test_other_errors_and_exhausted_attempts_propagate():
     assert len(calls) == 3
 
 
+def test_a_transient_error_the_predicate_refuses_propagates_at_once():
+    calls = []
+
+    def committed():
+        calls.append(1)
+        raise ConnectionError("failed after the first token")
+
+    with pytest.raises(ConnectionError):
+        retry(committed, Backoff(attempts=5), sleep=lambda s: None, retryable=lambda e: False)
+    assert len(calls) == 1
+
+
 def test_bad_backoff_settings_are_refused():
     with pytest.raises(ValueError, match="attempts >= 1"):
         Backoff(attempts=0)
