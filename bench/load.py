@@ -37,8 +37,8 @@ import numpy as np
 
 from cache_service.types import SequenceSpec
 from worker.client import WorkerClient
+from worker.kv.sharded import ShardedKVClient
 from worker.launcher import LocalCluster, load_compose
-from worker.sharded_kv import ShardedKVClient
 
 log = logging.getLogger("bench.load")
 

@@ -45,10 +45,10 @@ import torch
 from cache_service.types import Selection, SequenceSpec
 from worker.engine import Engine, EngineConfig, Sequence, StepTimings
 from worker.eval.corpus import Corpus, default_text
+from worker.kv.remote import RemoteKVClient
 from worker.kv_client import KVClient, LocalKVClient
 from worker.loader import load_model
 from worker.model import LlamaModel
-from worker.remote_kv import RemoteKVClient
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "offload.md"

@@ -1,6 +1,6 @@
 """The wire contract in Python: domain objects <-> ``icecache.v1`` messages, limits, errors.
 
-Both ends of the gRPC link (``cache_service.servicer`` and ``worker.remote_kv``) translate
+Both ends of the gRPC link (``cache_service.servicer`` and ``worker.kv.remote``) translate
 through here, so a tensor, a spec, a selection or an error means the same on either side.
 Tensors travel as raw little-endian bytes with a dtype and a shape.
 """
@@ -51,9 +51,11 @@ RETRY_POLICY = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
-"""gRPC's own retries: exponential backoff with full jitter, ~4 s of attempts at most.
+"""gRPC's own retries: exponential backoff with full jitter, ~4 s of attempts at most. This is
+the only layer that repeats a call to a cache service (the worker's clients loop on none).
 ``Create``, ``Append``, ``Decode`` and ``Release`` are not retried: a lost reply would make a
-retry apply twice; their callers re-create the sequence instead (the worker re-prefills)."""
+retry apply twice; their callers re-create the sequence instead (the worker re-prefills it,
+on the next replica of its rendezvous order when its own failed)."""
 CLIENT_OPTIONS = [
     *CHANNEL_OPTIONS,
     ("grpc.enable_retries", 1),

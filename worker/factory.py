@@ -21,7 +21,7 @@ DEFAULT_STORE_MB = 4096
 def open_kv(model: LlamaModel, cache_service: str | None = None, page_size: int = 16) -> KVClient:
     """The in-process store, or a client of the cache service at ``cache_service``."""
     if cache_service:
-        from worker.remote_kv import RemoteKVClient
+        from worker.kv.remote import RemoteKVClient
 
         return RemoteKVClient.connect(cache_service)
     return LocalKVClient.with_capacity(DEFAULT_STORE_MB * 2**20, page_size, model.config.head_dim)

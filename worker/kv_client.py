@@ -1,11 +1,25 @@
-"""The engine's view of the KV store, and its in-process implementation.
+"""The KV contract every client of the KV store keeps, and its in-process implementation.
 
-The engine runs unchanged against any ``KVClient``: ``LocalKVClient`` holds a ``Store`` in
-this process; the gRPC client (``worker.remote_kv``) talks to a cache service.
+Two sides of one contract (``KVClient``):
+
+- the **data path** the engine uses: ``create``, ``append``, ``decode``, ``read_pages``,
+  ``release``;
+- the **serving path** the scheduler and the worker's servicer use: where a sequence lives
+  (``replica_of``), which sequences a failed replica took with it (``take_lost``), what a
+  sequence moved (``take_traffic``), the replicas' state (``replicas``, ``watch_readiness``)
+  and ``close``. These have defaults for a client with nothing to fail over to; a client
+  that subclasses ``KVClient`` inherits them.
+
+Implementations: ``LocalKVClient`` (here: a ``Store`` in this process), ``RemoteKVClient``
+(``worker.kv.remote``: one cache service over gRPC; its failures are errors) and
+``ShardedKVClient`` (``worker.kv.sharded``: several replicas, with failover). Everything
+crossing this contract is plain Python and NumPy, never protobuf.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -14,12 +28,40 @@ from cache_service.page_pool import PagePool
 from cache_service.store import Store
 from cache_service.types import Selection, SequenceSpec
 
+IN_PROCESS = "in-process"
+"""``replica_of`` a sequence kept in this process."""
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What one sequence moved between the KV store and the device."""
+
+    pages_selected: int = 0
+    """Pages its selections named, summed over steps, layers and KV heads."""
+    pages_read: int = 0
+    """Pages read from the store into the device page cache (cache misses)."""
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    """One cache-service replica as a client sees it now."""
+
+    address: str
+    """``host:port``."""
+    healthy: bool
+    """Whether it passes its health checks (and takes new sequences)."""
+    sequences: int
+    """Sequences placed on it and not released."""
+    placed_total: int
+    """Sequences placed on it since the client started."""
+
 
 class KVClient(Protocol):
-    """Sequence lifecycle, KV appends, per-layer retrieval and page reads."""
+    """Sequence lifecycle, KV appends, per-layer retrieval and page reads; failover state."""
 
     page_size: int
 
+    # ---- data path (the engine) ------------------------------------------------------------
     def create(self, seq_id: str, spec: SequenceSpec) -> None: ...
 
     def append(
@@ -39,7 +81,8 @@ class KVClient(Protocol):
         """One decode step of one layer for a batch.
 
         keys, values ``[B, kv_heads, head_dim]``; positions ``[B]``;
-        queries ``[B, q_heads, head_dim]``.
+        queries ``[B, q_heads, head_dim]``. A client with failover answers an empty
+        selection for a sequence it lost (see ``take_lost``).
         """
 
     def read_pages(self, pages: np.ndarray, versions: np.ndarray | None = None) -> np.ndarray:
@@ -51,8 +94,34 @@ class KVClient(Protocol):
 
     def release(self, seq_id: str) -> None: ...
 
+    # ---- serving path (the scheduler and the servicer); defaults: nothing to fail over ----
+    def replica_of(self, seq_id: str) -> str:
+        """Where ``seq_id``'s KV lives: a replica's ``host:port``, or ``IN_PROCESS``."""
+        return IN_PROCESS
 
-class LocalKVClient:
+    def take_lost(self) -> set[str]:
+        """Sequences lost with a failed replica since the last call; the caller rebuilds
+        them elsewhere and releases the lost ids (their decode rows were garbage)."""
+        return set()
+
+    def take_traffic(self, seq_id: str) -> Traffic:
+        """What ``seq_id`` moved so far (zeros where the client does not count), and forget it."""
+        return Traffic()
+
+    def replicas(self) -> list[ReplicaState]:
+        """The cache-service replicas behind this client (none for an in-process store)."""
+        return []
+
+    def watch_readiness(self, on_change: Callable[[bool], None]) -> None:
+        """Call ``on_change(ready)`` now and whenever it changes; ready: a new sequence can be
+        placed (some replica is healthy). By default always ready."""
+        on_change(True)
+
+    def close(self) -> None:
+        """Let go of connections and threads (nothing by default)."""
+
+
+class LocalKVClient(KVClient):
     """A ``Store`` in this process; page reads are plain array gathers."""
 
     def __init__(self, store: Store) -> None:

@@ -13,14 +13,17 @@ Each iteration of the loop:
 Decoding is greedy, so a request's tokens equal ``engine.generate`` on its prompt alone.
 Requests talk to the loop only through thread-safe queues.
 
-**Recovery.** When the replica holding a sequence fails (``ShardedKVClient.take_lost``), the
+**Recovery.** When the replica holding a sequence fails (``KVClient.take_lost``), the
 sequence is rebuilt on another replica: its prompt is prefilled again under a new id and the
 tokens it already sent are *replayed*, fed one per decode step as part of the running batch
 (teacher forcing) without being sent again. Prefill and decode are deterministic, so the
 rebuilt KV, index and selections are the ones the sequence had, and the tokens after the
 replay are the ones it would have produced without the fault (each replayed step checks that
 the model still predicts the next known token; a mismatch is counted in ``diverged``).
-A replica that fails during a prefill sends the request to the next healthy one.
+A replica that fails during a prefill sends the request to the next healthy one: the
+placement retry (``SchedulerConfig.placement_backoff``) is the one hand-written retry loop of
+the KV path, and each of its tries places the sequence anew; calls to a replica are retried
+only by its gRPC channel (``worker.kv``).
 
 **Deadlines.** A request past its deadline is not prefilled, and a running one is stopped and
 released, both with ``DeadlineExceeded``.
@@ -42,7 +45,6 @@ import torch
 from cache_service.types import SequenceSpec
 from worker.engine import Engine, Sequence
 from worker.retry import Backoff, retry
-from worker.sharded_kv import ShardedKVClient
 
 log = logging.getLogger(__name__)
 
@@ -433,19 +435,15 @@ class Scheduler:
 
     # ---- helpers ---------------------------------------------------------------------------
     def _replica(self, seq_id: str) -> str:
-        kv = self.engine.kv
-        return kv.replica_of(seq_id) if isinstance(kv, ShardedKVClient) else "in-process"
+        return self.engine.kv.replica_of(seq_id)
 
     def _take_lost(self) -> set[str]:
-        kv = self.engine.kv
-        return kv.take_lost() if isinstance(kv, ShardedKVClient) else set()
+        return self.engine.kv.take_lost()
 
     def _collect_traffic(self, run: _Running) -> None:
-        kv = self.engine.kv
-        if isinstance(kv, ShardedKVClient) and run.seq.seq_id in kv.traffic:
-            traffic = kv.traffic.pop(run.seq.seq_id)
-            run.stats.pages_selected += traffic.pages_selected
-            run.stats.pages_read += traffic.pages_read
+        traffic = self.engine.kv.take_traffic(run.seq.seq_id)
+        run.stats.pages_selected += traffic.pages_selected
+        run.stats.pages_read += traffic.pages_read
 
 
 def _argmax(logits: torch.Tensor) -> int:

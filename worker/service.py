@@ -2,7 +2,8 @@
 
 The servicer only translates between protobuf and the scheduler's requests and events; the
 scheduler (``worker.scheduler``) owns the engine and batches the decode steps of all
-requests; the engine's KV store is a ``ShardedKVClient`` over the cache-service replicas.
+requests; the engine's KV store is a ``ShardedKVClient`` over the cache-service replicas,
+seen here only through the ``KVClient`` contract (``replicas``, ``watch_readiness``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from proto.icecache.v1 import worker_pb2 as pb
 from proto.icecache.v1 import worker_pb2_grpc as pb_grpc
 from worker.engine import Engine, EngineConfig
 from worker.factory import pick_device
-from worker.kv_client import KVClient
+from worker.kv.sharded import ShardedKVClient
+from worker.kv_client import KVClient, ReplicaState
 from worker.model import LlamaModel
 from worker.scheduler import (
     DeadlineExceeded,
@@ -49,7 +51,6 @@ from worker.scheduler import (
     SchedulerStopped,
     TokenEvent,
 )
-from worker.sharded_kv import ShardedKVClient
 from worker.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,8 @@ class WorkerMetrics:
         inflight.set_function(lambda: servicer.inflight)
 
     def _replicas(self, kv: KVClient) -> None:
-        if not isinstance(kv, ShardedKVClient):
+        addresses = [r.address for r in kv.replicas()]
+        if not addresses:
             return
         placed = Gauge(
             "icecache_worker_replica_sequences", "Live sequences per cache-service replica",
@@ -205,10 +207,8 @@ class WorkerMetrics:
             "icecache_worker_replica_healthy", "1 while a replica passes its health checks",
             ["replica"], registry=self.registry,
         )  # fmt: skip
-        for address in kv.shards:
-            placed.labels(address).set_function(
-                functools.partial(kv.counts.live.__getitem__, address)
-            )
+        for address in addresses:
+            placed.labels(address).set_function(functools.partial(_live, kv, address))
             healthy.labels(address).set_function(functools.partial(_is_healthy, kv, address))
 
     def observe_step(self, batch: int, seconds: float) -> None:
@@ -234,8 +234,16 @@ class WorkerMetrics:
             self._http.server_close()
 
 
-def _is_healthy(kv: ShardedKVClient, address: str) -> float:
-    return float(address in kv.health.healthy())
+def _replica(kv: KVClient, address: str) -> ReplicaState:
+    return next(r for r in kv.replicas() if r.address == address)
+
+
+def _live(kv: KVClient, address: str) -> float:
+    return float(_replica(kv, address).sequences)
+
+
+def _is_healthy(kv: KVClient, address: str) -> float:
+    return float(_replica(kv, address).healthy)
 
 
 class TextStream:
@@ -345,16 +353,13 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         info.CopyFrom(self.info)
         info.recovered_sequences = self.scheduler.recovered
         info.draining = self.draining.is_set()
-        kv = self.scheduler.engine.kv
-        if isinstance(kv, ShardedKVClient):
-            healthy = kv.health.healthy()
-            for address in kv.shards:
-                info.replicas.add(
-                    address=address,
-                    healthy=address in healthy,
-                    sequences=kv.counts.live[address],
-                    placed_total=kv.counts.total[address],
-                )
+        for replica in self.scheduler.engine.kv.replicas():
+            info.replicas.add(
+                address=replica.address,
+                healthy=replica.healthy,
+                sequences=replica.sequences,
+                placed_total=replica.placed_total,
+            )
         return info
 
     # ---- helpers -------------------------------------------------------------------------
@@ -511,7 +516,7 @@ class WorkerServer:
     metrics: WorkerMetrics
     health: health.HealthServicer
     servicer: WorkerServicer
-    owned: list[Any] = field(default_factory=list)
+    owned: list[KVClient] = field(default_factory=list)
     """Closed on stop (the KV client when ``serve`` opened it)."""
 
     def stop(self, grace: float | None = None) -> None:
@@ -556,21 +561,9 @@ def build_engine(
             config.health_interval_s,
             auth=config.security,
             rpc_timeout=config.rpc_timeout_s,
+            head_dim=model.config.head_dim,
         )
-        _check_head_dim(kv, model)
     return Engine(model, kv, config.engine_config()), tokenizer
-
-
-def _check_head_dim(kv: ShardedKVClient, model: LlamaModel) -> None:
-    want = model.config.head_dim
-    for shard in kv.shards.values():
-        got = getattr(shard.client, "head_dim", want)
-        if got != want:
-            kv.close()
-            raise ValueError(
-                f"cache service {shard.address} keeps head_dim {got} but the model has {want}; "
-                f"start it with --head-dim {want}"
-            )
 
 
 def serve(
@@ -580,7 +573,7 @@ def serve(
 ) -> WorkerServer:
     """Load the model, connect the replicas, start the batching loop and the gRPC server."""
     engine, tokenizer = build_engine(config, loaded, kv)
-    owned: list[Any] = [engine.kv] if kv is None else []
+    owned: list[KVClient] = [engine.kv] if kv is None else []
     limits = SchedulerConfig(config.max_batch, config.max_queue)
     scheduler = Scheduler(engine, limits, instance_id()).start()
     metrics = WorkerMetrics(scheduler, engine.kv)
@@ -625,17 +618,11 @@ def _track_replica_health(kv: KVClient, checker: health.HealthServicer) -> None:
     while at least one cache-service replica is healthy (readiness)."""
     checker.set("", health_pb2.HealthCheckResponse.SERVING)
 
-    def publish(healthy: set[str]) -> None:
+    def publish(ready: bool) -> None:
         serving = health_pb2.HealthCheckResponse.SERVING
-        checker.set(
-            SERVICE_NAME, serving if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        checker.set(SERVICE_NAME, serving if ready else health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    if isinstance(kv, ShardedKVClient):
-        kv.health.on_change = publish
-        publish(kv.health.healthy())
-    else:
-        publish({"in-process"})
+    kv.watch_readiness(publish)
 
 
 def _info(config: WorkerConfig, engine: Engine) -> pb.WorkerInfoResponse:

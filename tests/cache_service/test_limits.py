@@ -27,7 +27,7 @@ from cache_service.types import (
 )
 from proto.icecache.v1 import cache_service_pb2 as pb
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
-from worker.remote_kv import RemoteKVClient
+from worker.kv.remote import RemoteKVClient
 
 LAYERS, KV, Q, DIM, PAGE = 2, 2, 4, 32, 16
 PAGE_BYTES = 2 * PAGE * DIM * 4

@@ -20,7 +20,8 @@ from cache_service.types import SequenceSpec
 from proto.icecache.v1 import cache_service_pb2 as pb
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
 from tests.cache_service.test_server_process import _free_port, _wait_serving
-from worker.remote_kv import LocalDecodeStream, RemoteKVClient
+from worker.kv.remote import RemoteKVClient
+from worker.kv.socket_stream import LocalDecodeStream
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "s3cret-token"

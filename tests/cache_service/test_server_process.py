@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cache_service.__main__ import parse_config
 from cache_service.types import SequenceSpec
 from tests.worker.test_remote_kv import BUDGET, NEW_TOKENS, POLICY, PROMPT, local_greedy
-from worker.remote_kv import RemoteKVClient
+from worker.kv.remote import RemoteKVClient
 
 ROOT = Path(__file__).resolve().parents[2]
 SHM = Path("/dev/shm")

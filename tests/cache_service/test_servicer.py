@@ -21,8 +21,10 @@ from cache_service.store import Store
 from cache_service.types import OutOfOrder, SequenceExists, SequenceSpec, UnknownSequence
 from proto.icecache.v1 import cache_service_pb2 as pb
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
+from worker.kv.grpc_stream import DecodeStream
+from worker.kv.remote import RemoteKVClient
+from worker.kv.socket_stream import LocalDecodeStream
 from worker.page_cache import DevicePageCache
-from worker.remote_kv import DecodeStream, LocalDecodeStream, RemoteKVClient
 
 LAYERS, KV, Q, DIM, PAGE = 3, 2, 4, 64, 16
 SHM = Path("/dev/shm")
@@ -217,7 +219,7 @@ def test_streams_beyond_the_limit_fall_back_to_unary_decode(caplog, holder, refu
         with first, RemoteKVClient.connect(address, decode=refused) as second:
             _replay(first, "first", steps=1)
             assert _counted(server, DECODE_PATHS[holder], LAYERS)  # first holds the one stream
-            with caplog.at_level("WARNING", logger="worker.remote_kv"):
+            with caplog.at_level("WARNING", logger="worker.kv.remote"):
                 _replay(second, "second", steps=2)
             assert _counted(server, "Decode", 2 * LAYERS)
             assert _counted(server, DECODE_PATHS[refused], 1, "RESOURCE_EXHAUSTED")
@@ -496,7 +498,7 @@ def test_the_segment_outlives_clients_and_goes_with_the_service():
         RemoteKVClient.connect(address).close()
         # a client process that maps the segment and exits must not unlink it
         code = (
-            "import sys; from worker.remote_kv import RemoteKVClient; "
+            "import sys; from worker.kv.remote import RemoteKVClient; "
             "c = RemoteKVClient.connect(sys.argv[1]); assert c.transport == 'shm'"
         )
         subprocess.run([sys.executable, "-c", code, address], check=True, timeout=60)

@@ -17,10 +17,10 @@ import pytest
 
 from worker.client import WorkerClient, check_health, generate_remote
 from worker.engine import Engine, EngineConfig
+from worker.kv.remote import RemoteKVClient
 from worker.kv_client import LocalKVClient
 from worker.launcher import LocalCluster
 from worker.placement import owner
-from worker.remote_kv import RemoteKVClient
 
 POLICY, BUDGET = "icecache", 64
 PROMPTS = ("Name three colours.", "Count from one to ten.", "Why is the sky blue?")

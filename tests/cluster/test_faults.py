@@ -20,10 +20,10 @@ import pytest
 
 from worker.client import WorkerClient, check_health
 from worker.engine import Engine, EngineConfig
+from worker.kv.remote import RemoteKVClient
 from worker.kv_client import LocalKVClient
 from worker.launcher import LocalCluster
 from worker.placement import owner
-from worker.remote_kv import RemoteKVClient
 from worker.service import WorkerConfig, serve
 
 from .test_compose_cluster import _free_ports

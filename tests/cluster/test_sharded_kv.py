@@ -11,8 +11,9 @@ import pytest
 
 from cache_service.types import SequenceSpec
 from worker.engine import Engine, EngineConfig
-from worker.kv_client import LocalKVClient
-from worker.sharded_kv import HealthMonitor, NoHealthyReplica, Shard, ShardedKVClient
+from worker.kv.health import HealthMonitor
+from worker.kv.sharded import NoHealthyReplica, Shard, ShardedKVClient
+from worker.kv_client import LocalKVClient, Traffic
 
 A, B, C = "cache-0:50061", "cache-1:50062", "cache-2:50063"
 SEQS = [f"req-{i}" for i in range(8)]
@@ -46,18 +47,18 @@ def test_each_sequence_lands_on_its_rendezvous_owner():
     kv = _sharded([A, B])
     for seq in SEQS:
         kv.create(seq, SPEC)
-    assert kv.placement == ON_TWO
+    assert kv.routes.of == ON_TWO
     for seq, address in ON_TWO.items():
         assert seq in _store(kv, address)
         assert seq not in _store(kv, A if address == B else B)
-    assert kv.counts.live == {A: 4, B: 4} and kv.counts.total == {A: 4, B: 4}
+    assert kv.routes.counts.live == {A: 4, B: 4} and kv.routes.counts.total == {A: 4, B: 4}
 
 
 def test_a_third_replica_takes_only_the_sequences_it_wins():
     kv = _sharded([A, B, C])
     for seq in SEQS:
         kv.create(seq, SPEC)
-    assert kv.placement == ON_THREE
+    assert kv.routes.of == ON_THREE
     moved = {s for s in SEQS if ON_TWO[s] != ON_THREE[s]}
     assert moved == {"req-6"}
 
@@ -68,13 +69,13 @@ def test_an_unhealthy_replica_takes_no_new_sequences_but_keeps_its_own():
     kv.health.mark(B, healthy=False)
     for seq in SEQS[1:]:
         kv.create(seq, SPEC)
-    assert {kv.placement[s] for s in SEQS[1:]} == {A}
-    assert kv.placement["req-0"] == B and "req-0" in _store(kv, B)
+    assert {kv.routes.of[s] for s in SEQS[1:]} == {A}
+    assert kv.routes.of["req-0"] == B and "req-0" in _store(kv, B)
     kv.release("req-0")  # calls still route to the recorded replica
-    assert "req-0" not in _store(kv, B) and kv.counts.live[B] == 0
+    assert "req-0" not in _store(kv, B) and kv.routes.counts.live[B] == 0
     kv.health.mark(B, healthy=True)
     kv.create("req-0", SPEC)
-    assert kv.placement["req-0"] == B
+    assert kv.routes.of["req-0"] == B
 
 
 def test_no_healthy_replica_is_a_clear_error():
@@ -122,11 +123,10 @@ def test_traffic_counts_pages_selected_and_read_per_sequence():
     keys, values = rng.standard_normal((2, 2, 3, 64), np.float32)
     queries = rng.standard_normal((2, 9, 64), np.float32)
     sels = kv.decode(1, ["req-0", "req-2"], keys, values, np.array([100, 100]), queries)
-    assert [kv.traffic[s].pages_selected for s in ("req-0", "req-2")] == [
-        s.pages.size for s in sels
-    ]
     kv.read_pages(np.unique(sels[1].pages)[:5])
-    assert (kv.traffic["req-0"].pages_read, kv.traffic["req-2"].pages_read) == (0, 5)
+    assert kv.take_traffic("req-0") == Traffic(pages_selected=sels[0].pages.size, pages_read=0)
+    assert kv.take_traffic("req-2") == Traffic(pages_selected=sels[1].pages.size, pages_read=5)
+    assert kv.take_traffic("req-2") == Traffic()  # taken: counted once
 
 
 def test_an_engine_over_two_replicas_generates_what_it_does_over_one_store(smollm, monkeypatch):
@@ -141,5 +141,5 @@ def test_an_engine_over_two_replicas_generates_what_it_does_over_one_store(smoll
     monkeypatch.setattr(Engine, "_ids", itertools.count())  # seq-0, seq-1, seq-2
     got = sharded.generate_batch(prompts, 12, tokenizer.eos_token_ids)
     assert got == want
-    assert sharded_kv.counts.total == {B: 2, A: 1}  # seq-0, seq-1 on B; seq-2 on A
-    assert sharded_kv.counts.live == {A: 0, B: 0} and not sharded_kv.placement
+    assert sharded_kv.routes.counts.total == {B: 2, A: 1}  # seq-0, seq-1 on B; seq-2 on A
+    assert sharded_kv.routes.counts.live == {A: 0, B: 0} and not sharded_kv.routes.of

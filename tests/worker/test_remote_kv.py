@@ -10,9 +10,9 @@ from cache_service.config import CacheServiceConfig
 from cache_service.server import serve
 from cache_service.types import SequenceSpec
 from worker.engine import Engine, EngineConfig
+from worker.kv.remote import RemoteKVClient, _chunks
 from worker.kv_client import LocalKVClient
 from worker.page_cache import DevicePageCache
-from worker.remote_kv import RemoteKVClient, _chunks
 
 LAYERS, KV, Q, DIM, PAGE = 3, 3, 9, 64, 16
 POLICY = "icecache"

@@ -1,28 +1,29 @@
-"""The engine's KV store behind gRPC: a client of ``python -m cache_service``.
+"""The engine's KV store behind gRPC: a client of one ``python -m cache_service``.
 
 Decode is one request per layer and step for the whole batch, sent on a long-lived stream:
-on the service's host a local stream (``OpenLocalStream``: the same messages on a Unix
-socket, a fraction of a gRPC message's cost), else a ``DecodeStream`` (a message costs less
-than a unary call's set-up); ``Decode`` is used when the service refuses a stream. Page
-data comes one of two ways, chosen on connect (``transport="auto"``):
+on the service's host a local stream (``worker.kv.socket_stream``: the same messages on a
+Unix socket, a fraction of a gRPC message's cost), else a ``DecodeStream``
+(``worker.kv.grpc_stream``: a message costs less than a unary call's set-up); ``Decode`` is
+used when the service refuses a stream. Page data comes one of two ways, chosen on connect
+(``transport="auto"``):
 
 - ``shm``: the service runs on this host (same host identity) and its pool is a shared-memory
-  segment this process can map: the segment is mapped read-only and ``read_pages`` gathers
-  the pages straight from it into one contiguous staging array, with no RPC.
+  segment this process can map (``worker.kv.shm_view``): ``read_pages`` gathers the pages
+  straight from it into one contiguous staging array, with no RPC.
 - ``rpc``: otherwise (another host, another container, or no segment), the decode stream's
   responses carry the selected pages this client was not sent yet (``push_pages``), and
   ``ReadPages`` the rest (pages the device cache dropped since, or after a ``Decode`` call).
 
 Errors come back as the store's own exceptions with its message (see ``cache_service.codec``).
+Retries: the channel's gRPC retry policy (``codec.CLIENT_OPTIONS``) repeats the calls that
+change nothing (``Info``, ``Stats``, ``ReadPages``, ``Retrieve``) on UNAVAILABLE; this client
+repeats nothing itself. There is no failover to another replica here (``take_lost`` is always
+empty): a failure is the caller's error.
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
-import os
-import queue
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +38,10 @@ from cache_service.store import StoreStats
 from cache_service.types import Selection, SequenceSpec, TooManyStreams
 from proto.icecache.v1 import cache_service_pb2 as pb
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
+from worker.kv.grpc_stream import DecodeStream
+from worker.kv.shm_view import SegmentView
+from worker.kv.socket_stream import LocalDecodeStream
+from worker.kv_client import KVClient
 
 log = logging.getLogger(__name__)
 
@@ -47,163 +52,6 @@ memory and the service offers one, else a gRPC stream), ``stream`` (a gRPC strea
 ``unary`` (a ``Decode`` call each); refused streams fall back to ``Decode`` calls."""
 
 
-class SegmentView:
-    """A read-only mapping of the service's page data ``[num_pages, 2, page_size, head_dim]``.
-
-    The mapping is not registered with ``multiprocessing``'s resource tracker, which would
-    unlink a segment it merely saw attached when this process exits; the service owns it.
-    """
-
-    def __init__(self, name: str, shape: tuple[int, ...], dtype: str) -> None:
-        from _posixshmem import shm_open  # the primitive behind multiprocessing.shared_memory
-
-        fd = shm_open("/" + name, os.O_RDONLY, 0)
-        try:
-            size = os.fstat(fd).st_size
-            expected = int(np.prod(shape)) * np.dtype(DTYPES[dtype]).itemsize
-            if size != expected:
-                raise OSError(f"segment {name} has {size} bytes, the pool needs {expected}")
-            self._mmap = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        self.name = name
-        self.data: np.ndarray | None = np.ndarray(shape, DTYPES[dtype], buffer=self._mmap)
-
-    def gather(self, pages: np.ndarray) -> np.ndarray:
-        """Copy of ``pages`` ``[n]`` into one contiguous array ``[n, 2, page_size, head_dim]``."""
-        assert self.data is not None, "segment view is closed"
-        return np.take(self.data, pages, axis=0)
-
-    def close(self) -> None:
-        """Unmap (the segment itself stays; the service unlinks it)."""
-        self.data = None
-        self._mmap.close()
-
-
-class DecodeStream:
-    """One open ``DecodeStream`` call: ``send`` a request, get its response.
-
-    A stream has no per-message deadline, so a watchdog thread cancels the call when a
-    response takes longer than ``timeout`` s. The service refuses a step it gets to after the
-    cancellation; one it was already applying may have been applied (as with a unary call
-    whose reply is lost), so the caller treats the sequence as failed. After any error the
-    stream is over.
-    """
-
-    def __init__(self, stub: pb_grpc.CacheServiceStub, timeout: float | None) -> None:
-        self._requests: queue.SimpleQueue[pb.DecodeRequest | None] = queue.SimpleQueue()
-        self._call = stub.DecodeStream(iter(self._requests.get, None))
-        self.timeout = timeout
-        self.answered = 0
-        """Responses received so far."""
-        self.timed_out = False
-        self._sent_at: float | None = None
-        self._closed = threading.Event()
-        if timeout is not None:
-            threading.Thread(target=self._watch, name="decode-stream-watchdog", daemon=True).start()
-
-    def send(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
-        """The response to ``request``; ``grpc.RpcError`` if the stream failed."""
-        self._sent_at = time.monotonic()
-        self._requests.put(request)
-        try:
-            response = next(self._call)
-        except StopIteration:
-            raise ConnectionError("the cache service ended the decode stream") from None
-        finally:
-            self._sent_at = None
-        self.answered += 1
-        return response
-
-    def close(self) -> None:
-        """End the stream (the service sees the end of its requests)."""
-        self._closed.set()
-        self._requests.put(None)
-
-    def _watch(self) -> None:
-        assert self.timeout is not None
-        tick = min(1.0, self.timeout / 4)
-        while not self._closed.wait(tick):
-            sent = self._sent_at
-            if sent is not None and time.monotonic() - sent > self.timeout:
-                self.timed_out = True
-                self._call.cancel()
-                return
-
-
-class LocalDecodeStream:
-    """A local stream (``OpenLocalStream``): ``send`` a request, get its response.
-
-    The same contract as ``DecodeStream``, over the service's Unix socket: ``timeout`` s per
-    step (then the connection is closed, and the service applies nothing it had not started);
-    after any error the stream is over.
-    """
-
-    def __init__(self, sock: socket.socket, address: str, timeout: float | None) -> None:
-        self._sock = sock
-        self._frames = codec.FrameReader(sock)
-        self.address = address
-        self.timeout = timeout
-        self.answered = 0
-        """Responses received so far."""
-
-    @classmethod
-    def open(
-        cls, stub: pb_grpc.CacheServiceStub, address: str, timeout: float | None
-    ) -> LocalDecodeStream | None:
-        """A stream the service accepted; ``None`` where it offers none or its socket is out
-        of reach (another network namespace). Raises the service's refusal (e.g.
-        ``TooManyStreams``) as its exception, ``grpc.RpcError`` if ``OpenLocalStream`` fails."""
-        offer = stub.OpenLocalStream(pb.OpenLocalStreamRequest(), timeout=timeout)
-        if not offer.socket:
-            return None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            try:
-                sock.connect("\0" + offer.socket)
-            except OSError as err:
-                log.info("cannot reach local stream socket %s (%s)", offer.socket, err)
-                sock.close()
-                return None
-            stream = cls(sock, address, timeout)
-            stream._reply(offer.ticket)
-        except BaseException:
-            sock.close()
-            raise
-        return stream
-
-    def send(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
-        """The response to ``request``; the service's error as its exception."""
-        response = self._reply(request.SerializeToString()).response
-        self.answered += 1
-        return response
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def _reply(self, frame: bytes) -> pb.LocalReply:
-        try:
-            codec.write_frame(self._sock, frame)
-            answer = self._frames.read()
-        except TimeoutError:
-            assert self.timeout is not None
-            raise ConnectionError(
-                f"cache service at {self.address} did not answer a decode step within "
-                f"{self.timeout:g} s; check that it is running"
-            ) from None
-        except OSError as err:
-            raise ConnectionError(
-                f"the cache service at {self.address} ended the decode stream ({err})"
-            ) from None
-        if answer is None:
-            raise ConnectionError(f"the cache service at {self.address} ended the decode stream")
-        reply = pb.LocalReply.FromString(answer)
-        if reply.HasField("error"):
-            raise codec.error_from_local(reply.error, self.address)
-        return reply
-
-
 class _Pushed(threading.local):
     """Page data the last decode on this thread brought (``push_pages``), for its reads."""
 
@@ -212,7 +60,7 @@ class _Pushed(threading.local):
     data: np.ndarray | None = None
 
 
-class RemoteKVClient:
+class RemoteKVClient(KVClient):
     """``KVClient`` over gRPC; ``transport`` is ``shm`` or ``rpc`` once connected.
 
     ``decode``: how decode steps travel (``DecodePath``).
@@ -370,6 +218,9 @@ class RemoteKVClient:
 
     def release(self, seq_id: str) -> None:
         self._call(self._stub.Release, pb.ReleaseRequest(seq_id=seq_id))
+
+    def replica_of(self, seq_id: str) -> str:
+        return self.address
 
     # ---- extras --------------------------------------------------------------------------
     def stats(self) -> StoreStats:
