@@ -30,22 +30,13 @@ class AgreementTask(Task):
         gen = self.options.gen_tokens
         if not 0 < gen < context_len:
             raise ValueError(f"--gen-tokens {gen} must be between 1 and the context length - 1")
-        out = []
-        for i in range(self.options.samples):
-            seed = self.options.seed + i
-            ids = self.corpus.window_ids(context_len - gen, np.random.default_rng(seed))
-            out.append(
-                Prompt(
-                    index=i,
-                    seed=seed,
-                    ids=tuple(ids),
-                    max_new_tokens=gen,
-                    description=(
-                        f"{len(ids)} corpus tokens (window seed {seed}), then {gen} greedy tokens"
-                    ),
-                )
-            )
-        return out
+        return self.windows(
+            context_len - gen,
+            lambda seed: (
+                f"{context_len - gen} corpus tokens (window seed {seed}), then {gen} greedy tokens"
+            ),
+            max_new_tokens=gen,
+        )
 
     def run(
         self, session: Session, engine: Engine, prompt: Prompt, reference: Outcome | None

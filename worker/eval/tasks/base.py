@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
 
 from worker.eval.corpus import Corpus
 from worker.eval.types import Measure, Outcome, Prompt
@@ -42,6 +45,31 @@ class Task(ABC):
     def __init__(self, corpus: Corpus, options: TaskOptions) -> None:
         self.corpus = corpus
         self.options = options
+
+    def windows(
+        self,
+        length: int,
+        describe: Callable[[int], str],
+        scored_from: int = 0,
+        max_new_tokens: int = 0,
+    ) -> list[Prompt]:
+        """``options.samples`` seeded windows of ``length`` corpus tokens; sample ``i`` is
+        drawn with seed ``options.seed + i`` and described by ``describe(seed)``."""
+        out = []
+        for i in range(self.options.samples):
+            seed = self.options.seed + i
+            ids = self.corpus.window_ids(length, np.random.default_rng(seed))
+            out.append(
+                Prompt(
+                    index=i,
+                    seed=seed,
+                    ids=tuple(ids),
+                    scored_from=scored_from,
+                    max_new_tokens=max_new_tokens,
+                    description=describe(seed),
+                )
+            )
+        return out
 
     def extra_tokens(self, variant: str) -> int:
         """Positions the task needs beyond ``context_len`` (generated tokens)."""

@@ -65,23 +65,14 @@ class FidelityTask(Task):
         steps = self.options.steps
         if steps <= 0:
             raise ValueError(f"--steps must be positive, got {steps}")
-        out = []
-        for i in range(self.options.samples):
-            seed = self.options.seed + i
-            ids = self.corpus.window_ids(context_len + steps, np.random.default_rng(seed))
-            out.append(
-                Prompt(
-                    index=i,
-                    seed=seed,
-                    ids=tuple(ids),
-                    scored_from=context_len,
-                    description=(
-                        f"{context_len} corpus tokens (window seed {seed}) prefilled, then "
-                        f"{steps} true tokens fed one by one"
-                    ),
-                )
-            )
-        return out
+        return self.windows(
+            context_len + steps,
+            lambda seed: (
+                f"{context_len} corpus tokens (window seed {seed}) prefilled, then "
+                f"{steps} true tokens fed one by one"
+            ),
+            scored_from=context_len,
+        )
 
     def run(
         self, session: Session, engine: Engine, prompt: Prompt, reference: Outcome | None

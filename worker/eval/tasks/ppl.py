@@ -12,8 +12,6 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from worker.eval.metrics import perplexity
 from worker.eval.tasks.base import Task
 from worker.eval.types import Measure, Outcome, PerplexityDetail, Prompt, details_of
@@ -31,22 +29,13 @@ class PerplexityTask(Task):
         span = self.options.span
         if not 0 < span < context_len:
             raise ValueError(f"--span {span} must be between 1 and the context length - 1")
-        out = []
-        for i in range(self.options.samples):
-            seed = self.options.seed + i
-            ids = self.corpus.window_ids(context_len, np.random.default_rng(seed))
-            out.append(
-                Prompt(
-                    index=i,
-                    seed=seed,
-                    ids=tuple(ids),
-                    scored_from=context_len - span,
-                    description=(
-                        f"{context_len} corpus tokens (window seed {seed}); the last {span} scored"
-                    ),
-                )
-            )
-        return out
+        return self.windows(
+            context_len,
+            lambda seed: (
+                f"{context_len} corpus tokens (window seed {seed}); the last {span} scored"
+            ),
+            scored_from=context_len - span,
+        )
 
     def run(
         self, session: Session, engine: Engine, prompt: Prompt, reference: Outcome | None

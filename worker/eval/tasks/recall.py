@@ -112,23 +112,13 @@ class RecallTask(Task):
         probes = self.options.probes
         if not 0 < probes < context_len - 1:
             raise ValueError(f"--probes {probes} must be between 1 and the context length - 2")
-        out = []
-        for i in range(self.options.samples):
-            seed = self.options.seed + i
-            ids = self.corpus.window_ids(context_len, np.random.default_rng(seed))
-            out.append(
-                Prompt(
-                    index=i,
-                    seed=seed,
-                    ids=tuple(ids),
-                    scored_from=context_len - probes - 1,
-                    description=(
-                        f"{context_len} corpus tokens (window seed {seed}); {probes} decode "
-                        "steps probed"
-                    ),
-                )
-            )
-        return out
+        return self.windows(
+            context_len,
+            lambda seed: (
+                f"{context_len} corpus tokens (window seed {seed}); {probes} decode steps probed"
+            ),
+            scored_from=context_len - probes - 1,
+        )
 
     def run(
         self, session: Session, engine: Engine, prompt: Prompt, reference: Outcome | None
