@@ -34,14 +34,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from cache_service.types import POLICIES  # noqa: E402
-from worker.eval.capture import default_root  # noqa: E402
-from worker.eval.corpus import Corpus, default_text, read_text_file  # noqa: E402
-from worker.eval.journal import Journal  # noqa: E402
-from worker.eval.report import markdown_tables, plot  # noqa: E402
-from worker.eval.runner import EvalPlan, Resume, run_plan, summarize  # noqa: E402
-from worker.eval.session import SessionConfig  # noqa: E402
-from worker.eval.tasks import TaskOptions, make_task  # noqa: E402
-from worker.eval.types import Row, SampleRecord  # noqa: E402
+from evaluation.capture import default_root  # noqa: E402
+from evaluation.corpus import Corpus, default_text, read_text_file  # noqa: E402
+from evaluation.journal import Journal  # noqa: E402
+from evaluation.report import markdown_tables, plot  # noqa: E402
+from evaluation.runner import EvalPlan, Resume, run_plan, summarize  # noqa: E402
+from evaluation.session import SessionConfig  # noqa: E402
+from evaluation.tasks import TaskOptions, make_task  # noqa: E402
+from evaluation.types import Row, SampleRecord  # noqa: E402
 
 log = logging.getLogger("bench.accuracy")
 
@@ -163,7 +163,7 @@ def run_group(args: argparse.Namespace, suites: tuple[Suite, ...], threads: int)
     """One worker process: its own model, store and torch threads; samples go to the journal."""
     import torch
 
-    from worker.eval.command import open_session
+    from evaluation.command import open_session
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(threads)

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from cache_service.types import POLICIES
+from evaluation.corpus import Corpus, default_text
+from evaluation.session import TapKV
 from worker.engine import Engine, EngineConfig, Sequence, StepTimings
-from worker.eval.corpus import Corpus, default_text
-from worker.eval.session import TapKV
 from worker.kv_client import LocalKVClient
 from worker.loader import load_model
 from worker.model import LlamaModel

@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 from cache_service.types import Selection, SequenceSpec
+from evaluation.corpus import Corpus, default_text
 from worker.engine import Engine, EngineConfig, Sequence, StepTimings
-from worker.eval.corpus import Corpus, default_text
 from worker.kv.remote import RemoteKVClient
 from worker.kv_client import KVClient, LocalKVClient
 from worker.loader import load_model

@@ -215,9 +215,9 @@ def real_cases(context: int, steps: int, seed: int) -> tuple[list[HeadCase], flo
     """Every (layer, KV head) of the embedded model on ``context`` corpus tokens, and the
     model's dense prefill time (s). Reuses the ``recall`` eval's capture path: the session's
     recorded prefill keys and its decode observer, under the ``full`` policy."""
-    from worker.eval.command import open_session
-    from worker.eval.corpus import Corpus, default_text
-    from worker.eval.session import SessionConfig
+    from evaluation.command import open_session
+    from evaluation.corpus import Corpus, default_text
+    from evaluation.session import SessionConfig
 
     session = open_session(None, "cpu", SessionConfig(dense_layers=DENSE_LAYERS, seed=seed))
     ids = Corpus(default_text(), session.tokenizer).window_ids(context, np.random.default_rng(seed))

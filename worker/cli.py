@@ -12,7 +12,6 @@ from pathlib import Path
 
 from cache_service.types import POLICIES
 from worker.engine import EngineConfig
-from worker.eval.command import register as register_eval
 from worker.factory import build_engine
 
 log = logging.getLogger(__name__)
@@ -130,7 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         help="CA certificate (PEM) to reach --server over TLS (env ICECACHE_TLS_CA)",
     )
     gen.set_defaults(func=_generate)
-    register_eval(sub)
+    argv = sys.argv[1:] if argv is None else argv
+    if _subcommand(argv) == "eval":  # the offline harness loads only when it is asked for
+        from evaluation.command import register as register_eval
+
+        register_eval(sub)
+    else:
+        sub.add_parser("eval", help="accuracy of the policies against full KV (offline)")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -141,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _subcommand(argv: list[str]) -> str | None:
+    """The first argument that is not an option (the subcommand), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ import logging
 import sys
 
 from cache_service.types import POLICIES
-from worker.eval.corpus import Corpus, default_text
-from worker.eval.session import Session, SessionConfig
-from worker.eval.tasks.passkey import MAX_NEW_TOKENS, make_passkey_prompt, score_passkey
+from evaluation.corpus import Corpus, default_text
+from evaluation.session import Session, SessionConfig
+from evaluation.tasks.passkey import MAX_NEW_TOKENS, make_passkey_prompt, score_passkey
 from worker.factory import open_kv, pick_device
 from worker.loader import load_model
 

@@ -8,16 +8,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from worker.eval.corpus import Corpus
-from worker.eval.metrics import exact_number, numbers_in
-from worker.eval.tasks.base import depths
-from worker.eval.tasks.needle import build_needle_prompt
-from worker.eval.tasks.retrieval import RetrievalTask
-from worker.eval.types import AnswerDetail, Outcome, Prompt
+from evaluation.corpus import Corpus
+from evaluation.metrics import exact_number, numbers_in
+from evaluation.tasks.base import depths
+from evaluation.tasks.needle import build_needle_prompt
+from evaluation.tasks.retrieval import RetrievalTask
+from evaluation.types import AnswerDetail, Outcome, Prompt
 
 if TYPE_CHECKING:
+    from evaluation.session import Session
     from worker.engine import Engine
-    from worker.eval.session import Session
 
 INSTRUCTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from cache_service.types import POLICIES
-from worker.eval.capture import PrefillStore, default_root, model_digest
-from worker.eval.corpus import Corpus, default_text, read_text_file
-from worker.eval.report import plot, text_table, write_json
-from worker.eval.runner import EvalPlan, EvalResult, run_plan
-from worker.eval.session import Session, SessionConfig
-from worker.eval.tasks import TASKS, Task, TaskOptions, make_task
+from evaluation.capture import PrefillStore, default_root, model_digest
+from evaluation.corpus import Corpus, default_text, read_text_file
+from evaluation.report import plot, text_table, write_json
+from evaluation.runner import EvalPlan, EvalResult, run_plan
+from evaluation.session import Session, SessionConfig
+from evaluation.tasks import TASKS, Task, TaskOptions, make_task
 
 log = logging.getLogger(__name__)
 

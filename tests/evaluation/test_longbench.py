@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from worker.eval.longbench import (
+from evaluation.longbench import (
     MAX_NEW_TOKENS,
     PROMPTS,
     LongBenchError,

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from cache_service.types import POLICIES, SequenceSpec
-from worker.eval.journal import Journal
-from worker.eval.metrics import ratio_to_full
-from worker.eval.session import Session
-from worker.eval.tasks import Task
-from worker.eval.types import Measure, Outcome, Row, SampleRecord
+from evaluation.journal import Journal
+from evaluation.metrics import ratio_to_full
+from evaluation.session import Session
+from evaluation.tasks import Task
+from evaluation.types import Measure, Outcome, Row, SampleRecord
 
 log = logging.getLogger(__name__)
 

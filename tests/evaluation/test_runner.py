@@ -5,12 +5,12 @@ import math
 
 import pytest
 
-from worker.eval.report import markdown_tables, plot, text_table, to_json
-from worker.eval.runner import EvalPlan, EvalResult, check_plan, summarize
-from worker.eval.stats import wilson
-from worker.eval.tasks.base import Task, TaskOptions
-from worker.eval.tasks.ppl import PerplexityTask
-from worker.eval.types import AnswerDetail, Outcome, PairedTest, PerplexityDetail, SampleRecord
+from evaluation.report import markdown_tables, plot, text_table, to_json
+from evaluation.runner import EvalPlan, EvalResult, check_plan, summarize
+from evaluation.stats import wilson
+from evaluation.tasks.base import Task, TaskOptions
+from evaluation.tasks.ppl import PerplexityTask
+from evaluation.types import AnswerDetail, Outcome, PairedTest, PerplexityDetail, SampleRecord
 
 
 class _Task(PerplexityTask):
@@ -98,7 +98,7 @@ def _result() -> EvalResult:
             Outcome("streaming", 128, 1.0, "12345", ans),
         ],
     )
-    from worker.eval.tasks.passkey import PasskeyTask
+    from evaluation.tasks.passkey import PasskeyTask
 
     rows = summarize(
         PasskeyTask(None, TaskOptions()),
@@ -155,7 +155,7 @@ def _answers(full, oracle, stream) -> list[SampleRecord]:
 
 
 def test_retrieval_rows_give_conditional_accuracy_and_the_paired_test_against_oracle():
-    from worker.eval.tasks.passkey import PasskeyTask
+    from evaluation.tasks.passkey import PasskeyTask
 
     records = _answers(
         full=[1, 1, 1, 1, 0, 0],
@@ -192,7 +192,7 @@ def test_retrieval_rows_give_conditional_accuracy_and_the_paired_test_against_or
 
 
 def test_conditional_accuracy_without_a_full_answer_is_nan_with_n_zero():
-    from worker.eval.tasks.passkey import PasskeyTask
+    from evaluation.tasks.passkey import PasskeyTask
 
     records = _answers(full=[0, 0], oracle=[1, 0], stream=[0, 0])
     pairs = [("full", None), ("oracle", 64), ("streaming", 64)]

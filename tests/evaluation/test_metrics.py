@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from worker.eval.metrics import (
+from evaluation.metrics import (
     agreement,
     all_numbers,
     exact_number,

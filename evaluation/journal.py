@@ -17,7 +17,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from worker.eval.types import (
+from evaluation.types import (
     AgreementDetail,
     AnswerDetail,
     Detail,

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from worker.eval.corpus import Corpus
-from worker.eval.longbench import (
+from evaluation.corpus import Corpus
+from evaluation.longbench import (
     MAX_NEW_TOKENS,
     LongBenchSample,
     available_datasets,
@@ -17,13 +17,13 @@ from worker.eval.longbench import (
     prompt_ids,
     read_dataset,
 )
-from worker.eval.longbench_metrics import score_prediction
-from worker.eval.tasks.base import Task, TaskOptions
-from worker.eval.types import AnswerDetail, Measure, Outcome, Prompt
+from evaluation.longbench_metrics import score_prediction
+from evaluation.tasks.base import Task, TaskOptions
+from evaluation.types import AnswerDetail, Measure, Outcome, Prompt
 
 if TYPE_CHECKING:
+    from evaluation.session import Session
     from worker.engine import Engine
-    from worker.eval.session import Session
 
 
 class LongBenchTask(Task):

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from worker.eval.corpus import Corpus
-from worker.eval.tasks.agreement import AgreementTask
-from worker.eval.tasks.base import Task, TaskOptions
-from worker.eval.tasks.fidelity import FidelityTask
-from worker.eval.tasks.longbench import LongBenchTask
-from worker.eval.tasks.niah import NiahTask
-from worker.eval.tasks.passkey import PasskeyTask
-from worker.eval.tasks.ppl import PerplexityTask
-from worker.eval.tasks.recall import RecallTask
+from evaluation.corpus import Corpus
+from evaluation.tasks.agreement import AgreementTask
+from evaluation.tasks.base import Task, TaskOptions
+from evaluation.tasks.fidelity import FidelityTask
+from evaluation.tasks.longbench import LongBenchTask
+from evaluation.tasks.niah import NiahTask
+from evaluation.tasks.passkey import PasskeyTask
+from evaluation.tasks.ppl import PerplexityTask
+from evaluation.tasks.recall import RecallTask
 
 TASKS: dict[str, type[Task]] = {
     t.name: t

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worker.eval.corpus import Corpus, insert_needles
+from evaluation.corpus import Corpus, insert_needles
 
 FIT_TRIES = 4
 

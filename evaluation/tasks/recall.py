@@ -24,12 +24,12 @@ import numpy as np
 
 from cache_service.page_pool import PagePool
 from cache_service.types import Selection
-from worker.eval.tasks.base import Task
-from worker.eval.types import Measure, Outcome, Prompt, RecallDetail, details_of
+from evaluation.tasks.base import Task
+from evaluation.types import Measure, Outcome, Prompt, RecallDetail, details_of
 
 if TYPE_CHECKING:
+    from evaluation.session import Session
     from worker.engine import Engine
-    from worker.eval.session import Session
 
 
 class RecallProbe:

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from worker.eval.runner import EvalResult
-from worker.eval.types import Row
+from evaluation.runner import EvalResult
+from evaluation.types import Row
 
 GroupKey = tuple[str, str, str, int]  # task, variant, measure, context length
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 
-from worker.eval.stats import conditional, paired, wilson
-from worker.eval.tasks.base import Task
-from worker.eval.types import Measure, Outcome
+from evaluation.stats import conditional, paired, wilson
+from evaluation.tasks.base import Task
+from evaluation.types import Measure, Outcome
 
 CONDITIONAL = "conditional accuracy"
 VERSUS_ORACLE = "discordant vs oracle"

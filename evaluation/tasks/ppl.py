@@ -12,13 +12,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from worker.eval.metrics import perplexity
-from worker.eval.tasks.base import Task
-from worker.eval.types import Measure, Outcome, PerplexityDetail, Prompt, details_of
+from evaluation.metrics import perplexity
+from evaluation.tasks.base import Task
+from evaluation.types import Measure, Outcome, PerplexityDetail, Prompt, details_of
 
 if TYPE_CHECKING:
+    from evaluation.session import Session
     from worker.engine import Engine
-    from worker.eval.session import Session
 
 
 class PerplexityTask(Task):

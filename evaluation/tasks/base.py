@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from worker.eval.corpus import Corpus
-from worker.eval.types import Measure, Outcome, Prompt
+from evaluation.corpus import Corpus
+from evaluation.types import Measure, Outcome, Prompt
 
 if TYPE_CHECKING:
+    from evaluation.session import Session
     from worker.engine import Engine
-    from worker.eval.session import Session
 
 
 @dataclass(frozen=True)

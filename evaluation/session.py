@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from cache_service.types import Selection, SequenceSpec
+from evaluation.capture import Capture, PrefillStore
 from worker.engine import Engine, EngineConfig, Sequence
-from worker.eval.capture import Capture, PrefillStore
 from worker.kv_client import KVClient
 from worker.model import LlamaModel
 from worker.tokenizer import Tokenizer

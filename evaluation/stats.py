@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from worker.eval.types import Interval, PairedTest
+from evaluation.types import Interval, PairedTest
 
 Z95 = 1.959963984540054
 """Two-sided 95% quantile of the standard normal."""

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from worker.eval.corpus import Corpus, boundary_near, default_text, insert_needles
-from worker.eval.tasks import TaskOptions, make_task
-from worker.eval.tasks.base import depths
-from worker.eval.tasks.needle import tolerance
-from worker.eval.tasks.niah import make_needles
-from worker.eval.tasks.passkey import make_passkey_prompt, score_passkey
+from evaluation.corpus import Corpus, boundary_near, default_text, insert_needles
+from evaluation.tasks import TaskOptions, make_task
+from evaluation.tasks.base import depths
+from evaluation.tasks.needle import tolerance
+from evaluation.tasks.niah import make_needles
+from evaluation.tasks.passkey import make_passkey_prompt, score_passkey
 
 N = 2048
 

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from evaluation.capture import PrefillStore, model_digest
+from evaluation.command import extrapolation_note
+from evaluation.corpus import Corpus, default_text
+from evaluation.journal import Journal
+from evaluation.runner import EvalPlan, Resume, run_plan
+from evaluation.session import Session, SessionConfig
+from evaluation.tasks import TaskOptions, make_task
 from worker.engine import Engine, EngineConfig
-from worker.eval.capture import PrefillStore, model_digest
-from worker.eval.command import extrapolation_note
-from worker.eval.corpus import Corpus, default_text
-from worker.eval.journal import Journal
-from worker.eval.runner import EvalPlan, Resume, run_plan
-from worker.eval.session import Session, SessionConfig
-from worker.eval.tasks import TaskOptions, make_task
 from worker.factory import open_kv
 from worker.loader import load_model
 

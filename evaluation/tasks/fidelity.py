@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from worker.eval.corpus import Corpus
-from worker.eval.metrics import kl_divergence, relative_l2, top1_agreement
-from worker.eval.stats import bootstrap_mean
-from worker.eval.tasks.base import Task, TaskOptions
-from worker.eval.types import FidelityDetail, Measure, Outcome, Prompt, details_of
+from evaluation.corpus import Corpus
+from evaluation.metrics import kl_divergence, relative_l2, top1_agreement
+from evaluation.stats import bootstrap_mean
+from evaluation.tasks.base import Task, TaskOptions
+from evaluation.types import FidelityDetail, Measure, Outcome, Prompt, details_of
 
 if TYPE_CHECKING:
+    from evaluation.session import ForcedSteps, Session
     from worker.engine import Engine
-    from worker.eval.session import ForcedSteps, Session
 
 
 @dataclass(frozen=True)

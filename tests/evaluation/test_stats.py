@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from worker.eval.stats import bootstrap_mean, conditional, paired, sign_test_p, wilson
-from worker.eval.types import Interval, PairedTest
+from evaluation.stats import bootstrap_mean, conditional, paired, sign_test_p, wilson
+from evaluation.types import Interval, PairedTest
 
 Z2 = 1.959963984540054**2
 

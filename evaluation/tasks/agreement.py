@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from worker.eval.metrics import agreement
-from worker.eval.tasks.base import Task
-from worker.eval.types import AgreementDetail, Measure, Outcome, Prompt, details_of
+from evaluation.metrics import agreement
+from evaluation.tasks.base import Task
+from evaluation.types import AgreementDetail, Measure, Outcome, Prompt, details_of
 
 if TYPE_CHECKING:
+    from evaluation.session import Session
     from worker.engine import Engine
-    from worker.eval.session import Session
 
 
 class AgreementTask(Task):

@@ -9,7 +9,7 @@ import jieba
 import pytest
 from rouge import Rouge
 
-from worker.eval.longbench_metrics import (
+from evaluation.longbench_metrics import (
     classification_score,
     code_sim_score,
     count_score,

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.eval.corpus import Corpus, default_text
-from worker.eval.session import ForcedSteps, Session, SessionConfig
-from worker.eval.tasks import TaskOptions, make_task
-from worker.eval.tasks.fidelity import compare_steps
-from worker.eval.types import FidelityDetail, Interval, Outcome
+from evaluation.corpus import Corpus, default_text
+from evaluation.session import ForcedSteps, Session, SessionConfig
+from evaluation.tasks import TaskOptions, make_task
+from evaluation.tasks.fidelity import compare_steps
+from evaluation.types import FidelityDetail, Interval, Outcome
 from worker.factory import open_kv
 
 

@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from worker.eval import command
-from worker.eval.corpus import Corpus, default_text
-from worker.eval.longbench_metrics import qa_f1_score
-from worker.eval.session import Session, SessionConfig
-from worker.eval.tasks import TaskOptions, make_task
-from worker.eval.tasks.passkey import score_passkey
+from evaluation import command
+from evaluation.corpus import Corpus, default_text
+from evaluation.longbench_metrics import qa_f1_score
+from evaluation.session import Session, SessionConfig
+from evaluation.tasks import TaskOptions, make_task
+from evaluation.tasks.passkey import score_passkey
 from worker.factory import open_kv
 
 
