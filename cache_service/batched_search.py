@@ -36,14 +36,14 @@ _HEAD_BITS = 11
 
 
 def search_heads(
-    indexes: Sequence[ClusterIndex], queries: np.ndarray, max_tokens: int
+    indexes: Sequence[ClusterIndex], queries: np.ndarray, max_tokens: int | Sequence[int]
 ) -> list[np.ndarray]:
     """Leaves of each index for its query group, as ``ClusterIndex.search`` returns them.
 
     Args:
         indexes: ``[H]`` indexes of one head dimension ``D`` (e.g. the KV heads of a layer).
         queries: ``[H, G, D]`` query group of each index.
-        max_tokens: token budget of every head.
+        max_tokens: token budget of every head, or of each ``[H]``.
 
     Returns:
         ``[H]`` arrays of leaf ids, most attention mass first; sets each ``last_effort``.
@@ -58,17 +58,18 @@ def search_heads(
         )
     if any(index.dim != queries.shape[2] for index in indexes):
         raise ValueError(f"every index and the queries must have head_dim {queries.shape[2]}")
-    if max_tokens < 0:
-        raise ValueError(f"max_tokens must be non-negative, got {max_tokens}")
+    budgets = [int(b) for b in np.broadcast_to(np.asarray(max_tokens), (len(indexes),))]
+    if min(budgets) < 0:
+        raise ValueError(f"max_tokens must be non-negative, got {min(budgets)}")
     out = [np.empty(0, dtype=np.int64) for _ in indexes]
-    live = [h for h, index in enumerate(indexes) if index.num_leaves and max_tokens]
+    live = [h for h, index in enumerate(indexes) if index.num_leaves and budgets[h]]
     for h in range(len(indexes)):
         indexes[h].last_effort = SearchEffort(0, 0, 0)
     if not live:
         return out
     heads = [indexes[h] for h in live]
     group = queries[live]  # [H', G, D]
-    quotas = [index.effort(max_tokens) for index in heads]
+    quotas = [index.effort(budgets[h]) for h, index in zip(live, heads, strict=True)]
     qhat, step = quantize_queries(group, np.stack([index.qscale for index in heads]))
     scored, leaves = _fields_of_view(heads, qhat, step, [view for view, _ in quotas])
     scores = _centroid_scores([index.levels[0].qcent for index in heads], leaves, qhat, step)
@@ -80,7 +81,7 @@ def search_heads(
     for i, h in enumerate(live):
         index = heads[i]
         index.last_effort = SearchEffort(scored[i], len(leaves[i]), int(probed_fills[i].sum()))
-        out[h] = fill_within(ranked[i], index.fill[ranked[i]], max_tokens)
+        out[h] = fill_within(ranked[i], index.fill[ranked[i]], budgets[h])
     return out
 
 

@@ -21,10 +21,13 @@ Build (prefill): leaves by recursive FAISS k-means (a cluster larger than
 FAISS k-means over the centroids below (weighted by token counts), ``fanout`` children
 per node, until at most ``top_nodes`` remain.
 
-Insert (decode): each token goes to the nearest leaf (exact, over all leaves). A full leaf
-splits in two by 2-means; the old leaf keeps its id, the new one gets a new id and hangs
-under the same parent; a parent with more than ``2 × fanout`` children splits the same
-way, up to the top.
+Insert (decode), a page of tokens at a time: each token descends the hierarchy (at every
+level it keeps its ``insert_beam`` nearest nodes; the children of the nodes kept by any
+token of the page are the next candidates) to the nearest candidate leaf, so the cost
+grows with the beam, not with the number of leaves. A leaf that would overflow is split
+together with its new tokens by 2-means until every part fits a page; the part of its
+oldest token keeps its id, the others get new ids under the same parent; a parent with
+more than ``2 × fanout`` children splits the same way, up to the top.
 
 Search, in three stages whose effort grows with the sequence (as DCI's field of view
 does): (1) score every node of the lowest level with at most ``scan_nodes`` nodes (the
@@ -73,6 +76,8 @@ class IndexConfig:
         softmax_scale: attention's scale of ``q·k`` when leaves are ranked by attention
             mass; ``None``: ``head_dim ** -0.5``.
         niter: k-means iterations.
+        insert_beam: an inserted key keeps this many nearest nodes per level on its way
+            down to a leaf.
     """
 
     page_size: int = 16
@@ -87,6 +92,7 @@ class IndexConfig:
     scan_nodes: int = 4096
     softmax_scale: float | None = None
     niter: int = 10
+    insert_beam: int = 4
 
     def __post_init__(self) -> None:
         if self.page_size < 2:
@@ -113,6 +119,8 @@ class IndexConfig:
             raise ValueError(f"scan_nodes must be positive, got {self.scan_nodes}")
         if self.niter < 1:
             raise ValueError(f"niter must be at least 1, got {self.niter}")
+        if self.insert_beam < 1:
+            raise ValueError(f"insert_beam must be at least 1, got {self.insert_beam}")
 
 
 class SearchEffort(NamedTuple):
@@ -203,6 +211,13 @@ def centroid_scores(qhat: np.ndarray, step: np.ndarray, qcent: np.ndarray) -> np
     """Group score ``max_g step_g × (q̂_g·ĉ)`` ``[n]`` of int8 centroids ``qcent [n, D]`` for
     quantized queries ``qhat [G, D]``, ``step [G, 1]``. The products are exact integers."""
     return (step * (qhat @ qcent.astype(np.float32).T)).max(axis=0) + np.float32(0)
+
+
+def _sq_dist(x: np.ndarray, cent: np.ndarray) -> np.ndarray:
+    """Squared distances ``[m, n]`` of rows ``x [m, d]`` to ``cent [n, d]``, up to a per-row
+    constant (``‖x‖²`` left out)."""
+    c = cent.astype(np.float64)
+    return (c * c).sum(axis=1)[None, :] - 2.0 * (x @ c.T)
 
 
 def token_rows(leaves: np.ndarray, fills: np.ndarray, page_size: int) -> np.ndarray:
@@ -336,7 +351,9 @@ class ClusterIndex:
         self._build_upper_levels()
 
     def insert(self, keys: np.ndarray, token_ids: np.ndarray) -> Placement:
-        """Add decoded tokens, each to its nearest leaf; full leaves split."""
+        """Add decoded tokens, a page (``page_size`` tokens) at a time: each token of a page
+        goes to the leaf the hierarchy leads it to (``nearest_leaves``); a leaf that would
+        overflow is split with its new tokens by 2-means until every part fits."""
         if not self.built:
             return self.build(keys, token_ids)
         keys, token_ids = self._check(keys, token_ids)
@@ -346,31 +363,105 @@ class ClusterIndex:
             self.built = False
             return self.build(keys, token_ids)
         self._raise_bound(keys)
-        touched = [token_ids]
         x = self._augment(keys)
-        leaves = self.levels[0]
-        # Squared distances to every leaf centroid (up to a per-row constant), kept current
-        # as leaves change below.
-        cent = leaves.cent[: leaves.n]
-        dist = (cent.astype(np.float64) ** 2).sum(1)[None, :] - 2.0 * (x @ cent.T)
-        for i in range(len(keys)):
-            leaf = int(np.argmin(dist[i]))
-            changed = [leaf]
-            if self.fill[leaf] == self.config.page_size:
-                new = self._split_leaf(leaf)
-                touched.append(self.leaf_tokens(leaf))
-                touched.append(self.leaf_tokens(new))
-                changed.append(new)
-                dist = np.concatenate([dist, np.zeros((len(dist), 1))], axis=1)
-                cand = np.array([leaf, new])
-                leaf = int(cand[np.argmin(((leaves.cent[cand] - x[i]) ** 2).sum(1))])
-            self._append_token(leaf, keys[i], x[i], int(token_ids[i]))
-            rest = x[i + 1 :]
-            for node in changed:
-                c = leaves.cent[node].astype(np.float64)
-                dist[i + 1 :, node] = c @ c - 2.0 * (rest @ c)
+        touched = [token_ids]
+        size = self.config.page_size
+        for start in range(0, len(keys), size):
+            rows = slice(start, start + size)
+            touched.append(self._insert_page(keys[rows], x[rows], token_ids[rows]))
         self._maybe_add_level()
         return self._placement(np.unique(np.concatenate(touched)))
+
+    def nearest_leaves(self, x: np.ndarray) -> np.ndarray:
+        """The leaf each augmented key ``x [m, D + 1]`` descends to ``[m]``: from the top
+        level, each key keeps its ``insert_beam`` nearest nodes per level, and the children
+        of the nodes any key kept are the next level's candidates; the nearest leaf among
+        the last candidates (with a beam as wide as every level, the nearest leaf)."""
+        cand = np.arange(self.levels[-1].n, dtype=np.int64)
+        for depth in range(len(self.levels) - 1, 0, -1):
+            level = self.levels[depth]
+            dist = _sq_dist(x, level.cent[cand])
+            beam = min(self.config.insert_beam, len(cand))
+            if beam < len(cand):
+                kept = np.unique(np.argpartition(dist, beam - 1, axis=1)[:, :beam])
+            else:
+                kept = np.arange(len(cand))
+            cand = np.sort(level.children_of(cand[kept]))
+        return cand[np.argmin(_sq_dist(x, self.levels[0].cent[cand]), axis=1)]
+
+    def _insert_page(self, keys: np.ndarray, x: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+        """Insert up to a page of tokens; the ids of every token whose place changed."""
+        target = self.nearest_leaves(x)
+        leaves, first, count = np.unique(target, return_index=True, return_counts=True)
+        fits = self.fill[leaves] + count <= self.config.page_size
+        moved = [token_ids]
+        touched = [leaves]
+        # Tokens whose leaf has room: appended after its tokens, in arrival order.
+        rows = np.flatnonzero(np.isin(target, leaves[fits]))
+        if len(rows):
+            order = rows[np.argsort(target[rows], kind="stable")]
+            leaf_of = target[order]
+            group_start = np.searchsorted(leaf_of, leaf_of, side="left")
+            slots = self.fill[leaf_of] + np.arange(len(order)) - group_start
+            self.keys[leaf_of, slots] = keys[order]
+            self.tokens[leaf_of, slots] = token_ids[order]
+            self._track(token_ids[order], leaf_of, slots)
+            level = self.levels[0]
+            np.add.at(level.sums, leaf_of, x[order])
+            np.add.at(level.counts, leaf_of, 1)
+            np.add.at(self.fill, leaf_of, 1)
+            level.refresh(np.unique(leaf_of))
+        # Leaves that would overflow: split with their new tokens.
+        for leaf in leaves[~fits].tolist():
+            rows = np.flatnonzero(target == leaf)
+            f = int(self.fill[leaf])
+            all_keys = np.concatenate([self.keys[leaf, :f], keys[rows]])
+            all_ids = np.concatenate([self.tokens[leaf, :f], token_ids[rows]])
+            moved.append(all_ids)
+            touched.append(np.asarray(self._split_into(leaf, all_keys, all_ids), np.int64))
+        self._refresh_ancestors(np.concatenate(touched))
+        return np.concatenate(moved)
+
+    def _split_into(self, leaf: int, keys: np.ndarray, token_ids: np.ndarray) -> list[int]:
+        """Lay ``leaf``'s tokens (more than a page) out over ``leaf`` and new sibling leaves,
+        by 2-means until every part fits; the leaves used."""
+        parts = [np.arange(len(keys))]
+        done: list[np.ndarray] = []
+        x = self._augment(keys)
+        while parts:
+            part = parts.pop()
+            if len(part) <= self.config.page_size:
+                done.append(part)
+                continue
+            second = two_means(x[part])
+            parts += [part[second], part[~second]]
+        done.sort(key=lambda part: int(part.min()))  # the part of the oldest token keeps the id
+        used = [leaf]
+        self._set_leaf(leaf, keys[done[0]], token_ids[done[0]])
+        for part in done[1:]:
+            new = int(self.levels[0].add()[0])
+            self._grow_leaf_arrays()
+            self._set_leaf(new, keys[part], token_ids[part])
+            self._adopt(0, leaf, new)
+            used.append(new)
+        return used
+
+    def _refresh_ancestors(self, leaves: np.ndarray) -> None:
+        """Recompute sums, counts and centroids of every ancestor of ``leaves`` from its
+        children, bottom-up."""
+        nodes = leaves
+        for depth in range(1, len(self.levels)):
+            below, level = self.levels[depth - 1], self.levels[depth]
+            nodes = np.unique(below.parent[nodes])
+            nodes = nodes[nodes >= 0]
+            if len(nodes) == 0:
+                return
+            kids = level.children_of(nodes)
+            level.sums[nodes] = 0
+            level.counts[nodes] = 0
+            np.add.at(level.sums, below.parent[kids], below.sums[kids])
+            np.add.at(level.counts, below.parent[kids], below.counts[kids])
+            level.refresh(nodes)
 
     def search(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
         """Leaves for a query group ``[G, D]``, most attention mass first, holding at most
@@ -487,6 +578,13 @@ class ClusterIndex:
                 assert level.counts[node] == below.counts[kids].sum()
                 assert np.allclose(level.sums[node], below.sums[kids].sum(0), rtol=1e-4, atol=1e-3)
         assert (self.levels[-1].parent[: self.levels[-1].n] == -1).all()
+        for level in self.levels:
+            m = level.n
+            cent = level.sums[:m] / np.maximum(level.counts[:m], 1)[:, None]
+            assert np.allclose(level.cent[:m], cent, rtol=1e-4, atol=1e-4), "centroids"
+            q = np.clip(np.rint(level.cent[:m, :-1] / self.qscale), -127, 127)
+            assert np.array_equal(level.qcent[:m], q), "quantized centroids"
+        assert (np.abs(self.keys[:n]) <= self.key_bound).all(), "quantization bound"
 
     # ---------------------------------------------------------------- internals
 
@@ -649,19 +747,6 @@ class ClusterIndex:
             node = int(level.parent[node])
             if node < 0:
                 break
-
-    def _split_leaf(self, leaf: int) -> int:
-        """Split a full leaf in two by 2-means; the new leaf's id. Sums above are unchanged."""
-        f = int(self.fill[leaf])
-        keys, toks = self.keys[leaf, :f].copy(), self.tokens[leaf, :f].copy()
-        second = two_means(self._augment(keys))
-        level = self.levels[0]
-        new = int(level.add()[0])
-        self._grow_leaf_arrays()
-        self._set_leaf(leaf, keys[~second], toks[~second])
-        self._set_leaf(new, keys[second], toks[second])
-        self._adopt(0, leaf, new)
-        return new
 
     def _adopt(self, depth: int, sibling: int, new: int) -> None:
         """Hang node ``new`` of level ``depth`` under ``sibling``'s parent; split that parent

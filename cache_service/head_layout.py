@@ -15,35 +15,49 @@ class HeadLayout:
     Tokens arrive in position order. The first ``sink_tokens`` fill the sink pages, which are
     always attended. Later tokens fill the recent window, a ring of ``window_pages`` positional
     pages; when a token needs a new page and the ring is full, its oldest (full) page leaves
-    the window and is handed to the caller, who gives it to the policy's body.
+    the window. It is handed to the caller, who gives it to the policy's body,
+    ``handover_delay`` tokens later (meanwhile it is a ``leaving`` page, still attended):
+    heads with different delays hand their pages over, and insert them into their index, on
+    different decode steps.
     """
 
-    def __init__(self, pool: PagePool, sink_tokens: int, window_pages: int) -> None:
+    def __init__(
+        self, pool: PagePool, sink_tokens: int, window_pages: int, handover_delay: int = 0
+    ) -> None:
+        if not 0 <= handover_delay < pool.page_size:
+            raise ValueError(
+                f"handover_delay must be in [0, {pool.page_size}), got {handover_delay}"
+            )
         self.pool = pool
         self.sink_tokens = sink_tokens
         self.window_pages = window_pages
+        self.handover_delay = handover_delay
         self.sink: list[int] = []
         self.window: deque[int] = deque()
+        self.leaving: deque[tuple[int, int]] = deque()  # (page, length that hands it over)
         self.length = 0
 
     def append(self, keys: np.ndarray, values: np.ndarray, positions: np.ndarray) -> list[int]:
-        """Store tokens; returns the full pages that left the recent window, oldest first.
+        """Store tokens; returns the full pages handed over (left the recent window at least
+        ``handover_delay`` tokens ago), oldest first.
 
         Args:
             keys, values: ``[T, head_dim]``.
             positions: ``[T]``, continuing ``self.length``.
         """
-        evicted: list[int] = []
         start = 0
         while start < len(positions):
-            page, room = self._open_page(evicted)
+            page, room = self._open_page()
             end = min(len(positions), start + room)
             self.pool.append(page, keys[start:end], values[start:end], positions[start:end])
             self.length += end - start
             start = end
-        return evicted
+        handed: list[int] = []
+        while self.leaving and self.leaving[0][1] <= self.length:
+            handed.append(self.leaving.popleft()[0])
+        return handed
 
-    def _open_page(self, evicted: list[int]) -> tuple[int, int]:
+    def _open_page(self) -> tuple[int, int]:
         """The page the next token goes to and how many tokens fit there."""
         size = self.pool.page_size
         if self.length < self.sink_tokens:
@@ -53,7 +67,8 @@ class HeadLayout:
             return self.sink[-1], min(room, self.sink_tokens - self.length)
         if not self.window or self.pool.fill[self.window[-1]] == size:
             if len(self.window) == self.window_pages:
-                evicted.append(self.window.popleft())
+                due = self.length + 1 + self.handover_delay  # counted from the token that evicts
+                self.leaving.append((self.window.popleft(), due))
             self.window.append(int(self.pool.alloc(1)[0]))
         return self.window[-1], size - int(self.pool.fill[self.window[-1]])
 
@@ -63,8 +78,14 @@ class HeadLayout:
     def window_pages_now(self) -> np.ndarray:
         return np.asarray(self.window, dtype=np.int64)
 
+    def leaving_pages(self) -> np.ndarray:
+        """Pages that left the window but are not handed over yet (at most one), oldest first."""
+        return np.asarray([page for page, _ in self.leaving], dtype=np.int64)
+
     def release(self) -> None:
-        """Free the sink and window pages."""
-        self.pool.free(np.asarray(self.sink + list(self.window), dtype=np.int64))
+        """Free the sink, window and leaving pages."""
+        pages = self.sink + [page for page, _ in self.leaving] + list(self.window)
+        self.pool.free(np.asarray(pages, dtype=np.int64))
         self.sink.clear()
         self.window.clear()
+        self.leaving.clear()

@@ -85,8 +85,11 @@ class Store:
             size = self.pool.page_size
             sinks, window = spec.sinks(size), spec.window_pages(size)
             heads = [
-                [HeadLayout(self.pool, sinks, window) for _ in range(spec.num_kv_heads)]
-                for _ in range(spec.num_layers)
+                [
+                    HeadLayout(self.pool, sinks, window, _handover_delay(spec, layer, head, size))
+                    for head in range(spec.num_kv_heads)
+                ]
+                for layer in range(spec.num_layers)
             ]
             pending: list[list[list[int]]] = [
                 [[] for _ in range(spec.num_kv_heads)] for _ in range(spec.num_layers)
@@ -169,16 +172,18 @@ class Store:
         group = spec.num_q_heads // spec.num_kv_heads
         dense = layer < spec.dense_layers or spec.policy == "full"
         max_tokens = spec.body_budget(self.pool.page_size)
-        bodies = seq.bodies[layer]
+        bodies, lays = seq.bodies[layer], seq.heads[layer]
+        leaving = [lay.leaving_pages() for lay in lays]
         if dense or max_tokens is None:
             chosen = [body.all_pages() for body in bodies]
-        else:
+        else:  # a leaving page is attended whole, in the body's share of the budget
+            budgets = [max(0, max_tokens - int(self.pool.fill[p].sum())) for p in leaving]
             grouped = queries.reshape(spec.num_kv_heads, group, spec.head_dim)
-            chosen = select_layer(bodies, grouped, max_tokens)
-        parts = []
-        for head, pages in enumerate(chosen):
-            lay = seq.heads[layer][head]
-            parts.append(np.concatenate([lay.sink_pages(), pages, lay.window_pages_now()]))
+            chosen = select_layer(bodies, grouped, budgets)
+        parts = [
+            np.concatenate([lay.sink_pages(), pages, out, lay.window_pages_now()])
+            for lay, pages, out in zip(lays, chosen, leaving, strict=True)
+        ]
         return self._selection(parts)
 
     def decode(
@@ -279,7 +284,8 @@ class Store:
             for layer in range(seq.spec.num_layers):
                 for head in range(seq.spec.num_kv_heads):
                     lay, body = seq.heads[layer][head], seq.bodies[layer][head]
-                    held += [lay.sink_pages(), lay.window_pages_now(), body.all_pages()]
+                    held += [lay.sink_pages(), lay.window_pages_now(), lay.leaving_pages()]
+                    held.append(body.all_pages())
                     held.append(np.asarray(seq.pending[layer][head], dtype=np.int64))
                     held.append(np.asarray(getattr(body, "scratch", ()), dtype=np.int64))
         return np.concatenate(held)
@@ -385,6 +391,18 @@ def _leader(spec: SequenceSpec, layer: int) -> int | None:
         return None
     offset = (layer - spec.dense_layers) % spec.reuse_group
     return layer - offset if offset else None
+
+
+def _handover_delay(spec: SequenceSpec, layer: int, head: int, page_size: int) -> int:
+    """Tokens a page of ``layer``'s head waits after leaving the window before its body
+    takes it: clustered bodies insert pages, so their heads are spread over the
+    ``page_size`` steps between two evictions (``icecache-r`` followers keep their leader's
+    timing, they replay its inserts); 0 for the others, and when the body's budget cannot
+    hold a leaving page."""
+    budget = spec.body_budget(page_size)
+    if not _clustered(spec, layer) or budget is None or budget < page_size:
+        return 0
+    return ((_leader(spec, layer) or layer) * spec.num_kv_heads + head) % page_size
 
 
 def _clustered(spec: SequenceSpec, layer: int) -> bool:

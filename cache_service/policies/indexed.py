@@ -119,7 +119,9 @@ class IndexedBody(LeafPages):
         return self.pages_of(self.last_leaves)
 
 
-def select_layer(bodies: list[Body], queries: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+def select_layer(
+    bodies: list[Body], queries: np.ndarray, max_tokens: list[int]
+) -> list[np.ndarray]:
     """Pages of every KV head of one layer, as each body's ``select`` would choose them.
 
     The heads laid out by a ``ClusterIndex`` are searched in one call
@@ -129,7 +131,7 @@ def select_layer(bodies: list[Body], queries: np.ndarray, max_tokens: int) -> li
     Args:
         bodies: ``[H]`` bodies of the layer's KV heads.
         queries: ``[H, G, head_dim]`` float32, each KV head's query group.
-        max_tokens: at most this many valid tokens in each head's pages.
+        max_tokens: ``[H]`` at most this many valid tokens in each head's pages.
     """
     from cache_service.batched_search import search_heads
     from cache_service.cluster_index import ClusterIndex
@@ -141,12 +143,13 @@ def select_layer(bodies: list[Body], queries: np.ndarray, max_tokens: int) -> li
     pages: dict[int, np.ndarray] = {}
     if together:
         heads = [h for h, _, _ in together]
-        found = search_heads([index for _, _, index in together], queries[heads], max_tokens)
+        budgets = [max_tokens[h] for h in heads]
+        found = search_heads([index for _, _, index in together], queries[heads], budgets)
         for (h, body, _), leaves in zip(together, found, strict=True):
             body.last_leaves = leaves
             pages[h] = body.pages_of(leaves)
     return [
-        pages[h] if h in pages else body.select(queries[h], max_tokens)
+        pages[h] if h in pages else body.select(queries[h], max_tokens[h])
         for h, body in enumerate(bodies)
     ]
 

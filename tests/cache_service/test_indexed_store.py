@@ -299,7 +299,9 @@ def _held(store, seq, layer, head):
     s = store._seqs[seq]
     lay, body = s.heads[layer][head], s.bodies[layer][head]
     pending = np.asarray(s.pending[layer][head], dtype=np.int64)
-    return np.concatenate([lay.sink_pages(), lay.window_pages_now(), body.all_pages(), pending])
+    return np.concatenate(
+        [lay.sink_pages(), lay.window_pages_now(), lay.leaving_pages(), body.all_pages(), pending]
+    )
 
 
 def _assert_every_position_in_exactly_one_page(store, seqs):
