@@ -113,12 +113,14 @@ class KVClient(Protocol):
         return []
 
     def watch_readiness(self, on_change: Callable[[bool], None]) -> None:
-        """Call ``on_change(ready)`` now and whenever it changes; ready: a new sequence can be
-        placed (some replica is healthy). By default always ready."""
+        """Call ``on_change(ready)`` now and whenever it changes (one watcher: a later call
+        replaces it); ready: a new sequence can be placed (some replica is healthy). By
+        default always ready."""
         on_change(True)
 
     def close(self) -> None:
         """Let go of connections and threads (nothing by default)."""
+        return None
 
 
 class LocalKVClient(KVClient):
