@@ -386,6 +386,187 @@ def is_leader(layer: int) -> bool:
     return leader_of(layer) == layer
 
 
+# ---------------------------------------------------------------------------- speed
+@dataclass(frozen=True)
+class SpeedRow:
+    """Whole-layer timings at one context length, scaled to ``SPEED_LAYERS`` layers.
+
+    Selection times are medians over steps and repeats of one layer's 8 KV heads (the same
+    indexes and queries for all three ways), x32; the store step is ``Store.decode`` of one
+    token through ``STORE_LAYERS`` clustered layers (select + staggered insert +
+    bookkeeping), x(32 / STORE_LAYERS).
+    """
+
+    context: int
+    batched_ms: float
+    """``search_heads``: one call per layer (wall)."""
+    batched_cpu_ms: float
+    per_head_ms: float
+    """``ClusterIndex.search`` head by head (the reference path)."""
+    oracle_ms: float
+    """Exact scan of every body key by the group (``OracleBody``'s selection)."""
+    insert_ms: float
+    """Page inserts per decode step: 256 heads / 16 steps = 16 page inserts (mean page insert
+    of the measured heads x 16)."""
+    step_p50_ms: float
+    step_p99_ms: float
+    step_cpu_p50_ms: float
+    step_cpu_p99_ms: float
+    step_runs: str
+    """p50 / p99 (wall) of each run of ``--store-steps`` decode steps."""
+    bytes_per_step: float
+    """Bytes the batched search reads per decode step: int8 centroids scored + float32 keys
+    scored exactly (x32 layers x 8 heads)."""
+    oracle_bytes_per_step: float
+    leaves_scored: float
+    tokens_scored: float
+
+
+SPEED_LAYERS = 32
+SPEED_HEADS = 8
+STORE_LAYERS = 2  # layer delays 0..7 and 8..15: one of the 16 heads inserts at every step
+
+
+def speed_case(n: int, steps: int, seed: int) -> list[HeadCase]:
+    """Two layers x 8 KV heads of the synthetic generator at ``n`` tokens plus ``steps``
+    decoded ones (their keys continue the document; queries cycle over the case's)."""
+    doc = topic_runs(n + steps, np.random.default_rng(seed))
+    return [
+        synthetic_head(layer, head, doc, 8, group=4, seed=seed)
+        for layer in (DENSE_LAYERS, DENSE_LAYERS + 1)
+        for head in range(SPEED_HEADS)
+    ]
+
+
+def measure_speed(n: int, store_steps: int, runs: int, repeats: int, seed: int) -> SpeedRow:
+    """Build a two-layer ``Store`` over ``n`` synthetic tokens (budget 256), time whole-layer
+    selection three ways on its first layer, page inserts, then ``runs`` x ``store_steps``
+    decode steps."""
+    import copy
+
+    from cache_service.batched_search import search_heads
+    from cache_service.page_pool import PagePool
+    from cache_service.store import Store
+
+    decoded = store_steps * runs
+    cases = speed_case(n, decoded, seed)
+    group = cases[0].queries.shape[1]
+    spec = SequenceSpec(
+        STORE_LAYERS,
+        SPEED_HEADS,
+        SPEED_HEADS * group,
+        128,
+        policy="icecache",
+        budget=256,
+        dense_layers=0,
+        seed=seed,
+    )
+    pages = STORE_LAYERS * SPEED_HEADS * (3 * (n + decoded) // PAGE + 64)
+    store = Store(PagePool(pages, PAGE, 128, dtype="float16"))
+    store.create("s", spec)
+    keys = np.stack([c.keys for c in cases]).reshape(STORE_LAYERS, SPEED_HEADS, -1, 128)
+    keys = keys.transpose(0, 2, 1, 3)  # [L, N, H, D]
+    t0 = time.perf_counter()
+    for layer in range(STORE_LAYERS):
+        store.append("s", layer, keys[layer, :n], keys[layer, :n], np.arange(n))
+        q = np.concatenate([c.queries[0] for c in cases[layer * 8 : layer * 8 + 8]])
+        store.retrieve("s", layer, q)  # builds the indexes
+    log.info("speed %d: store built in %.1f s", n, time.perf_counter() - t0)
+    bodies = store._seqs["s"].bodies[0]
+    indexes = [body.index for body in bodies]  # type: ignore[attr-defined]
+    body = Budget.of(256).body
+    queries = np.stack([c.queries for c in cases[:SPEED_HEADS]], axis=1)  # [S, H, G, D]
+    lay = store._seqs["s"].heads[0][0]
+    end = n - len(lay.window_pages_now()) * PAGE  # body span [sinks, end)
+    sinks = spec.sinks(PAGE)
+    times: dict[str, list[float]] = {"batched": [], "cpu": [], "per_head": [], "oracle": []}
+    for _ in range(repeats):
+        for q in queries:
+            t0, c0 = time.perf_counter(), time.process_time()
+            search_heads(indexes, q, body)
+            times["batched"].append(time.perf_counter() - t0)
+            times["cpu"].append(time.process_time() - c0)
+            t0 = time.perf_counter()
+            for index, qh in zip(indexes, q, strict=True):
+                index.search(qh, body)
+            times["per_head"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for case, qh in zip(cases, q, strict=False):
+                scores = (qh @ case.keys[sinks:end].T).max(axis=0)
+                np.argpartition(-scores, body - 1)[:body]
+            times["oracle"].append(time.perf_counter() - t0)
+    efforts = [index.last_effort for index in indexes]
+    leaves = float(np.mean([e.nodes + e.leaves for e in efforts]))
+    tokens = float(np.mean([e.tokens for e in efforts]))
+    inserts = []
+    for index, case in zip(copy.deepcopy(indexes), cases, strict=False):
+        for start in range(n, n + 2 * PAGE, PAGE):
+            t0 = time.perf_counter()
+            index.insert(case.keys[start : start + PAGE], np.arange(start, start + PAGE))
+            inserts.append(time.perf_counter() - t0)
+    wall, cpu, per_run = [], [], []
+    for run in range(runs):
+        run_wall = []
+        for step in range(store_steps):
+            pos = n + run * store_steps + step
+            t0, c0 = time.perf_counter(), time.process_time()
+            for layer in range(STORE_LAYERS):
+                k = keys[layer, pos][None]
+                q = np.concatenate(
+                    [c.queries[pos % len(c.queries)] for c in cases[layer * 8 : layer * 8 + 8]]
+                )[None]
+                store.decode(layer, ["s"], k, k, np.array([pos]), q)
+            run_wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        wall += run_wall
+        per_run.append(run_wall)
+    scale = SPEED_LAYERS / STORE_LAYERS
+    ms = 1e3 * SPEED_LAYERS
+    runs_text = ", ".join(
+        f"{1e3 * scale * np.percentile(r, 50):.0f} / {1e3 * scale * np.percentile(r, 99):.0f}"
+        for r in per_run
+    )
+    return SpeedRow(
+        n,
+        ms * float(np.median(times["batched"])),
+        ms * float(np.median(times["cpu"])),
+        ms * float(np.median(times["per_head"])),
+        ms * float(np.median(times["oracle"])),
+        1e3 * 16 * float(np.mean(inserts)),
+        1e3 * scale * float(np.percentile(wall, 50)),
+        1e3 * scale * float(np.percentile(wall, 99)),
+        1e3 * scale * float(np.percentile(cpu, 50)),
+        1e3 * scale * float(np.percentile(cpu, 99)),
+        runs_text,
+        SPEED_LAYERS * SPEED_HEADS * (leaves * 128 * 1 + tokens * 128 * 4),
+        SPEED_LAYERS * SPEED_HEADS * (end - sinks) * 128 * 4.0,
+        leaves,
+        tokens,
+    )
+
+
+def speed_markdown(rows: list[SpeedRow]) -> str:
+    head = (
+        "| context | batched ms/step | (CPU) | per-head ms/step | oracle ms/step "
+        "| batched / oracle | insert ms/step | store step p50 / p99 ms (wall) "
+        "| p50 / p99 (CPU) | p99 / p50 "
+        "| runs p50 / p99 | MB read/step (oracle) | centroids + tokens scored/head |\n"
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- "
+        "| ---: | ---: |\n"
+    )
+    lines = [
+        f"| {r.context} | {r.batched_ms:.1f} | {r.batched_cpu_ms:.1f} | {r.per_head_ms:.1f} "
+        f"| {r.oracle_ms:.1f} | {r.batched_ms / r.oracle_ms:.3f} | {r.insert_ms:.1f} "
+        f"| {r.step_p50_ms:.1f} / {r.step_p99_ms:.1f} "
+        f"| {r.step_cpu_p50_ms:.1f} / {r.step_cpu_p99_ms:.1f} "
+        f"| {r.step_p99_ms / r.step_p50_ms:.2f} | {r.step_runs} "
+        f"| {r.bytes_per_step / 1e6:.0f} ({r.oracle_bytes_per_step / 1e6:.0f}) "
+        f"| {r.leaves_scored:.0f} + {r.tokens_scored:.0f} |"
+        for r in rows
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------- summary
 @dataclass(frozen=True)
 class Row:
@@ -501,6 +682,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--synthetic-heads", type=int_tuple, default=(0, 1))
     p.add_argument("--steps", type=int, default=8, help="decode query steps per head")
     p.add_argument("--real-context", type=int, default=8192, help="0: skip the real case")
+    p.add_argument(
+        "--speed-sizes", type=int_tuple, default=(8192, 32768), help="whole-layer timing"
+    )
+    p.add_argument("--store-steps", type=int, default=256, help="decode steps per store run")
+    p.add_argument("--store-runs", type=int, default=2)
+    p.add_argument("--speed-repeats", type=int, default=5, help="passes over the queries")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     return p.parse_args(argv)
@@ -535,6 +722,13 @@ def main(argv: list[str] | None = None) -> None:
             measurer.run("synthetic", n, case)
         log.info("synthetic %d done in %.1f s", n, time.perf_counter() - started)
     rows += summarize(measurer.cells, layers=32, kv_heads=8)
+    speed = []
+    for n in args.speed_sizes:
+        started = time.perf_counter()
+        speed.append(
+            measure_speed(n, args.store_steps, args.store_runs, args.speed_repeats, args.seed)
+        )
+        log.info("speed %d done in %.1f s", n, time.perf_counter() - started)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     meta.update(
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -543,12 +737,17 @@ def main(argv: list[str] | None = None) -> None:
         args={k: str(v) for k, v in vars(args).items()},
     )
     (args.out_dir / "selection.json").write_text(
-        json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1)
+        json.dumps(
+            {"meta": meta, "rows": [asdict(r) for r in rows], "speed": [asdict(r) for r in speed]},
+            indent=1,
+        )
     )
     panels = [(r.case, r.context) for r in rows]
     panels = list(dict.fromkeys(p for p in panels if p[0] == "real" or p[1] == 32768))
     plot(rows, panels, args.out_dir / "selection.png")
     tables = [markdown(rows, *key) for key in dict.fromkeys((r.case, r.context) for r in rows)]
+    if speed:
+        tables.append(speed_markdown(speed))
     sys.stdout.write("\n".join(tables))
     log.info("wrote %s", args.out_dir)
 

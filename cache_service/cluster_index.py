@@ -249,18 +249,22 @@ class _Level:
         """Append ``count`` empty nodes; their ids."""
         need = self.n + count
         if need > len(self.counts):
-            cap = max(need, 2 * len(self.counts), 16)
+            self.reserve(max(need, 2 * len(self.counts), 16))
+        ids = np.arange(self.n, need)
+        self.children.extend([] for _ in range(count))
+        self.n = need
+        self.changed()
+        return ids
+
+    def reserve(self, cap: int) -> None:
+        """Room for ``cap`` nodes without copying the arrays again."""
+        if cap > len(self.counts):
             grow = cap - len(self.counts)
             self.sums = np.concatenate([self.sums, np.zeros((grow, self.sums.shape[1]))])
             self.counts = np.concatenate([self.counts, np.zeros(grow, np.int64)])
             self.parent = np.concatenate([self.parent, np.full(grow, -1, np.int64)])
             self.cent = np.concatenate([self.cent, np.zeros((grow, self.cent.shape[1]), "f4")])
             self.qcent = np.concatenate([self.qcent, np.zeros((grow, self.qcent.shape[1]), "i1")])
-        ids = np.arange(self.n, need)
-        self.children.extend([] for _ in range(count))
-        self.n = need
-        self.changed()
-        return ids
 
     def changed(self) -> None:
         """Call after changing ``children``: drops the flat copy ``children_of`` uses."""
@@ -268,14 +272,22 @@ class _Level:
 
     def children_of(self, nodes: np.ndarray) -> np.ndarray:
         """The children of ``nodes``, node by node, each node's in list order."""
+        ptr, flat = self._csr()
+        starts, lens = ptr[nodes], ptr[nodes + 1] - ptr[nodes]
+        offsets = np.repeat(starts - (np.cumsum(lens) - lens), lens)
+        return flat[offsets + np.arange(int(lens.sum()))]
+
+    def child_counts(self, nodes: np.ndarray) -> np.ndarray:
+        """How many children each of ``nodes`` has ``[n]``."""
+        ptr, _ = self._csr()
+        return ptr[nodes + 1] - ptr[nodes]
+
+    def _csr(self) -> tuple[np.ndarray, np.ndarray]:
         if self._flat is None:
             lens = np.fromiter(map(len, self.children), np.int64, self.n)
             flat = np.fromiter(itertools.chain.from_iterable(self.children), np.int64)
             self._flat = (np.concatenate([[0], np.cumsum(lens)]), flat)
-        ptr, flat = self._flat
-        starts, lens = ptr[nodes], ptr[nodes + 1] - ptr[nodes]
-        offsets = np.repeat(starts - (np.cumsum(lens) - lens), lens)
-        return flat[offsets + np.arange(int(lens.sum()))]
+        return self._flat
 
     def refresh(self, nodes: np.ndarray | list[int]) -> None:
         nodes = np.asarray(nodes, dtype=np.int64)
@@ -347,6 +359,9 @@ class ClusterIndex:
     def _lay_out(self, keys: np.ndarray, x: np.ndarray, token_ids: np.ndarray) -> None:
         """Build the structure over the first tokens (augmented ``x``)."""
         groups = self._leaf_groups(x, np.arange(len(keys)), self.config.seed)
+        # Room for the leaves inserts will split off (+50%), so that decoding does not pay
+        # for copying every leaf's keys soon after the build.
+        self.levels[0].reserve(len(groups) + len(groups) // 2 + 16)
         self._fill_new_leaves(groups, keys, x, token_ids)
         self._build_upper_levels()
 
@@ -456,11 +471,10 @@ class ClusterIndex:
             nodes = nodes[nodes >= 0]
             if len(nodes) == 0:
                 return
-            kids = level.children_of(nodes)
-            level.sums[nodes] = 0
-            level.counts[nodes] = 0
-            np.add.at(level.sums, below.parent[kids], below.sums[kids])
-            np.add.at(level.counts, below.parent[kids], below.counts[kids])
+            kids, lens = level.children_of(nodes), level.child_counts(nodes)
+            starts = np.cumsum(lens) - lens
+            level.sums[nodes] = np.add.reduceat(below.sums[kids], starts, axis=0)
+            level.counts[nodes] = np.add.reduceat(below.counts[kids], starts)
             level.refresh(nodes)
 
     def search(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
