@@ -36,8 +36,12 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import cupy_ops  # noqa: E402
+from kernels.cupy_backend import CupyBackend, cupy_module  # noqa: E402
+from kernels.decode_plan import plan_decode  # noqa: E402
+from kernels.page_scatter import page_scatter  # noqa: E402
+from kernels.paged_attention import paged_decode_attention  # noqa: E402
 from kernels.reference import page_scatter_ref, paged_decode_attention_ref  # noqa: E402
+from kernels.registry import HEAD_DIMS  # noqa: E402
 
 logger = logging.getLogger("gpu_check")
 
@@ -68,7 +72,7 @@ def require_gpu() -> None:
     if not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device visible to torch; run this on a GPU machine")
     try:
-        cupy_ops.CupyBackend()
+        CupyBackend()
     except RuntimeError as exc:
         sys.exit(f"gpu_check: {exc}")
 
@@ -163,14 +167,14 @@ def check_correctness(report: Report) -> bool:
     worst: dict[str, float] = {}
     cases = 0
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for dim in cupy_ops.HEAD_DIMS:
+        for dim in HEAD_DIMS:
             for group in range(1, 9):
                 for splits in (1, None, 5):
                     seed = cases
                     case, scale = random_case(3, 2, group, dim, dtype, 6, seed)
                     q, kv, indptr, indices, lens = case
                     out = torch.full_like(q, float("nan"))
-                    cupy_ops.paged_decode_attention(
+                    paged_decode_attention(
                         q, kv, indptr, indices, lens, scale, out=out, num_splits=splits
                     )
                     want = paged_decode_attention_ref(q, kv, indptr, indices, lens, scale)
@@ -185,7 +189,7 @@ def check_correctness(report: Report) -> bool:
         slots = torch.randperm(100, device="cuda")[:37].int()
         want_cache = cache.clone()
         page_scatter_ref(staging, want_cache, slots)
-        cupy_ops.page_scatter(staging, cache, slots)
+        page_scatter(staging, cache, slots)
         cases += 1
         if not torch.equal(cache.view(torch.uint8), want_cache.view(torch.uint8)):
             failures.append(f"page_scatter {dtype}: mismatch")
@@ -193,7 +197,7 @@ def check_correctness(report: Report) -> bool:
     report.add(
         "## 1. Correctness (CuPy kernels vs kernels/reference.py)",
         "",
-        f"{cases} cases: dtypes fp32/fp16/bf16 x head dims {cupy_ops.HEAD_DIMS} x GQA 1..8 x "
+        f"{cases} cases: dtypes fp32/fp16/bf16 x head dims {HEAD_DIMS} x GQA 1..8 x "
         "splits {1, auto, 5}, ragged pages, empty rows, NaN-poisoned slots/tails/outputs; "
         "page scatter bitwise per dtype.",
         "",
@@ -274,7 +278,7 @@ def decode_row(batch: int, tokens: int, dtype: torch.dtype, d2d_gbs: float) -> s
     ]
 
     def sparse(sel: torch.Tensor) -> Callable[[], object]:
-        return lambda: cupy_ops.paged_decode_attention(q, kv, indptr, sel, lens, scale, out=out)
+        return lambda: paged_decode_attention(q, kv, indptr, sel, lens, scale, out=out)
 
     def sdpa_gqa(k: torch.Tensor, v: torch.Tensor) -> Callable[[], object]:
         return lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True)
@@ -307,9 +311,7 @@ def decode_row(batch: int, tokens: int, dtype: torch.dtype, d2d_gbs: float) -> s
     sparse_time = sparse_graph if sparse_graph is not None else sparse_eager
     gbs = io_bytes / sparse_time / 1e3
     speedup = None if sdpa is None else sdpa / sparse_time
-    plan = cupy_ops.plan_decode(
-        q, kv, indptr, selections[0], lens, cupy_ops.CupyBackend().num_sms(q.device)
-    )
+    plan = plan_decode(q, kv, indptr, selections[0], lens, CupyBackend().num_sms(q.device))
     return (
         f"| {str(dtype)[6:]} | {batch} | {tokens} | {plan.num_splits} | {fmt(sparse_graph)} | "
         f"{fmt(sparse_eager)} | {fmt(sdpa_times[0])} | {fmt(sdpa_times[1])} | "
@@ -375,7 +377,7 @@ def bench_bulk_load(report: Report, bandwidths: Bandwidths) -> None:
             staging.copy_(host, non_blocking=True)
 
         def scatter(staging: torch.Tensor = staging, slots: torch.Tensor = slots) -> None:
-            cupy_ops.page_scatter(staging, cache, slots)
+            page_scatter(staging, cache, slots)
 
         def load(copy: Callable[[], None] = copy, scatter: Callable[[], None] = scatter) -> None:
             copy()
@@ -441,7 +443,7 @@ def main() -> None:
         paths.append(Path(os.environ["OUT"]) / "gpu.md")
     report = Report(paths)
     props = torch.cuda.get_device_properties(0)
-    cupy = cupy_ops._cupy()
+    cupy = cupy_module()
     report.add(
         "# IceCache kernels on GPU",
         "",

@@ -4,15 +4,15 @@ The very same ``.cu`` sources are compiled by g++ together with ``kernels/cuda_e
 (threads of a block as OS threads, futex barriers for ``__syncthreads``/``__syncwarp``,
 warp shuffles through a per-warp exchange buffer, block-static shared memory). A generated
 translation unit includes the header and the ``.cu`` files and adds ``extern "C"`` entry
-points: a table of the kernels of :data:`kernels.cupy_ops.MODULE_KERNELS` with their
+points: a table of the kernels of :data:`kernels.registry.MODULE_KERNELS` with their
 signatures, and one launch function that takes a ``void**`` argument array like
 ``cuLaunchKernel``. The shared library is cached under ``build/cuda_emu/<hash>/``, keyed by
 the sources, flags and compiler.
 
-:class:`EmulatorBackend` plugs into the wrappers of :mod:`kernels.cupy_ops`, so the tests
-exercise the real launch code (grids, split-K, shared memory sizes) on CPU tensors. Every
-workspace it allocates is filled with NaN, so a partial result the kernels forget to
-write is caught.
+:class:`EmulatorBackend` plugs into the launchers (:mod:`kernels.paged_attention`,
+:mod:`kernels.page_scatter`), so the tests exercise the real launch code (grids, split-K,
+shared memory sizes) on CPU tensors. Every workspace it allocates is filled with NaN, so a
+partial result the kernels forget to write is caught.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kernels.cupy_ops import KERNEL_DIR, MODULE_KERNELS, KernelArg
+from kernels.backend import KernelArg
+from kernels.registry import KERNEL_DIR, MODULE_KERNELS
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ def available() -> str | None:
 
 
 class EmulatorBackend:
-    """:class:`kernels.cupy_ops.KernelBackend` that runs the kernels on CPU tensors."""
+    """:class:`kernels.backend.KernelBackend` that runs the kernels on CPU tensors."""
 
     device_type = "cpu"
 

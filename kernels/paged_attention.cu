@@ -24,7 +24,7 @@
 // split's partial (normalised o, lse) is written. The merge kernel (grid rows) combines
 // the splits of a row.
 //
-// Dynamic shared memory (floats), see kernels/cupy_ops.py::decode_shared_floats:
+// Dynamic shared memory (floats), see kernels/decode_plan.py::decode_shared_floats:
 //   main loop:  q_s [G][D+4] | s_s [W][G][P] | p_s [W][G][P]
 //   after loop: red_o [W][G][D] | red_l [W][G]          (aliases the main-loop area)
 //   always:     m_s [W][G] | c_s [W][G]                  (after the larger of the two)

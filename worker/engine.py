@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from cache_service.types import POLICIES, Selection, SequenceSpec
-from kernels.cupy_ops import decode_attention
+from kernels.dispatch import decode_attention
 from worker.kv_client import KVClient
 from worker.model import LlamaModel, causal_attention
 from worker.page_cache import DevicePageCache

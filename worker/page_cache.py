@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kernels.cupy_ops import scatter_pages
+from kernels.dispatch import scatter_pages
 
 log = logging.getLogger(__name__)
 

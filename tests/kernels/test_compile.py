@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels.cupy_ops import KERNEL_DIR, MODULE_KERNELS, NVRTC_OPTIONS, load_source
+from kernels.registry import KERNEL_DIR, MODULE_KERNELS, NVRTC_OPTIONS, load_source
 
 ARCHS = ("sm_80", "sm_90")
 NVCC_FLAGS = ("-cubin", "-std=c++17", "-Werror", "all-warnings")

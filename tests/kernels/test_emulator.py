@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels import emulator
-from kernels.cupy_ops import MODULE_KERNELS
+from kernels.registry import MODULE_KERNELS
 from tests.kernels import require_emulator
 
 

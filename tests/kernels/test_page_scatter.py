@@ -7,13 +7,17 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from kernels import cupy_ops, emulator
+from kernels import emulator
+from kernels.backend import KernelBackend
+from kernels.cupy_backend import CupyBackend
+from kernels.page_scatter import page_scatter, scatter_unit
 from kernels.reference import page_scatter_ref
 from tests.kernels import require_emulator
+from tests.kernels.recording import RecordingBackend
 
 
 class Runner(NamedTuple):
-    backend: cupy_ops.KernelBackend
+    backend: KernelBackend
     device: torch.device
 
 
@@ -26,7 +30,7 @@ def runner(request: pytest.FixtureRequest) -> Runner:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     pytest.importorskip("cupy", reason="CuPy is not installed")
-    return Runner(cupy_ops.CupyBackend(), torch.device("cuda"))
+    return Runner(CupyBackend(), torch.device("cuda"))
 
 
 def _pages(
@@ -43,9 +47,7 @@ def scatter_and_check(
     want = kv_cache.cpu().clone()
     page_scatter_ref(staging.cpu(), want, slots.cpu())
     got = kv_cache.to(runner.device)
-    cupy_ops.page_scatter(
-        staging.to(runner.device), got, slots.to(runner.device), backend=runner.backend
-    )
+    page_scatter(staging.to(runner.device), got, slots.to(runner.device), backend=runner.backend)
     # Bitwise: untouched slots keep their NaN poison, copied pages are exact.
     assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
 
@@ -73,7 +75,7 @@ def test_unaligned_staging_uses_narrower_units(runner: Runner, offset_elems: int
     buffer = torch.zeros(pages.numel() + 8, dtype=torch.float16, device=runner.device)
     staging = buffer[offset_elems : offset_elems + pages.numel()].view_as(pages)
     staging.copy_(pages)
-    assert cupy_ops.scatter_unit(pages[0].numel() * 2, staging) == unit
+    assert scatter_unit(pages[0].numel() * 2, staging) == unit
     cache = torch.full((5, 2, 4, 64), float("nan"), dtype=torch.float16)
     scatter_and_check(staging, cache, torch.tensor([4, 1, 0], dtype=torch.int32), runner)
 
@@ -88,6 +90,36 @@ def test_out_of_range_slots_are_skipped(runner: Runner):
     cache = torch.zeros(4, 2, 16, 64, device=runner.device)
     staging = _pages(3, 16, 64, torch.float32, seed=3).to(runner.device)
     slots = torch.tensor([1, 4, -1], dtype=torch.int32, device=runner.device)
-    cupy_ops.page_scatter(staging, cache, slots, backend=runner.backend)
+    page_scatter(staging, cache, slots, backend=runner.backend)
     assert torch.equal(cache[1], staging[0])
     assert torch.all(cache[[0, 2, 3]] == 0)
+
+
+def test_scatter_plan_uses_16_byte_units():
+    backend = RecordingBackend()
+    cache = torch.zeros(10, 2, 16, 128, dtype=torch.bfloat16)
+    staging = torch.zeros(3, 2, 16, 128, dtype=torch.bfloat16)
+    page_scatter(staging, cache, torch.tensor([1, 5, 9], dtype=torch.int32), backend=backend)
+    (launch,) = backend.launches
+    assert launch.kernel == "icecache_page_scatter_u16"
+    assert launch.grid == (3, 1, 1) and launch.block == (128, 1, 1)
+    assert launch.args[3:] == [512, 10]  # 16-byte units per page, slots in the cache
+
+
+@pytest.mark.parametrize(
+    "message,staging,slots",
+    [
+        ("page shape", torch.zeros(2, 2, 8, 128), torch.zeros(2, dtype=torch.int32)),
+        (
+            "must be torch.float32",
+            torch.zeros(2, 2, 16, 128, dtype=torch.float16),
+            torch.zeros(2, dtype=torch.int32),
+        ),
+        ("2 entries", torch.zeros(2, 2, 16, 128), torch.zeros(3, dtype=torch.int32)),
+        ("1-D int32", torch.zeros(2, 2, 16, 128), torch.zeros(2, dtype=torch.int64)),
+    ],
+)
+def test_scatter_rejects_bad_arguments(message: str, staging: torch.Tensor, slots: torch.Tensor):
+    cache = torch.zeros(4, 2, 16, 128)
+    with pytest.raises(ValueError, match=message):
+        page_scatter(staging, cache, slots, backend=RecordingBackend())

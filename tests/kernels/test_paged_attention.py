@@ -12,15 +12,21 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from kernels import cupy_ops, emulator
+from kernels import emulator
+from kernels.backend import KernelBackend
+from kernels.cupy_backend import CupyBackend
+from kernels.decode_plan import decode_shared_floats
+from kernels.paged_attention import paged_decode_attention
 from kernels.reference import paged_decode_attention_ref
+from kernels.registry import HEAD_DIMS
 from tests.kernels import require_emulator
+from tests.kernels.recording import RecordingBackend, decode_inputs
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 class Runner(NamedTuple):
-    backend: cupy_ops.KernelBackend
+    backend: KernelBackend
     device: torch.device
 
 
@@ -33,7 +39,7 @@ def runner(request: pytest.FixtureRequest) -> Runner:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     pytest.importorskip("cupy", reason="CuPy is not installed")
-    return Runner(cupy_ops.CupyBackend(), torch.device("cuda"))
+    return Runner(CupyBackend(), torch.device("cuda"))
 
 
 class Case(NamedTuple):
@@ -87,7 +93,7 @@ def check(
     """Runs the kernel on a NaN-filled output and compares it with the reference."""
     on = [t.to(runner.device) for t in case[:5]]
     out = torch.full_like(on[0], float("nan"))
-    got = cupy_ops.paged_decode_attention(
+    got = paged_decode_attention(
         *on,
         case.sm_scale,
         out=out,
@@ -114,7 +120,7 @@ def test_every_gqa_ratio_split_and_unsplit(runner: Runner, group: int):
     check(case, runner, num_splits=3)
 
 
-@pytest.mark.parametrize("head_dim", cupy_ops.HEAD_DIMS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_dtype_and_head_dim(runner: Runner, dtype: torch.dtype, head_dim: int):
     case = make_case(2, 1, 4, head_dim, dtype, pages=(2, 7), seed=head_dim)
@@ -184,3 +190,30 @@ def test_pages_shared_by_rows(runner: Runner):
     indices = case.indices.clone()
     indices[3:6] = indices[0:3]  # row 1 attends to the pages of row 0
     check(case._replace(indices=indices), runner, num_splits=2)
+
+
+def test_launches_of_an_8b_decode_step_at_batch_1():
+    backend = RecordingBackend()
+    q, *rest = decode_inputs()
+    paged_decode_attention(q, *rest, 128**-0.5, backend=backend)
+    decode, merge = backend.launches
+    assert decode.kernel == "icecache_decode_f16_d128"
+    assert decode.grid == (8, 4, 1)  # 8 rows x 4 splits of 4 pages: a page per warp
+    assert decode.block == (128, 1, 1)
+    assert decode.shared_mem == 4 * decode_shared_floats(4, 128, 4, 16) == 8384
+    assert decode.args[8:11] == [4, 16, 4]  # group, page_size, num_splits
+    assert float(decode.args[11]) == pytest.approx(128**-0.5 * 1.4426950408889634)
+    assert merge.kernel == "icecache_decode_merge_f16"
+    assert merge.grid == (8, 1, 1) and merge.shared_mem == 4 * 4 * 4
+    part_o, part_lse, out = merge.args[:3]
+    assert part_o.shape == (8, 4, 4, 128) and part_lse.shape == (8, 4, 4)
+    assert out is decode.args[5]
+
+
+def test_large_batches_launch_unsplit():
+    backend = RecordingBackend()
+    q, *rest = decode_inputs(batch=64)
+    paged_decode_attention(q, *rest, 0.1, backend=backend)
+    (decode,) = backend.launches
+    assert decode.grid == (512, 1, 1)
+    assert decode.args[6] is decode.args[5]  # no workspace: partials point at out
