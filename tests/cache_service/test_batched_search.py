@@ -147,3 +147,15 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="max_tokens must be non-negative, got -1"):
         search_heads(indexes, np.ones((2, 1, 4)), -1)
     assert search_heads([], np.ones((0, 1, 4)), 8) == []
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_layers(), st.data())
+def test_each_head_may_have_its_own_budget(s, data):
+    """The store lowers a head's budget while a page leaving its window is attended."""
+    indexes, rng = _heads(s)
+    queries = _queries(s, rng, len(indexes))
+    budgets = data.draw(st.lists(st.integers(0, 300), min_size=len(indexes), max_size=len(indexes)))
+    expected = [index.search(q, b) for index, q, b in zip(indexes, queries, budgets, strict=True)]
+    got = search_heads(indexes, queries, budgets)
+    assert [g.tolist() for g in got] == [e.tolist() for e in expected]
