@@ -4,8 +4,9 @@ A worker on the service's host decodes layer after layer, one request and one an
 layer and step, so the cost of a round trip is paid ~30 times per token. Over a gRPC stream
 a message wakes several threads at each end (the client's request feeder and channel poller,
 the server's poller and handler): ~1 ms per round trip on a 2-vCPU VM. Here a dedicated
-thread per connection reads a frame, answers through the same servicer code as ``Decode``,
-and writes a frame back, so a round trip is one socket write and one read each way.
+thread per connection reads a frame, answers it with the frame handler it was given (the
+same translation as ``Decode``: ``DecodeSteps.answer_frame``), and writes a frame back, so a
+round trip is one socket write and one read each way.
 
 The protocol (``OpenLocalStream`` in the .proto): the client gets a socket name and a
 one-time ticket over gRPC (so auth applies), connects to the Linux abstract socket, sends the
@@ -24,16 +25,14 @@ import select
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import grpc
 
 from cache_service import codec
+from cache_service.stream_slots import StreamSlots
 from cache_service.types import TooManyStreams
 from proto.icecache.v1 import cache_service_pb2 as pb
-
-if TYPE_CHECKING:
-    from cache_service.servicer import CacheServicer
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,8 @@ EXTRA_CONNECTIONS = 16
 
 
 class LocalContext:
-    """What the servicer asks of a call (``time_remaining``, ``is_active``) for a connection.
+    """What a frame handler asks of its call (``time_remaining``, ``is_active``), for a
+    connection.
 
     A local stream has no deadline; it is cancelled by its client hanging up, which a step
     that waited for the store sees before it applies anything.
@@ -69,18 +69,33 @@ class LocalContext:
         return not self._poll.poll(0)
 
 
-class LocalStreams:
-    """Listens on an abstract Unix socket and serves each connection on a thread of its own."""
+FrameHandler = Callable[[bytes, LocalContext], pb.LocalReply]
+"""The reply to one ``DecodeRequest`` frame of a connection: a response, or an error (which
+ends the stream)."""
+Observe = Callable[[str, str, float], None]
+"""Records one finished request: method, status code name, seconds (``ServiceMetrics``)."""
 
-    def __init__(self, servicer: CacheServicer, name: str) -> None:
+
+class LocalStreams:
+    """Listens on an abstract Unix socket and serves each connection on a thread of its own.
+
+    ``slots``: the stream slots shared with gRPC streams; ``answer``: the frame handler;
+    ``observe``: where each request's status and time go, once its reply is on its way.
+    """
+
+    def __init__(
+        self, name: str, slots: StreamSlots, answer: FrameHandler, observe: Observe
+    ) -> None:
         self.name = name
-        self._servicer = servicer
+        self._slots = slots
+        self._answer = answer
+        self._observe = observe
         self._tickets: dict[bytes, float] = {}  # ticket -> when it expires (monotonic)
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a connection ended
         self._closed = False
-        self._limit = servicer.max_streams + EXTRA_CONNECTIONS
+        self._limit = slots.limit + EXTRA_CONNECTIONS
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._listener.bind("\0" + name)
@@ -150,7 +165,7 @@ class LocalStreams:
             ).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        servicer, holding = self._servicer, False
+        holding = False
         try:
             conn.settimeout(HANDSHAKE_TIMEOUT_S)
             frames = codec.FrameReader(conn)
@@ -162,15 +177,14 @@ class LocalStreams:
             conn.settimeout(None)
             _send(conn, pb.LocalReply())
             context = LocalContext(conn)
-            observed: list[tuple[str, str, float]] = []
             while (frame := frames.read()) is not None:
-                reply = servicer.decode_local(frame, context, observed)
+                started = time.perf_counter()
+                reply = self._answer(frame, context)
+                seconds = time.perf_counter() - started
                 try:
                     _send(conn, reply)
-                finally:
-                    for observation in observed:
-                        servicer.metrics.observe(*observation)
-                    observed.clear()
+                finally:  # off the client's wait
+                    self._observe(METHOD, reply.error.code or grpc.StatusCode.OK.name, seconds)
                 if reply.HasField("error"):
                     return
         except codec.FrameError as err:
@@ -181,7 +195,7 @@ class LocalStreams:
             log.debug("local stream ended: %s", err, extra={"method": METHOD})
         finally:
             if holding:
-                servicer.release_stream("local")
+                self._slots.release("local")
             conn.close()
             with self._changed:
                 self._conns.discard(conn)
@@ -194,16 +208,16 @@ class LocalStreams:
             expires = self._tickets.pop(ticket, 0.0) if ticket else 0.0
         if expires <= now:
             code = grpc.StatusCode.UNAUTHENTICATED
-            self._servicer.metrics.observe(METHOD, code.name, 0.0)
+            self._observe(METHOD, code.name, 0.0)
             return pb.LocalError(
                 code=code.name,
                 message="the local-stream ticket is unknown, used or expired; ask "
                 "OpenLocalStream for a new one and send it first",
             )
-        if not self._servicer.acquire_stream("local"):
+        if not self._slots.acquire("local"):
             code = grpc.StatusCode.RESOURCE_EXHAUSTED
-            self._servicer.metrics.observe(METHOD, code.name, 0.0)
-            err = self._servicer.too_many_streams()
+            self._observe(METHOD, code.name, 0.0)
+            err = self._slots.refusal()
             return pb.LocalError(code=code.name, message=str(err), error=type(err).__name__)
         return None
 

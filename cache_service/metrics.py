@@ -1,7 +1,8 @@
 """Prometheus metrics of the cache service: requests, latencies, pages, bytes, memory.
 
-Request counters are updated by the servicer; occupancy gauges are read from the store when
-``/metrics`` is scraped, so the hot path pays only for a counter and a histogram.
+Request counters are updated by the servicer and the local streams; occupancy gauges are read
+from the store when ``/metrics`` is scraped, so the hot path pays only for a counter and a
+histogram.
 """
 
 from __future__ import annotations

@@ -22,11 +22,14 @@ from grpc_reflection.v1alpha import reflection
 
 from cache_service import codec, security
 from cache_service.config import CacheServiceConfig
+from cache_service.decode_steps import DecodeSteps
 from cache_service.local_stream import LocalStreams
 from cache_service.metrics import ServiceMetrics
 from cache_service.page_pool import PagePool
+from cache_service.refusals import pool_limit
 from cache_service.servicer import SERVICE_NAME, CacheServicer
 from cache_service.store import Store
+from cache_service.stream_slots import StreamSlots
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -59,10 +62,6 @@ class CacheServer:
         self.metrics.close()
         self.store.pool.close()
         log.info("stopped", extra={"port": self.port})
-
-    def wait(self) -> None:
-        """Block until the server stops."""
-        self.server.wait_for_termination()
 
 
 def segment_name(port: int) -> str:
@@ -151,21 +150,20 @@ def serve(config: CacheServiceConfig) -> CacheServer:
 
 def _start(config: CacheServiceConfig, server: grpc.Server, port: int, store: Store) -> CacheServer:
     metrics = ServiceMetrics(store)
-    servicer = CacheServicer(
-        store, metrics, codec.host_identity(), config.max_memory, config.max_streams
-    )
-    if config.local_streams and store.pool.shm_name:
-        servicer.local = _local_streams(servicer, store.pool.shm_name + ".decode")
-    pb_grpc.add_CacheServiceServicer_to_server(servicer, server)
-    checker = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
+    slots = StreamSlots(config.max_streams, metrics.open_streams)
+    local = _local_streams(config, store, slots, metrics)
     try:
+        host_id = codec.host_identity()
+        servicer = CacheServicer(store, metrics, host_id, config.max_memory, slots, local)
+        pb_grpc.add_CacheServiceServicer_to_server(servicer, server)
+        checker = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+        names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
         server.start()
     except BaseException:
-        if servicer.local is not None:
-            servicer.local.stop(0)
+        if local is not None:
+            local.stop(0)
         raise
     for name in ("", SERVICE_NAME):
         checker.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -186,16 +184,24 @@ def _start(config: CacheServiceConfig, server: grpc.Server, port: int, store: St
             "auth": bool(config.security.token),
             "tls": config.security.server_tls,
             "max_sequences": config.max_sequences,
-            "local_streams": servicer.local.name if servicer.local else None,
+            "local_streams": local.name if local else None,
         },
     )
-    return CacheServer(server, port, store, metrics, checker, servicer.local)
+    return CacheServer(server, port, store, metrics, checker, local)
 
 
-def _local_streams(servicer: CacheServicer, name: str) -> LocalStreams | None:
-    """Local streams on abstract socket ``name``; ``None`` (logged) where it cannot bind."""
+def _local_streams(
+    config: CacheServiceConfig, store: Store, slots: StreamSlots, metrics: ServiceMetrics
+) -> LocalStreams | None:
+    """Local streams on the abstract socket ``<segment>.decode``, answered like ``Decode``;
+    ``None`` when not configured or without a shared segment, and (logged) where it cannot
+    bind."""
+    if not (config.local_streams and store.pool.shm_name):
+        return None
+    steps = DecodeSteps(store, metrics, pool_limit(store.pool, config.max_memory))
+    name = store.pool.shm_name + ".decode"
     try:
-        return LocalStreams(servicer, name)
+        return LocalStreams(name, slots, steps.answer_frame, metrics.observe)
     except OSError as err:  # e.g. no abstract Unix sockets on this OS
         log.warning("cannot offer local decode streams (%s); clients use DecodeStream", err)
         return None

@@ -1,10 +1,12 @@
 """Local streams (``OpenLocalStream``) at the wire: tickets, frames, bad input, limits.
 
-Real service, real abstract Unix sockets; the client side here speaks the frame protocol by
+Real service (and, once, ``LocalStreams`` alone with a stub frame handler), real abstract Unix
+sockets; the client side here speaks the frame protocol by
 hand, as any client implementing the .proto would. (Decoding through ``RemoteKVClient`` on
 a local stream, errors, time-outs, fall-backs and shutdown: ``test_servicer.py``.)
 """
 
+import os
 import socket
 import struct
 import time
@@ -12,10 +14,13 @@ import time
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, Gauge
 
 from cache_service import codec, local_stream
 from cache_service.config import CacheServiceConfig
+from cache_service.local_stream import LocalStreams
 from cache_service.server import serve
+from cache_service.stream_slots import StreamSlots
 from cache_service.types import SequenceSpec, UnknownSequence
 from proto.icecache.v1 import cache_service_pb2 as pb
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
@@ -234,3 +239,45 @@ def test_frames_round_trip_and_a_cut_frame_is_an_error():
         assert codec.FrameReader(b).read() is None  # the end between frames
     with pytest.raises(ValueError, match="over the"):
         codec.write_frame(socket.socket(), b"\0" * (codec.MAX_MESSAGE_BYTES + 1))
+
+
+def test_local_streams_need_only_stream_slots_a_frame_handler_and_a_recorder():
+    registry = CollectorRegistry()
+    slots = StreamSlots(1, Gauge("open", "open streams", ["kind"], registry=registry))
+    observed = []
+
+    def answer(frame, context):
+        if frame == b"bad":
+            return pb.LocalReply(error=pb.LocalError(code="INVALID_ARGUMENT", message="bad"))
+        return pb.LocalReply()
+
+    def observe(method, code, seconds):
+        observed.append((method, code))
+
+    streams = LocalStreams(f"icecache-test-{os.getpid()}.decode", slots, answer, observe)
+    try:
+        sock = _dial(pb.OpenLocalStreamResponse(socket=streams.name))
+        assert not _reply(sock, streams.ticket()).HasField("error")
+        assert registry.get_sample_value("open", {"kind": "local"}) == 1
+        refused = _dial(pb.OpenLocalStreamResponse(socket=streams.name))
+        reply = _reply(refused, streams.ticket())  # the one slot is held
+        assert reply.error.code == "RESOURCE_EXHAUSTED" and reply.error.error == "TooManyStreams"
+        assert reply.error.message == str(slots.refusal())
+        assert _closed(refused)
+        refused.close()
+        assert not _reply(sock, b"good").HasField("error")
+        assert _reply(sock, b"bad").error.message == "bad"
+        assert _closed(sock)
+        sock.close()
+        deadline = time.monotonic() + 10
+        while streams.connections:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert registry.get_sample_value("open", {"kind": "local"}) == 0
+        assert observed == [
+            ("LocalStream", "RESOURCE_EXHAUSTED"),
+            ("LocalStream", "OK"),
+            ("LocalStream", "INVALID_ARGUMENT"),
+        ]
+    finally:
+        streams.stop(0)
