@@ -26,8 +26,7 @@ import torch
 
 from cache_service.types import POLICIES
 from evaluation.corpus import Corpus, default_text
-from evaluation.session import TapKV
-from worker.engine import Engine, EngineConfig, Sequence, StepTimings
+from worker.engine import Engine, EngineConfig, PrefillRecord, Sequence, StepTimings
 from worker.kv_client import LocalKVClient
 from worker.loader import load_model
 from worker.model import LlamaModel
@@ -51,32 +50,21 @@ class Run:
     tokens: list[int] = field(default_factory=list)
 
 
-Appends = list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]
-"""A prefill's ``append`` calls: (layer, keys, values, positions)."""
-
-
-def prefill(model: LlamaModel, ids: list[int]) -> tuple[Appends, int, float]:
-    """Dense prefill of ``ids``; returns the recorded appends, the first token, seconds."""
-    tap = TapKV(LocalKVClient.with_capacity(STORE_BYTES, 16, model.config.head_dim))
-    appends: Appends = []
-    tap.recording = appends
-    engine = Engine(model, tap, EngineConfig(policy="full"))  # type: ignore[arg-type]
+def prefill(model: LlamaModel, ids: list[int]) -> tuple[PrefillRecord, int, float]:
+    """Dense prefill of ``ids``, recorded; returns it, the first token and the seconds."""
+    kv = LocalKVClient.with_capacity(STORE_BYTES, 16, model.config.head_dim)
+    engine = Engine(model, kv, EngineConfig(policy="full"))
     started = time.perf_counter()
-    seq, logits = engine.start(ids, "prefill")
-    seconds = time.perf_counter() - started
-    engine.finish(seq)
-    return appends, int(torch.argmax(logits)), seconds
+    record = engine.record_prefill(ids)
+    return record, int(torch.argmax(record.logits)), time.perf_counter() - started
 
 
-def make_run(model: LlamaModel, policy: str, budget: int, ids: list[int], rec: Appends) -> Run:
+def make_run(model: LlamaModel, policy: str, budget: int, record: PrefillRecord) -> Run:
     """A fresh store and engine for ``policy`` holding the recorded prompt K/V."""
     kv = LocalKVClient.with_capacity(STORE_BYTES, 16, model.config.head_dim)
     engine = Engine(model, kv, EngineConfig(policy=policy, budget=budget))
-    seq = Sequence(policy, list(ids), len(ids))
     started = time.perf_counter()
-    kv.create(seq.seq_id, engine.config.spec(model))
-    for layer, keys, values, positions in rec:
-        kv.append(seq.seq_id, layer, keys, values, positions)
+    seq, _ = engine.start(list(record.ids), policy, replay=record)
     return Run(policy, engine, seq, time.perf_counter() - started)
 
 
@@ -151,7 +139,7 @@ def main() -> None:
         prompt = context - args.new_tokens - 1
         ids = corpus.window_ids(prompt, np.random.default_rng(context))
         rec, token, prefill_s = prefill(model, ids)
-        runs = [make_run(model, p, args.budget, ids, rec) for p in policies]
+        runs = [make_run(model, p, args.budget, rec) for p in policies]
         del rec
         decode(runs, token, args.new_tokens)
         for run in runs:

@@ -24,7 +24,7 @@ import torch
 
 from cache_service.types import Selection, SequenceSpec
 from evaluation.capture import Capture, PrefillStore
-from worker.engine import Engine, EngineConfig, Sequence
+from worker.engine import Engine, EngineConfig, PrefillRecord, Sequence
 from worker.kv_client import KVClient
 from worker.model import LlamaModel
 from worker.tokenizer import Tokenizer
@@ -48,47 +48,13 @@ class SessionConfig:
     """Run sequences past the model's trained context (RoPE extrapolated)."""
 
 
-@dataclass
-class _Prefill:
-    ids: tuple[int, ...]
-    keys: list[np.ndarray]  # per layer [T, Hkv, D] (float32 in memory, float16 on disk)
-    values: list[np.ndarray]
-    logits: torch.Tensor  # [vocab]
-
-    @classmethod
-    def recorded(
-        cls,
-        ids: tuple[int, ...],
-        appends: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]],
-        layers: int,
-        logits: torch.Tensor,
-    ) -> _Prefill:
-        """From the appends of a dense prefill, joined per layer in position order."""
-        keys: list[list[np.ndarray]] = [[] for _ in range(layers)]
-        values: list[list[np.ndarray]] = [[] for _ in range(layers)]
-        positions: list[list[np.ndarray]] = [[] for _ in range(layers)]
-        for layer, k, v, p in appends:
-            keys[layer].append(k)
-            values[layer].append(v)
-            positions[layer].append(p)
-        for layer in range(layers):
-            got = np.concatenate(positions[layer])
-            assert np.array_equal(got, np.arange(len(ids))), "a prefill appends every position"
-        return cls(
-            ids,
-            [np.concatenate(k) for k in keys],
-            [np.concatenate(v) for v in values],
-            logits,
-        )
-
-    @classmethod
-    def captured(cls, ids: tuple[int, ...], capture: Capture) -> _Prefill:
-        return cls(
-            ids,
-            list(capture.keys),
-            list(capture.values),
-            torch.from_numpy(np.array(capture.logits, dtype=np.float32)),
-        )
+def _from_capture(ids: tuple[int, ...], capture: Capture) -> PrefillRecord:
+    return PrefillRecord(
+        ids,
+        list(capture.keys),
+        list(capture.values),
+        torch.from_numpy(np.array(capture.logits, dtype=np.float32)),
+    )
 
 
 @dataclass(frozen=True)
@@ -101,13 +67,12 @@ class ForcedSteps:
     """Final hidden state after the last norm, before the LM head ``[N, hidden]`` float32."""
 
 
-class TapKV:
-    """A ``KVClient`` that forwards everything and lets the session watch appends/decodes."""
+class TapKV(KVClient):
+    """A ``KVClient`` that forwards everything and lets the session watch each decode."""
 
     def __init__(self, inner: KVClient) -> None:
         self.inner = inner
         self.page_size = inner.page_size
-        self.recording: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] | None = None
         self.observer: DecodeObserver | None = None
 
     def create(self, seq_id: str, spec: SequenceSpec) -> None:
@@ -116,8 +81,6 @@ class TapKV:
     def append(
         self, seq_id: str, layer: int, keys: np.ndarray, values: np.ndarray, positions: np.ndarray
     ) -> None:
-        if self.recording is not None:
-            self.recording.append((layer, keys.copy(), values.copy(), positions.copy()))
         self.inner.append(seq_id, layer, keys, values, positions)
 
     def decode(
@@ -153,7 +116,7 @@ class Session:
         self.config = config
         self._engines: dict[tuple[str, int | None], Engine] = {}
         self._sized: dict[tuple[str, int | None], int] = {}
-        self._prefill: _Prefill | None = None
+        self._prefill: PrefillRecord | None = None
         self._seq_ids = iter(range(1 << 62))
         self.prefills: PrefillStore | None = None
         """Where dense prefills are kept on disk (``None``: computed once per run)."""
@@ -186,7 +149,7 @@ class Session:
                 seed=self.config.seed,
                 allow_extrapolation=self.config.allow_extrapolation,
             )
-            self._engines[key] = Engine(self.model, self.kv, config)  # type: ignore[arg-type]
+            self._engines[key] = Engine(self.model, self.kv, config)
             self._sized[key] = max_len
         return self._engines[key]
 
@@ -203,57 +166,19 @@ class Session:
     # ---- sequences -------------------------------------------------------------------
     def start(self, engine: Engine, ids: list[int]) -> tuple[Sequence, torch.Tensor]:
         """Like ``engine.start``, with the dense prefill computed once per distinct input
-        (and, with ``prefills``, once across runs)."""
+        (and, with ``prefills``, once across runs) and replayed into each new sequence."""
         key = tuple(ids)
         if self._prefill is None or self._prefill.ids != key:
             self._prefill = None
             capture = None if self.prefills is None else self.prefills.load(key)
-            if capture is not None:
-                self._prefill = _Prefill.captured(key, capture)
-            else:
-                seq, logits = self._compute(engine, ids)
-                if self.prefills is None:
-                    return seq, logits  # the sequence holds exactly the recorded K/V
-                engine.finish(seq)  # replay the float16 capture, as every later policy does
-        return self._replay(engine, key)
-
-    def _compute(self, engine: Engine, ids: list[int]) -> tuple[Sequence, torch.Tensor]:
-        """A real dense prefill, recorded (and stored on disk with ``prefills``)."""
-        key = tuple(ids)
-        self.kv.recording = []
-        try:
-            seq, logits = engine.start(ids)
-            layers = self.model.config.num_layers
-            prefill = _Prefill.recorded(key, self.kv.recording, layers, logits.clone())
-        finally:
-            self.kv.recording = None
-        self.prefills_computed += 1
-        if self.prefills is not None:
-            logits_np = prefill.logits.float().numpy()
-            capture = self.prefills.save(key, prefill.keys, prefill.values, logits_np)
-            prefill = _Prefill.captured(key, capture)
-        self._prefill = prefill
-        return seq, logits
-
-    def _replay(self, engine: Engine, key: tuple[int, ...]) -> tuple[Sequence, torch.Tensor]:
-        prefill = self._prefill
-        assert prefill is not None and prefill.ids == key
-        seq = Sequence(f"eval-{next(self._seq_ids)}", list(key), len(key))
-        self.kv.create(seq.seq_id, engine.config.spec(engine.model))
-        positions = np.arange(len(key), dtype=np.int64)
-        try:
-            for layer, (k, v) in enumerate(zip(prefill.keys, prefill.values, strict=True)):
-                self.kv.append(
-                    seq.seq_id,
-                    layer,
-                    np.asarray(k, dtype=np.float32),
-                    np.asarray(v, dtype=np.float32),
-                    positions,
-                )
-        except BaseException:
-            self.kv.release(seq.seq_id)
-            raise
-        return seq, prefill.logits.clone()
+            if capture is None:
+                record = engine.record_prefill(ids)
+                self.prefills_computed += 1
+                if self.prefills is not None:
+                    logits = record.logits.float().numpy()
+                    capture = self.prefills.save(key, record.keys, record.values, logits)
+            self._prefill = record if capture is None else _from_capture(key, capture)
+        return engine.start(ids, f"eval-{next(self._seq_ids)}", replay=self._prefill)
 
     def prefill_keys(self, ids: list[int]) -> list[np.ndarray]:
         """Per-layer prefill keys ``[T, Hkv, D]`` float32 of ``ids`` (after a ``start`` of

@@ -74,6 +74,20 @@ class EngineConfig:
         )
 
 
+@dataclass(frozen=True)
+class PrefillRecord:
+    """What a dense prefill of ``ids`` appended to the store, replayable into a new sequence
+    under any policy (``Engine.start(ids, replay=record)``): the store then builds that
+    policy's layout and index from it exactly as after a real prefill."""
+
+    ids: tuple[int, ...]
+    keys: list[np.ndarray]
+    """Per layer ``[T, kv_heads, head_dim]`` (float32, or float16 from a disk capture)."""
+    values: list[np.ndarray]
+    logits: torch.Tensor
+    """Logits of the last prompt token ``[vocab]``."""
+
+
 @dataclass
 class Sequence:
     """One sequence being generated: its id in the store and its tokens so far."""
@@ -132,13 +146,19 @@ class Engine:
 
     # ---- sequences ---------------------------------------------------------------------
     def start(
-        self, prompt_ids: list[int], seq_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        seq_id: str | None = None,
+        replay: PrefillRecord | None = None,
     ) -> tuple[Sequence, torch.Tensor]:
-        """Create a sequence in the store and prefill its prompt.
+        """Create a sequence in the store and prefill its prompt (or replay ``replay``, a
+        recorded prefill of the same ids, instead of computing it).
 
         Returns:
             the sequence and the logits of its last prompt token ``[vocab]``.
         """
+        if replay is not None and replay.ids != tuple(prompt_ids):
+            raise ValueError("the replayed prefill was recorded for other token ids")
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token")
         limit = self.model.config.max_position_embeddings
@@ -151,6 +171,9 @@ class Engine:
         self.kv.create(seq.seq_id, self.config.spec(self.model))
         started = time.perf_counter()
         try:
+            if replay is not None:
+                self.replay(seq.seq_id, replay)
+                return seq, replay.logits.clone()
             logits = self.prefill(seq.seq_id, prompt_ids)
         except BaseException:
             self.kv.release(seq.seq_id)
@@ -159,6 +182,28 @@ class Engine:
         self.timings.prefill_tokens += len(prompt_ids)
         return seq, logits
 
+    def record_prefill(self, prompt_ids: list[int]) -> PrefillRecord:
+        """A dense prefill of ``prompt_ids`` recorded for replay (its sequence is released)."""
+        seq = Sequence(f"record-{next(self._ids)}", list(prompt_ids), len(prompt_ids))
+        self.kv.create(seq.seq_id, self.config.spec(self.model))
+        keys: list[np.ndarray] = []
+        values: list[np.ndarray] = []
+        started = time.perf_counter()
+        try:
+            logits = self.prefill(seq.seq_id, prompt_ids, record=(keys, values))
+        finally:
+            self.kv.release(seq.seq_id)
+        self.timings.prefill += time.perf_counter() - started
+        self.timings.prefill_tokens += len(prompt_ids)
+        return PrefillRecord(tuple(prompt_ids), keys, values, logits)
+
+    def replay(self, seq_id: str, record: PrefillRecord) -> None:
+        """Append a recorded prefill's K/V to a new sequence, layer by layer."""
+        positions = np.arange(len(record.ids), dtype=np.int64)
+        for layer, (k, v) in enumerate(zip(record.keys, record.values, strict=True)):
+            keys = np.asarray(k, dtype=np.float32)
+            self.kv.append(seq_id, layer, keys, np.asarray(v, dtype=np.float32), positions)
+
     def finish(self, seq: Sequence) -> None:
         """Release a sequence's KV in the store."""
         self.kv.release(seq.seq_id)
@@ -166,8 +211,14 @@ class Engine:
 
     # ---- prefill -----------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, seq_id: str, token_ids: list[int]) -> torch.Tensor:
-        """Dense causal prefill; every layer's K/V go to the store. Returns logits ``[vocab]``."""
+    def prefill(
+        self,
+        seq_id: str,
+        token_ids: list[int],
+        record: tuple[list[np.ndarray], list[np.ndarray]] | None = None,
+    ) -> torch.Tensor:
+        """Dense causal prefill; every layer's K/V go to the store (and, with ``record``, a
+        copy of them to its key and value lists). Returns logits ``[vocab]``."""
         model, chunk = self.model, self.config.prefill_chunk
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         positions = torch.arange(len(token_ids), device=self.device)
@@ -180,7 +231,11 @@ class Engine:
         )
         for layer in range(layers):
             q, k, v = model.attention_inputs(layer, h, positions, rope)  # [T, H, D]
-            self.kv.append(seq_id, layer, _np(k), _np(v), host_positions)
+            host_k, host_v = _np(k), _np(v)
+            self.kv.append(seq_id, layer, host_k, host_v, host_positions)
+            if record is not None:
+                record[0].append(host_k.copy())
+                record[1].append(host_v.copy())
             out = []
             first = len(token_ids) - 1 if layer == layers - 1 else 0  # logits need the last row
             for start in range(first, len(token_ids), chunk):
