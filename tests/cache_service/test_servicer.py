@@ -11,13 +11,16 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import CollectorRegistry, Gauge
 
 import proto.build
 from cache_service import codec
 from cache_service.config import CacheServiceConfig
 from cache_service.page_pool import PagePool, PoolExhausted
+from cache_service.refusals import DeadlinePassed, local_error, refusal
 from cache_service.server import serve
 from cache_service.store import Store
+from cache_service.stream_slots import StreamSlots
 from cache_service.types import OutOfOrder, SequenceExists, SequenceSpec, UnknownSequence
 from proto.icecache.v1 import cache_service_pb2 as pb
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
@@ -523,3 +526,32 @@ def test_a_service_without_shared_memory_serves_pages_by_rpc():
 def test_connecting_to_nothing_says_how_to_start_a_service():
     with pytest.raises(ConnectionError, match="python -m cache_service"):
         RemoteKVClient.connect("127.0.0.1:1", connect_timeout=0.5)
+
+
+def test_stream_slots_hold_at_most_their_limit_and_count_open_streams_by_kind():
+    registry = CollectorRegistry()
+    slots = StreamSlots(2, Gauge("open", "open streams", ["kind"], registry=registry))
+    assert slots.acquire("grpc") and slots.acquire("local")
+    assert not slots.acquire("grpc")
+    slots.release("grpc")
+    assert slots.acquire("local")
+    assert registry.get_sample_value("open", {"kind": "grpc"}) == 0
+    assert registry.get_sample_value("open", {"kind": "local"}) == 2
+    assert "holds 2 open decode streams, its --max-streams" in str(slots.refusal())
+    none = StreamSlots(0, Gauge("none", "no streams", ["kind"], registry=registry))
+    assert not none.acquire("grpc")
+
+
+def test_refusals_give_each_error_its_status_and_name_the_pool_limit():
+    assert refusal(DeadlinePassed("late"), "L").code == grpc.StatusCode.DEADLINE_EXCEEDED
+    full = refusal(PoolExhausted("no free page"), "64 pages")
+    assert full.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert str(full.err) == "no free page (limit: 64 pages)"
+    assert refusal(RuntimeError("bug"), "L").code == grpc.StatusCode.INTERNAL
+    bad_id = local_error("LocalStream", refusal(UnknownSequence("\x00"), "L"))
+    assert (bad_id.code, bad_id.error, bad_id.seq_id) == ("NOT_FOUND", "UnknownSequence", "")
+    internal = local_error("LocalStream", refusal(RuntimeError("bug"), "L"))
+    assert (internal.error, internal.message) == (
+        "",
+        "internal error in LocalStream: RuntimeError: bug",
+    )
