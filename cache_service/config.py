@@ -5,8 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from cache_service.page_pool import DTYPES
 from cache_service.security import SecurityConfig
+from cache_service.types import kv_bytes
 
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -82,8 +85,7 @@ class CacheServiceConfig:
     @property
     def page_bytes(self) -> int:
         """Bytes of K and V in one page."""
-        itemsize = 4 if self.dtype == "float32" else 2
-        return 2 * self.page_size * self.head_dim * itemsize
+        return kv_bytes(self.page_size, self.head_dim, np.dtype(DTYPES[self.dtype]).itemsize)
 
     @property
     def num_pages(self) -> int:

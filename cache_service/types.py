@@ -8,6 +8,20 @@ from typing import NamedTuple
 import numpy as np
 
 POLICIES = ("full", "oracle", "icecache", "icecache-r", "quest", "kmeans", "streaming")
+"""Every attention policy by name; the bodies each one lays out are ``cache_service.policies``'."""
+
+
+def check_policy(name: str) -> str:
+    """``name`` if it names a policy; else ``ValueError`` listing the policies."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    return name
+
+
+def kv_bytes(tokens: int, head_dim: int, itemsize: int, heads: int = 1) -> int:
+    """Bytes of the keys and values of ``tokens`` tokens in each of ``heads`` (layer, KV head)
+    pairs, at ``itemsize`` bytes a value: a page is ``kv_bytes(page_size, head_dim, itemsize)``."""
+    return 2 * tokens * heads * head_dim * itemsize
 
 
 class UnknownSequence(KeyError):
@@ -71,8 +85,7 @@ class SequenceSpec:
 
     def validate(self, page_size: int) -> None:
         """Raise ``ValueError`` naming the field to fix."""
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        check_policy(self.policy)
         for name in ("num_layers", "num_kv_heads", "num_q_heads", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

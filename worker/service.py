@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -31,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from cache_service import security
 from cache_service.page_pool import PoolExhausted
 from cache_service.security import SecurityConfig
-from cache_service.types import POLICIES, SequenceSpec, TooManySequences
+from cache_service.types import SequenceSpec, TooManySequences, check_policy, kv_bytes
 from proto.icecache.v1 import worker_pb2 as pb
 from proto.icecache.v1 import worker_pb2_grpc as pb_grpc
 from worker.engine import Engine, EngineConfig
@@ -120,8 +121,7 @@ class WorkerConfig:
                 "no cache service given; pass --cache-service HOST:PORT[,HOST:PORT...] "
                 "or set ICECACHE_CACHE_SERVICES"
             )
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        check_policy(self.policy)
         if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
             raise ValueError(f"ports must be in 0..65535, got {self.port}, {self.metrics_port}")
         limits = (self.budget, self.max_batch, self.max_queue, self.max_requests)
@@ -288,7 +288,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         c = engine.model.config
         self.max_context = c.max_position_embeddings
         self.vocab = c.vocab_size
-        self.kv_token_bytes = 2 * 4 * c.num_layers * c.num_kv_heads * c.head_dim
+        stored = engine.kv.read_pages(np.empty(0, np.int64))  # [0, 2, page, dim], as stored
+        self.kv_token_bytes = kv_bytes(
+            1, c.head_dim, stored.dtype.itemsize, heads=c.num_layers * c.num_kv_heads
+        )
         self.page_bytes = engine.cache.page_bytes
         self.max_requests = config.max_requests if config else 1 << 30
         self.max_new_tokens = config.max_new_tokens if config else self.max_context
@@ -395,8 +398,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             return None
         engine = self.scheduler.engine
         policy = request.policy if request.HasField("policy") else engine.config.policy
-        if policy not in POLICIES:
-            raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        check_policy(policy)
         budget = request.budget if request.HasField("budget") else engine.config.budget
         if budget is not None and budget <= 0:
             raise ValueError(f"budget must be a positive number of tokens, got {budget}")

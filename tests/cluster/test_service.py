@@ -148,19 +148,7 @@ BYTES_PER_VALUE = {"float32": 4, "float16": 2}  # IEEE 754 single and half preci
 SMOLLM_KV_VALUES_PER_TOKEN = 2 * 30 * 3 * 64  # K and V, 30 layers, 3 KV heads, head_dim 64
 
 
-@pytest.mark.parametrize(
-    "dtype",
-    [
-        "float32",
-        pytest.param(
-            "float16",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="worker/service.py counts 4 bytes a value whatever the pool's dtype",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_kv_bytes_stored_counts_the_pools_bytes_per_value(smollm, dtype):
     config = WorkerConfig(
         cache_services=("in-process:0",), port=0, policy=POLICY, budget=BUDGET, metrics_port=0
