@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from cache_service import codec
+from cache_service import codec, limits
 from cache_service.local_stream import METHOD as LOCAL_METHOD
 from cache_service.metrics import ServiceMetrics
 from cache_service.refusals import CallContext, check_deadline, local_error, refusal
@@ -84,7 +84,7 @@ class DecodeSteps:
         pages, first = np.unique(pages, return_index=True)
         versions = versions[first]
         new = [carried.get(p) != v for p, v in zip(pages.tolist(), versions.tolist(), strict=True)]
-        limit = max(1, min(codec.READ_PAGES_MAX, PUSH_MAX_BYTES // self.store.pool.page_bytes))
+        limit = max(1, min(limits.READ_PAGES_MAX, PUSH_MAX_BYTES // self.store.pool.page_bytes))
         pages, versions = pages[new][:limit], versions[new][:limit]
         if len(carried) + pages.size > MAX_CARRIED:
             carried.clear()  # forgetting only costs sending a page again

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import grpc
 
-from cache_service import codec
+from cache_service import framing
 from cache_service.stream_slots import StreamSlots
 from cache_service.types import TooManyStreams
 from proto.icecache.v1 import cache_service_pb2 as pb
@@ -168,7 +168,7 @@ class LocalStreams:
         holding = False
         try:
             conn.settimeout(HANDSHAKE_TIMEOUT_S)
-            frames = codec.FrameReader(conn)
+            frames = framing.FrameReader(conn)
             refusal = self._admit(frames.read())
             if refusal is not None:
                 _send(conn, pb.LocalReply(error=refusal))
@@ -187,7 +187,7 @@ class LocalStreams:
                     self._observe(METHOD, reply.error.code or grpc.StatusCode.OK.name, seconds)
                 if reply.HasField("error"):
                     return
-        except codec.FrameError as err:
+        except framing.FrameError as err:
             error = pb.LocalError(code=grpc.StatusCode.INVALID_ARGUMENT.name, message=str(err))
             log.info("local stream refused: %s", err, extra={"method": METHOD})
             _send_quietly(conn, pb.LocalReply(error=error))
@@ -223,7 +223,7 @@ class LocalStreams:
 
 
 def _send(conn: socket.socket, reply: pb.LocalReply) -> None:
-    codec.write_frame(conn, reply.SerializeToString())
+    framing.write_frame(conn, reply.SerializeToString())
 
 
 def _send_quietly(conn: socket.socket, reply: pb.LocalReply) -> None:

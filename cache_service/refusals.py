@@ -1,7 +1,7 @@
 """How a request that fails ends: the error's status code, its log line, and what the client
 gets (a gRPC status with trailing metadata, or a ``LocalError`` on a local stream).
 
-Domain errors leave as status codes (``codec.error_status``) with their message and the
+Domain errors leave as status codes (``wire_errors.error_status``) with their message and the
 exception's name, so a remote client raises the same exception with the same text as the
 in-process store. A call whose deadline passed, or whose client went away, before it held
 the store is refused with DEADLINE_EXCEEDED before it changes anything.
@@ -14,7 +14,7 @@ from typing import NoReturn, Protocol
 
 import grpc
 
-from cache_service import codec
+from cache_service import wire_errors
 from cache_service.page_pool import PagePool, PoolExhausted
 from cache_service.types import UnknownSequence
 from cache_service.wire_checks import valid_id
@@ -66,7 +66,7 @@ def refusal(err: Exception, limit: str) -> Refused:
         return Refused(grpc.StatusCode.DEADLINE_EXCEEDED, err)
     if isinstance(err, PoolExhausted):
         err = PoolExhausted(f"{err} (limit: {limit})")
-    return Refused(codec.error_status(err), err)
+    return Refused(wire_errors.error_status(err), err)
 
 
 def abort(context: grpc.ServicerContext, method: str, refused: Refused) -> NoReturn:
@@ -74,9 +74,9 @@ def abort(context: grpc.ServicerContext, method: str, refused: Refused) -> NoRet
     code, err = refused.code, refused.err
     details = _log_refusal(method, code, err)
     if code != grpc.StatusCode.INTERNAL:
-        trailer = [(codec.ERROR_KEY, codec.error_name(err))]
+        trailer = [(wire_errors.ERROR_KEY, wire_errors.error_name(err))]
         if isinstance(err, UnknownSequence) and valid_id(str(err.args[0])):
-            trailer.append((codec.SEQ_ID_KEY, str(err.args[0])))
+            trailer.append((wire_errors.SEQ_ID_KEY, str(err.args[0])))
         context.set_trailing_metadata(tuple(trailer))
     context.abort(code, details)
     raise AssertionError("grpc's abort returned")  # unreachable: abort raises
@@ -92,7 +92,7 @@ def local_error(method: str, refused: Refused) -> pb.LocalError:
     return pb.LocalError(
         code=code.name,
         message=details,
-        error=codec.error_name(err),
+        error=wire_errors.error_name(err),
         seq_id=seq_id if valid_id(seq_id) else "",
     )
 

@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cache_service import codec, security
+from cache_service import channel_options, host, security
 from cache_service.config import CacheServiceConfig
 from cache_service.decode_steps import DecodeSteps
 from cache_service.local_stream import LocalStreams
@@ -132,7 +132,7 @@ def serve(config: CacheServiceConfig) -> CacheServer:
             max_workers=config.workers + config.max_streams, thread_name_prefix="rpc"
         ),
         interceptors=security.server_interceptors(config.security),
-        options=codec.CHANNEL_OPTIONS,
+        options=channel_options.CHANNEL_OPTIONS,
     )
     try:
         port = security.add_port(server, f"{config.host}:{config.port}", config.security)
@@ -153,7 +153,7 @@ def _start(config: CacheServiceConfig, server: grpc.Server, port: int, store: St
     slots = StreamSlots(config.max_streams, metrics.open_streams)
     local = _local_streams(config, store, slots, metrics)
     try:
-        host_id = codec.host_identity()
+        host_id = host.host_identity()
         servicer = CacheServicer(store, metrics, host_id, config.max_memory, slots, local)
         pb_grpc.add_CacheServiceServicer_to_server(servicer, server)
         checker = health.HealthServicer()

@@ -17,7 +17,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from cache_service import codec
+from cache_service import codec, limits
 from cache_service.decode_steps import DecodeSteps
 from cache_service.metrics import ServiceMetrics
 from cache_service.refusals import Refused, abort, check_deadline, pool_limit, refusal
@@ -198,8 +198,8 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         num_pages = self.store.pool.num_pages
         if pages.ndim != 1:
             raise ValueError(f"pages must be one-dimensional [n], got shape {pages.shape}")
-        if pages.size > codec.READ_PAGES_MAX:
-            raise ValueError(f"ReadPages takes at most {codec.READ_PAGES_MAX} pages per call")
+        if pages.size > limits.READ_PAGES_MAX:
+            raise ValueError(f"ReadPages takes at most {limits.READ_PAGES_MAX} pages per call")
         if pages.size and (pages.min() < 0 or pages.max() >= num_pages):
             raise ValueError(f"page ids must be in 0..{num_pages - 1}")
         with self.store.lock:

@@ -6,8 +6,8 @@ together do not retry together).
 
 Who retries what (one layer per call):
 
-- calls to a cache service: its channel's gRPC retry policy (``cache_service.codec``), never
-  this loop;
+- calls to a cache service: its channel's gRPC retry policy
+  (``cache_service.channel_options``), never this loop;
 - a sequence whose replica failed during its prefill: ``worker.scheduler`` places it anew
   with this loop (each try is a new placement, not a repeat of a call);
 - calls to a worker (``worker.client.WorkerClient``): this loop, as the attempts must be

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cache_service import codec
+from cache_service import codec, framing, wire_errors
 from cache_service.config import CacheServiceConfig
 from cache_service.page_pool import PagePool
 from cache_service.server import SHM_DIR, serve
@@ -329,12 +329,12 @@ class _LocalStream:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(600)
         self.sock.connect("\0" + offer.socket)
-        self.frames = codec.FrameReader(self.sock)
+        self.frames = framing.FrameReader(self.sock)
         self(offer.ticket, None)
 
     def __call__(self, request, timeout):
         frame = request if isinstance(request, bytes) else request.SerializeToString()
-        codec.write_frame(self.sock, frame)
+        framing.write_frame(self.sock, frame)
         reply = pb.LocalReply.FromString(self.frames.read())
         if reply.HasField("error"):
             raise _LocalFailure(reply.error)
@@ -361,7 +361,7 @@ def _send(stub, channel, method, request, stream=None):
         if on_stream:  # an error ends a stream: the client opens another
             stream[0].close()
             stream[0] = _Stream(stub)
-        return err.code(), codec.trailer(err).get(codec.ERROR_KEY, ""), err.details()
+        return err.code(), wire_errors.trailer(err).get(wire_errors.ERROR_KEY, ""), err.details()
     except _LocalFailure as failure:
         stream[0].close()
         stream[0] = _LocalStream(stub)

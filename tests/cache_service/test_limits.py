@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from cache_service import codec
+from cache_service import channel_options, host, limits
 from cache_service.config import CacheServiceConfig
 from cache_service.metrics import ServiceMetrics
 from cache_service.page_pool import PagePool, PoolExhausted
@@ -164,10 +164,10 @@ def test_oversized_messages_are_refused_and_the_service_carries_on():
     server = _service(pages=64)
     address = f"127.0.0.1:{server.port}"
     try:
-        with grpc.insecure_channel(address, options=codec.CHANNEL_OPTIONS) as channel:
+        with grpc.insecure_channel(address, options=channel_options.CHANNEL_OPTIONS) as channel:
             stub = pb_grpc.CacheServiceStub(channel)
-            big = pb.Tensor(dtype="float32", shape=[codec.MAX_MESSAGE_BYTES // 4 + 16])
-            big.data = bytes(codec.MAX_MESSAGE_BYTES + 64)
+            big = pb.Tensor(dtype="float32", shape=[limits.MAX_MESSAGE_BYTES // 4 + 16])
+            big.data = bytes(limits.MAX_MESSAGE_BYTES + 64)
             with pytest.raises(grpc.RpcError) as err:
                 stub.Append(pb.AppendRequest(seq_id="x", keys=big))
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -267,8 +267,8 @@ class FlakyServicer(CacheServicer):
 
 def test_read_only_calls_are_retried_when_unavailable_and_writes_are_not():
     store = Store(PagePool(64, PAGE, DIM))
-    servicer = FlakyServicer(store, ServiceMetrics(store), codec.host_identity())
-    server = grpc.server(futures.ThreadPoolExecutor(2), options=codec.CHANNEL_OPTIONS)
+    servicer = FlakyServicer(store, ServiceMetrics(store), host.host_identity())
+    server = grpc.server(futures.ThreadPoolExecutor(2), options=channel_options.CHANNEL_OPTIONS)
     pb_grpc.add_CacheServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
-from cache_service import codec, local_stream
+from cache_service import codec, framing, limits, local_stream, wire_errors
 from cache_service.config import CacheServiceConfig
 from cache_service.local_stream import LocalStreams
 from cache_service.server import serve
@@ -50,8 +50,8 @@ def _dial(offer):
 
 
 def _reply(sock, frame):
-    codec.write_frame(sock, frame)
-    return pb.LocalReply.FromString(codec.FrameReader(sock).read())  # (one frame in flight)
+    framing.write_frame(sock, frame)
+    return pb.LocalReply.FromString(framing.FrameReader(sock).read())  # (one frame in flight)
 
 
 def _closed(sock):
@@ -133,7 +133,7 @@ def test_unused_tickets_are_capped(monkeypatch):
                 stub.OpenLocalStream(pb.OpenLocalStreamRequest())
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "tickets are unused" in err.value.details()
-            assert codec.trailer(err.value)[codec.ERROR_KEY] == "TooManyStreams"
+            assert wire_errors.trailer(err.value)[wire_errors.ERROR_KEY] == "TooManyStreams"
     finally:
         server.stop(0)
 
@@ -164,7 +164,7 @@ def test_steps_answer_like_decode_and_errors_close_the_stream(stub, service):
     (selection,) = reply.response.selections
     assert codec.selection_from_proto(selection).lens.sum() == 2 * 41  # dense: all, 2 KV heads
     reply = _reply(sock, _decode_request("ghost", 0, rng).SerializeToString())
-    err = codec.error_from_local(reply.error, "here")
+    err = wire_errors.error_from_local(reply.error, "here")
     assert isinstance(err, UnknownSequence) and err.args[0] == "ghost"
     assert _closed(sock)
     sock.close()
@@ -194,8 +194,8 @@ def test_a_frame_that_is_no_valid_request_is_an_invalid_argument(stub, frame, sa
 
 def test_a_frame_over_the_message_limit_is_refused_unread(stub):
     sock = _handshake(stub)
-    sock.sendall(struct.pack("<I", codec.MAX_MESSAGE_BYTES + 1))
-    reply = pb.LocalReply.FromString(codec.FrameReader(sock).read())
+    sock.sendall(struct.pack("<I", limits.MAX_MESSAGE_BYTES + 1))
+    reply = pb.LocalReply.FromString(framing.FrameReader(sock).read())
     assert reply.error.code == "INVALID_ARGUMENT" and "over the" in reply.error.message
     assert _closed(sock)
     sock.close()
@@ -216,29 +216,29 @@ def test_a_stream_cut_inside_a_frame_ends_quietly_and_frees_its_slot(stub, servi
 def test_frames_round_trip_and_a_cut_frame_is_an_error():
     a, b = socket.socketpair()
     with a, b:
-        frames = codec.FrameReader(b)
-        codec.write_frame(a, b"")
-        codec.write_frame(a, b"x" * 100_000)  # more than one read's worth
-        codec.write_frame(a, b"after")  # arrives with the one before: kept for the next read
+        frames = framing.FrameReader(b)
+        framing.write_frame(a, b"")
+        framing.write_frame(a, b"x" * 100_000)  # more than one read's worth
+        framing.write_frame(a, b"after")  # arrives with the one before: kept for the next read
         assert frames.read() == b""
         assert frames.read() == b"x" * 100_000
         assert frames.read() == b"after"
         a.sendall(struct.pack("<I", 10) + b"12345")
         a.shutdown(socket.SHUT_WR)
-        with pytest.raises(codec.FrameError, match="5 bytes short of a frame"):
+        with pytest.raises(framing.FrameError, match="5 bytes short of a frame"):
             frames.read()
     a, b = socket.socketpair()
     with a, b:
         a.sendall(b"\1\0")
         a.close()
-        with pytest.raises(codec.FrameError, match="2 bytes short of a frame"):  # in the header
-            codec.FrameReader(b).read()
+        with pytest.raises(framing.FrameError, match="2 bytes short of a frame"):  # in the header
+            framing.FrameReader(b).read()
     a, b = socket.socketpair()
     with a, b:
         a.close()
-        assert codec.FrameReader(b).read() is None  # the end between frames
+        assert framing.FrameReader(b).read() is None  # the end between frames
     with pytest.raises(ValueError, match="over the"):
-        codec.write_frame(socket.socket(), b"\0" * (codec.MAX_MESSAGE_BYTES + 1))
+        framing.write_frame(socket.socket(), b"\0" * (limits.MAX_MESSAGE_BYTES + 1))
 
 
 def test_local_streams_need_only_stream_slots_a_frame_handler_and_a_recorder():

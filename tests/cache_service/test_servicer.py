@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, Gauge
 
 import proto.build
-from cache_service import codec
+from cache_service import codec, host, limits
 from cache_service.config import CacheServiceConfig
 from cache_service.page_pool import PagePool, PoolExhausted
 from cache_service.refusals import DeadlinePassed, local_error, refusal
@@ -103,7 +103,7 @@ def test_info_describes_the_pool_its_segment_and_host(shm_client, service):
     assert info.pool.dtype == "float32" and info.pool.page_bytes == 2 * PAGE * DIM * 4
     assert info.segment.name == pool.shm_name and (SHM / pool.shm_name).exists()
     assert info.segment.size_bytes == pool.num_pages * pool.page_bytes
-    assert info.host_id == codec.host_identity()
+    assert info.host_id == host.host_identity()
     assert "icecache" in info.policies
 
 
@@ -113,7 +113,7 @@ def test_same_host_client_maps_the_segment_and_others_use_rpc(shm_client, rpc_cl
 
 
 def test_client_on_another_host_reads_pages_by_rpc(address, monkeypatch):
-    monkeypatch.setattr(codec, "host_identity", lambda: "other-boot/other-host")
+    monkeypatch.setattr(host, "host_identity", lambda: "other-boot/other-host")
     with RemoteKVClient.connect(address) as client:
         assert client.transport == "rpc"
         with pytest.raises(ConnectionError, match="another host"):
@@ -358,13 +358,13 @@ def test_shm_and_rpc_reads_give_identical_bytes(shm_client, rpc_client, service)
 
 
 def test_read_pages_splits_large_requests(rpc_client, service, monkeypatch):
-    monkeypatch.setattr(codec, "READ_PAGES_MAX", 7)
+    monkeypatch.setattr(limits, "READ_PAGES_MAX", 7)
     pages = np.arange(30) % service.store.pool.num_pages
     np.testing.assert_array_equal(rpc_client.read_pages(pages), service.store.read_pages(pages))
 
 
 def test_append_is_sent_in_chunks_under_the_limit(shm_client, service, monkeypatch):
-    monkeypatch.setattr(codec, "APPEND_CHUNK_BYTES", 10 * 2 * KV * DIM * 4)  # 10 tokens
+    monkeypatch.setattr(limits, "APPEND_CHUNK_BYTES", 10 * 2 * KV * DIM * 4)  # 10 tokens
     calls = service.metrics.requests.labels("Append", "OK")
     before = calls._value.get()
     rng = np.random.default_rng(2)

@@ -17,7 +17,7 @@ Several replicas (``ShardedKVClient``):
 - ``health``: ``grpc.health.v1`` polls of the replicas, and which process of one answers;
 - ``replicas``: opening a replica (a ``RemoteKVClient``) as a shard.
 
-Retries (one layer per call): the channel's gRPC retry policy (``cache_service.codec``)
+Retries (one layer per call): the channel's gRPC retry policy (``cache_service.channel_options``)
 repeats the calls that change nothing (``Info``, ``Stats``, ``ReadPages``, ``Retrieve``) on
 UNAVAILABLE; nothing here loops on a call. A call that still fails gives its replica up
 (``sharded``): a ``Create`` goes on to the next replica of the sequence's rendezvous order,

@@ -14,8 +14,8 @@ used when the service refuses a stream. Page data comes one of two ways, chosen 
   responses carry the selected pages this client was not sent yet (``push_pages``), and
   ``ReadPages`` the rest (pages the device cache dropped since, or after a ``Decode`` call).
 
-Errors come back as the store's own exceptions with its message (see ``cache_service.codec``).
-Retries: the channel's gRPC retry policy (``codec.CLIENT_OPTIONS``) repeats the calls that
+Errors come back as the store's own exceptions with its message (see ``cache_service.wire_errors``).
+Retries: the channel's gRPC retry policy (``channel_options.CLIENT_OPTIONS``) repeats the calls that
 change nothing (``Info``, ``Stats``, ``ReadPages``, ``Retrieve``) on UNAVAILABLE; this client
 repeats nothing itself. There is no failover to another replica here (``take_lost`` is always
 empty): a failure is the caller's error.
@@ -32,7 +32,7 @@ from typing import Any, Literal
 import grpc
 import numpy as np
 
-from cache_service import codec, security
+from cache_service import channel_options, codec, host, limits, security, wire_errors
 from cache_service.page_pool import DTYPES
 from cache_service.store import StoreStats
 from cache_service.types import Selection, SequenceSpec, TooManyStreams
@@ -119,7 +119,7 @@ class RemoteKVClient(KVClient):
         ``ICECACHE_TLS_CA`` ... from the environment (``cache_service.security``).
         """
         auth = security.security_from_env() if auth is None else auth
-        channel = security.make_channel(address, auth, options=codec.CLIENT_OPTIONS)
+        channel = security.make_channel(address, auth, options=channel_options.CLIENT_OPTIONS)
         try:
             grpc.channel_ready_future(channel).result(timeout=connect_timeout)
             return cls(channel, address, transport, timeout, decode)
@@ -144,7 +144,7 @@ class RemoteKVClient(KVClient):
         self, seq_id: str, layer: int, keys: np.ndarray, values: np.ndarray, positions: np.ndarray
     ) -> None:
         """keys, values ``[T, kv_heads, head_dim]``; positions ``[T]``; sent in chunks."""
-        for rows in _chunks(len(positions), 2 * keys[:1].nbytes, codec.APPEND_CHUNK_BYTES):
+        for rows in _chunks(len(positions), 2 * keys[:1].nbytes, limits.APPEND_CHUNK_BYTES):
             request = pb.AppendRequest(
                 seq_id=seq_id,
                 layer=layer,
@@ -209,8 +209,8 @@ class RemoteKVClient(KVClient):
             have = (pushed.pages[at] == pages) & (pushed.versions[at] == versions)
             out[have] = pushed.data[at[have]]
             missing = np.flatnonzero(~have)
-        for start in range(0, missing.size, codec.READ_PAGES_MAX):
-            rows = missing[start : start + codec.READ_PAGES_MAX]
+        for start in range(0, missing.size, limits.READ_PAGES_MAX):
+            rows = missing[start : start + limits.READ_PAGES_MAX]
             request = pb.ReadPagesRequest(pages=codec.to_tensor(pages[rows]))
             response = self._call(self._stub.ReadPages, request)
             out[rows] = codec.from_tensor(response.data, "data")
@@ -249,7 +249,7 @@ class RemoteKVClient(KVClient):
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as err:
-            raise codec.error_from_status(err, self.address) from None
+            raise wire_errors.error_from_status(err, self.address) from None
 
     def _decode(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
         """On the stream when there is one to use (opening it if need be), else unary."""
@@ -281,7 +281,7 @@ class RemoteKVClient(KVClient):
                 raise
             assert isinstance(stream, DecodeStream)
             refused = err.code() == grpc.StatusCode.UNIMPLEMENTED or (
-                codec.trailer(err).get(codec.ERROR_KEY) == TooManyStreams.__name__
+                wire_errors.trailer(err).get(wire_errors.ERROR_KEY) == TooManyStreams.__name__
             )
             if stream.answered == 0 and refused:
                 self._refused(err.details())
@@ -291,7 +291,7 @@ class RemoteKVClient(KVClient):
                     f"cache service at {self.address} did not answer a decode step within "
                     f"{self.timeout:g} s; check that it is running"
                 ) from None
-            raise codec.error_from_status(err, self.address) from None
+            raise wire_errors.error_from_status(err, self.address) from None
 
     def _open_local(self) -> LocalDecodeStream | None:
         """A local stream where one is to be had (else ``None``, and no more tries)."""
@@ -301,7 +301,7 @@ class RemoteKVClient(KVClient):
             stream = LocalDecodeStream.open(self._stub, self.address, self.timeout)
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.UNIMPLEMENTED:  # else: a service before them
-                raise codec.error_from_status(err, self.address) from None
+                raise wire_errors.error_from_status(err, self.address) from None
             stream = None
         if stream is None:
             self._local = False
@@ -320,7 +320,7 @@ class RemoteKVClient(KVClient):
     def _map_segment(self) -> SegmentView | None:
         """The pool's segment mapped read-only, or ``None`` when it cannot be shared."""
         name, pool = self.info.segment.name, self.info.pool
-        if not name or self.info.host_id != codec.host_identity():
+        if not name or self.info.host_id != host.host_identity():
             return None
         try:
             return SegmentView(name, (pool.num_pages, *self.page_shape), pool.dtype)

@@ -15,7 +15,7 @@ afresh (``Connect``) before it takes a sequence again: a restarted process has a
 segment, whose pages get a new range of global ids (``worker.kv.page_ranges``).
 
 Retries: this client repeats no call. Each replica's channel repeats the calls that change
-nothing (gRPC's retry policy, ``cache_service.codec``); any call that still fails with
+nothing (gRPC's retry policy, ``cache_service.channel_options``); any call that still fails with
 ``ConnectionError`` gives its replica up, and ``create`` goes on to the next replica of the
 sequence's rendezvous order (failover, not a repeat). ``Create``, ``Append``, ``Decode`` and
 ``Release`` are never repeated; a failed release is logged (its KV dies with the replica).

@@ -1,6 +1,6 @@
 """Decode steps on a same-host cache service's Unix socket (``OpenLocalStream``).
 
-The same messages as a gRPC ``DecodeStream``, framed by ``cache_service.codec``, at a
+The same messages as a gRPC ``DecodeStream``, framed by ``cache_service.framing``, at a
 fraction of a gRPC message's cost.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 
-from cache_service import codec
+from cache_service import framing, wire_errors
 from proto.icecache.v1 import cache_service_pb2 as pb
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
 
@@ -26,7 +26,7 @@ class LocalDecodeStream:
 
     def __init__(self, sock: socket.socket, address: str, timeout: float | None) -> None:
         self._sock = sock
-        self._frames = codec.FrameReader(sock)
+        self._frames = framing.FrameReader(sock)
         self.address = address
         self.timeout = timeout
         self.answered = 0
@@ -69,7 +69,7 @@ class LocalDecodeStream:
 
     def _reply(self, frame: bytes) -> pb.LocalReply:
         try:
-            codec.write_frame(self._sock, frame)
+            framing.write_frame(self._sock, frame)
             answer = self._frames.read()
         except TimeoutError:
             assert self.timeout is not None
@@ -85,5 +85,5 @@ class LocalDecodeStream:
             raise ConnectionError(f"the cache service at {self.address} ended the decode stream")
         reply = pb.LocalReply.FromString(answer)
         if reply.HasField("error"):
-            raise codec.error_from_local(reply.error, self.address)
+            raise wire_errors.error_from_local(reply.error, self.address)
         return reply
