@@ -211,37 +211,59 @@ def synthetic_cases(
 
 
 # ---------------------------------------------------------------------------- real keys
-def real_cases(context: int, steps: int, seed: int) -> tuple[list[HeadCase], float]:
+def real_cases(context: int, steps: int, seed: int) -> tuple[list[HeadCase], float | None]:
     """Every (layer, KV head) of the embedded model on ``context`` corpus tokens, and the
-    model's dense prefill time (s). Reuses the ``recall`` eval's capture path: the session's
-    recorded prefill keys and its decode observer, under the ``full`` policy."""
+    model's dense prefill time in s (``None`` when it was replayed from a capture).
+
+    The prefill of the first ``context - steps - 1`` tokens comes from the eval's on-disk
+    capture (``evaluation.capture``, float16 K/V, the same one the ``recall`` eval uses for
+    this window; computed once, with RoPE extrapolated past the model's 8k when longer);
+    the ``steps`` probed decode steps' keys and queries under ``full`` are kept beside it.
+    """
+    from evaluation.capture import default_root
     from evaluation.command import open_session
     from evaluation.corpus import Corpus, default_text
     from evaluation.session import SessionConfig
 
-    session = open_session(None, "cpu", SessionConfig(dense_layers=DENSE_LAYERS, seed=seed))
+    config = SessionConfig(dense_layers=DENSE_LAYERS, seed=seed, allow_extrapolation=True)
+    session = open_session(None, "cpu", config, default_root())
+    store = session.prefills
+    assert store is not None
     ids = Corpus(default_text(), session.tokenizer).window_ids(context, np.random.default_rng(seed))
     prefix = context - steps - 1
-    engine = session.engine("full", None, context)
-    started = time.perf_counter()
-    seq, _ = session.start(engine, ids[:prefix])
-    prefill_s = time.perf_counter() - started
-    engine.finish(seq)
-    seen: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    name = f"selection-probes-{steps}"
+    probes = store.load_extra(ids[:prefix], name)
+    prefill_s = None
+    if not probes:
+        engine = session.engine("full", None, context)
+        started = time.perf_counter()
+        seq, _ = session.start(engine, ids[:prefix])
+        if session.prefills_computed:
+            prefill_s = time.perf_counter() - started
+        engine.finish(seq)
+        seen: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
 
-    def observe(layer: int, keys: np.ndarray, queries: np.ndarray, _sels: object) -> None:
-        seen.setdefault(layer, []).append((keys[0].copy(), queries[0].copy()))
+        def observe(layer: int, keys: np.ndarray, queries: np.ndarray, _sels: object) -> None:
+            seen.setdefault(layer, []).append((keys[0].copy(), queries[0].copy()))
 
-    with session.observing(observe):
-        session.teacher_forced(engine, ids, prefix)
-    prefill = session.prefill_keys(ids[:prefix])  # per layer [T, Hkv, D]
+        with session.observing(observe):
+            session.teacher_forced(engine, ids, prefix)
+        layers = sorted(seen)
+        probes = {
+            "keys": np.stack([np.stack([k for k, _ in seen[i]]) for i in layers]),  # [L,S,Hkv,D]
+            "queries": np.stack([np.stack([q for _, q in seen[i]]) for i in layers]),  # [L,S,Hq,D]
+        }
+        store.save_extra(ids[:prefix], name, probes)
+    capture = store.load(ids[:prefix])
+    assert capture is not None
     cases = []
-    for layer, parts in sorted(seen.items()):
-        keys = np.concatenate([prefill[layer], np.stack([k for k, _ in parts])])  # [N, Hkv, D]
-        queries = np.stack([q for _, q in parts])  # [S, Hq, D]
+    for layer in range(capture.keys.shape[0]):
+        prefill = np.asarray(capture.keys[layer], dtype=np.float32)  # [T, Hkv, D]
+        keys = np.concatenate([prefill, probes["keys"][layer]])  # [N, Hkv, D]
+        queries = probes["queries"][layer]  # [S, Hq, D]
         kv_heads = keys.shape[1]
         group = queries.shape[1] // kv_heads
-        context_at = prefix + 1 + np.arange(len(parts))
+        context_at = prefix + 1 + np.arange(queries.shape[0])
         for h in range(kv_heads):
             q = queries[:, h * group : (h + 1) * group].astype(np.float32)
             cases.append(HeadCase(layer, h, keys[:, h].astype(np.float32), q, context_at, prefix))
@@ -482,7 +504,8 @@ def measure_speed(n: int, store_steps: int, runs: int, repeats: int, seed: int) 
     times: dict[str, list[float]] = {"batched": [], "cpu": [], "per_head": [], "oracle": []}
     for _ in range(repeats):
         for q in queries:
-            t0, c0 = time.perf_counter(), time.process_time()
+            c0 = time.process_time()  # wall excludes the CPU clock's own call
+            t0 = time.perf_counter()
             search_heads(indexes, q, body)
             times["batched"].append(time.perf_counter() - t0)
             times["cpu"].append(time.process_time() - c0)
@@ -509,7 +532,8 @@ def measure_speed(n: int, store_steps: int, runs: int, repeats: int, seed: int) 
         run_wall = []
         for step in range(store_steps):
             pos = n + run * store_steps + step
-            t0, c0 = time.perf_counter(), time.process_time()
+            c0 = time.process_time()
+            t0 = time.perf_counter()
             for layer in range(STORE_LAYERS):
                 k = keys[layer, pos][None]
                 q = np.concatenate(
@@ -681,7 +705,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--synthetic-layers", type=int_tuple, default=(2, 3, 4))
     p.add_argument("--synthetic-heads", type=int_tuple, default=(0, 1))
     p.add_argument("--steps", type=int, default=8, help="decode query steps per head")
-    p.add_argument("--real-context", type=int, default=8192, help="0: skip the real case")
+    p.add_argument(
+        "--real-contexts",
+        type=int_tuple,
+        default=(8192, 16384, 32768),
+        help="real keys of the embedded model (past 8k with RoPE extrapolated); 0: none",
+    )
     p.add_argument(
         "--speed-sizes", type=int_tuple, default=(8192, 32768), help="whole-layer timing"
     )
@@ -699,21 +728,23 @@ def main(argv: list[str] | None = None) -> None:
     measurer = Measurer(args.budgets, args.seed)
     rows: list[Row] = []
     meta: dict[str, object] = {}
-    if args.real_context:
+    for context in (n for n in args.real_contexts if n):
         started = time.perf_counter()
-        cases, prefill_s = real_cases(args.real_context, args.steps, args.seed)
+        cases, prefill_s = real_cases(context, args.steps, args.seed)
         log.info(
-            "captured real keys in %.1f s (prefill %.1f s)",
+            "real keys at %d in %.1f s (prefill %s)",
+            context,
             time.perf_counter() - started,
-            prefill_s,
+            "replayed from its capture" if prefill_s is None else f"{prefill_s:.1f} s",
         )
-        meta["real_prefill_s"] = prefill_s
+        meta[f"real_prefill_s_{context}"] = prefill_s
         for case in cases:
             if case.layer >= DENSE_LAYERS:
-                measurer.run("real", args.real_context, case)
+                measurer.run("real", context, case)
+        del cases
         rows += summarize(measurer.cells, layers=30, kv_heads=3)
         measurer.cells.clear()
-        log.info("real case done")
+        log.info("real case %d done", context)
     for n in args.sizes:
         started = time.perf_counter()
         for case in synthetic_cases(

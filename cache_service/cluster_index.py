@@ -271,16 +271,17 @@ class _Level:
         self._flat: tuple[np.ndarray, np.ndarray] | None = None
 
     def children_of(self, nodes: np.ndarray) -> np.ndarray:
-        """The children of ``nodes``, node by node, each node's in list order."""
+        """The children of ``nodes``, node by node, each node's in list order.
+
+        From a flat copy of every child list while it is current; a few nodes' children
+        straight from their lists (after a change, not worth rebuilding the copy for)."""
+        if self._flat is None and 8 * len(nodes) < self.n:
+            chained = itertools.chain.from_iterable(self.children[i] for i in nodes.tolist())
+            return np.fromiter(chained, np.int64)
         ptr, flat = self._csr()
         starts, lens = ptr[nodes], ptr[nodes + 1] - ptr[nodes]
         offsets = np.repeat(starts - (np.cumsum(lens) - lens), lens)
         return flat[offsets + np.arange(int(lens.sum()))]
-
-    def child_counts(self, nodes: np.ndarray) -> np.ndarray:
-        """How many children each of ``nodes`` has ``[n]``."""
-        ptr, _ = self._csr()
-        return ptr[nodes + 1] - ptr[nodes]
 
     def _csr(self) -> tuple[np.ndarray, np.ndarray]:
         if self._flat is None:
@@ -407,7 +408,7 @@ class ClusterIndex:
     def _insert_page(self, keys: np.ndarray, x: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
         """Insert up to a page of tokens; the ids of every token whose place changed."""
         target = self.nearest_leaves(x)
-        leaves, first, count = np.unique(target, return_index=True, return_counts=True)
+        leaves, count = np.unique(target, return_counts=True)
         fits = self.fill[leaves] + count <= self.config.page_size
         moved = [token_ids]
         touched = [leaves]
@@ -463,7 +464,7 @@ class ClusterIndex:
 
     def _refresh_ancestors(self, leaves: np.ndarray) -> None:
         """Recompute sums, counts and centroids of every ancestor of ``leaves`` from its
-        children, bottom-up."""
+        children, bottom-up (after the page's splits: every child is current by then)."""
         nodes = leaves
         for depth in range(1, len(self.levels)):
             below, level = self.levels[depth - 1], self.levels[depth]
@@ -471,8 +472,8 @@ class ClusterIndex:
             nodes = nodes[nodes >= 0]
             if len(nodes) == 0:
                 return
-            kids, lens = level.children_of(nodes), level.child_counts(nodes)
-            starts = np.cumsum(lens) - lens
+            lens = np.fromiter((len(level.children[i]) for i in nodes.tolist()), np.int64)
+            kids, starts = level.children_of(nodes), np.cumsum(lens) - lens
             level.sums[nodes] = np.add.reduceat(below.sums[kids], starts, axis=0)
             level.counts[nodes] = np.add.reduceat(below.counts[kids], starts)
             level.refresh(nodes)
