@@ -18,7 +18,7 @@ from typing import Any
 
 from cache_service import process
 from cache_service.types import POLICIES
-from worker.service import WorkerConfig
+from worker.serving.config import WorkerConfig
 
 
 def _addresses(text: str) -> tuple[str, ...]:
@@ -85,7 +85,7 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     process.setup_logging(config.log_level, config.log_format)
-    from worker.service import serve
+    from worker.serving.server import serve
 
     return process.serve_until_signal(lambda: serve(config), config.grace_s)
 

@@ -24,7 +24,8 @@ from worker.kv.remote import RemoteKVClient
 from worker.kv_client import LocalKVClient
 from worker.launcher import LocalCluster
 from worker.placement import owner
-from worker.service import WorkerConfig, serve
+from worker.serving.config import WorkerConfig
+from worker.serving.server import serve
 
 from .test_compose_cluster import _free_ports
 

@@ -10,7 +10,8 @@ import pytest
 from worker.client import WorkerClient
 from worker.kv_client import LocalKVClient
 from worker.retry import Backoff, retry
-from worker.service import WorkerConfig, serve
+from worker.serving.config import WorkerConfig
+from worker.serving.server import serve
 
 from .test_compose_cluster import _free_ports
 

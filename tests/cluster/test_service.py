@@ -14,7 +14,8 @@ from worker.client import WorkerClient, check_health
 from worker.engine import Engine, EngineConfig
 from worker.kv_client import LocalKVClient
 from worker.scheduler import DeadlineExceeded, DoneEvent, ErrorEvent, Request, Scheduler, TokenEvent
-from worker.service import WorkerConfig, serve
+from worker.serving.config import WorkerConfig
+from worker.serving.server import serve
 
 POLICY, BUDGET = "icecache", 64
 PROMPTS = ("Name three colours.", "Count from one to ten.", "Why is the sky blue?")

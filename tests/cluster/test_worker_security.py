@@ -18,7 +18,8 @@ from cache_service.server import serve as serve_cache
 from worker.__main__ import parse_config
 from worker.client import WorkerClient, check_health, generate_remote
 from worker.kv_client import LocalKVClient
-from worker.service import WorkerConfig, serve
+from worker.serving.config import WorkerConfig
+from worker.serving.server import serve
 
 TOKEN = "worker-test-token"
 POLICY, BUDGET = "icecache", 64

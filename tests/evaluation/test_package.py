@@ -12,7 +12,7 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_servers_and_generate_never_import_the_harness():
     code = (
-        "import sys, worker.cli, worker.service, worker.scheduler, cache_service.server\n"
+        "import sys, worker.cli, worker.serving.server, worker.scheduler, cache_service.server\n"
         "try:\n"
         "    worker.cli.main(['generate', '--help'])\n"
         "except SystemExit:\n"
