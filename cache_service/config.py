@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass, field
 
@@ -9,8 +10,11 @@ import numpy as np
 
 from cache_service.page_pool import DTYPES
 from cache_service.security import SecurityConfig
+from cache_service.settings import setting
 from cache_service.types import kv_bytes
 
+LOG_FORMATS = ("json", "text")
+"""What ``--log-format`` may be: one JSON object per line, or plain text."""
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -22,45 +26,56 @@ def parse_bytes(text: str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 @dataclass(frozen=True)
 class CacheServiceConfig:
     """Everything one cache-service process needs to start."""
 
-    host: str = "127.0.0.1"
-    """Interface to listen on (``0.0.0.0`` or ``[::]`` for all)."""
-    port: int = 50061
-    """gRPC port; 0 picks a free one (logged at start)."""
-    max_memory: int = 2 * 2**30
-    """Ceiling on bytes of K/V page data: the pool holds ``max_memory // page_bytes`` pages
-    (the OS backs only pages actually written). A request that needs more pages than are free
-    fails with RESOURCE_EXHAUSTED naming this limit; nothing is evicted."""
-    max_sequences: int = 0
-    """Most sequences held at once (0: no limit); a ``Create`` beyond it is RESOURCE_EXHAUSTED."""
-    page_size: int = 16
-    """Tokens per page."""
-    head_dim: int = 64
-    """Dimension of one key or value vector; must match the model of the workers."""
-    dtype: str = "float32"
-    """Element type of stored K/V: ``float32`` or ``float16``."""
-    shared_memory: bool = True
-    """Keep page data in a POSIX shared-memory segment that same-host workers map."""
-    local_streams: bool = True
-    """Offer same-host clients decode streams on a Unix socket (``OpenLocalStream``), which
-    cost less per message than gRPC's; needs ``shared_memory``."""
-    metrics_port: int = 0
-    """HTTP port of the Prometheus ``/metrics`` endpoint; 0 turns it off."""
-    workers: int = 4
-    """Threads serving unary RPCs."""
-    max_streams: int = 32
-    """Most decode streams open at once (``DecodeStream`` calls and local streams together);
-    each holds a thread of its own while open (on top of ``workers``). One more is refused and
-    its client falls back to ``Decode``."""
-    grace_s: float = 5.0
-    """On SIGTERM, seconds in-flight RPCs get to finish before the server stops."""
-    log_level: str = "INFO"
-    """Python logging level name."""
-    log_format: str = "json"
-    """``json`` (one object per line) or ``text``."""
+    host: str = setting("127.0.0.1", "Interface to listen on (0.0.0.0 or [::] for all).")
+    port: int = setting(50061, "gRPC port; 0 picks a free one (logged at start).")
+    max_memory: int = setting(
+        2 * 2**30,
+        "Ceiling on bytes of K/V page data, e.g. 4G or 512M: the pool holds max_memory // "
+        "page_bytes pages (the OS backs only pages actually written). A request that needs "
+        "more pages than are free fails with RESOURCE_EXHAUSTED naming this limit; nothing "
+        "is evicted.",
+        parse=_size,
+    )
+    max_sequences: int = setting(
+        0, "Most sequences held at once (0: no limit); a Create beyond it is RESOURCE_EXHAUSTED."
+    )
+    page_size: int = setting(16, "Tokens per page.")
+    head_dim: int = setting(
+        64, "Dimension of one key or value vector; must match the model of the workers."
+    )
+    dtype: str = setting("float32", "Element type of stored K/V.", choices=tuple(DTYPES))
+    shared_memory: bool = setting(
+        True, "Keep page data in a POSIX shared-memory segment that same-host workers map."
+    )
+    local_streams: bool = setting(
+        True,
+        "Offer same-host clients decode streams on a Unix socket (OpenLocalStream), which "
+        "cost less per message than gRPC's; needs shared_memory.",
+    )
+    metrics_port: int = setting(0, "HTTP port of the Prometheus /metrics endpoint; 0 turns it off.")
+    workers: int = setting(4, "Threads serving unary RPCs.")
+    max_streams: int = setting(
+        32,
+        "Most decode streams open at once (DecodeStream calls and local streams together); "
+        "each holds a thread of its own while open (on top of workers). One more is refused "
+        "and its client falls back to Decode (0: no streams).",
+    )
+    grace_s: float = setting(
+        5.0, "On SIGTERM, seconds in-flight RPCs get to finish before the server stops."
+    )
+    log_level: str = setting("INFO", "Python logging level: DEBUG, INFO, WARNING or ERROR.")
+    log_format: str = setting("json", "json (one object per line) or text.", choices=LOG_FORMATS)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     """Token auth and TLS (``cache_service.security``); off by default."""
 
@@ -79,7 +94,7 @@ class CacheServiceConfig:
             raise ValueError(
                 f"max_memory {self.max_memory} holds no page of {self.page_bytes} bytes; raise it"
             )
-        if self.log_format not in ("json", "text"):
+        if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log_format must be json or text, got {self.log_format!r}")
 
     @property

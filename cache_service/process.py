@@ -1,9 +1,9 @@
 """What every IceCache server process shares: flags + env config, logging, signal handling.
 
 Both ``python -m cache_service`` and ``python -m worker`` describe their settings as a
-dataclass whose fields are flags (``--max-memory``) and environment variables
-(``ICECACHE_MAX_MEMORY``): flag over env over default. A ``security`` field, if any, gets
-the auth/TLS flags of ``cache_service.security``.
+dataclass (``cache_service.settings``) whose fields are flags (``--max-memory``) and
+environment variables (``ICECACHE_MAX_MEMORY``): flag over env over default. A ``security``
+field gets the auth/TLS flags of ``cache_service.security``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import fields
+from collections.abc import Callable, Collection, Mapping
 from types import FrameType
 from typing import Any, Protocol, TypeVar
 
+from cache_service import settings
 from cache_service.security import add_security_flags, security_from_args
 
 log = logging.getLogger(__name__)
@@ -48,41 +48,18 @@ def parse_config(
     cls: type[Config],
     prog: str,
     description: str | None,
-    helps: Mapping[str, str],
     argv: list[str] | None,
     env: Mapping[str, str],
-    parsers: Mapping[str, Callable[[str], Any]] | None = None,
-    flags: Mapping[str, list[str]] | None = None,
-    extra: Mapping[str, dict[str, Any]] | None = None,
+    skip: Collection[str] = (),
 ) -> Config:
-    """``cls`` from flags, then ``ICECACHE_<FIELD>`` variables in ``env``, then defaults.
-
-    ``parsers`` convert a field's text (default: by its annotation, ``int``/``float``/str);
-    ``flags`` rename a field's flags; ``extra`` adds ``add_argument`` keywords.
-    """
-    parsers, flags, extra = parsers or {}, flags or {}, extra or {}
+    """``cls`` from flags, then ``ICECACHE_<NAME>`` variables in ``env``, then defaults (every
+    flag, its variable and its help come from ``cls``'s settings; see ``settings``)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    names = [f.name for f in fields(cls) if f.name != "security"]  # type: ignore[arg-type]
-    for f in fields(cls):  # type: ignore[arg-type]
-        if f.name == "security":
-            continue
-        convert = parsers.get(f.name) or {"int": int, "float": float}.get(str(f.type), str)
-        variable = f"ICECACHE_{f.name.upper()}"
-        default = convert(env[variable]) if variable in env else f.default
-        shown = ",".join(f.default) if isinstance(f.default, tuple) else f.default
-        parser.add_argument(
-            *flags.get(f.name, ["--" + f.name.replace("_", "-")]),
-            dest=f.name,
-            type=convert,
-            default=default,
-            help=f"{helps[f.name]} [env {variable}; default {shown}]",
-            **extra.get(f.name, {}),
-        )
+    settings.add_arguments(parser, cls, env, skip)
     add_security_flags(parser, env)
     args = parser.parse_args(argv)
     try:
-        security = security_from_args(args)
-        return cls(**{name: getattr(args, name) for name in names}, security=security)  # type: ignore[call-arg]
+        return settings.from_args(cls, args, skip, {"security": security_from_args(args)})
     except ValueError as err:
         parser.error(str(err))
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cache_service import settings
 from cache_service.types import POLICIES
 from evaluation.capture import PrefillStore, default_root, model_digest
 from evaluation.corpus import Corpus, default_text, read_text_file
@@ -23,6 +24,7 @@ from evaluation.report import plot, text_table, write_json
 from evaluation.runner import EvalPlan, EvalResult, run_plan
 from evaluation.session import Session, SessionConfig
 from evaluation.tasks import TASKS, Task, TaskOptions, make_task
+from worker.factory import LoadConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +76,14 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         help="policies, comma-separated; full always runs (default: all)",
     )
     parser.add_argument("--samples", type=int, default=4, help="samples per cell")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the samples and of the clustering"
+    )
     parser.add_argument("--text-file", help="UTF-8 text replacing the default corpus")
     parser.add_argument("--json", dest="json_out", help="write the results here")
     parser.add_argument("--plot", dest="plot_out", help="draw score against budget here (.png)")
-    parser.add_argument("--model", help="local HF checkpoint directory (default: embedded)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--dense-layers", type=int, default=2, help="first layers attend fully")
+    settings.add_arguments(parser, LoadConfig)
+    settings.add_arguments(parser, SessionConfig, skip=("seed",))  # --seed: samples' too
     parser.add_argument("--span", type=int, default=256, help="ppl: scored tokens per sample")
     parser.add_argument(
         "--gen-tokens", type=int, default=256, help="agreement: greedy tokens per sample"
@@ -99,12 +102,6 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         const=default_root(),
         help="keep dense prefills on disk (float16) and replay them in later runs "
         "(default DIR: $ICECACHE_CACHE_DIR/prefills)",
-    )
-    parser.add_argument(
-        "--allow-extrapolation",
-        action="store_true",
-        help="accept contexts past the model's trained length, RoPE extrapolated "
-        "(for recall/fidelity measurement; the model's outputs there are not trustworthy)",
     )
     parser.add_argument("--data-dir", type=Path, help="longbench: directory of JSONL files")
     parser.add_argument(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cache_service.settings import same_as
 from cache_service.types import Selection, SequenceSpec
 from evaluation.capture import Capture, PrefillStore
 from worker.engine import Engine, EngineConfig, PrefillRecord, Sequence
@@ -38,14 +39,12 @@ selections)."""
 
 @dataclass(frozen=True)
 class SessionConfig:
-    """How the session's engines are configured (besides policy and budget)."""
+    """How the session's engines are configured besides policy and budget: these settings
+    of ``EngineConfig``, declared (default and help) there."""
 
-    dense_layers: int = 2
-    """The first layers attend fully under every policy."""
-    seed: int = 0
-    """Seed of the clustering policies."""
-    allow_extrapolation: bool = False
-    """Run sequences past the model's trained context (RoPE extrapolated)."""
+    dense_layers: int = same_as(EngineConfig, "dense_layers")
+    seed: int = same_as(EngineConfig, "seed")
+    allow_extrapolation: bool = same_as(EngineConfig, "allow_extrapolation")
 
 
 def _from_capture(ids: tuple[int, ...], capture: Capture) -> PrefillRecord:

@@ -10,51 +10,29 @@ import sys
 import time
 from pathlib import Path
 
-from cache_service.types import POLICIES
+from cache_service import settings
 from worker.engine import EngineConfig
-from worker.factory import build_engine
+from worker.factory import LoadConfig, build_engine
 
 log = logging.getLogger(__name__)
 
-DEFAULT_POLICY = "icecache"
-DEFAULT_BUDGET = 256
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+SERVER_CHOOSES = ("policy", "budget")
+"""Engine flags that, left out with ``--server``, are the worker's own (given, the request's)."""
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that runs the model."""
-    parser.add_argument("--model", help="local HF checkpoint directory (default: embedded SmolLM2)")
-    parser.add_argument(
-        "--policy",
-        choices=POLICIES,
-        help=f"attention policy (default {DEFAULT_POLICY}; with --server: the worker's)",
-    )
-    parser.add_argument(
-        "--budget",
-        type=positive_int,
-        help=f"KV tokens per step (default {DEFAULT_BUDGET}; with --server: the worker's)",
-    )
-    parser.add_argument("--dense-layers", type=int, default=2, help="first layers attend fully")
+    """Flags of every command that runs the model: the settings of ``LoadConfig`` and
+    ``EngineConfig``, and where the KV store is."""
+    settings.add_arguments(parser, LoadConfig)
+    settings.add_arguments(parser, EngineConfig)
     parser.add_argument("--cache-service", help="address of a cache service (default: in-process)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--device-cache-mb", type=positive_int, default=1024)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(**dict.fromkeys(SERVER_CHOOSES))
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        policy=args.policy or DEFAULT_POLICY,
-        budget=args.budget or DEFAULT_BUDGET,
-        dense_layers=args.dense_layers,
-        device_cache_mb=args.device_cache_mb,
-        seed=args.seed,
-    )
+    """The engine flags; ``--policy`` and ``--budget`` left out are ``EngineConfig``'s."""
+    unset = [name for name in SERVER_CHOOSES if getattr(args, name) is None]
+    return settings.from_args(EngineConfig, args, skip=unset)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -71,9 +49,8 @@ def _generate(args: argparse.Namespace) -> int:
             ) from None
     else:
         prompt = args.prompt
-    engine, tokenizer = build_engine(
-        engine_config(args), args.model, args.cache_service, args.device
-    )
+    source = settings.from_args(LoadConfig, args)
+    engine, tokenizer = build_engine(engine_config(args), source, args.cache_service)
     ids = tokenizer.chat_prompt_ids(prompt) if args.chat else tokenizer.encode(prompt)
     started = time.perf_counter()
     out = engine.generate(ids, args.max_new_tokens, tokenizer.eos_token_ids)
@@ -88,7 +65,7 @@ def _generate(args: argparse.Namespace) -> int:
                     "prompt_tokens": len(ids),
                     "policy": engine.config.policy,
                     "budget": None if engine.config.policy == "full" else engine.config.budget,
-                    "dense_layers": args.dense_layers,
+                    "dense_layers": engine.config.dense_layers,
                     "prefill_s": engine.timings.prefill,
                     "generate_s": total_s,
                     "decode_ms_per_token": engine.timings.decode_ms_per_step,
@@ -116,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument(
         "--server",
         metavar="HOST:PORT",
-        help="generate through a running worker service instead of in this process",
+        help="generate through a running worker service instead of in this process (its "
+        "engine settings, but for --policy and --budget when given)",
     )
     gen.add_argument(
         "--auth-token",

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cache_service.settings import positive_int, setting
 from cache_service.types import POLICIES, Selection, SequenceSpec
 from kernels.dispatch import decode_attention
 from worker.kv_client import KVClient
@@ -32,29 +33,34 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     """How the engine keeps and selects KV for the sequences it runs."""
 
-    policy: str = "icecache"
-    """Attention policy, one of ``cache_service.types.POLICIES``."""
-    budget: int | None = 256
-    """KV tokens attended per layer and KV head at a decode step (sinks and window included);
-    ignored by ``full``."""
-    dense_layers: int = 2
-    """The first layers attend fully under every policy."""
-    sink_tokens: int | None = None
-    """Always-attended first tokens (``None``: derived from the budget)."""
-    recent_pages: int | None = None
-    """Always-attended recent-window pages (``None``: as many as sink pages)."""
-    reuse_group: int = 3
-    """``icecache-r``: layers sharing one selection."""
-    prefill_chunk: int = 1024
-    """Query tokens per attention chunk during prefill."""
-    device_cache_mb: int = 1024
-    """Device memory for resident KV pages."""
-    seed: int = 0
-    """Seed of the clustering."""
-    allow_extrapolation: bool = False
-    """Accept sequences longer than the model's ``max_position_embeddings``, with RoPE
-    extrapolated past the trained context (for offline measurement only: the model's output
-    there is not what it was trained to give)."""
+    policy: str = setting("icecache", "Attention policy.", choices=POLICIES)
+    budget: int | None = setting(
+        256,
+        "KV tokens attended per layer and KV head at a decode step (sinks and window "
+        "included); ignored by full.",
+        parse=positive_int,
+    )
+    dense_layers: int = setting(2, "The first layers attend fully under every policy.")
+    sink_tokens: int | None = setting(
+        None, "Always-attended first tokens (none: derived from the budget)."
+    )
+    recent_pages: int | None = setting(
+        None, "Always-attended recent-window pages (none: as many as sink pages)."
+    )
+    reuse_group: int = setting(3, "icecache-r: layers sharing one selection.")
+    prefill_chunk: int = setting(
+        1024, "Query tokens per attention chunk during prefill.", parse=positive_int
+    )
+    device_cache_mb: int = setting(
+        1024, "Device memory for resident KV pages (MiB).", parse=positive_int
+    )
+    seed: int = setting(0, "Seed of the clustering.")
+    allow_extrapolation: bool = setting(
+        False,
+        "Accept sequences longer than the model's max_position_embeddings, with RoPE "
+        "extrapolated past the trained context (for offline measurement only: the model's "
+        "output there is not what it was trained to give).",
+    )
 
     def spec(self, model: LlamaModel) -> SequenceSpec:
         """The store's spec for one sequence of ``model`` under this config."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
+from cache_service.settings import setting
 from worker.engine import Engine, EngineConfig
 from worker.kv_client import KVClient, LocalKVClient
 from worker.loader import load_model
@@ -16,6 +18,23 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORE_MB = 4096
 """Pool size of the in-process store; the OS backs only the pages actually written."""
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """Which model to run, and on which device."""
+
+    model: str | None = setting(
+        None, "Local HF checkpoint directory; none: the embedded SmolLM2-135M-Instruct."
+    )
+    device: str = setting("auto", "cpu, cuda or auto (CUDA when present).")
+
+
+def load(config: LoadConfig) -> tuple[LlamaModel, Tokenizer]:
+    """The model and its tokenizer, in bfloat16 on CUDA and float32 on CPU."""
+    device = pick_device(config.device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return load_model(config.model, dtype=dtype, device=device)
 
 
 def open_kv(model: LlamaModel, cache_service: str | None = None, page_size: int = 16) -> KVClient:
@@ -36,15 +55,10 @@ def pick_device(name: str = "auto") -> str:
 
 def build_engine(
     config: EngineConfig,
-    model_path: str | None = None,
+    source: LoadConfig | None = None,
     cache_service: str | None = None,
-    device: str = "auto",
     loaded: tuple[LlamaModel, Tokenizer] | None = None,
 ) -> tuple[Engine, Tokenizer]:
     """Load (or reuse) a model and wire it to a KV store under ``config``."""
-    device = pick_device(device)
-    if loaded is None:
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        loaded = load_model(model_path, dtype=dtype, device=device)
-    model, tokenizer = loaded
+    model, tokenizer = loaded or load(source or LoadConfig())
     return Engine(model, open_kv(model, cache_service), config), tokenizer

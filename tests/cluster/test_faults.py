@@ -72,7 +72,7 @@ def replicas(tmp_path_factory):
 def worker(smollm, replicas):
     addresses = (replicas.address("cache-0"), replicas.address("cache-1"))
     config = WorkerConfig(
-        cache_services=addresses, port=0, policy=POLICY, budget=BUDGET,
+        cache_services=addresses, port=0, engine=EngineConfig(policy=POLICY, budget=BUDGET),
         health_interval_s=0.2, rpc_timeout_s=20,
     )  # fmt: skip
     running = serve(config, loaded=smollm)

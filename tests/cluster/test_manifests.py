@@ -118,7 +118,7 @@ def test_the_worker_reads_the_compose_environment(compose):
     env = dict(localize(compose["worker"], list(compose)).environment)
     config = parse_config(["--port", "0"], env)
     assert config.cache_services == ("127.0.0.1:50061", "127.0.0.1:50062")
-    assert (config.policy, config.budget, config.metrics_port, config.port) == (
+    assert (config.engine.policy, config.engine.budget, config.metrics_port, config.port) == (
         "icecache",
         256,
         9100,

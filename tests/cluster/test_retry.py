@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from worker.client import WorkerClient
+from worker.engine import EngineConfig
 from worker.kv_client import LocalKVClient
 from worker.retry import Backoff, retry
 from worker.serving.config import WorkerConfig
@@ -83,7 +84,9 @@ def test_bad_backoff_settings_are_refused():
 
 def test_a_client_outlasts_a_worker_that_starts_late(smollm):
     (port,) = _free_ports(1)
-    config = WorkerConfig(cache_services=("in-process:0",), port=port, budget=64)
+    config = WorkerConfig(
+        cache_services=("in-process:0",), port=port, engine=EngineConfig(budget=64)
+    )
     kv = LocalKVClient.with_capacity(2**26, 16, smollm[0].config.head_dim)
     started: list = []
     timer = threading.Timer(1.0, lambda: started.append(serve(config, loaded=smollm, kv=kv)))

@@ -98,7 +98,10 @@ def test_negative_max_tokens_are_refused(scheduler):
 @pytest.fixture(scope="module")
 def server(smollm):
     config = WorkerConfig(
-        cache_services=("in-process:0",), port=0, policy=POLICY, budget=BUDGET, metrics_port=0
+        cache_services=("in-process:0",),
+        port=0,
+        engine=EngineConfig(policy=POLICY, budget=BUDGET),
+        metrics_port=0,
     )
     kv = LocalKVClient.with_capacity(2**28, 16, smollm[0].config.head_dim)
     running = serve(config, loaded=smollm, kv=kv)
@@ -152,7 +155,10 @@ SMOLLM_KV_VALUES_PER_TOKEN = 2 * 30 * 3 * 64  # K and V, 30 layers, 3 KV heads, 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_kv_bytes_stored_counts_the_pools_bytes_per_value(smollm, dtype):
     config = WorkerConfig(
-        cache_services=("in-process:0",), port=0, policy=POLICY, budget=BUDGET, metrics_port=0
+        cache_services=("in-process:0",),
+        port=0,
+        engine=EngineConfig(policy=POLICY, budget=BUDGET),
+        metrics_port=0,
     )
     kv = LocalKVClient.with_capacity(2**28, 16, smollm[0].config.head_dim, dtype=dtype)
     running = serve(config, loaded=smollm, kv=kv)
@@ -256,7 +262,7 @@ def test_an_expired_request_is_not_prefilled(scheduler):
 
 def test_calls_beyond_max_requests_are_resource_exhausted(smollm):
     config = WorkerConfig(
-        cache_services=("in-process:0",), port=0, policy=POLICY, budget=BUDGET,
+        cache_services=("in-process:0",), port=0, engine=EngineConfig(policy=POLICY, budget=BUDGET),
         max_requests=1, workers=3,
     )  # fmt: skip
     kv = LocalKVClient.with_capacity(2**26, 16, smollm[0].config.head_dim)

@@ -17,6 +17,7 @@ from cache_service.security import SecurityConfig
 from cache_service.server import serve as serve_cache
 from worker.__main__ import parse_config
 from worker.client import WorkerClient, check_health, generate_remote
+from worker.engine import EngineConfig
 from worker.kv_client import LocalKVClient
 from worker.serving.config import WorkerConfig
 from worker.serving.server import serve
@@ -47,7 +48,10 @@ def cert(tmp_path_factory):
 def secure_worker(smollm, cert):
     auth = SecurityConfig(auth_token=TOKEN, tls_cert=cert[0], tls_key=cert[1])
     config = WorkerConfig(
-        cache_services=("in-process:0",), port=0, policy=POLICY, budget=BUDGET, security=auth
+        cache_services=("in-process:0",),
+        port=0,
+        engine=EngineConfig(policy=POLICY, budget=BUDGET),
+        security=auth,
     )
     kv = LocalKVClient.with_capacity(2**26, 16, smollm[0].config.head_dim)
     running = serve(config, loaded=smollm, kv=kv)
@@ -102,7 +106,7 @@ def test_the_worker_reaches_a_tls_cache_service_with_its_token(smollm, cert):
     try:
         client_side = SecurityConfig(auth_token=TOKEN, tls_ca=cert[0])
         config = WorkerConfig(
-            cache_services=(address,), port=0, policy=POLICY, budget=BUDGET,
+            cache_services=(address,), port=0, engine=EngineConfig(policy=POLICY, budget=BUDGET),
             security=client_side,
         )  # fmt: skip
         worker = serve(config, loaded=smollm)

@@ -1,64 +1,81 @@
-"""What one worker process needs to start (flags and env in ``worker.__main__``)."""
+"""What one worker process needs to start (flags and env generated in ``worker.__main__``)."""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 
+from cache_service.config import LOG_FORMATS
 from cache_service.security import SecurityConfig
+from cache_service.settings import nested, setting
 from cache_service.types import check_policy
 from worker.engine import EngineConfig
+from worker.factory import LoadConfig
+
+OFFLINE_SETTINGS = ("allow_extrapolation",)
+"""Engine settings a server does not offer: the worker refuses prompts past the model's
+context whatever the engine would accept."""
+
+
+def parse_addresses(text: str) -> tuple[str, ...]:
+    """``"a:1, b:2"`` -> ``("a:1", "b:2")``."""
+    out = tuple(part.strip() for part in text.split(",") if part.strip())
+    for address in out:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {address!r}")
+    return out
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """Everything one worker process needs to start (flags and env in ``worker.__main__``)."""
+    """Everything one worker process needs to start."""
 
-    cache_services: tuple[str, ...] = ()
-    """``host:port`` of each cache-service replica; sequences are placed over them."""
-    host: str = "127.0.0.1"
-    """Interface to listen on (``0.0.0.0`` for all)."""
-    port: int = 50051
-    """gRPC port; 0 picks a free one (logged)."""
-    model: str | None = None
-    """Local HF checkpoint directory; ``None``: the embedded SmolLM2-135M-Instruct."""
-    policy: str = "icecache"
-    """Attention policy of every sequence, one of ``cache_service.types.POLICIES``."""
-    budget: int = 256
-    """KV tokens per layer and KV head at a decode step (ignored by ``full``)."""
-    dense_layers: int = 2
-    """The first layers attend fully."""
-    device: str = "auto"
-    """``cpu``, ``cuda`` or ``auto`` (CUDA when present)."""
-    device_cache_mb: int = 1024
-    """Device memory for resident KV pages."""
-    seed: int = 0
-    """Seed of the clustering."""
-    max_batch: int = 16
-    """Sequences decoded together at most."""
-    max_queue: int = 256
-    """Requests waiting for admission at most (more are refused with RESOURCE_EXHAUSTED)."""
-    max_requests: int = 48
-    """``Generate`` calls served at once (decoding or waiting); more get RESOURCE_EXHAUSTED."""
-    max_new_tokens: int = 4096
-    """Largest ``max_new_tokens`` a request may ask for."""
-    workers: int = 64
-    """RPC threads; a streaming ``Generate`` holds one for its whole duration, so there must
-    be more than ``max_requests`` (health checks and ``Info`` use the rest)."""
-    rpc_timeout_s: float = 60.0
-    """Deadline of each call to a cache-service replica; past it the replica counts as down
-    and its sequences are rebuilt elsewhere."""
-    metrics_port: int = 0
-    """HTTP port of the Prometheus ``/metrics`` endpoint; 0 turns it off."""
-    health_interval_s: float = 1.0
-    """Seconds between health checks of each cache-service replica."""
-    grace_s: float = 25.0
-    """On SIGTERM, seconds in-flight requests get to finish (new ones are refused at once);
-    keep it below the orchestrator's grace period (compose ``stop_grace_period``, k8s
-    ``terminationGracePeriodSeconds``: 30 s)."""
-    log_level: str = "INFO"
-    """Python logging level name."""
-    log_format: str = "json"
-    """``json`` (one object per line) or ``text``."""
+    cache_services: tuple[str, ...] = setting(
+        (),
+        "host:port of each cache-service replica; sequences are placed over them.",
+        flags=("--cache-service", "--cache-services"),
+        parse=parse_addresses,
+        metavar="HOST:PORT[,HOST:PORT...]",
+    )
+    host: str = setting("127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
+    port: int = setting(50051, "gRPC port; 0 picks a free one (logged).")
+    load: LoadConfig = nested(LoadConfig)
+    """The model and its device."""
+    engine: EngineConfig = nested(EngineConfig)
+    """Policy, budget and the rest of every sequence's engine settings (a request may bring
+    its own policy and budget)."""
+    max_batch: int = setting(16, "Sequences decoded together at most.")
+    max_queue: int = setting(
+        256,
+        "Requests waiting for admission at most (more are refused with RESOURCE_EXHAUSTED).",
+    )
+    max_requests: int = setting(
+        48, "Generate calls served at once (decoding or waiting); more get RESOURCE_EXHAUSTED."
+    )
+    max_new_tokens: int = setting(4096, "Largest max_new_tokens a request may ask for.")
+    workers: int = setting(
+        64,
+        "RPC threads; a streaming Generate holds one for its whole duration, so there must be "
+        "more than max_requests (health checks and Info use the rest).",
+    )
+    rpc_timeout_s: float = setting(
+        60.0,
+        "Deadline of each call to a cache-service replica; past it the replica counts as "
+        "down and its sequences are rebuilt elsewhere.",
+    )
+    metrics_port: int = setting(0, "HTTP port of the Prometheus /metrics endpoint; 0 turns it off.")
+    health_interval_s: float = setting(
+        1.0, "Seconds between health checks of each cache-service replica."
+    )
+    grace_s: float = setting(
+        25.0,
+        "On SIGTERM, seconds in-flight requests get to finish (new ones are refused at once); "
+        "keep it below the orchestrator's grace period (compose stop_grace_period, k8s "
+        "terminationGracePeriodSeconds: 30 s).",
+    )
+    log_level: str = setting("INFO", "Python logging level: DEBUG, INFO, WARNING or ERROR.")
+    log_format: str = setting("json", "json (one object per line) or text.", choices=LOG_FORMATS)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     """Token and TLS of this server (``tls_cert``/``tls_key``, ``auth_token``) and of its
     calls to the replicas (``tls_ca``, the same ``auth_token``)."""
@@ -69,10 +86,11 @@ class WorkerConfig:
                 "no cache service given; pass --cache-service HOST:PORT[,HOST:PORT...] "
                 "or set ICECACHE_CACHE_SERVICES"
             )
-        check_policy(self.policy)
+        check_policy(self.engine.policy)
         if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
             raise ValueError(f"ports must be in 0..65535, got {self.port}, {self.metrics_port}")
-        limits = (self.budget, self.max_batch, self.max_queue, self.max_requests)
+        budget = 1 if self.engine.budget is None else self.engine.budget
+        limits = (budget, self.max_batch, self.max_queue, self.max_requests)
         if min(*limits, self.max_new_tokens, self.workers, self.rpc_timeout_s) <= 0:
             raise ValueError(
                 "budget, max_batch, max_queue, max_requests, max_new_tokens, workers and "
@@ -83,14 +101,5 @@ class WorkerConfig:
                 f"workers ({self.workers}) must exceed max_requests ({self.max_requests}) so "
                 "that health checks always get a thread; raise --workers"
             )
-        if self.log_format not in ("json", "text"):
+        if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log_format must be json or text, got {self.log_format!r}")
-
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            policy=self.policy,
-            budget=self.budget,
-            dense_layers=self.dense_layers,
-            device_cache_mb=self.device_cache_mb,
-            seed=self.seed,
-        )

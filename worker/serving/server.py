@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -24,7 +23,7 @@ from cache_service import security
 from proto.icecache.v1 import worker_pb2 as pb
 from proto.icecache.v1 import worker_pb2_grpc as pb_grpc
 from worker.engine import Engine
-from worker.factory import pick_device
+from worker.factory import load
 from worker.kv.sharded import ShardedKVClient
 from worker.kv_client import KVClient
 from worker.model import LlamaModel
@@ -81,13 +80,7 @@ def build_engine(
     kv: KVClient | None = None,
 ) -> tuple[Engine, Tokenizer]:
     """Model (loaded here unless given) over the cache-service replicas (unless ``kv``)."""
-    if loaded is None:
-        from worker.loader import load_model
-
-        device = pick_device(config.device)
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        loaded = load_model(config.model, dtype=dtype, device=device)
-    model, tokenizer = loaded
+    model, tokenizer = loaded or load(config.load)
     if kv is None:
         kv = ShardedKVClient.connect(
             list(config.cache_services),
@@ -96,7 +89,7 @@ def build_engine(
             rpc_timeout=config.rpc_timeout_s,
             head_dim=model.config.head_dim,
         )
-    return Engine(model, kv, config.engine_config()), tokenizer
+    return Engine(model, kv, config.engine), tokenizer
 
 
 def serve(
@@ -159,15 +152,16 @@ def _track_replica_health(kv: KVClient, checker: health.HealthServicer) -> None:
 
 
 def _info(config: WorkerConfig, engine: Engine) -> pb.WorkerInfoResponse:
+    path = config.load.model
     info = pb.WorkerInfoResponse(
-        model=Path(config.model).name if config.model else "SmolLM2-135M-Instruct (embedded)",
+        model=Path(path).name if path else "SmolLM2-135M-Instruct (embedded)",
         device=engine.device.type,
-        policy=config.policy,
-        dense_layers=config.dense_layers,
+        policy=config.engine.policy,
+        dense_layers=config.engine.dense_layers,
         max_context=engine.model.config.max_position_embeddings,
         max_batch=config.max_batch,
         max_requests=config.max_requests,
     )
-    if config.policy != "full":
-        info.budget = config.budget
+    if config.engine.policy != "full" and config.engine.budget is not None:
+        info.budget = config.engine.budget
     return info
