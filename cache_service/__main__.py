@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from cache_service import process
+from cache_service import logs, process
 from cache_service.config import CacheServiceConfig
 
 
@@ -28,7 +28,7 @@ def parse_config(
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
-    process.setup_logging(config.log_level, config.log_format)
+    logs.setup_logging(config.log)
     from cache_service.server import serve  # after logging: the stubs may be generated
 
     return process.serve_until_signal(lambda: serve(config), config.grace_s)

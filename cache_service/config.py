@@ -8,13 +8,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cache_service.logs import LogConfig
 from cache_service.page_pool import DTYPES
 from cache_service.security import SecurityConfig
-from cache_service.settings import setting
+from cache_service.settings import nested, setting
 from cache_service.types import kv_bytes
 
-LOG_FORMATS = ("json", "text")
-"""What ``--log-format`` may be: one JSON object per line, or plain text."""
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -74,8 +73,7 @@ class CacheServiceConfig:
     grace_s: float = setting(
         5.0, "On SIGTERM, seconds in-flight RPCs get to finish before the server stops."
     )
-    log_level: str = setting("INFO", "Python logging level: DEBUG, INFO, WARNING or ERROR.")
-    log_format: str = setting("json", "json (one object per line) or text.", choices=LOG_FORMATS)
+    log: LogConfig = nested(LogConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     """Token auth and TLS (``cache_service.security``); off by default."""
 
@@ -94,8 +92,6 @@ class CacheServiceConfig:
             raise ValueError(
                 f"max_memory {self.max_memory} holds no page of {self.page_bytes} bytes; raise it"
             )
-        if self.log_format not in LOG_FORMATS:
-            raise ValueError(f"log_format must be json or text, got {self.log_format!r}")
 
     @property
     def page_bytes(self) -> int:

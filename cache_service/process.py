@@ -1,4 +1,5 @@
-"""What every IceCache server process shares: flags + env config, logging, signal handling.
+"""What every IceCache server process shares: its config from flags and env, and its life
+until a signal (its logs: ``cache_service.logs``).
 
 Both ``python -m cache_service`` and ``python -m worker`` describe their settings as a
 dataclass (``cache_service.settings``) whose fields are flags (``--max-memory``) and
@@ -9,10 +10,8 @@ field gets the auth/TLS flags of ``cache_service.security``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Callable, Collection, Mapping
 from types import FrameType
@@ -23,25 +22,7 @@ from cache_service.security import add_security_flags, security_from_args
 
 log = logging.getLogger(__name__)
 
-_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
-
 Config = TypeVar("Config")
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and any ``extra`` fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": round(record.created, 6),
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        entry.update({k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS})
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
 
 
 def parse_config(
@@ -62,16 +43,6 @@ def parse_config(
         return settings.from_args(cls, args, skip, {"security": security_from_args(args)})
     except ValueError as err:
         parser.error(str(err))
-
-
-def setup_logging(level: str, log_format: str) -> None:
-    """Structured (``json``) or ``text`` logs on stderr at ``level``."""
-    handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 class Stoppable(Protocol):

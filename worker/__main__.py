@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from cache_service import process
+from cache_service import logs, process
 from worker.serving.config import OFFLINE_SETTINGS, WorkerConfig
 
 
@@ -32,7 +32,7 @@ def parse_config(argv: list[str] | None = None, env: dict[str, str] | None = Non
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
-    process.setup_logging(config.log_level, config.log_format)
+    logs.setup_logging(config.log)
     from worker.serving.server import serve
 
     return process.serve_until_signal(lambda: serve(config), config.grace_s)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from cache_service.config import LOG_FORMATS
+from cache_service.logs import LogConfig
 from cache_service.security import SecurityConfig
 from cache_service.settings import nested, setting
 from cache_service.types import check_policy
@@ -74,8 +74,7 @@ class WorkerConfig:
         "keep it below the orchestrator's grace period (compose stop_grace_period, k8s "
         "terminationGracePeriodSeconds: 30 s).",
     )
-    log_level: str = setting("INFO", "Python logging level: DEBUG, INFO, WARNING or ERROR.")
-    log_format: str = setting("json", "json (one object per line) or text.", choices=LOG_FORMATS)
+    log: LogConfig = nested(LogConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     """Token and TLS of this server (``tls_cert``/``tls_key``, ``auth_token``) and of its
     calls to the replicas (``tls_ca``, the same ``auth_token``)."""
@@ -101,5 +100,3 @@ class WorkerConfig:
                 f"workers ({self.workers}) must exceed max_requests ({self.max_requests}) so "
                 "that health checks always get a thread; raise --workers"
             )
-        if self.log_format not in LOG_FORMATS:
-            raise ValueError(f"log_format must be json or text, got {self.log_format!r}")
