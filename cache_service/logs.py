@@ -20,7 +20,7 @@ class LogConfig:
     """The logs of a server process, on stderr."""
 
     log_level: str = setting("INFO", "Python logging level: DEBUG, INFO, WARNING or ERROR.")
-    log_format: str = setting("json", "json (one object per line) or text.", choices=FORMATS)
+    log_format: str = setting("json", "One JSON object a line, or plain text.", choices=FORMATS)
 
     def __post_init__(self) -> None:
         if self.log_format not in FORMATS:
