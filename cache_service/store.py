@@ -176,8 +176,11 @@ class Store:
         leaving = [lay.leaving_pages() for lay in lays]
         if dense or max_tokens is None:
             chosen = [body.all_pages() for body in bodies]
-        else:  # a leaving page is attended whole, in the body's share of the budget
-            budgets = [max(0, max_tokens - int(self.pool.fill[p].sum())) for p in leaving]
+        else:  # a leaving page is attended whole: first in the window's unused share
+            budgets = [
+                max_tokens - self._over_window(lay, pages)
+                for lay, pages in zip(lays, leaving, strict=True)
+            ]
             grouped = queries.reshape(spec.num_kv_heads, group, spec.head_dim)
             chosen = select_layer(bodies, grouped, budgets)
         parts = [
@@ -338,6 +341,15 @@ class Store:
                 seq.bodies[layer][head].add(pages)
         seq.flushed[layer] = True
 
+    def _over_window(self, lay: HeadLayout, leaving: np.ndarray) -> int:
+        """Tokens of ``leaving`` pages beyond the window's share of the budget
+        (``window_pages`` full pages, of which the newest is still filling)."""
+        share = lay.window_pages * self.pool.page_size
+        used = int(self.pool.fill[lay.window_pages_now()].sum()) + int(
+            self.pool.fill[leaving].sum()
+        )
+        return max(0, used - share)
+
     def _selection(self, parts: list[np.ndarray]) -> Selection:
         pages = np.concatenate(parts).astype(np.int64)
         indptr = np.zeros(len(parts) + 1, dtype=np.int64)
@@ -398,7 +410,8 @@ def _handover_delay(spec: SequenceSpec, layer: int, head: int, page_size: int) -
     takes it: clustered bodies insert pages, so their heads are spread over the
     ``page_size`` steps between two evictions (``icecache-r`` followers keep their leader's
     timing, they replay its inserts); 0 for the others, and when the body's budget cannot
-    hold a leaving page."""
+    hold a leaving page. A leaving page is attended whole: in the window's share of the
+    budget that its newest page does not use yet, the rest taken from the body's."""
     budget = spec.body_budget(page_size)
     if not _clustered(spec, layer) or budget is None or budget < page_size:
         return 0

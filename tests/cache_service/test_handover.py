@@ -148,3 +148,31 @@ def test_a_sequence_selects_the_same_alone_or_decoded_with_others(policy):
                 picked.append(store.pool.positions[sel.pages].tolist())
         runs.append(picked)
     assert runs[0] == runs[1]
+
+
+def test_a_leaving_page_is_attended_whole_within_the_budget():
+    """While a head's page is leaving it is attended with the window; the body gives up only
+    the tokens the window's newest page does not leave free, so no step exceeds the budget."""
+    store = Store(PagePool(4096, P, D))
+    spec = _spec("icecache")
+    store.create("s", spec)
+    rng = np.random.default_rng(2)
+    keys = rng.standard_normal((LAYERS, 400, KV, D)).astype(np.float32)
+    for layer in range(LAYERS):
+        store.append("s", layer, keys[layer, :200], keys[layer, :200], np.arange(200))
+    seen_leaving = 0
+    for pos in range(200, 300):
+        for layer in range(LAYERS):
+            q = rng.standard_normal((1, Q, D)).astype(np.float32)
+            k = keys[layer, pos][None]
+            (sel,) = store.decode(layer, ["s"], k, k, np.array([pos]), q)
+            for head in range(KV if layer else 0):  # layer 0 is dense
+                pages = sel.pages[sel.indptr[head] : sel.indptr[head + 1]]
+                got = store.pool.positions[pages].ravel()
+                got = set(got[got >= 0].tolist())
+                lay = store._seqs["s"].heads[layer][head]
+                leaving = store.pool.positions[lay.leaving_pages()].ravel().tolist()
+                seen_leaving += bool(leaving)
+                assert set(leaving) <= got
+                assert len(got) <= 64 and pos in got
+    assert seen_leaving > 100
