@@ -653,8 +653,11 @@ def markdown(rows: list[Row], name: str, length: int) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def plot(rows: list[Row], panels: list[tuple[str, int]], path: Path) -> None:
-    """Recall vs budget per policy for each panel, and icecache select ms vs context."""
+def plot(
+    rows: list[Row], panels: list[tuple[str, int]], path: Path, speed: list[SpeedRow] | None = None
+) -> None:
+    """Recall vs budget per policy for each panel, and select ms vs context (per-head rows,
+    and the whole-layer batched search of ``speed``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -679,6 +682,14 @@ def plot(rows: list[Row], panels: list[tuple[str, int]], path: Path) -> None:
             key=lambda r: r.context,
         )
         ax.plot([r.context for r in mine], [r.select_ms for r in mine], "o-", label=policy)
+    if speed:
+        layers = sorted(speed, key=lambda r: r.context)
+        ax.plot(
+            [r.context for r in layers],
+            [r.batched_ms for r in layers],
+            "s-k",
+            label="icecache, batched",
+        )
     ax.axhline(10, color="grey", ls="--", lw=1, label="target 10 ms @32k")
     ax.set(
         title="selection, 8B shape, budget 256",
@@ -775,7 +786,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     panels = [(r.case, r.context) for r in rows]
     panels = list(dict.fromkeys(p for p in panels if p[0] == "real" or p[1] == 32768))
-    plot(rows, panels, args.out_dir / "selection.png")
+    plot(rows, panels, args.out_dir / "selection.png", speed)
     tables = [markdown(rows, *key) for key in dict.fromkeys((r.case, r.context) for r in rows)]
     if speed:
         tables.append(speed_markdown(speed))
