@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cache_service import settings
-from cache_service.types import POLICIES
+from cache_service.types import POLICIES, check_policy
 from evaluation.capture import PrefillStore, default_root, model_digest
 from evaluation.corpus import Corpus, default_text, read_text_file
 from evaluation.report import plot, text_table, write_json
@@ -142,8 +142,7 @@ def validate(args: argparse.Namespace) -> EvalArgs:
     if args.task not in TASKS:
         raise ValueError(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)}")
     for policy in args.policy:
-        if policy not in POLICIES:
-            raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+        check_policy(policy)
     if args.samples <= 0:
         raise ValueError(f"--samples must be positive, got {args.samples}")
     text = None
@@ -168,14 +167,9 @@ def open_session(
 ) -> Session:
     """Load the model once and open the in-process store (and the prefill captures under
     ``prefill_cache``, if given)."""
-    import torch
+    from worker.factory import LoadConfig, load, open_kv
 
-    from worker.factory import open_kv, pick_device
-    from worker.loader import load_model
-
-    device = pick_device(device)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model, tokenizer = load_model(model_path, dtype=dtype, device=device)
+    model, tokenizer = load(LoadConfig(model_path, device))
     session = Session(model, tokenizer, open_kv(model), config)
     if prefill_cache is not None:
         session.prefills = PrefillStore(prefill_cache, model_digest(model, model.config))

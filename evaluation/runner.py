@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from cache_service.types import POLICIES, SequenceSpec
+from cache_service.types import SequenceSpec, check_policy
 from evaluation.journal import Journal
 from evaluation.metrics import ratio_to_full
 from evaluation.session import Session
@@ -61,8 +61,7 @@ def check_plan(task: Task, plan: EvalPlan, max_positions: int, page_size: int) -
                 f"{', '.join(task.variants)}"
             )
     for policy in plan.policies:
-        if policy not in POLICIES:
-            raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+        check_policy(policy)
     for n in plan.context_lens:
         need = n + max(task.extra_tokens(v) for v in plan.variants)
         if need > max_positions:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cache_service.settings import same_as
-from cache_service.types import Selection, SequenceSpec
+from cache_service.types import Selection, SequenceSpec, kv_bytes
 from evaluation.capture import Capture, PrefillStore
 from worker.engine import Engine, EngineConfig, PrefillRecord, Sequence
 from worker.kv_client import KVClient
@@ -159,7 +159,7 @@ class Session:
         pages = full_pages if budget is None else min(full_pages, 2 * budget // size + 4)
         dense = min(self.config.dense_layers, c.num_layers)
         total = c.num_kv_heads * (dense * full_pages + (c.num_layers - dense) * pages)
-        page_bytes = 2 * size * c.head_dim * 4
+        page_bytes = kv_bytes(size, c.head_dim, self.model.dtype.itemsize)
         return int(min(1024, max(16, math.ceil(1.2 * total * page_bytes / 2**20))))
 
     # ---- sequences -------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from cache_service.settings import positive_int, setting
-from cache_service.types import POLICIES, Selection, SequenceSpec
+from cache_service.types import POLICIES, Selection, SequenceSpec, check_policy, kv_bytes
 from kernels.dispatch import decode_attention
 from worker.kv_client import KVClient
 from worker.model import LlamaModel, causal_attention
@@ -133,17 +133,14 @@ class Engine:
     _ids = itertools.count()
 
     def __init__(self, model: LlamaModel, kv: KVClient, config: EngineConfig) -> None:
-        if config.policy not in POLICIES:
-            raise ValueError(
-                f"unknown policy {config.policy!r}; choose one of {', '.join(POLICIES)}"
-            )
+        check_policy(config.policy)
         self.model = model
         self.kv = kv
         self.config = config
         c = model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        page_bytes = 2 * kv.page_size * c.head_dim * torch.finfo(self.dtype).bits // 8
+        page_bytes = kv_bytes(kv.page_size, c.head_dim, self.dtype.itemsize)
         capacity = max(1, config.device_cache_mb * 2**20 // page_bytes)
         self.cache = DevicePageCache(capacity, kv.page_size, c.head_dim, self.dtype, self.device)
         self.scale = c.head_dim**-0.5
@@ -156,9 +153,12 @@ class Engine:
         prompt_ids: list[int],
         seq_id: str | None = None,
         replay: PrefillRecord | None = None,
+        spec: SequenceSpec | None = None,
     ) -> tuple[Sequence, torch.Tensor]:
         """Create a sequence in the store and prefill its prompt (or replay ``replay``, a
-        recorded prefill of the same ids, instead of computing it).
+        recorded prefill of the same ids, instead of computing it). ``spec``: the store's
+        spec of the sequence, when a request asks for another policy or budget than the
+        engine's (default ``config.spec``). On failure the sequence is released.
 
         Returns:
             the sequence and the logits of its last prompt token ``[vocab]``.
@@ -174,7 +174,7 @@ class Engine:
                 "shorten it"
             )
         seq = Sequence(seq_id or f"seq-{next(self._ids)}", list(prompt_ids), len(prompt_ids))
-        self.kv.create(seq.seq_id, self.config.spec(self.model))
+        self.kv.create(seq.seq_id, spec or self.config.spec(self.model))
         started = time.perf_counter()
         try:
             if replay is not None:

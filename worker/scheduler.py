@@ -287,25 +287,15 @@ class Scheduler:
         self.running.append(run)
 
     def _start(self, request: Request, seq_id: str) -> tuple[Sequence, torch.Tensor]:
-        """Create the sequence and prefill its prompt; a replica that fails meanwhile is
-        given up and the next try places the sequence elsewhere (as ``<seq_id>.p<n>``)."""
-        engine = self.engine
-        spec = request.spec or engine.config.spec(engine.model)
+        """Create the sequence and prefill its prompt (``Engine.start``); a replica that fails
+        meanwhile is given up and the next try places the sequence elsewhere (as
+        ``<seq_id>.p<n>``)."""
         tries = itertools.count()
 
         def attempt() -> tuple[Sequence, torch.Tensor]:
             n = next(tries)
             name = seq_id if n == 0 else f"{seq_id}.p{n}"
-            engine.kv.create(name, spec)
-            started = time.perf_counter()
-            try:
-                logits = engine.prefill(name, request.prompt_ids)
-            except BaseException:
-                engine.kv.release(name)
-                raise
-            engine.timings.prefill += time.perf_counter() - started
-            engine.timings.prefill_tokens += len(request.prompt_ids)
-            return Sequence(name, list(request.prompt_ids), len(request.prompt_ids)), logits
+            return self.engine.start(request.prompt_ids, name, spec=request.spec)
 
         backoff = self.config.placement_backoff
         return retry(attempt, backoff, (ConnectionError,), f"prefill of {seq_id}")
