@@ -138,7 +138,7 @@ def make_runs(model: LlamaModel, address: str, config: EngineConfig) -> list[Run
         ("remote shm, unary", RemoteKVClient.connect(address, transport="shm", decode="unary")),
         ("remote rpc", RemoteKVClient.connect(address, transport="rpc")),
     ]
-    page_bytes = 2 * local.page_size * head_dim * 4
+    page_bytes = local.store.pool.page_bytes
     runs = []
     for name, kv in clients:
         probe = Probe(kv, page_bytes, config.dense_layers, record_appends=name == "in-process")

@@ -21,6 +21,8 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+from cache_service.types import kv_bytes
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -70,7 +72,7 @@ class PagePool:
     @property
     def page_bytes(self) -> int:
         """Bytes of K and V data in one page."""
-        return 2 * self.page_size * self.head_dim * self.data.itemsize
+        return kv_bytes(self.page_size, self.head_dim, self.data.itemsize)
 
     @property
     def shm_name(self) -> str | None:

@@ -26,7 +26,7 @@ import numpy as np
 
 from cache_service.page_pool import PagePool
 from cache_service.store import Store
-from cache_service.types import Selection, SequenceSpec
+from cache_service.types import Selection, SequenceSpec, kv_bytes
 
 IN_PROCESS = "in-process"
 """``replica_of`` a sequence kept in this process."""
@@ -135,7 +135,7 @@ class LocalKVClient(KVClient):
         cls, max_bytes: int, page_size: int, head_dim: int, dtype: str = "float32"
     ) -> LocalKVClient:
         """A store whose pool holds at most ``max_bytes`` of K/V (allocated lazily by the OS)."""
-        page_bytes = 2 * page_size * head_dim * (4 if dtype == "float32" else 2)
+        page_bytes = kv_bytes(page_size, head_dim, np.dtype(dtype).itemsize)
         return cls(Store(PagePool(max(1, max_bytes // page_bytes), page_size, head_dim, dtype)))
 
     def create(self, seq_id: str, spec: SequenceSpec) -> None:
