@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cache_service.__main__ import parse_config
 from cache_service.types import SequenceSpec
-from tests.worker.test_remote_kv import BUDGET, NEW_TOKENS, POLICY, PROMPT, local_greedy
+from tests.worker.kv.test_remote import BUDGET, NEW_TOKENS, POLICY, PROMPT, local_greedy
 from worker.kv.remote import RemoteKVClient
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,14 +7,13 @@ import threading
 import grpc
 import pytest
 
+from tests.cluster.test_compose_cluster import _free_ports
 from worker.client import WorkerClient
 from worker.engine import EngineConfig
 from worker.kv_client import LocalKVClient
 from worker.retry import Backoff, retry
 from worker.serving.config import WorkerConfig
 from worker.serving.server import serve
-
-from .test_compose_cluster import _free_ports
 
 
 def test_waits_are_jittered_below_a_doubling_bound():
