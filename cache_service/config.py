@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -74,7 +74,7 @@ class CacheServiceConfig:
         5.0, "On SIGTERM, seconds in-flight RPCs get to finish before the server stops."
     )
     log: LogConfig = nested(LogConfig)
-    security: SecurityConfig = field(default_factory=SecurityConfig)
+    security: SecurityConfig = nested(SecurityConfig)
     """Token auth and TLS (``cache_service.security``); off by default."""
 
     def __post_init__(self) -> None:

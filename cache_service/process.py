@@ -3,8 +3,8 @@ until a signal (its logs: ``cache_service.logs``).
 
 Both ``python -m cache_service`` and ``python -m worker`` describe their settings as a
 dataclass (``cache_service.settings``) whose fields are flags (``--max-memory``) and
-environment variables (``ICECACHE_MAX_MEMORY``): flag over env over default. A ``security``
-field gets the auth/TLS flags of ``cache_service.security``.
+environment variables (``ICECACHE_MAX_MEMORY``): flag over env over default, auth and TLS
+(``SecurityConfig``, nested in both) included.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from types import FrameType
 from typing import Any, Protocol, TypeVar
 
 from cache_service import settings
-from cache_service.security import add_security_flags, security_from_args
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +36,9 @@ def parse_config(
     flag, its variable and its help come from ``cls``'s settings; see ``settings``)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     settings.add_arguments(parser, cls, env, skip)
-    add_security_flags(parser, env)
     args = parser.parse_args(argv)
     try:
-        return settings.from_args(cls, args, skip, {"security": security_from_args(args)})
+        return settings.from_args(cls, args, skip)
     except ValueError as err:
         parser.error(str(err))
 

@@ -31,11 +31,14 @@ import hmac
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+
+from cache_service import settings
+from cache_service.settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -43,27 +46,34 @@ AUTH_KEY = "authorization"
 """gRPC metadata key carrying ``Bearer <token>``."""
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 """Methods a token-protected server still answers without a token."""
-ENV_PREFIX = "ICECACHE_"
 
 
 @dataclass(frozen=True)
 class SecurityConfig:
     """Auth and TLS settings of one process, for its server side and its client side."""
 
-    auth_token: str = ""
-    """Shared secret; empty: no token auth. Servers demand it, clients send it."""
-    auth_token_file: str = ""
-    """File holding the token (surrounding whitespace stripped); wins over ``auth_token``.
-    Keeps the secret out of ``ps`` output and fits mounted secrets."""
-    tls_cert: str = ""
-    """Server: PEM certificate chain; with ``tls_key`` the server listens with TLS only."""
-    tls_key: str = ""
-    """Server: PEM private key of ``tls_cert``."""
-    tls_ca: str = ""
-    """Client: PEM of the CA (or self-signed certificate) that the server must present;
-    set, the client connects with TLS."""
-    tls_server_name: str = ""
-    """Client: name to verify in the server certificate instead of the address's host."""
+    auth_token: str = setting(
+        "",
+        "Shared secret; empty: no token auth. Servers demand it, clients send it (prefer the "
+        "env variable or --auth-token-file: a flag shows in ps).",
+    )
+    auth_token_file: str = setting(
+        "",
+        "File holding the token (surrounding whitespace stripped); wins over --auth-token. "
+        "Keeps the secret out of ps output and fits mounted secrets.",
+    )
+    tls_cert: str = setting(
+        "", "Server: PEM certificate chain; with --tls-key the server listens with TLS only."
+    )
+    tls_key: str = setting("", "Server: PEM private key of --tls-cert.")
+    tls_ca: str = setting(
+        "",
+        "Client: PEM of the CA (or self-signed certificate) that the server must present; "
+        "set, the client connects with TLS.",
+    )
+    tls_server_name: str = setting(
+        "", "Client: name to verify in the server certificate instead of the address's host."
+    )
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -92,39 +102,11 @@ class SecurityConfig:
         return bool(self.tls_ca)
 
 
-_HELP = {
-    "auth_token": "shared secret clients must send (prefer the env variable or a file)",
-    "auth_token_file": "file holding the shared secret",
-    "tls_cert": "server TLS certificate chain (PEM); needs --tls-key",
-    "tls_key": "server TLS private key (PEM)",
-    "tls_ca": "client: CA certificate (PEM) to verify the server with; turns client TLS on",
-    "tls_server_name": "client: certificate name to expect when it differs from the host",
-}
-
-
-def add_security_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
-    """Add ``--auth-token`` ... ``--tls-server-name``, defaulting to ``ICECACHE_*`` env."""
-    group = parser.add_argument_group("auth and TLS")
-    for f in fields(SecurityConfig):
-        variable = ENV_PREFIX + f.name.upper()
-        group.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            default=env.get(variable, ""),
-            help=f"{_HELP[f.name]} [env {variable}]",
-        )
-
-
-def security_from_args(args: argparse.Namespace) -> SecurityConfig:
-    """The ``SecurityConfig`` of parsed flags (``ValueError`` names a bad one)."""
-    return SecurityConfig(**{f.name: getattr(args, f.name) for f in fields(SecurityConfig)})
-
-
 def security_from_env(env: Mapping[str, str] | None = None) -> SecurityConfig:
     """The ``SecurityConfig`` of ``ICECACHE_*`` environment variables alone."""
-    env = os.environ if env is None else env
-    values = {f.name: env.get(ENV_PREFIX + f.name.upper(), "") for f in fields(SecurityConfig)}
-    return SecurityConfig(**values)
+    parser = argparse.ArgumentParser(add_help=False)
+    settings.add_arguments(parser, SecurityConfig, os.environ if env is None else env)
+    return settings.from_args(SecurityConfig, parser.parse_args([]))
 
 
 # ---- server side -----------------------------------------------------------------------------

@@ -5,8 +5,7 @@ its type, default and help (in the field's ``metadata``) are the flag's, the
 ``ICECACHE_<NAME>`` environment variable's and the ``--help`` text's. A field made by
 ``nested(cls)`` (``WorkerConfig.engine: EngineConfig``) adds that class's settings under
 their own names (``--policy``, not ``--engine-policy``). Other fields are no flags; their
-values are given to ``from_args`` (e.g. ``security``, whose flags ``cache_service.security``
-adds).
+values are given to ``from_args``.
 
 ``add_arguments`` puts the flags on a parser (with the environment, if given, over the
 defaults); ``from_args`` builds the dataclass back from what the parser returned;
@@ -174,7 +173,7 @@ def _shown(value: Any) -> str:
         return str(value).lower()
     if isinstance(value, tuple):
         return ",".join(map(str, value)) or "none"
-    return "none" if value is None else str(value)
+    return "none" if value is None or value == "" else str(value)
 
 
 def _parser_of(f: dataclasses.Field[Any], hint: Any) -> Callable[[str], Any]:

@@ -2,9 +2,9 @@
 
 Every flag falls back to an environment variable (``ICECACHE_<FIELD>``, e.g.
 ``ICECACHE_CACHE_SERVICES=cache-0:50061,cache-1:50062``), then to the default of
-``WorkerConfig`` (and of the ``LoadConfig`` and ``EngineConfig`` inside it), where each
-setting and its help are declared. Auth and TLS (``--auth-token``, ``--tls-cert``/``--tls-key``
-for this server, ``--tls-ca`` for the replicas) are ``cache_service.security``'s flags.
+``WorkerConfig`` (and of the ``LoadConfig``, ``EngineConfig`` and ``SecurityConfig`` inside
+it), where each setting and its help are declared. Auth and TLS: ``--auth-token``,
+``--tls-cert``/``--tls-key`` for this server, ``--tls-ca`` for the replicas.
 
 SIGTERM (or Ctrl-C) drains: new calls are refused, in-flight ones get ``--grace-s`` seconds.
 """

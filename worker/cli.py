@@ -8,9 +8,11 @@ import logging
 import os
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from cache_service import settings
+from cache_service.security import SecurityConfig
 from worker.engine import EngineConfig
 from worker.factory import LoadConfig, build_engine
 
@@ -18,6 +20,9 @@ log = logging.getLogger(__name__)
 
 SERVER_CHOOSES = ("policy", "budget")
 """Engine flags that, left out with ``--server``, are the worker's own (given, the request's)."""
+CLIENT_SECURITY = ("auth_token", "tls_ca")
+"""The auth/TLS settings ``generate --server`` takes as flags (the client's; ``worker.client``
+reads the rest from the environment)."""
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -96,16 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         help="generate through a running worker service instead of in this process (its "
         "engine settings, but for --policy and --budget when given)",
     )
-    gen.add_argument(
-        "--auth-token",
-        default=os.environ.get("ICECACHE_AUTH_TOKEN"),
-        help="shared-secret token for --server (env ICECACHE_AUTH_TOKEN)",
-    )
-    gen.add_argument(
-        "--tls-ca",
-        default=os.environ.get("ICECACHE_TLS_CA"),
-        help="CA certificate (PEM) to reach --server over TLS (env ICECACHE_TLS_CA)",
-    )
+    server_side = [f.name for f in fields(SecurityConfig) if f.name not in CLIENT_SECURITY]
+    settings.add_arguments(gen, SecurityConfig, os.environ, skip=server_side)
     gen.set_defaults(func=_generate)
     argv = sys.argv[1:] if argv is None else argv
     if _subcommand(argv) == "eval":  # the offline harness loads only when it is asked for

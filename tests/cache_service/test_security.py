@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import grpc
@@ -11,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from cache_service import codec
+from cache_service import codec, settings
 from cache_service.__main__ import parse_config
 from cache_service.config import CacheServiceConfig
 from cache_service.security import SecurityConfig, make_channel, security_from_env
@@ -172,6 +173,27 @@ def test_flags_and_env_configure_auth_and_tls(certs, tmp_path):
             SecurityConfig(**{flag[2:].replace("-", "_"): value})
         with pytest.raises(SystemExit):
             parse_config([flag, value], {})
+
+
+def test_the_auth_and_tls_flags_help_and_table_rows_are_the_fields(
+    certs, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps (and splits --flag-names) otherwise
+    with pytest.raises(SystemExit):
+        parse_config(["--help"], {"ICECACHE_AUTH_TOKEN": TOKEN})
+    shown = " ".join(capsys.readouterr().out.split())
+    table = settings.markdown_table(CacheServiceConfig)
+    names = ("auth-token", "auth-token-file", "tls-cert", "tls-key", "tls-ca", "tls-server-name")
+    for f, name in zip(fields(SecurityConfig), names, strict=True):
+        flag, variable, text = f"--{name}", f"ICECACHE_{f.name.upper()}", f.metadata["help"]
+        assert f"{flag} {f.name.upper()} {text} [env {variable}; default none]" in shown
+        assert f"| `{flag}` | `{variable}` | none | {text} |" in table
+    assert TOKEN not in shown  # --help shows the default, never the secret
+    (_, key), _ = certs
+    missing = str(tmp_path / "nope.pem")
+    with pytest.raises(SystemExit):
+        parse_config([], {"ICECACHE_TLS_CERT": missing, "ICECACHE_TLS_KEY": str(key)})
+    assert f"--tls-cert {missing!r} is not a readable file; fix the path" in capsys.readouterr().err
 
 
 def test_a_service_process_with_tls_and_token_from_env_serves_a_client(certs):

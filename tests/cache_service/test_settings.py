@@ -155,3 +155,25 @@ def test_the_readme_table_is_generated_from_the_same_fields():
         "| `--budget` | `ICECACHE_BUDGET` | 256 | Tokens a step. |",
         "| `--policy` | `ICECACHE_POLICY` | a | Which one. One of a, b. |",
     ]
+
+
+def test_both_servers_tables_end_with_the_auth_and_tls_rows_and_generate_takes_two(
+    monkeypatch, capsys
+):
+    from cache_service.config import CacheServiceConfig
+    from worker import cli
+    from worker.serving.config import OFFLINE_SETTINGS, WorkerConfig
+
+    security = ["--auth-token", "--auth-token-file", "--tls-cert", "--tls-key", "--tls-ca"]
+    security.append("--tls-server-name")
+    for table in (
+        settings.markdown_table(CacheServiceConfig),
+        settings.markdown_table(WorkerConfig, skip=OFFLINE_SETTINGS),
+    ):
+        flags = [row.split("`")[1] for row in table.splitlines()[2:]]
+        assert flags[-6:] == security
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    shown = capsys.readouterr().out
+    assert [flag for flag in security if f" {flag} " in shown] == ["--auth-token", "--tls-ca"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cache_service.logs import LogConfig
 from cache_service.security import SecurityConfig
@@ -75,7 +75,7 @@ class WorkerConfig:
         "terminationGracePeriodSeconds: 30 s).",
     )
     log: LogConfig = nested(LogConfig)
-    security: SecurityConfig = field(default_factory=SecurityConfig)
+    security: SecurityConfig = nested(SecurityConfig)
     """Token and TLS of this server (``tls_cert``/``tls_key``, ``auth_token``) and of its
     calls to the replicas (``tls_ca``, the same ``auth_token``)."""
 
