@@ -177,3 +177,15 @@ def test_both_servers_tables_end_with_the_auth_and_tls_rows_and_generate_takes_t
         cli.main(["generate", "--help"])
     shown = capsys.readouterr().out
     assert [flag for flag in security if f" {flag} " in shown] == ["--auth-token", "--tls-ca"]
+
+
+def test_the_readme_tables_are_the_generated_ones():
+    """Help lives in the fields; the README shows exactly what they generate."""
+    from pathlib import Path
+
+    from cache_service.config import CacheServiceConfig
+    from worker.serving.config import OFFLINE_SETTINGS, WorkerConfig
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert settings.markdown_table(CacheServiceConfig) in readme
+    assert settings.markdown_table(WorkerConfig, skip=OFFLINE_SETTINGS) in readme
