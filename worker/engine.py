@@ -25,6 +25,7 @@ from kernels.dispatch import decode_attention
 from worker.kv_client import KVClient
 from worker.model import LlamaModel, causal_attention
 from worker.page_cache import DevicePageCache
+from worker.sampling import GREEDY, SamplingParams, choose
 
 log = logging.getLogger(__name__)
 
@@ -301,15 +302,27 @@ class Engine:
 
     # ---- generation ----------------------------------------------------------------------
     def generate(
-        self, prompt_ids: list[int], max_new_tokens: int, stop_ids: frozenset[int] = frozenset()
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        stop_ids: frozenset[int] = frozenset(),
+        sampling: SamplingParams = GREEDY,
     ) -> list[int]:
-        """Greedy generation for one prompt; returns the new tokens (stop token included)."""
-        return self.generate_batch([prompt_ids], max_new_tokens, stop_ids)[0]
+        """Generation for one prompt (greedy by default); returns the new tokens (stop token
+        included)."""
+        return self.generate_batch([prompt_ids], max_new_tokens, stop_ids, sampling)[0]
 
     def generate_batch(
-        self, prompts: list[list[int]], max_new_tokens: int, stop_ids: frozenset[int] = frozenset()
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        stop_ids: frozenset[int] = frozenset(),
+        sampling: SamplingParams = GREEDY,
     ) -> list[list[int]]:
-        """Greedy generation for several prompts, decode steps batched across them."""
+        """Generation for several prompts, decode steps batched across them; each token is
+        ``worker.sampling.choose`` at its position (greedy by default; an unseeded sampled
+        call draws a seed, so give one to reproduce it)."""
+        sampling = sampling.seeded()
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         seqs: list[Sequence] = []
@@ -319,7 +332,7 @@ class Engine:
             for prompt in prompts:
                 seq, logits = self.start(prompt)
                 seqs.append(seq)
-                next_tokens.append(int(torch.argmax(logits)))
+                next_tokens.append(choose(logits, sampling, step=0))
             for _ in range(max_new_tokens):
                 live = [i for i, s in enumerate(seqs) if not s.finished]
                 if not live:
@@ -333,7 +346,7 @@ class Engine:
                     break
                 logits = self.decode_step([seqs[i] for i in live], [next_tokens[i] for i in live])
                 for row, i in enumerate(live):
-                    next_tokens[i] = int(torch.argmax(logits[row]))
+                    next_tokens[i] = choose(logits[row], sampling, step=len(outputs[i]))
         finally:
             for s in seqs:
                 if not s.finished:

@@ -10,7 +10,9 @@ Each iteration of the loop:
 3. runs **one** ``engine.decode_step`` over all live sequences (decode *is* batched: one
    forward pass, and per layer one retrieval RPC per cache-service replica, for the batch).
 
-Decoding is greedy, so a request's tokens equal ``engine.generate`` on its prompt alone.
+Each token is chosen by ``worker.sampling.choose`` (greedy by default): its noise is a
+function of the request's seed and the token's position, so a request's tokens equal
+``engine.generate`` on its prompt alone, in any batch.
 Requests talk to the loop only through thread-safe queues.
 
 **Recovery.** When the replica holding a sequence fails (``KVClient.take_lost``), the
@@ -19,7 +21,8 @@ tokens it already sent are *replayed*, fed one per decode step as part of the ru
 (teacher forcing) without being sent again. Prefill and decode are deterministic, so the
 rebuilt KV, index and selections are the ones the sequence had, and the tokens after the
 replay are the ones it would have produced without the fault (each replayed step checks that
-the model still predicts the next known token; a mismatch is counted in ``diverged``).
+the model still chooses the next known token; a mismatch is counted in ``diverged``). A
+sampled sequence's noise depends only on (seed, step), so its replay chooses the same tokens.
 A replica that fails during a prefill sends the request to the next healthy one: the
 placement retry (``SchedulerConfig.placement_backoff``) is the one hand-written retry loop of
 the KV path, and each of its tries places the sequence anew; calls to a replica are retried
@@ -45,6 +48,7 @@ import torch
 from cache_service.types import SequenceSpec
 from worker.engine import Engine, Sequence
 from worker.retry import Backoff, retry
+from worker.sampling import GREEDY, SamplingParams, choose
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +142,8 @@ class Request:
     max_new_tokens: int
     stop_ids: frozenset[int] = frozenset()
     request_id: str = ""
+    sampling: SamplingParams = GREEDY
+    """How tokens are chosen; ``submit`` gives a sampled request without a seed a fresh one."""
     spec: SequenceSpec | None = None
     """How the sequence's KV is kept and selected; ``None``: the engine's config."""
     deadline: float | None = None
@@ -210,6 +216,7 @@ class Scheduler:
             raise SchedulerStopped("the worker is stopping; send the request elsewhere")
         if request.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
+        request.sampling = request.sampling.seeded()
         try:
             self.waiting.put_nowait(request)
         except queue.Full:
@@ -283,7 +290,8 @@ class Scheduler:
             return
         stats.prefill_s = time.perf_counter() - started
         stats.seq_id, stats.replica = seq.seq_id, self._replica(seq.seq_id)
-        run = _Running(request, seq, _argmax(logits), stats=stats, base_id=seq_id)
+        first = choose(logits, request.sampling, step=0)
+        run = _Running(request, seq, first, stats=stats, base_id=seq_id)
         self.running.append(run)
 
     def _start(self, request: Request, seq_id: str) -> tuple[Sequence, torch.Tensor]:
@@ -341,18 +349,18 @@ class Scheduler:
                 self._fail(run, err)
             return
         lost = self._take_lost()
-        tokens = torch.argmax(logits, dim=-1).tolist()
         survivors = []
-        for run, token in zip(batch, tokens, strict=True):
+        for run, row in zip(batch, logits, strict=True):  # row: [vocab]
             if run.seq.seq_id in lost:
                 if self._recover(run):
                     survivors.append(run)
                 continue
             survivors.append(run)
+            token = choose(row, run.request.sampling, step=_step_of(run))
             if run.replay:
-                self._check_replay(run, int(token))
+                self._check_replay(run, token)
                 continue
-            run.next_token = int(token)
+            run.next_token = token
             run.stats.decode_steps += 1
             run.stats.batch_sum += len(batch)
         self.running = survivors
@@ -376,7 +384,7 @@ class Scheduler:
         run.replay = deque(run.output)
         run.stats.replayed_tokens += len(run.output)
         run.stats.seq_id, run.stats.replica = run.seq.seq_id, self._replica(run.seq.seq_id)
-        self._check_replay(run, _argmax(logits))
+        self._check_replay(run, choose(logits, run.request.sampling, step=0))
         self.recovered += 1
         log.warning(
             "rebuilt %s as %s on %s; replaying %d tokens",
@@ -386,7 +394,7 @@ class Scheduler:
         return True
 
     def _check_replay(self, run: _Running, predicted: int) -> None:
-        """A replayed step predicts the next token already sent, as the original step did."""
+        """A replayed step chooses the next token already sent, as the original step did."""
         if run.replay and predicted != run.replay[0]:
             self.diverged += 1
             log.error(
@@ -436,8 +444,10 @@ class Scheduler:
         run.stats.pages_read += traffic.pages_read
 
 
-def _argmax(logits: torch.Tensor) -> int:
-    return int(torch.argmax(logits))
+def _step_of(run: _Running) -> int:
+    """Output position of the token a decode step chooses for ``run`` (the tokens not yet
+    replayed come after it)."""
+    return len(run.output) - len(run.replay)
 
 
 def _deadline(request: Request, doing: str) -> DeadlineExceeded:

@@ -1,0 +1,143 @@
+"""Choosing tokens: greedy equalities, seeded reproducibility, filters, and batch independence."""
+
+import numpy as np
+import pytest
+import torch
+
+from worker.engine import Engine, EngineConfig
+from worker.kv_client import LocalKVClient
+from worker.sampling import SamplingParams, choose
+from worker.scheduler import DoneEvent, Request, Scheduler
+
+VOCAB = 50
+
+
+def _logits(seed=0):
+    return torch.randn(VOCAB, generator=torch.Generator().manual_seed(seed)) * 3  # [vocab]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": -0.1}, "temperature must be >= 0"),
+        ({"temperature": float("nan")}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"top_k": -1}, "top_k must be >= 0"),
+        ({"seed": -1}, "seed must be in"),
+        ({"seed": 2**64}, "seed must be in"),
+    ],
+)
+def test_bad_parameters_say_what_to_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(),
+        SamplingParams(temperature=0.0, top_p=0.5, top_k=7, seed=3),
+        SamplingParams(temperature=2.0, top_k=1, seed=3),
+    ],
+)
+def test_temperature_zero_and_top_k_one_are_the_argmax(params):
+    for i in range(20):
+        logits = _logits(i)
+        assert choose(logits, params, step=i) == int(torch.argmax(logits))
+
+
+def test_a_fixed_seed_fixes_the_tokens_and_another_seed_changes_them():
+    logits = torch.zeros(VOCAB)  # uniform: the choice is the noise's
+    params = SamplingParams(temperature=1.0, seed=1234)
+    first = [choose(logits, params, step) for step in range(40)]
+    assert first == [choose(logits, params, step) for step in range(40)]
+    other = SamplingParams(temperature=1.0, seed=1235)
+    assert first != [choose(logits, other, step) for step in range(40)]
+    assert len(set(first)) > 10  # the steps draw different noise
+
+
+def test_frequencies_follow_the_softmax():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0])
+    params = SamplingParams(temperature=1.0, seed=7)
+    counts = np.bincount([choose(logits, params, s) for s in range(20_000)], minlength=5)
+    want = torch.softmax(logits.double(), 0).numpy()
+    assert np.allclose(counts / counts.sum(), want, atol=0.015), (counts, want)
+
+
+def test_temperature_sharpens_and_flattens():
+    logits = torch.tensor([1.0, 0.0])
+    p0 = [np.mean([_draw(logits, s, temperature=t) == 0 for s in range(4000)]) for t in (0.25, 4.0)]
+    want = [1 / (1 + np.exp(-1 / t)) for t in (0.25, 4.0)]  # softmax of logits / t, token 0
+    assert np.allclose(p0, want, atol=0.03), (p0, want)
+
+
+def test_top_k_and_top_p_keep_only_the_likely_tokens():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert {_draw(logits, s, top_k=2) for s in range(500)} == {0, 1}
+    # the mass before token 2 is 0.8: top_p 0.79 keeps {0, 1}, 0.81 keeps {0, 1, 2}
+    assert {_draw(logits, s, top_p=0.79) for s in range(500)} == {0, 1}
+    assert {_draw(logits, s, top_p=0.81) for s in range(500)} == {0, 1, 2}
+    assert {_draw(logits, s, top_p=0.01) for s in range(50)} == {0}
+
+
+def _draw(logits, step, temperature=1.0, **kwargs):
+    return choose(logits, SamplingParams(temperature=temperature, seed=5, **kwargs), step)
+
+
+def test_unseeded_parameters_get_a_seed():
+    params = SamplingParams(temperature=1.0).seeded()
+    assert params.seed is not None and params.seeded() == params
+
+
+# ---- on the model ----------------------------------------------------------------------------
+PROMPTS = ("Tell me a story about a cat.", "Name three colours.", "Why is the sky blue?")
+SAMPLED = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=42)
+
+
+def _engine(model):
+    kv = LocalKVClient.with_capacity(2**28, 16, model.config.head_dim)
+    return Engine(model, kv, EngineConfig(policy="icecache", budget=64))
+
+
+def test_a_seeded_request_gets_the_same_tokens_in_a_batch_as_alone(smollm):
+    model, tokenizer = smollm
+    ids = [tokenizer.chat_prompt_ids(p) for p in PROMPTS]
+    engine = _engine(model)
+    alone = engine.generate(ids[0], 12, sampling=SAMPLED)
+    assert alone == engine.generate(ids[0], 12, sampling=SAMPLED)
+    greedy = engine.generate(ids[0], 12)
+    assert alone != greedy  # the sampler did something
+    loop = Scheduler(_engine(model)).start()
+    try:
+        others = [
+            loop.submit(Request(i, 12, sampling=SamplingParams(temperature=1.0, seed=n)))
+            for n, i in enumerate(ids[1:])
+        ]
+        job = loop.submit(Request(ids[0], 12, sampling=SAMPLED))
+        done = [_done(r) for r in [job, *others]]
+    finally:
+        loop.stop()
+    assert done[0].token_ids == alone
+    assert max(d.stats.mean_batch for d in done) > 1  # it was decoded in a batch
+
+
+def test_the_scheduler_gives_an_unseeded_request_a_seed_that_reproduces_it(smollm):
+    model, tokenizer = smollm
+    ids = tokenizer.chat_prompt_ids(PROMPTS[1])
+    loop = Scheduler(_engine(model)).start()
+    try:
+        job = loop.submit(Request(ids, 8, sampling=SamplingParams(temperature=1.0)))
+        first = _done(job).token_ids
+    finally:
+        loop.stop()
+    assert job.sampling.seed is not None
+    assert _engine(model).generate(ids, 8, sampling=job.sampling) == first
+
+
+def _done(request):
+    while True:
+        event = request.events.get(timeout=120)
+        if isinstance(event, DoneEvent):
+            return event
+        assert not hasattr(event, "error"), event
