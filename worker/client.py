@@ -20,7 +20,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,6 +50,8 @@ class Generation:
     stats: pb.GenerateStats
     token_times: list[float] = field(default_factory=list)
     """Seconds from the call to each token's arrival."""
+    seed: int | None = None
+    """The seed the tokens were sampled with; ``None``: greedy."""
 
 
 class WorkerClient:
@@ -97,11 +99,20 @@ class WorkerClient:
         policy: str | None = None,
         budget: int | None = None,
         timeout: float | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
     ) -> Iterator[pb.GenerateResponse]:
         """The response stream: one message per token, then ``done`` (no retries here).
 
         ``policy``/``budget``: this request's own (``None``: the worker's); ``timeout``: this
-        call's deadline in seconds (``None``: the client's).
+        call's deadline in seconds (``None``: the client's). ``temperature``, ``top_p``,
+        ``top_k``, ``seed``: sampling (``None``: greedy, and an unseeded sampled request gets
+        the worker's seed, in ``done.seed``); ``stop``: strings that end the text just before
+        them; ``stop_token_ids``: more stop tokens.
         """
         request = pb.GenerateRequest(
             max_new_tokens=max_new_tokens, chat=chat, ignore_eos=ignore_eos, request_id=request_id
@@ -114,6 +125,16 @@ class WorkerClient:
             request.policy = policy
         if budget is not None:
             request.budget = budget
+        if temperature is not None:
+            request.temperature = temperature
+        if top_p is not None:
+            request.top_p = top_p
+        if top_k is not None:
+            request.top_k = top_k
+        if seed is not None:
+            request.seed = seed
+        request.stop.extend(stop)
+        request.stop_token_ids.extend(stop_token_ids)
         return iter(self.stub.Generate(request, timeout=timeout or self.timeout))
 
     def complete(self, prompt: str | list[int], max_new_tokens: int, **kwargs: Any) -> Generation:
@@ -130,7 +151,7 @@ class WorkerClient:
                     done = message.done
                     return Generation(
                         list(done.token_ids), done.text, done.usage.prompt_tokens,
-                        done.stats, list(times),
+                        done.stats, list(times), _seed(done),
                     )  # fmt: skip
             raise ConnectionError(f"the worker at {self.address} closed the stream before the end")
 
@@ -243,8 +264,11 @@ def _stream(client: WorkerClient, prompt: str, args: argparse.Namespace) -> Gene
     chat = getattr(args, "chat", True)
     policy, budget = getattr(args, "policy", None), getattr(args, "budget", None)
     for message in client.generate(
-        prompt, args.max_new_tokens, chat=chat, policy=policy, budget=budget
-    ):
+        prompt, args.max_new_tokens, chat=chat, policy=policy, budget=budget,
+        temperature=getattr(args, "temperature", None), top_p=getattr(args, "top_p", None),
+        top_k=getattr(args, "top_k", None), seed=getattr(args, "seed", None),
+        stop=getattr(args, "stop", None) or (),
+    ):  # fmt: skip
         if message.HasField("token"):
             if not args.json:
                 sys.stdout.write(message.token.text)
@@ -252,9 +276,15 @@ def _stream(client: WorkerClient, prompt: str, args: argparse.Namespace) -> Gene
             continue
         done = message.done
         if not args.json:
-            sys.stdout.write("\n")
-        return Generation(list(done.token_ids), done.text, done.usage.prompt_tokens, done.stats)
+            sys.stdout.write(done.held_text + "\n")
+        return Generation(
+            list(done.token_ids), done.text, done.usage.prompt_tokens, done.stats, seed=_seed(done)
+        )
     raise ConnectionError(f"the worker at {client.address} closed the stream before the end")
+
+
+def _seed(done: pb.GenerateDone) -> int | None:
+    return done.seed if done.HasField("seed") else None
 
 
 def _as_json(result: Generation) -> dict[str, Any]:
@@ -262,6 +292,7 @@ def _as_json(result: Generation) -> dict[str, Any]:
     return {
         "text": result.text,
         "token_ids": result.token_ids,
+        "seed": result.seed,
         "prompt_tokens": result.prompt_tokens,
         "policy": s.policy,
         "budget": s.budget if s.HasField("budget") else None,

@@ -18,9 +18,10 @@ import numpy as np
 from cache_service.types import SequenceSpec, check_policy, kv_bytes
 from proto.icecache.v1 import worker_pb2 as pb
 from proto.icecache.v1 import worker_pb2_grpc as pb_grpc
+from worker.sampling import SamplingParams
 from worker.scheduler import DoneEvent, Event, Request, Scheduler, TokenEvent
 from worker.serving.config import WorkerConfig
-from worker.serving.detokenizer import TextStream
+from worker.serving.detokenizer import StopText, TextStream
 from worker.serving.errors import Draining, TooBusy, status_of
 from worker.serving.metrics import WorkerMetrics
 from worker.tokenizer import Tokenizer
@@ -83,22 +84,34 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     ) -> Iterator[pb.GenerateResponse]:
         try:
             job = self._request(request, context)
+            stop = StopText(tuple(request.stop))
             self.scheduler.submit(job)
         except Exception as err:
             self._abort(context, err)
         context.add_callback(job.cancel)
-        text = TextStream(self.tokenizer, self.tokenizer.eos_token_ids)
-        prompt_tokens = len(job.prompt_ids)
+        text = TextStream(self.tokenizer, self._hidden(job))
+        sent: list[str] = []
+        kept: int | None = None  # tokens up to the one that completed a stop string
         while True:
             event = self._next_event(job, context)
             if isinstance(event, TokenEvent):
-                token = pb.Token(
-                    id=event.token_id, text=text.push(event.token_id), index=event.index
+                if kept is not None:
+                    continue  # decoded before the loop saw the cancel
+                piece = stop.push(text.push(event.token_id))
+                sent.append(piece)
+                yield pb.GenerateResponse(
+                    token=pb.Token(id=event.token_id, text=piece, index=event.index)
                 )
-                yield pb.GenerateResponse(token=token)
+                if stop.stopped:
+                    kept = event.index + 1
+                    job.cancel()
             elif isinstance(event, DoneEvent):
+                if kept is not None:
+                    event.token_ids = event.token_ids[:kept]
+                    event.stats.finish_reason = "stop"
+                prompt_tokens = len(job.prompt_ids)
                 self.metrics.observe_done(prompt_tokens, len(event.token_ids), event.stats)
-                yield pb.GenerateResponse(done=self._done(job, event))
+                yield pb.GenerateResponse(done=self._done(job, event, "".join(sent), kept))
                 return
             else:
                 self._abort(context, event.error)
@@ -146,11 +159,21 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 f"model's context of {self.max_context} tokens; lower max_new_tokens to at "
                 f"most {self.max_context - len(ids)} or shorten the prompt"
             )
-        stop = frozenset() if request.ignore_eos else self.tokenizer.eos_token_ids
+        extra = frozenset(request.stop_token_ids)
+        if extra and (min(extra) < 0 or max(extra) >= self.vocab):
+            raise ValueError(f"stop_token_ids must be in 0..{self.vocab - 1}")
+        stop = extra if request.ignore_eos else extra | self.tokenizer.eos_token_ids
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.perf_counter() + remaining
         spec = self._spec(request)
-        return Request(ids, wanted, stop, request.request_id, spec=spec, deadline=deadline)
+        sampling = _sampling(request)
+        return Request(
+            ids, wanted, stop, request.request_id, sampling=sampling, spec=spec, deadline=deadline
+        )
+
+    def _hidden(self, job: Request) -> frozenset[int]:
+        """Tokens left out of the text: the model's end tokens and the request's stop ids."""
+        return self.tokenizer.eos_token_ids | job.stop_ids
 
     def _spec(self, request: pb.GenerateRequest) -> SequenceSpec | None:
         """The request's own policy and budget, checked; ``None``: the worker's."""
@@ -195,7 +218,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 if not context.is_active():
                     job.cancel()
 
-    def _done(self, job: Request, event: DoneEvent) -> pb.GenerateDone:
+    def _done(self, job: Request, event: DoneEvent, sent: str, kept: int | None) -> pb.GenerateDone:
+        """The final message; ``sent``: the text streamed, ``kept``: set when a stop string
+        ended the text (then ``sent`` is the whole text)."""
         s, out = event.stats, event.token_ids
         prompt_tokens = len(job.prompt_ids)
         config = self.scheduler.engine.config
@@ -223,9 +248,18 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         )
         if policy != "full" and budget is not None:
             stats.budget = budget
-        text = self.tokenizer.decode([t for t in out if t not in self.tokenizer.eos_token_ids])
+        if kept is None:
+            hidden = self._hidden(job)
+            text = self.tokenizer.decode([t for t in out if t not in hidden])
+        else:
+            text = sent
+        held = text[len(sent) :] if text.startswith(sent) else ""
         usage = pb.Usage(prompt_tokens=prompt_tokens, output_tokens=len(out))
-        return pb.GenerateDone(usage=usage, stats=stats, text=text, token_ids=out)
+        done = pb.GenerateDone(usage=usage, stats=stats, text=text, token_ids=out, held_text=held)
+        if not job.sampling.greedy:
+            assert job.sampling.seed is not None  # the scheduler seeds every request
+            done.seed = job.sampling.seed
+        return done
 
     def _abort(self, context: grpc.ServicerContext, err: BaseException) -> None:
         code = status_of(err)
@@ -233,3 +267,13 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if code == grpc.StatusCode.INTERNAL:
             log.error("request failed: %r", err)
         context.abort(code, str(err))
+
+
+def _sampling(request: pb.GenerateRequest) -> SamplingParams:
+    """The request's sampling parameters (unset: greedy); ``ValueError`` says what to fix."""
+    return SamplingParams(
+        temperature=request.temperature if request.HasField("temperature") else 0.0,
+        top_p=request.top_p if request.HasField("top_p") else 1.0,
+        top_k=request.top_k if request.HasField("top_k") else 0,
+        seed=request.seed if request.HasField("seed") else None,
+    )

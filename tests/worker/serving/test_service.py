@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from worker.client import WorkerClient, check_health
 from worker.engine import Engine, EngineConfig
 from worker.kv_client import LocalKVClient
+from worker.sampling import SamplingParams
 from worker.scheduler import DeadlineExceeded, DoneEvent, ErrorEvent, Request, Scheduler, TokenEvent
 from worker.serving.config import WorkerConfig
 from worker.serving.server import serve
@@ -194,6 +195,11 @@ BAD = [
     ({"prompt": "hi", "policy": "nope"}, "unknown policy 'nope'; choose one of full, oracle"),
     ({"prompt": "hi", "budget": 0}, "budget must be a positive number of tokens, got 0"),
     ({"prompt": "hi", "budget": 16}, "budget 16 is below the sink tokens plus the recent window"),
+    ({"prompt": "hi", "temperature": -1.0}, "temperature must be >= 0 (0 is greedy), got -1.0"),
+    ({"prompt": "hi", "top_p": 0.0}, "top_p must be in (0, 1]"),
+    ({"prompt": "hi", "top_k": -2}, "top_k must be >= 0"),
+    ({"prompt": "hi", "stop": ["x", ""]}, "stop strings must not be empty"),
+    ({"prompt": "hi", "stop_token_ids": [49152]}, "stop_token_ids must be in 0..49151"),
 ]
 
 
@@ -280,3 +286,62 @@ def test_calls_beyond_max_requests_are_resource_exhausted(smollm):
         assert worker.retries == 0  # back-pressure is not retried
     finally:
         running.stop(0)
+
+
+# ---- sampling and stop strings ---------------------------------------------------------------
+SAMPLED = {"temperature": 0.8, "top_p": 0.9, "top_k": 40}
+
+
+def test_a_seeded_call_gets_the_engines_sampled_tokens_and_an_unseeded_one_its_seed(
+    smollm, expected, client
+):
+    model, tokenizer = smollm
+    ids = tokenizer.chat_prompt_ids(PROMPTS[2])
+    params = SamplingParams(**SAMPLED, seed=2**63 + 5)  # a seed past int64 survives the wire
+    want = _engine(model).generate(ids, NEW_TOKENS[2], tokenizer.eos_token_ids, params)
+    seeded = client.complete(PROMPTS[2], NEW_TOKENS[2], **SAMPLED, seed=params.seed)
+    assert (seeded.token_ids, seeded.seed) == (want, params.seed)
+    assert want != expected[2]  # sampling changed the output
+    unseeded = client.complete(PROMPTS[2], NEW_TOKENS[2], **SAMPLED)
+    assert unseeded.seed is not None
+    again = client.complete(PROMPTS[2], NEW_TOKENS[2], **SAMPLED, seed=unseeded.seed)
+    assert again.token_ids == unseeded.token_ids
+    # temperature 0 and top-k 1 are greedy whatever the seed, and report none
+    for kwargs in ({"temperature": 0.0, "seed": 1}, {"temperature": 1.5, "top_k": 1}):
+        greedy = client.complete(PROMPTS[2], NEW_TOKENS[2], **kwargs)
+        assert (greedy.token_ids, greedy.seed) == (expected[2], None)
+
+
+def test_a_stop_string_ends_the_text_exactly_before_it_and_is_never_streamed(
+    smollm, expected, client
+):
+    tokenizer = smollm[1]
+    full = tokenizer.decode([t for t in expected[0] if t not in tokenizer.eos_token_ids])
+    stop = full[len(full) // 2 : len(full) // 2 + 4]  # a string the greedy text reaches
+    assert len(stop.strip()) >= 2, full
+    *tokens, last = client.generate(PROMPTS[0], NEW_TOKENS[0], stop=["NEVER", stop])
+    done = last.done
+    streamed = "".join(m.token.text for m in tokens)
+    assert done.text == streamed == full[: full.index(stop)]
+    assert (done.stats.finish_reason, done.held_text) == ("stop", "")
+    out = list(done.token_ids)
+    assert out == [m.token.id for m in tokens] == expected[0][: len(out)]
+    assert stop in tokenizer.decode(out) and stop not in tokenizer.decode(out[:-1])
+    assert done.usage.output_tokens == len(out)
+
+
+def test_held_back_text_is_released_at_the_end_and_stop_ids_end_the_output(
+    smollm, expected, client
+):
+    tokenizer = smollm[1]
+    full = tokenizer.decode([t for t in expected[1] if t not in tokenizer.eos_token_ids])
+    never = full[-2:] + "\x00"  # the text ends with a start of this stop string
+    *tokens, last = client.generate(PROMPTS[1], NEW_TOKENS[1], stop=[never])
+    done = last.done
+    assert done.held_text == full[-2:] and done.text == full
+    assert "".join(m.token.text for m in tokens) + done.held_text == full
+    assert done.stats.finish_reason in ("stop", "length")
+    third = expected[1][2]
+    ended = client.complete(PROMPTS[1], NEW_TOKENS[1], stop_token_ids=[third])
+    assert ended.token_ids == expected[1][: expected[1].index(third) + 1]
+    assert ended.stats.finish_reason == "stop"
