@@ -266,7 +266,7 @@ def _stream(client: WorkerClient, prompt: str, args: argparse.Namespace) -> Gene
     for message in client.generate(
         prompt, args.max_new_tokens, chat=chat, policy=policy, budget=budget,
         temperature=getattr(args, "temperature", None), top_p=getattr(args, "top_p", None),
-        top_k=getattr(args, "top_k", None), seed=getattr(args, "seed", None),
+        top_k=getattr(args, "top_k", None), seed=getattr(args, "sample_seed", None),
         stop=getattr(args, "stop", None) or (),
     ):  # fmt: skip
         if message.HasField("token"):

@@ -1,6 +1,7 @@
 """The batching loop and the worker's gRPC service, in process, over an in-process store."""
 
 import functools
+import json
 import threading
 import time
 import urllib.request
@@ -10,6 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from worker import cli
 from worker.client import WorkerClient, check_health
 from worker.engine import Engine, EngineConfig
 from worker.kv_client import LocalKVClient
@@ -345,3 +347,18 @@ def test_held_back_text_is_released_at_the_end_and_stop_ids_end_the_output(
     ended = client.complete(PROMPTS[1], NEW_TOKENS[1], stop_token_ids=[third])
     assert ended.token_ids == expected[1][: expected[1].index(third) + 1]
     assert ended.stats.finish_reason == "stop"
+
+
+def test_icecache_generate_passes_the_sampling_flags_and_reports_the_seed(
+    smollm, server, client, capsys
+):
+    argv = ["generate", "--server", f"127.0.0.1:{server.port}", "--prompt", PROMPTS[2]]
+    argv += ["--max-new-tokens", "6", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "40"]
+    assert cli.main([*argv, "--sample-seed", "11", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    want = client.complete(PROMPTS[2], 6, **SAMPLED, seed=11)
+    assert (printed["token_ids"], printed["seed"]) == (want.token_ids, 11)
+    assert cli.main([*argv, "--stop", want.text[2:5]]) == 0
+    assert capsys.readouterr().out == want.text[:2] + "\n"
+    assert cli.main([*argv, "--temperature", "-1"]) == 2
+    assert "temperature must be >= 0" in capsys.readouterr().err
