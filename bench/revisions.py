@@ -66,11 +66,12 @@ def _env(tree: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
 
 
-def run(bench: str, tree: Path, out: Path) -> float:
-    """One run of ``bench`` with ``tree``'s code; its report goes to ``out``; seconds."""
+def run(bench: str, tree: Path, out: Path, policy: str) -> float:
+    """One run of ``bench`` with ``tree``'s code and ``policy``; its report goes to ``out``;
+    seconds."""
     started = time.perf_counter()
     subprocess.run(
-        [sys.executable, *BENCHES[bench], "--out", str(out)],
+        [sys.executable, *BENCHES[bench], "--policy", policy, "--out", str(out)],
         cwd=tree,
         env=_env(tree),
         check=True,
@@ -111,7 +112,8 @@ def markdown(
     lines = [
         "# Old and new code side by side",
         "",
-        f"`python -m bench.revisions --old {args.old} --new {args.new} --rounds {args.rounds}`"
+        f"`python -m bench.revisions --old {args.old} --new {args.new} --rounds {args.rounds}"
+        f" --benches {args.benches} --policy {args.policy}`"
         f" on {platform.machine()}, {os.cpu_count()} cores, written "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Each bench ran old, new, old,"
         " new, ... in one process; other jobs shared the cores, so only the ratios mean"
@@ -145,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new", default="HEAD", help="git revision of the new code")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--benches", default=",".join(BENCHES))
+    p.add_argument(
+        "--policy",
+        default="icecache",
+        help="the policy every bench runs (streaming: the code around the index only)",
+    )
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="revisions-"))
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             for round_ in range(args.rounds):
                 for rev, tree in trees.items():
                     out = scratch / f"{bench}-{rev}-{round_}.md"
-                    seconds = run(bench, tree, out)
+                    seconds = run(bench, tree, out, args.policy)
                     results[bench][rev].append(headline(bench, out.read_text()))
                     print(f"{bench} {rev} round {round_}: {seconds:.0f} s", flush=True)
         args.out.write_text(markdown(results, args), encoding="utf-8")
