@@ -4,7 +4,7 @@ then restarted; a worker process drained by SIGTERM.
 The replicas are the compose file's ``cache-0`` and ``cache-1`` run by ``worker.launcher`` on
 free loopback ports; the first worker runs in this process (so the test can read its
 scheduler), the drained one is ``python -m worker``. Every output is compared token for
-token with the in-process engine on the same prompt.
+token with the in-process engine on the same prompt (and the same seed, for a sampled one).
 """
 
 import os
@@ -24,6 +24,7 @@ from worker.kv.remote import RemoteKVClient
 from worker.kv_client import LocalKVClient
 from worker.launcher import LocalCluster
 from worker.placement import owner
+from worker.sampling import GREEDY, SamplingParams
 from worker.serving.config import WorkerConfig
 from worker.serving.server import serve
 
@@ -36,19 +37,28 @@ PROMPTS = (
 )
 NEW_TOKENS = 10
 SHORT, SHORT_TOKENS = "Say hi.", 3
+SAMPLED = {"temperature": 0.9, "top_p": 0.95, "top_k": 50, "seed": 2026}
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _reference(smollm, prompts, new_tokens):
+def _reference(smollm, prompts, new_tokens, sampling=GREEDY):
     model, tokenizer = smollm
     kv = LocalKVClient.with_capacity(2**27, 16, model.config.head_dim)
     engine = Engine(model, kv, EngineConfig(policy=POLICY, budget=BUDGET))
-    return [engine.generate(tokenizer.chat_prompt_ids(p), new_tokens) for p in prompts]
+    ids = [tokenizer.chat_prompt_ids(p) for p in prompts]
+    return [engine.generate(i, new_tokens, sampling=sampling) for i in ids]
 
 
 @pytest.fixture(scope="module")
 def expected(smollm):
     return [*_reference(smollm, PROMPTS, NEW_TOKENS), *_reference(smollm, [SHORT], SHORT_TOKENS)]
+
+
+@pytest.fixture(scope="module")
+def expected_sampled(smollm, expected):
+    (tokens,) = _reference(smollm, PROMPTS[1:], NEW_TOKENS, SamplingParams(**SAMPLED))
+    assert tokens != expected[1]  # sampling changes this output
+    return tokens
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +110,20 @@ def _wait(predicate, timeout=30.0):
         time.sleep(0.1)
 
 
-def test_a_replica_killed_mid_generation_loses_no_token(replicas, worker, client, expected):
-    started = [threading.Event() for _ in PROMPTS]
-    results: list = [None] * len(PROMPTS)
+def test_a_replica_killed_mid_generation_loses_no_token(
+    replicas, worker, client, expected, expected_sampled
+):
+    """A sampled stream goes first, so its sequence (``faults-<n>``) and the victim, its
+    replica, are known: the sampled sequence is always one of those rebuilt."""
+    calls = [(PROMPTS[1], SAMPLED), *((p, {}) for p in PROMPTS)]
+    want = [expected_sampled, *expected[: len(PROMPTS)]]
+    started = [threading.Event() for _ in calls]
+    results: list = [None] * len(calls)
 
     def run(i):
         tokens = []
-        for message in client.generate(PROMPTS[i], NEW_TOKENS, ignore_eos=True):
+        prompt, sampling = calls[i]
+        for message in client.generate(prompt, NEW_TOKENS, ignore_eos=True, **sampling):
             if message.HasField("token"):
                 tokens.append(message.token.id)
                 if len(tokens) == 3:
@@ -114,23 +131,29 @@ def test_a_replica_killed_mid_generation_loses_no_token(replicas, worker, client
             else:
                 results[i] = (tokens, message.done)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-    for thread in threads:
+    sampled_seq = f"faults-{worker.scheduler.started}"
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    threads[0].start()
+    assert started[0].wait(180)
+    for thread in threads[1:]:
         thread.start()
     assert all(event.wait(180) for event in started)
     placed = {r.address: r.sequences for r in client.info().replicas}
-    victim = max(placed, key=placed.__getitem__)
+    victim = owner(sampled_seq, list(placed))
     survivor = next(a for a in placed if a != victim)
     assert placed[victim] >= 1
     replicas.kill(_service_of(replicas, victim))
     for thread in threads:
         thread.join(300)
-    for i, (tokens, done) in enumerate(results):
-        assert tokens == list(done.token_ids) == expected[i]  # exactly as without the fault
+    for (tokens, done), tokens_wanted in zip(results, want, strict=True):
+        assert tokens == list(done.token_ids) == tokens_wanted  # exactly as without the fault
         assert done.stats.replica == survivor
     recovered = [done.stats.recoveries for _, done in results]
     assert sum(recovered) == placed[victim]
     assert all(d.stats.replayed_tokens >= 3 for _, d in results if d.stats.recoveries)
+    sampled = results[0][1]
+    assert sampled.stats.seq_id.startswith(f"{sampled_seq}.r1") and sampled.stats.recoveries == 1
+    assert sampled.seed == SAMPLED["seed"]
     info = client.info()
     assert info.recovered_sequences == placed[victim]
     assert {r.address: r.healthy for r in info.replicas} == {victim: False, survivor: True}
