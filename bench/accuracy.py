@@ -337,7 +337,8 @@ def _pct(ratio: float | None) -> str:
 
 
 def _commit() -> str:
-    """The checkout's commit (with ``+dirty`` if it has uncommitted changes)."""
+    """The checkout's commit (with ``+dirty`` if code has uncommitted changes; the results
+    this bench itself rewrites do not count)."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
@@ -348,7 +349,8 @@ def _commit() -> str:
         ).stdout.strip()
 
     head = git("rev-parse", "--short=10", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")
+    return head + ("+dirty" if changed else "")
 
 
 def _cpus() -> int:
