@@ -61,8 +61,6 @@ class Probe:
     kv: KVClient
     page_bytes: int
     dense_layers: int
-    record_appends: bool = False
-    appends: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     decode_s: list[float] = field(default_factory=list)
     selected: dict[str, int] = field(default_factory=lambda: {"all": 0, "sparse": 0})
     moved: dict[str, int] = field(default_factory=lambda: {"all": 0, "sparse": 0})
@@ -76,8 +74,6 @@ class Probe:
         self.kv.create(seq_id, spec)
 
     def append(self, seq_id: str, layer: int, keys, values, positions) -> None:  # noqa: ANN001
-        if self.record_appends:
-            self.appends.append((layer, keys.copy(), values.copy(), positions.copy()))
         self.kv.append(seq_id, layer, keys, values, positions)
 
     def decode(self, layer, seq_ids, keys, values, positions, queries) -> list[Selection]:  # noqa: ANN001
@@ -141,23 +137,19 @@ def make_runs(model: LlamaModel, address: str, config: EngineConfig) -> list[Run
     page_bytes = local.store.pool.page_bytes
     runs = []
     for name, kv in clients:
-        probe = Probe(kv, page_bytes, config.dense_layers, record_appends=name == "in-process")
+        probe = Probe(kv, page_bytes, config.dense_layers)
         runs.append(Run(name, probe, Engine(model, probe, config)))
     return runs
 
 
 def prefill(runs: list[Run], ids: list[int], seq_id: str) -> int:
-    """Prefill in-process, replay its K/V into the other stores; returns the first token."""
-    first = runs[0]
-    first.seq, logits = first.engine.start(ids, f"{seq_id}-0")
-    spec = first.engine.config.spec(first.engine.model)
-    for i, run in enumerate(runs[1:], 1):
-        run.seq = Sequence(f"{seq_id}-{i}", list(ids), len(ids))  # the remotes share a service
-        run.probe.create(run.seq.seq_id, spec)
-        for layer, keys, values, positions in first.probe.appends:
-            run.probe.append(run.seq.seq_id, layer, keys, values, positions)
-    first.probe.appends.clear()
-    return int(torch.argmax(logits))
+    """Prefill once in-process (``Engine.record_prefill``) and replay it into every store
+    (the remotes share one service, so each sequence gets its own id); returns the first
+    token."""
+    record = runs[0].engine.record_prefill(ids)
+    for i, run in enumerate(runs):
+        run.seq, _ = run.engine.start(ids, f"{seq_id}-{i}", replay=record)
+    return int(torch.argmax(record.logits))
 
 
 def decode(runs: list[Run], token: int, new_tokens: int) -> None:
