@@ -29,6 +29,7 @@ from worker.kv_client import KVClient
 from worker.model import LlamaModel
 from worker.scheduler import Scheduler, SchedulerConfig
 from worker.serving.config import WorkerConfig
+from worker.serving.generation import Generations
 from worker.serving.metrics import WorkerMetrics
 from worker.serving.servicer import WorkerServicer
 from worker.tokenizer import Tokenizer
@@ -55,17 +56,17 @@ class WorkerServer:
         """Drain: refuse new calls (UNAVAILABLE) and report NOT_SERVING at once, give the
         in-flight ones (decoding or waiting) up to ``grace`` s to finish, then stop the loop
         (what is left fails with UNAVAILABLE) and close the clients."""
-        self.servicer.draining.set()
+        calls = self.servicer.generations
+        calls.draining.set()
         self.health.enter_graceful_shutdown()
         deadline = time.monotonic() + (grace or 0.0)
-        inflight = self.servicer.inflight
-        if inflight:
-            log.info("draining %d in-flight request(s), up to %g s", inflight, grace or 0.0)
-        while self.servicer.inflight and time.monotonic() < deadline:
+        if calls.inflight:
+            log.info("draining %d in-flight request(s), up to %g s", calls.inflight, grace or 0.0)
+        while calls.inflight and time.monotonic() < deadline:
             time.sleep(0.05)
-        if self.servicer.inflight:
+        if calls.inflight:
             log.warning("%d request(s) still running after the grace period; stopping them",
-                        self.servicer.inflight)  # fmt: skip
+                        calls.inflight)  # fmt: skip
         self.scheduler.stop()
         self.server.stop(max(0.5, deadline - time.monotonic())).wait()
         self.metrics.close()
@@ -107,8 +108,9 @@ def serve(
         futures.ThreadPoolExecutor(config.workers, thread_name_prefix="rpc"),
         interceptors=security.server_interceptors(config.security),
     )
-    servicer = WorkerServicer(scheduler, tokenizer, metrics, _info(config, engine), config)
-    metrics.track_inflight(lambda: servicer.inflight)
+    generations = Generations(scheduler, tokenizer, metrics, config)
+    servicer = WorkerServicer(generations, _info(config, engine))
+    metrics.track_inflight(lambda: generations.inflight)
     pb_grpc.add_WorkerServicer_to_server(servicer, server)
     checker = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
