@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +70,18 @@ class Tokenizer:
         """
         if not self._hf.chat_template:
             return self.encode(user_text, add_special_tokens=True)
-        messages = [{"role": "user", "content": user_text}]
-        text = self._hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.chat_ids([{"role": "user", "content": user_text}])
+
+    def chat_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Prompt ids of a conversation (``role``/``content`` dicts) through the chat template,
+        ending where the assistant's next answer starts; ``ValueError`` without a template."""
+        if not self._hf.chat_template:
+            raise ValueError(
+                "this model has no chat template, so a message list cannot be turned into a "
+                "prompt; send the prompt text in your own format to /v1/completions instead"
+            )
+        turns = [dict(m) for m in messages]
+        text = self._hf.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
         return self.encode(text, add_special_tokens=False)
 
 

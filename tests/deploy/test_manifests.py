@@ -84,6 +84,9 @@ def test_ports_and_probes_agree_within_the_compose_file(compose):
         )
         metrics = int(spec.environment["ICECACHE_METRICS_PORT"])
         assert spec.ports[1] == (metrics, metrics)
+        if "ICECACHE_HTTP_PORT" in spec.environment:  # a worker's OpenAI-compatible API
+            http = int(spec.environment["ICECACHE_HTTP_PORT"])
+            assert spec.ports[2:] == ((http, http),)
     caches = [f"{n}:{compose[n].ports[0][1]}" for n in ("cache-0", "cache-1")]
     assert compose["worker"].environment["ICECACHE_CACHE_SERVICES"] == ",".join(caches)
 
@@ -124,6 +127,7 @@ def test_the_worker_reads_the_compose_environment(compose):
         9100,
         0,
     )
+    assert config.http_port == 8000
 
 
 def test_worker_flags_override_env_and_bad_ones_are_refused(capsys):

@@ -40,6 +40,16 @@ class WorkerConfig:
     )
     host: str = setting("127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
     port: int = setting(50051, "gRPC port; 0 picks a free one (logged).")
+    http_port: int = setting(
+        0,
+        "Port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+        "/v1/models) beside the gRPC port, with the same token and TLS; 0 turns it off.",
+    )
+    served_model_name: str = setting(
+        "",
+        "The model's name in the HTTP API (its `model` field, /v1/models); empty: the model "
+        "directory's name, or SmolLM2-135M-Instruct for the embedded model.",
+    )
     load: LoadConfig = nested(LoadConfig)
     """The model and its device."""
     engine: EngineConfig = nested(EngineConfig)
@@ -86,8 +96,9 @@ class WorkerConfig:
                 "or set ICECACHE_CACHE_SERVICES"
             )
         check_policy(self.engine.policy)
-        if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
-            raise ValueError(f"ports must be in 0..65535, got {self.port}, {self.metrics_port}")
+        ports = (self.port, self.metrics_port, self.http_port)
+        if not all(0 <= p < 65536 for p in ports):
+            raise ValueError(f"ports must be in 0..65535, got {', '.join(map(str, ports))}")
         budget = 1 if self.engine.budget is None else self.engine.budget
         limits = (budget, self.max_batch, self.max_queue, self.max_requests)
         if min(*limits, self.max_new_tokens, self.workers, self.rpc_timeout_s) <= 0:

@@ -14,6 +14,7 @@ import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,8 +35,12 @@ from worker.serving.metrics import WorkerMetrics
 from worker.serving.servicer import WorkerServicer
 from worker.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from worker.serving.http_server import HttpServer
+
 log = logging.getLogger(__name__)
 
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Worker"].full_name
 
 
@@ -51,6 +56,8 @@ class WorkerServer:
     servicer: WorkerServicer
     owned: list[KVClient] = field(default_factory=list)
     """Closed on stop (the KV client when ``serve`` opened it)."""
+    http: HttpServer | None = None
+    """The OpenAI-compatible HTTP API (``--http-port``), if on."""
 
     def stop(self, grace: float | None = None) -> None:
         """Drain: refuse new calls (UNAVAILABLE) and report NOT_SERVING at once, give the
@@ -69,6 +76,8 @@ class WorkerServer:
                         calls.inflight)  # fmt: skip
         self.scheduler.stop()
         self.server.stop(max(0.5, deadline - time.monotonic())).wait()
+        if self.http is not None:
+            self.http.stop()
         self.metrics.close()
         for thing in self.owned:
             thing.close()
@@ -119,7 +128,9 @@ def serve(
     )
     try:
         port = security.add_port(server, f"{config.host}:{config.port}", config.security)
-    except OSError:
+        http = _http(config, generations) if config.http_port else None
+    except (OSError, RuntimeError):
+        server.stop(0)
         scheduler.stop()
         for thing in owned:
             thing.close()
@@ -132,7 +143,22 @@ def serve(
     log.info("serving on %s:%d (token auth %s, TLS %s)", config.host, port,
              "on" if auth else "off", "on" if tls else "off",
              extra={"port": port, "auth": auth, "tls": tls})  # fmt: skip
-    return WorkerServer(server, port, scheduler, metrics, checker, servicer, owned)
+    return WorkerServer(server, port, scheduler, metrics, checker, servicer, owned, http)
+
+
+def served_model_name(config: WorkerConfig) -> str:
+    """The model's name in the HTTP API: ``--served-model-name``, else its directory's."""
+    if config.served_model_name:
+        return config.served_model_name
+    return Path(config.load.model).name if config.load.model else EMBEDDED_MODEL_NAME
+
+
+def _http(config: WorkerConfig, generations: Generations) -> HttpServer:
+    from worker.serving.http_api import create_app  # FastAPI loads only when it is asked for
+    from worker.serving.http_server import HttpServer
+
+    app = create_app(generations, served_model_name(config), config.security.token)
+    return HttpServer(app, config.host, config.http_port, config.security).start()
 
 
 def instance_id() -> str:
@@ -156,7 +182,7 @@ def _track_replica_health(kv: KVClient, checker: health.HealthServicer) -> None:
 def _info(config: WorkerConfig, engine: Engine) -> pb.WorkerInfoResponse:
     path = config.load.model
     info = pb.WorkerInfoResponse(
-        model=Path(path).name if path else "SmolLM2-135M-Instruct (embedded)",
+        model=Path(path).name if path else f"{EMBEDDED_MODEL_NAME} (embedded)",
         device=engine.device.type,
         policy=config.engine.policy,
         dense_layers=config.engine.dense_layers,
