@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import openai
 import pytest
 
 from worker.client import WorkerClient, check_health, generate_remote
@@ -29,7 +30,7 @@ SHM = Path("/dev/shm")
 PORT_VARS = (
     "ICECACHE_CACHE0_PORT", "ICECACHE_CACHE0_METRICS_PORT",
     "ICECACHE_CACHE1_PORT", "ICECACHE_CACHE1_METRICS_PORT",
-    "ICECACHE_WORKER_PORT", "ICECACHE_WORKER_METRICS_PORT",
+    "ICECACHE_WORKER_PORT", "ICECACHE_WORKER_METRICS_PORT", "ICECACHE_WORKER_HTTP_PORT",
 )  # fmt: skip
 
 
@@ -125,6 +126,25 @@ def test_icecache_generate_server_prints_the_same_tokens(cluster, smollm, expect
     assert out["token_ids"] == expected[0]
     prompt_tokens = len(smollm[1].chat_prompt_ids(PROMPTS[0]))
     assert (out["policy"], out["budget"], out["prompt_tokens"]) == (POLICY, BUDGET, prompt_tokens)
+
+
+def test_the_openai_client_gets_the_same_answers_over_http(cluster, smollm, expected):
+    local, replicas = cluster
+    tokenizer = smollm[1]
+    (worker,) = (s for s in local.services if s.name == "worker")
+    port = worker.environment["ICECACHE_HTTP_PORT"]
+    url = f"http://127.0.0.1:{port}/v1"
+    with openai.OpenAI(api_key="unused", base_url=url, max_retries=0) as api:
+        (model,) = api.models.list()
+        for prompt, want in zip(PROMPTS[:2], expected, strict=False):
+            messages = [{"role": "user", "content": prompt}]
+            kwargs = {"model": model.id, "messages": messages, "max_tokens": NEW_TOKENS}
+            answer = api.chat.completions.create(**kwargs, temperature=0)
+            text = tokenizer.decode([t for t in want if t not in tokenizer.eos_token_ids])
+            assert answer.choices[0].message.content == text
+            assert answer.model_extra["icecache"]["replica"] in replicas
+            chunks = api.chat.completions.create(**kwargs, temperature=0, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
 
 
 def test_a_stopped_replica_takes_no_new_sequences(cluster, client, expected):
