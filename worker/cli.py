@@ -16,7 +16,7 @@ from cache_service.security import SecurityConfig
 from worker.engine import EngineConfig
 from worker.factory import LoadConfig, build_engine
 from worker.sampling import SamplingParams
-from worker.serving.detokenizer import StopText
+from worker.serving.detokenizer import StopText, TextStream
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +86,28 @@ def _generate(args: argparse.Namespace) -> int:
     engine, tokenizer = build_engine(engine_config(args), source, args.cache_service)
     ids = tokenizer.chat_prompt_ids(prompt) if args.chat else tokenizer.encode(prompt)
     started = time.perf_counter()
-    out = engine.generate(ids, args.max_new_tokens, tokenizer.eos_token_ids, sampling)
+    text = TextStream(tokenizer, tokenizer.eos_token_ids)
+    out: list[int] = []
+    pieces: list[str] = []
+    tokens = engine.stream(ids, args.max_new_tokens, tokenizer.eos_token_ids, sampling)
+    for token in tokens:  # written as they come, as with --server
+        out.append(token)
+        piece = stop.push(text.push(token))
+        pieces.append(piece)
+        if not args.json:
+            print(piece, end="", flush=True)
+        if stop.stopped:
+            tokens.close()  # ends the sequence: no token after the stop string is decoded
+            break
     total_s = time.perf_counter() - started
-    text = tokenizer.decode([t for t in out if t not in tokenizer.eos_token_ids])
-    cut = stop.push(text)
-    text = cut if stop.stopped else text  # in process the stop strings cut only the text
+    whole = "".join(pieces)
+    if not stop.stopped:  # the text held back for a stop string that never came
+        whole = tokenizer.decode([t for t in out if t not in tokenizer.eos_token_ids])
     if args.json:
         print(
             json.dumps(
                 {
-                    "text": text,
+                    "text": whole,
                     "token_ids": out,
                     "seed": None if sampling.greedy else sampling.seed,
                     "prompt_tokens": len(ids),
@@ -110,7 +122,7 @@ def _generate(args: argparse.Namespace) -> int:
             )
         )
     else:
-        print(text)
+        print(whole[len("".join(pieces)) :])
     return 0
 
 

@@ -13,6 +13,7 @@ import itertools
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -310,7 +311,32 @@ class Engine:
     ) -> list[int]:
         """Generation for one prompt (greedy by default); returns the new tokens (stop token
         included)."""
-        return self.generate_batch([prompt_ids], max_new_tokens, stop_ids, sampling)[0]
+        return list(self.stream(prompt_ids, max_new_tokens, stop_ids, sampling))
+
+    def stream(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        stop_ids: frozenset[int] = frozenset(),
+        sampling: SamplingParams = GREEDY,
+    ) -> Iterator[int]:
+        """``generate``'s tokens as they are chosen; closing the iterator early ends the
+        sequence (its KV is released)."""
+        sampling = sampling.seeded()
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if max_new_tokens == 0:
+            return
+        seq, logits = self.start(prompt_ids)
+        try:
+            for step in range(max_new_tokens):
+                token = choose(logits, sampling, step=step)
+                yield token
+                if token in stop_ids or step + 1 == max_new_tokens:
+                    break
+                logits = self.decode_step([seq], [token])[0]
+        finally:
+            self.finish(seq)
 
     def generate_batch(
         self,
