@@ -49,5 +49,5 @@ RUN useradd --create-home --uid 10001 icecache && chown -R icecache /app /opt/ic
 # by uid: a name may not resolve on the host, and runAsNonRoot can check only a number
 USER 10001
 
-EXPOSE 50051 50061 9100 9101
+EXPOSE 50051 50061 8000 9100 9101
 CMD ["python", "-m", "worker", "--help"]
