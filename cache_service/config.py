@@ -73,6 +73,16 @@ class CacheServiceConfig:
     grace_s: float = setting(
         5.0, "On SIGTERM, seconds in-flight RPCs get to finish before the server stops."
     )
+    lease_ttl_s: float = setting(
+        10.0,
+        "A worker's lease expires when nothing renews it (a call or its heartbeat) for this "
+        "long; later calls on it fail, and its sequences are released after lease_grace_s.",
+    )
+    lease_grace_s: float = setting(
+        30.0,
+        "Seconds an expired lease's sequences are kept (for another worker to take over) "
+        "before they are released.",
+    )
     log: LogConfig = nested(LogConfig)
     security: SecurityConfig = nested(SecurityConfig)
     """Token auth and TLS (``cache_service.security``); off by default."""
@@ -86,6 +96,11 @@ class CacheServiceConfig:
             raise ValueError("page_size, head_dim and workers must be positive")
         if self.max_streams < 0:
             raise ValueError(f"max_streams must be >= 0 (0: no streams), got {self.max_streams}")
+        if not self.lease_ttl_s > 0 or not self.lease_grace_s >= 0:
+            raise ValueError(
+                f"lease_ttl_s must be > 0 and lease_grace_s >= 0, got {self.lease_ttl_s}, "
+                f"{self.lease_grace_s}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.num_pages < 1:

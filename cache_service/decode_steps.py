@@ -11,6 +11,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from cache_service import codec, limits
+from cache_service.leases import LeaseTable, lease_of
 from cache_service.local_stream import METHOD as LOCAL_METHOD
 from cache_service.metrics import ServiceMetrics
 from cache_service.refusals import CallContext, check_deadline, local_error, refusal
@@ -28,9 +29,13 @@ MAX_CARRIED = 2**18
 class DecodeSteps:
     """Applies decode steps from the wire to one store."""
 
-    def __init__(self, store: Store, metrics: ServiceMetrics, limit: str) -> None:
+    def __init__(
+        self, store: Store, metrics: ServiceMetrics, limit: str, leases: LeaseTable | None = None
+    ) -> None:
         self.store = store
         self.metrics = metrics
+        self.leases = leases
+        """Whose sequences are whose; ``None``: no leases checked."""
         self.limit = limit
         """The pool's size, named by ``PoolExhausted`` errors (``refusals.pool_limit``)."""
 
@@ -59,6 +64,8 @@ class DecodeSteps:
                 )
         with self.store.lock:
             check_deadline(context)
+            if self.leases is not None:
+                self.leases.check(lease_of(context), seq_ids)
             sels = self.store.decode(request.layer, seq_ids, keys, values, positions, queries)
             if carried is not None and request.push_pages:
                 self._push(sels, carried, response.pushed)

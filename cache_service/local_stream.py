@@ -57,9 +57,11 @@ class LocalContext:
     that waited for the store sees before it applies anything.
     """
 
-    def __init__(self, conn: socket.socket) -> None:
+    def __init__(self, conn: socket.socket, lease: str = "") -> None:
         self._poll = select.poll()
         self._poll.register(conn, select.POLLRDHUP)
+        self.lease = lease
+        """The lease of the ``OpenLocalStream`` call whose ticket opened the stream."""
 
     def time_remaining(self) -> float | None:
         return None
@@ -90,7 +92,7 @@ class LocalStreams:
         self._slots = slots
         self._answer = answer
         self._observe = observe
-        self._tickets: dict[bytes, float] = {}  # ticket -> when it expires (monotonic)
+        self._tickets: dict[bytes, tuple[float, str]] = {}  # ticket -> (expires, lease)
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a connection ended
@@ -111,19 +113,20 @@ class LocalStreams:
         """Connections open now (streams, and clients still presenting their ticket)."""
         return len(self._conns)
 
-    def ticket(self) -> bytes:
-        """A new one-time ticket for one connection within ``TICKET_TTL_S``."""
+    def ticket(self, lease: str = "") -> bytes:
+        """A new one-time ticket for one connection within ``TICKET_TTL_S``; the stream it
+        opens carries ``lease`` (the lease id of the call that asked for it)."""
         now = time.monotonic()
         ticket = secrets.token_bytes(32)
         with self._lock:
             if len(self._tickets) >= MAX_TICKETS:
-                self._tickets = {t: end for t, end in self._tickets.items() if end > now}
+                self._tickets = {t: v for t, v in self._tickets.items() if v[0] > now}
             if len(self._tickets) >= MAX_TICKETS:
                 raise TooManyStreams(
                     f"{MAX_TICKETS} local-stream tickets are unused; connect with the ones "
                     "issued before asking for more"
                 )
-            self._tickets[ticket] = now + TICKET_TTL_S
+            self._tickets[ticket] = (now + TICKET_TTL_S, lease)
         return ticket
 
     def stop(self, grace: float | None) -> None:
@@ -169,14 +172,14 @@ class LocalStreams:
         try:
             conn.settimeout(HANDSHAKE_TIMEOUT_S)
             frames = framing.FrameReader(conn)
-            refusal = self._admit(frames.read())
+            refusal, lease = self._admit(frames.read())
             if refusal is not None:
                 _send(conn, pb.LocalReply(error=refusal))
                 return
             holding = True
             conn.settimeout(None)
             _send(conn, pb.LocalReply())
-            context = LocalContext(conn)
+            context = LocalContext(conn, lease)
             while (frame := frames.read()) is not None:
                 started = time.perf_counter()
                 reply = self._answer(frame, context)
@@ -201,11 +204,12 @@ class LocalStreams:
                 self._conns.discard(conn)
                 self._changed.notify_all()
 
-    def _admit(self, ticket: bytes | None) -> pb.LocalError | None:
-        """``None`` when ``ticket`` is good and a stream is free (now held); else why not."""
+    def _admit(self, ticket: bytes | None) -> tuple[pb.LocalError | None, str]:
+        """``(None, lease)`` when ``ticket`` is good and a stream is free (now held); else
+        why not."""
         now = time.monotonic()
         with self._lock:
-            expires = self._tickets.pop(ticket, 0.0) if ticket else 0.0
+            expires, lease = self._tickets.pop(ticket, (0.0, "")) if ticket else (0.0, "")
         if expires <= now:
             code = grpc.StatusCode.UNAUTHENTICATED
             self._observe(METHOD, code.name, 0.0)
@@ -213,13 +217,13 @@ class LocalStreams:
                 code=code.name,
                 message="the local-stream ticket is unknown, used or expired; ask "
                 "OpenLocalStream for a new one and send it first",
-            )
+            ), ""
         if not self._slots.acquire("local"):
             code = grpc.StatusCode.RESOURCE_EXHAUSTED
             self._observe(METHOD, code.name, 0.0)
             err = self._slots.refusal()
-            return pb.LocalError(code=code.name, message=str(err), error=type(err).__name__)
-        return None
+            return pb.LocalError(code=code.name, message=str(err), error=type(err).__name__), ""
+        return None, lease
 
 
 def _send(conn: socket.socket, reply: pb.LocalReply) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -78,9 +78,27 @@ class ServiceMetrics:
             ["kind"],
             registry=self.registry,
         )
+        self.leases_expired = Counter(
+            "icecache_leases_expired", "Worker leases that expired (not renewed within the TTL)",
+            registry=self.registry,
+        )  # fmt: skip
+        self.lease_sequences_reclaimed = Counter(
+            "icecache_lease_sequences_reclaimed",
+            "Sequences released because their lease expired and its grace ended",
+            registry=self.registry,
+        )
+        self.lease_bytes_reclaimed = Counter(
+            "icecache_lease_bytes_reclaimed", "Page bytes freed with those sequences",
+            registry=self.registry,
+        )  # fmt: skip
         self.registry.register(StoreCollector(store))
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def track_leases(self, live: Callable[[], int]) -> None:
+        """Report ``live()``, the leases not expired, as a gauge."""
+        gauge = Gauge("icecache_leases", "Live worker leases", registry=self.registry)
+        gauge.set_function(live)
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         """Count one finished RPC."""

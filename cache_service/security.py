@@ -208,20 +208,24 @@ class _ClientCallDetails(grpc.ClientCallDetails):
         self.compression = getattr(base, "compression", None)
 
 
-class TokenClientInterceptor(
+class HeaderClientInterceptor(
     grpc.UnaryUnaryClientInterceptor,
     grpc.UnaryStreamClientInterceptor,
     grpc.StreamUnaryClientInterceptor,
     grpc.StreamStreamClientInterceptor,
 ):
-    """Adds ``authorization: Bearer <token>`` to every call of a channel."""
+    """Adds ``key: value()`` to every call of a channel (nothing while ``value()`` is '')."""
 
-    def __init__(self, token: str) -> None:
-        self._entry = (AUTH_KEY, f"Bearer {token}")
+    def __init__(self, key: str, value: Callable[[], str]) -> None:
+        self._key = key
+        self._value = value
 
     def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        metadata = [m for m in (details.metadata or ()) if m[0] != AUTH_KEY]
-        return _ClientCallDetails(details, [*metadata, self._entry])
+        value = self._value()
+        if not value:
+            return details
+        metadata = [m for m in (details.metadata or ()) if m[0] != self._key]
+        return _ClientCallDetails(details, [*metadata, (self._key, value)])
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return continuation(self._details(details), request)
@@ -234,6 +238,14 @@ class TokenClientInterceptor(
 
     def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
         return continuation(self._details(details), requests)
+
+
+class TokenClientInterceptor(HeaderClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call of a channel."""
+
+    def __init__(self, token: str) -> None:
+        entry = f"Bearer {token}"
+        super().__init__(AUTH_KEY, lambda: entry)
 
 
 def channel_credentials(cfg: SecurityConfig) -> grpc.ChannelCredentials | None:

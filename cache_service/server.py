@@ -23,9 +23,11 @@ from grpc_reflection.v1alpha import reflection
 from cache_service import channel_options, host, security
 from cache_service.config import CacheServiceConfig
 from cache_service.decode_steps import DecodeSteps
+from cache_service.leases import LeaseTable
 from cache_service.local_stream import LocalStreams
 from cache_service.metrics import ServiceMetrics
 from cache_service.page_pool import PagePool
+from cache_service.reaper import LeaseReaper
 from cache_service.refusals import pool_limit
 from cache_service.servicer import SERVICE_NAME, CacheServicer
 from cache_service.store import Store
@@ -50,11 +52,15 @@ class CacheServer:
     health: health.HealthServicer
     local: LocalStreams | None = None
     """Same-host decode streams (``None``: not offered)."""
+    reaper: LeaseReaper | None = None
+    """Releases what dead workers held."""
 
     def stop(self, grace: float | None = None) -> None:
         """Refuse new RPCs and streams, let in-flight ones finish for ``grace`` s (open
         streams until they close or the grace ends), free the segment."""
         self.health.enter_graceful_shutdown()
+        if self.reaper is not None:
+            self.reaper.stop()
         stopped = self.server.stop(grace)
         if self.local is not None:
             self.local.stop(grace)
@@ -150,11 +156,13 @@ def serve(config: CacheServiceConfig) -> CacheServer:
 
 def _start(config: CacheServiceConfig, server: grpc.Server, port: int, store: Store) -> CacheServer:
     metrics = ServiceMetrics(store)
+    leases = LeaseTable(config.lease_ttl_s, config.lease_grace_s)
+    metrics.track_leases(leases.live)
     slots = StreamSlots(config.max_streams, metrics.open_streams)
-    local = _local_streams(config, store, slots, metrics)
+    local = _local_streams(config, store, slots, metrics, leases)
     try:
         host_id = host.host_identity()
-        servicer = CacheServicer(store, metrics, host_id, config.max_memory, slots, local)
+        servicer = CacheServicer(store, metrics, host_id, config.max_memory, slots, local, leases)
         pb_grpc.add_CacheServiceServicer_to_server(servicer, server)
         checker = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(checker, server)
@@ -165,6 +173,7 @@ def _start(config: CacheServiceConfig, server: grpc.Server, port: int, store: St
         if local is not None:
             local.stop(0)
         raise
+    reaper = LeaseReaper(leases, store, metrics).start()
     for name in ("", SERVICE_NAME):
         checker.set(name, health_pb2.HealthCheckResponse.SERVING)
     if config.metrics_port:
@@ -185,20 +194,26 @@ def _start(config: CacheServiceConfig, server: grpc.Server, port: int, store: St
             "tls": config.security.server_tls,
             "max_sequences": config.max_sequences,
             "local_streams": local.name if local else None,
+            "lease_ttl_s": config.lease_ttl_s,
+            "lease_grace_s": config.lease_grace_s,
         },
     )
-    return CacheServer(server, port, store, metrics, checker, local)
+    return CacheServer(server, port, store, metrics, checker, local, reaper)
 
 
 def _local_streams(
-    config: CacheServiceConfig, store: Store, slots: StreamSlots, metrics: ServiceMetrics
+    config: CacheServiceConfig,
+    store: Store,
+    slots: StreamSlots,
+    metrics: ServiceMetrics,
+    leases: LeaseTable,
 ) -> LocalStreams | None:
     """Local streams on the abstract socket ``<segment>.decode``, answered like ``Decode``;
     ``None`` when not configured or without a shared segment, and (logged) where it cannot
     bind."""
     if not (config.local_streams and store.pool.shm_name):
         return None
-    steps = DecodeSteps(store, metrics, pool_limit(store.pool, config.max_memory))
+    steps = DecodeSteps(store, metrics, pool_limit(store.pool, config.max_memory), leases)
     name = store.pool.shm_name + ".decode"
     try:
         return LocalStreams(name, slots, steps.answer_frame, metrics.observe)

@@ -19,21 +19,26 @@ import grpc
 
 from cache_service import codec, limits
 from cache_service.decode_steps import DecodeSteps
+from cache_service.leases import LeaseTable, lease_of
 from cache_service.metrics import ServiceMetrics
 from cache_service.refusals import Refused, abort, check_deadline, pool_limit, refusal
 from cache_service.store import Store
 from cache_service.stream_slots import StreamSlots
-from cache_service.types import POLICIES
+from cache_service.types import POLICIES, AdoptionRefused
 from cache_service.wire_checks import check_id, check_spec, floats, ints
 from proto.icecache.v1 import cache_service_pb2 as pb
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+LEASE_METHODS = frozenset({"OpenLease", "RenewLease", "CloseLease"})
+"""Methods that handle a lease themselves."""
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CacheService"].full_name
 """``icecache.v1.CacheService``: for health checking and reflection."""
 DEFAULT_MAX_STREAMS = 32
 """Stream slots of a servicer given none (``--max-streams``' default)."""
+DEFAULT_LEASE_TTL_S = 10.0
+"""Lease TTL of a servicer given no lease table (``--lease-ttl-s``' default)."""
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
@@ -44,8 +49,8 @@ class LocalOffer(Protocol):
     name: str
     """The abstract Unix socket they listen on."""
 
-    def ticket(self) -> bytes:
-        """A new one-time ticket for one connection."""
+    def ticket(self, lease: str = "") -> bytes:
+        """A new one-time ticket for one connection, carrying ``lease``."""
         ...
 
 
@@ -73,6 +78,9 @@ def _serve(
     code = grpc.StatusCode.OK
     try:
         check_deadline(context)
+        lease = lease_of(context)
+        if lease and method not in LEASE_METHODS:
+            servicer.leases.renew(lease)  # any traffic renews; an expired lease fails here
         return handler(servicer, request, context)
     except Exception as err:  # noqa: BLE001 - every error becomes a status
         refused = refusal(err, servicer.limit)
@@ -93,8 +101,11 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         max_memory: int = 0,
         slots: StreamSlots | None = None,
         local: LocalOffer | None = None,
+        leases: LeaseTable | None = None,
     ) -> None:
         self.store = store
+        self.leases = leases if leases is not None else LeaseTable(DEFAULT_LEASE_TTL_S, 0.0)
+        """Whose sequences are whose (``cache_service.leases``)."""
         self.metrics = metrics
         self.limit = pool_limit(store.pool, max_memory)
         self.slots = (
@@ -102,7 +113,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         )
         self.local = local
         """Same-host decode streams, when the service offers them."""
-        self.steps = DecodeSteps(store, metrics, self.limit)
+        self.steps = DecodeSteps(store, metrics, self.limit, self.leases)
         pool = store.pool
         self.info = pb.InfoResponse(
             pool=pb.PoolInfo(
@@ -128,9 +139,12 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         check_id(request.seq_id)
         spec = codec.spec_from_proto(request.spec)
         check_spec(spec)
+        lease = lease_of(context)
         with self.store.lock:
             check_deadline(context)
+            self.leases.check(lease, [request.seq_id])
             self.store.create(request.seq_id, spec)
+            self.leases.attach(lease, request.seq_id)
         log.info(
             "created %s",
             request.seq_id,
@@ -144,6 +158,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         positions = ints(request.positions, "positions")
         with self.store.lock:
             check_deadline(context)
+            self.leases.check(lease_of(context), [request.seq_id])
             self.store.append(request.seq_id, request.layer, keys, values, positions)
         self.metrics.received.labels("Append").inc(keys.nbytes + values.nbytes)
         return pb.AppendResponse()
@@ -177,7 +192,8 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
     ) -> pb.OpenLocalStreamResponse:
         if self.local is None:
             return pb.OpenLocalStreamResponse()
-        return pb.OpenLocalStreamResponse(socket=self.local.name, ticket=self.local.ticket())
+        ticket = self.local.ticket(lease_of(context))
+        return pb.OpenLocalStreamResponse(socket=self.local.name, ticket=ticket)
 
     @_rpc
     def Retrieve(
@@ -214,9 +230,87 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
     ) -> pb.ReleaseResponse:
         with self.store.lock:
             check_deadline(context)
+            self.leases.check(lease_of(context), [request.seq_id])
             self.store.release(request.seq_id)
+            self.leases.detach(request.seq_id)
         log.info("released %s", request.seq_id, extra={"seq_id": request.seq_id})
         return pb.ReleaseResponse()
+
+    @_rpc
+    def Adopt(self, request: pb.AdoptRequest, context: grpc.ServicerContext) -> pb.AdoptResponse:
+        check_id(request.seq_id)
+        lease = lease_of(context)
+        if not lease:
+            raise ValueError("Adopt needs the caller's lease (metadata icecache-lease)")
+        with self.store.lock:
+            check_deadline(context)
+            if request.seq_id not in self.store:
+                raise AdoptionRefused(f"sequence {request.seq_id!r} is not held here (released?)")
+            spec = self.store.spec(request.seq_id)
+            if codec.spec_from_proto(request.spec) != spec:
+                raise AdoptionRefused(
+                    f"sequence {request.seq_id!r} was created with another spec ({spec}); "
+                    "rebuild it"
+                )
+            layers = spec.num_layers
+            lengths = [self.store.length(request.seq_id, layer) for layer in range(layers)]
+            ahead = sum(n == request.length + 1 for n in lengths)
+            expected = [request.length + 1] * ahead + [request.length] * (layers - ahead)
+            if lengths != expected:
+                raise AdoptionRefused(
+                    f"sequence {request.seq_id!r} holds {lengths} tokens in its layers where "
+                    f"{request.length} (or one more in the first layers) are expected; "
+                    "rebuild it"
+                )
+            self.store.check_usable(request.seq_id)
+            self.leases.adopt(lease, request.seq_id, request.epoch)
+        log.info(
+            "lease %s adopted %s (%d layer(s) a token ahead)", lease, request.seq_id, ahead,
+            extra={"lease": lease, "seq_id": request.seq_id},
+        )  # fmt: skip
+        return pb.AdoptResponse(ahead=ahead)
+
+    @_rpc
+    def OpenLease(
+        self, request: pb.OpenLeaseRequest, context: grpc.ServicerContext
+    ) -> pb.OpenLeaseResponse:
+        lease = self.leases.open(request.holder)
+        log.info(
+            "opened lease %s for %s",
+            lease.lease_id,
+            request.holder or "?",
+            extra={"lease": lease.lease_id, "holder": request.holder},
+        )
+        return pb.OpenLeaseResponse(
+            lease_id=lease.lease_id,
+            epoch=lease.epoch,
+            ttl_s=self.leases.ttl_s,
+            grace_s=self.leases.grace_s,
+        )
+
+    @_rpc
+    def RenewLease(
+        self, request: pb.RenewLeaseRequest, context: grpc.ServicerContext
+    ) -> pb.RenewLeaseResponse:
+        self.leases.renew(request.lease_id)
+        return pb.RenewLeaseResponse()
+
+    @_rpc
+    def CloseLease(
+        self, request: pb.CloseLeaseRequest, context: grpc.ServicerContext
+    ) -> pb.CloseLeaseResponse:
+        with self.store.lock:
+            seq_ids = self.leases.close(request.lease_id)
+            for seq_id in seq_ids:
+                if seq_id in self.store:
+                    self.store.release(seq_id)
+        log.info(
+            "closed lease %s, released %d sequence(s)",
+            request.lease_id,
+            len(seq_ids),
+            extra={"lease": request.lease_id, "released": len(seq_ids)},
+        )
+        return pb.CloseLeaseResponse(released=len(seq_ids))
 
     @_rpc
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:

@@ -115,6 +115,11 @@ class Store:
     def spec(self, seq_id: str) -> SequenceSpec:
         return self._get(seq_id).spec
 
+    def check_usable(self, seq_id: str) -> None:
+        """``UnknownSequence``, or ``SequenceFailed`` when a failed request left it
+        half-changed."""
+        self._usable(seq_id)
+
     def length(self, seq_id: str, layer: int = 0) -> int:
         """Tokens stored for ``layer`` of a sequence."""
         return self._get(seq_id).heads[layer][0].length

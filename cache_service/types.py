@@ -53,6 +53,22 @@ class TooManyStreams(RuntimeError):
     """A ``DecodeStream`` beyond the service's limit of open streams; use ``Decode``."""
 
 
+class LeaseLost(ConnectionError):
+    """The caller's lease expired (or never existed here), or the sequence is another lease's:
+    what it held is no longer its own; it rebuilds its sequences under a new lease. A
+    ``ConnectionError``, so a worker treats it as losing the replica's sequences."""
+
+
+class AdoptionRefused(RuntimeError):
+    """A sequence cannot be taken over as it is (gone, or its layers disagree on its length);
+    the worker rebuilds it by prefill and replay instead."""
+
+
+class AdoptionConflict(RuntimeError):
+    """Another worker took the sequence over first (its lease epoch is not the one expected):
+    this resume is a duplicate and must not go on."""
+
+
 @dataclass(frozen=True)
 class SequenceSpec:
     """How one sequence's KV cache is kept and selected from."""

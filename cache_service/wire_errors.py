@@ -11,6 +11,9 @@ import grpc
 
 from cache_service.page_pool import PoolExhausted
 from cache_service.types import (
+    AdoptionConflict,
+    AdoptionRefused,
+    LeaseLost,
     OutOfOrder,
     SequenceExists,
     SequenceFailed,
@@ -30,6 +33,9 @@ _ERRORS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (SequenceExists, grpc.StatusCode.ALREADY_EXISTS),
     (OutOfOrder, grpc.StatusCode.FAILED_PRECONDITION),
     (SequenceFailed, grpc.StatusCode.FAILED_PRECONDITION),
+    (LeaseLost, grpc.StatusCode.FAILED_PRECONDITION),
+    (AdoptionRefused, grpc.StatusCode.FAILED_PRECONDITION),
+    (AdoptionConflict, grpc.StatusCode.ABORTED),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     (PoolExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TooManySequences, grpc.StatusCode.RESOURCE_EXHAUSTED),

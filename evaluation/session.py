@@ -96,6 +96,9 @@ class TapKV(KVClient):
             self.observer(layer, keys, queries, sels)
         return sels
 
+    def retrieve(self, seq_id: str, layer: int, queries: np.ndarray) -> Selection:
+        return self.inner.retrieve(seq_id, layer, queries)
+
     def read_pages(self, pages: np.ndarray, versions: np.ndarray | None = None) -> np.ndarray:
         return self.inner.read_pages(pages, versions)
 

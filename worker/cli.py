@@ -141,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     add_sampling_args(gen)
     gen.add_argument(
         "--server",
-        metavar="HOST:PORT",
+        metavar="HOST:PORT[,HOST:PORT...]",
         help="generate through a running worker service instead of in this process (its "
-        "engine settings, but for --policy and --budget when given)",
+        "engine settings, but for --policy and --budget when given); with several, a stream "
+        "that breaks is resumed on the next",
     )
     server_side = [f.name for f in fields(SecurityConfig) if f.name not in CLIENT_SECURITY]
     settings.add_arguments(gen, SecurityConfig, os.environ, skip=server_side)

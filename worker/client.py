@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,6 +32,9 @@ from cache_service.security import SecurityConfig, make_channel, security_from_e
 from proto.icecache.v1 import worker_pb2 as pb
 from proto.icecache.v1 import worker_pb2_grpc as pb_grpc
 from worker.retry import DEFAULT_BACKOFF, Backoff, retry
+
+if TYPE_CHECKING:
+    from worker.resuming import ResumingClient
 
 T = TypeVar("T")
 
@@ -90,51 +93,20 @@ class WorkerClient:
         return self
 
     def generate(
-        self,
-        prompt: str | list[int],
-        max_new_tokens: int,
-        chat: bool = True,
-        ignore_eos: bool = False,
-        request_id: str = "",
-        policy: str | None = None,
-        budget: int | None = None,
-        timeout: float | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        stop_token_ids: Sequence[int] = (),
+        self, prompt: str | list[int], max_new_tokens: int, **kwargs: Any
     ) -> Iterator[pb.GenerateResponse]:
         """The response stream: one message per token, then ``done`` (no retries here).
 
-        ``policy``/``budget``: this request's own (``None``: the worker's); ``timeout``: this
-        call's deadline in seconds (``None``: the client's). ``temperature``, ``top_p``,
-        ``top_k``, ``seed``: sampling (``None``: greedy, and an unseeded sampled request gets
-        the worker's seed, in ``done.seed``); ``stop``: strings that end the text just before
-        them; ``stop_token_ids``: more stop tokens.
+        ``kwargs``: those of ``generate_request``; ``timeout``: this call's deadline in seconds
+        (``None``: the client's).
         """
-        request = pb.GenerateRequest(
-            max_new_tokens=max_new_tokens, chat=chat, ignore_eos=ignore_eos, request_id=request_id
-        )
-        if isinstance(prompt, str):
-            request.prompt = prompt
-        else:
-            request.prompt_ids.ids.extend(prompt)
-        if policy is not None:
-            request.policy = policy
-        if budget is not None:
-            request.budget = budget
-        if temperature is not None:
-            request.temperature = temperature
-        if top_p is not None:
-            request.top_p = top_p
-        if top_k is not None:
-            request.top_k = top_k
-        if seed is not None:
-            request.seed = seed
-        request.stop.extend(stop)
-        request.stop_token_ids.extend(stop_token_ids)
+        timeout = kwargs.pop("timeout", None)
+        return self.stream(generate_request(prompt, max_new_tokens, **kwargs), timeout)
+
+    def stream(
+        self, request: pb.GenerateRequest, timeout: float | None = None
+    ) -> Iterator[pb.GenerateResponse]:
+        """``Generate`` of a request built by ``generate_request`` (no retries here)."""
         return iter(self.stub.Generate(request, timeout=timeout or self.timeout))
 
     def complete(self, prompt: str | list[int], max_new_tokens: int, **kwargs: Any) -> Generation:
@@ -196,6 +168,44 @@ class WorkerClient:
         self.close()
 
 
+def generate_request(
+    prompt: str | list[int],
+    max_new_tokens: int,
+    chat: bool = True,
+    ignore_eos: bool = False,
+    request_id: str = "",
+    policy: str | None = None,
+    budget: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    stop_token_ids: Sequence[int] = (),
+    resumable: bool = False,
+) -> pb.GenerateRequest:
+    """A ``GenerateRequest``. ``policy``/``budget``: this request's own (``None``: the
+    worker's). ``temperature``, ``top_p``, ``top_k``, ``seed``: sampling (``None``: greedy,
+    and an unseeded sampled request gets the worker's seed, in ``done.seed``); ``stop``:
+    strings that end the text just before them; ``stop_token_ids``: more stop tokens;
+    ``resumable``: ask for ``started`` messages (``worker.resuming``)."""
+    request = pb.GenerateRequest(
+        max_new_tokens=max_new_tokens, chat=chat, ignore_eos=ignore_eos, request_id=request_id,
+        resumable=resumable,
+    )  # fmt: skip
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    else:
+        request.prompt_ids.ids.extend(prompt)
+    for name, value in (("policy", policy), ("budget", budget), ("temperature", temperature),
+                        ("top_p", top_p), ("top_k", top_k), ("seed", seed)):  # fmt: skip
+        if value is not None:
+            setattr(request, name, value)
+    request.stop.extend(stop)
+    request.stop_token_ids.extend(stop_token_ids)
+    return request
+
+
 def check_health(
     address: str, timeout: float = 2.0, service: str = "", auth: SecurityConfig | None = None
 ) -> bool:
@@ -221,7 +231,9 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def generate_remote(args: argparse.Namespace) -> int:
-    """``icecache generate --server HOST:PORT``: stream the answer (or print JSON at the end).
+    """``icecache generate --server HOST:PORT[,HOST:PORT...]``: stream the answer (or print
+    JSON at the end); a stream that breaks goes on on the next listed worker
+    (``worker.resuming``).
 
     ``--policy`` and ``--budget``, when given, are this request's own; the other engine
     flags are the server's. Returns the exit status.
@@ -232,9 +244,11 @@ def generate_remote(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from worker.resuming import ResumingClient
+
+    addresses = [a.strip() for a in args.server.split(",") if a.strip()]
     try:
-        with WorkerClient(args.server, auth=auth) as client:
-            client.wait_ready()
+        with ResumingClient(addresses, auth=auth) as client:
             result = _stream(client, prompt, args)
     except grpc.RpcError as err:
         print(f"error: the worker at {args.server} said {err.code().name}: {err.details()}",
@@ -259,7 +273,7 @@ def _client_auth(args: argparse.Namespace) -> SecurityConfig:
     )
 
 
-def _stream(client: WorkerClient, prompt: str, args: argparse.Namespace) -> Generation:
+def _stream(client: ResumingClient, prompt: str, args: argparse.Namespace) -> Generation:
     """Run the generation; without ``--json`` the text goes to stdout as it arrives."""
     chat = getattr(args, "chat", True)
     policy, budget = getattr(args, "policy", None), getattr(args, "budget", None)
@@ -280,7 +294,7 @@ def _stream(client: WorkerClient, prompt: str, args: argparse.Namespace) -> Gene
         return Generation(
             list(done.token_ids), done.text, done.usage.prompt_tokens, done.stats, seed=_seed(done)
         )
-    raise ConnectionError(f"the worker at {client.address} closed the stream before the end")
+    raise ConnectionError(f"the workers at {args.server} closed the stream before the end")
 
 
 def _seed(done: pb.GenerateDone) -> int | None:

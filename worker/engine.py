@@ -13,7 +13,7 @@ import itertools
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,6 +104,9 @@ class Sequence:
     token_ids: list[int]
     prompt_len: int
     finished: bool = False
+    stored_ahead: int = 0
+    """The first layers that already hold the next token fed (an adopted sequence whose
+    worker died in the middle of a step): the next step selects for them without storing."""
 
     @property
     def length(self) -> int:
@@ -190,6 +193,23 @@ class Engine:
         self.timings.prefill_tokens += len(prompt_ids)
         return seq, logits
 
+    def adopt(
+        self,
+        seq_id: str,
+        replica: str,
+        epoch: int,
+        prompt_ids: list[int],
+        fed: list[int],
+        spec: SequenceSpec | None = None,
+    ) -> Sequence:
+        """Take over a sequence another worker left in the cache service (no prefill): its
+        store holds ``prompt_ids`` and the generated tokens ``fed`` through decode steps, in
+        every layer. Raises ``AdoptionRefused`` (rebuild it instead) or ``AdoptionConflict``."""
+        tokens = [*prompt_ids, *fed]
+        spec = spec or self.config.spec(self.model)
+        ahead = self.kv.adopt(seq_id, replica, epoch, len(tokens), spec)
+        return Sequence(seq_id, tokens, len(prompt_ids), stored_ahead=ahead)
+
     def record_prefill(self, prompt_ids: list[int]) -> PrefillRecord:
         """A dense prefill of ``prompt_ids`` recorded for replay (its sequence is released)."""
         seq = Sequence(f"record-{next(self._ids)}", list(prompt_ids), len(prompt_ids))
@@ -269,13 +289,12 @@ class Engine:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         host_positions = np.array([s.length - 1 for s in seqs], dtype=np.int64)  # [B]
         positions = torch.from_numpy(host_positions).to(self.device)
-        seq_ids = [s.seq_id for s in seqs]
         h = model.embed(ids)  # [B, hidden]
         rope = model.rope.cos_sin(positions)  # [B, D] x2, shared by every layer
         for layer in range(model.config.num_layers):
             q, k, v = model.attention_inputs(layer, h, positions, rope)  # [B, H, D]
             t0 = time.perf_counter()
-            sels = self.kv.decode(layer, seq_ids, _np(k), _np(v), host_positions, _np(q))
+            sels = self._select(layer, seqs, _np(k), _np(v), host_positions, _np(q))
             t1 = time.perf_counter()
             indptr, slots, lens = self._page_table(sels)
             t2 = time.perf_counter()
@@ -284,10 +303,38 @@ class Engine:
             self.timings.store += t1 - t0
             self.timings.load += t2 - t1
             self.timings.attention += time.perf_counter() - t2
+        for seq in seqs:
+            seq.stored_ahead = 0
         logits = model.logits(h)
         self.timings.total += time.perf_counter() - started
         self.timings.steps += 1
         return logits
+
+    def _select(
+        self,
+        layer: int,
+        seqs: list[Sequence],
+        keys: np.ndarray,
+        values: np.ndarray,
+        positions: np.ndarray,
+        queries: np.ndarray,
+    ) -> list[Selection]:
+        """Store each sequence's token in ``layer`` and select its pages (one ``decode`` for
+        the batch); a sequence whose ``layer`` holds the token already only selects."""
+        ids = [s.seq_id for s in seqs]
+        ahead = [i for i, s in enumerate(seqs) if layer < s.stored_ahead]
+        if not ahead:
+            return self.kv.decode(layer, ids, keys, values, positions, queries)
+        rows = [i for i in range(len(seqs)) if i not in ahead]
+        out: dict[int, Selection] = {}
+        if rows:
+            batch = [ids[i] for i in rows]
+            sels = self.kv.decode(layer, batch, keys[rows], values[rows], positions[rows],
+                                  queries[rows])  # fmt: skip
+            out.update(zip(rows, sels, strict=True))
+        for i in ahead:
+            out[i] = self.kv.retrieve(ids[i], layer, queries[i])
+        return [out[i] for i in range(len(seqs))]
 
     def _page_table(self, sels: list[Selection]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """CSR page table over rows ``b * kv_heads + h`` with device slots."""
@@ -319,7 +366,7 @@ class Engine:
         max_new_tokens: int,
         stop_ids: frozenset[int] = frozenset(),
         sampling: SamplingParams = GREEDY,
-    ) -> Iterator[int]:
+    ) -> Generator[int, None, None]:
         """``generate``'s tokens as they are chosen; closing the iterator early ends the
         sequence (its KV is released)."""
         sampling = sampling.seeded()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +40,13 @@ def load(config: LoadConfig) -> tuple[LlamaModel, Tokenizer]:
 
 
 def open_kv(model: LlamaModel, cache_service: str | None = None, page_size: int = 16) -> KVClient:
-    """The in-process store, or a client of the cache service at ``cache_service``."""
+    """The in-process store, or a client of the cache service at ``cache_service`` (holding a
+    lease, so that the service releases this process's sequences if it dies)."""
     if cache_service:
         from worker.kv.remote import RemoteKVClient
 
-        return RemoteKVClient.connect(cache_service)
+        holder = f"{socket.gethostname()}-{os.getpid()}"
+        return RemoteKVClient.connect(cache_service, holder=holder)
     return LocalKVClient.with_capacity(DEFAULT_STORE_MB * 2**20, page_size, model.config.head_dim)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from cache_service.page_pool import PagePool
 from cache_service.store import Store
-from cache_service.types import Selection, SequenceSpec, kv_bytes
+from cache_service.types import AdoptionRefused, Selection, SequenceSpec, kv_bytes
 
 IN_PROCESS = "in-process"
 """``replica_of`` a sequence kept in this process."""
@@ -85,6 +85,11 @@ class KVClient(Protocol):
         selection for a sequence it lost (see ``take_lost``).
         """
 
+    def retrieve(self, seq_id: str, layer: int, queries: np.ndarray) -> Selection:
+        """The pages one layer's query ``[q_heads, head_dim]`` attends, nothing stored (what
+        ``decode`` selects once the token is stored)."""
+        ...
+
     def read_pages(self, pages: np.ndarray, versions: np.ndarray | None = None) -> np.ndarray:
         """ids ``[n]`` -> page data ``[n, 2, page_size, head_dim]``.
 
@@ -117,6 +122,19 @@ class KVClient(Protocol):
         replaces it); ready: a new sequence can be placed (some replica is healthy). By
         default always ready."""
         on_change(True)
+
+    def holder_epoch(self, seq_id: str) -> int:
+        """The epoch of the lease this client holds ``seq_id`` under on its replica (what
+        another worker needs to take it over; 0: no lease, e.g. in process)."""
+        return 0
+
+    def adopt(self, seq_id: str, replica: str, epoch: int, length: int, spec: SequenceSpec) -> int:
+        """Take over ``seq_id`` on ``replica`` from the lease of ``epoch``, if it has ``spec``
+        and its layers hold ``length`` tokens (its first layers may hold one more: returns how
+        many do; ``cache_service.proto``'s ``AdoptRequest``). Raises ``AdoptionRefused`` when
+        it cannot (then rebuild it), ``AdoptionConflict`` when another worker took it first.
+        By default there is nothing to take over."""
+        raise AdoptionRefused(f"{replica} is not a cache service of this worker")
 
     def close(self) -> None:
         """Let go of connections and threads (nothing by default)."""
@@ -156,6 +174,9 @@ class LocalKVClient(KVClient):
         queries: np.ndarray,
     ) -> list[Selection]:
         return self.store.decode(layer, seq_ids, keys, values, positions, queries)
+
+    def retrieve(self, seq_id: str, layer: int, queries: np.ndarray) -> Selection:
+        return self.store.retrieve(seq_id, layer, queries)
 
     def read_pages(self, pages: np.ndarray, versions: np.ndarray | None = None) -> np.ndarray:
         return self.store.read_pages(pages)

@@ -28,6 +28,17 @@ placement retry (``SchedulerConfig.placement_backoff``) is the one hand-written 
 the KV path, and each of its tries places the sequence anew; calls to a replica are retried
 only by its gRPC channel (``worker.kv``).
 
+**Resume.** A request may continue a generation whose stream broke after ``k`` tokens, on
+this or another worker (``Request.resume``: the broken sequence's identity and the ``k``
+tokens the client has). When the cache service still holds that sequence with exactly the
+prompt and the first ``k - 1`` tokens in every layer (the ``k``-th was chosen but not fed yet),
+the worker *adopts* it (``Engine.adopt``: its lease takes the sequence over, no prefill) and
+feeds the ``k``-th token; otherwise (``k`` = 0, the sequence released, layers of different
+lengths because the worker died in the middle of a step) it *rebuilds* it by prefill and
+replay, as above. Either way the tokens after the ``k`` are the ones an unbroken run gives;
+``RequestStats.resumed`` says which way, and a ``StartedEvent`` (sent when a sequence is
+placed, adopted or rebuilt) gives the client the identity to resume from.
+
 **Deadlines.** A request past its deadline is not prefilled, and a running one is stopped and
 released, both with ``DeadlineExceeded``.
 """
@@ -45,7 +56,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cache_service.types import SequenceSpec
+from cache_service.types import AdoptionConflict, AdoptionRefused, SequenceSpec
 from worker.engine import Engine, Sequence
 from worker.retry import Backoff, retry
 from worker.sampling import GREEDY, SamplingParams, choose
@@ -90,6 +101,26 @@ class TokenEvent:
 
 
 @dataclass
+class StartedEvent:
+    """The request's sequence is placed (or adopted, or rebuilt): what resuming it needs."""
+
+    seq_id: str
+    replica: str
+    epoch: int
+    """The epoch of this worker's lease on ``replica`` (``KVClient.holder_epoch``)."""
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a broken generation stood: its sequence and the tokens its client received."""
+
+    seq_id: str
+    replica: str
+    epoch: int
+    tokens: tuple[int, ...]
+
+
+@dataclass
 class RequestStats:
     """Timings and traffic of one finished request (seconds since its arrival)."""
 
@@ -104,6 +135,10 @@ class RequestStats:
     batch_sum: int = 0
     recoveries: int = 0
     replayed_tokens: int = 0
+    prefill_tokens: int = 0
+    """Prompt tokens this worker prefilled for the request (0 after an adoption)."""
+    resumed: str = ""
+    """``adopted`` or ``rebuilt`` for a resumed request, else ''."""
     pages_selected: int = 0
     pages_read: int = 0
 
@@ -131,7 +166,7 @@ class ErrorEvent:
     error: BaseException
 
 
-Event = TokenEvent | DoneEvent | ErrorEvent
+Event = TokenEvent | DoneEvent | ErrorEvent | StartedEvent
 
 
 @dataclass
@@ -148,6 +183,10 @@ class Request:
     """How the sequence's KV is kept and selected; ``None``: the engine's config."""
     deadline: float | None = None
     """``time.perf_counter()`` by which the request must be done; ``None``: no deadline."""
+    resume: Resume | None = None
+    """Continue a broken generation (see the module docstring)."""
+    announce: bool = False
+    """Put a ``StartedEvent`` on ``events`` whenever the sequence is placed anew."""
     events: queue.Queue[Event] = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.perf_counter)
@@ -282,6 +321,18 @@ class Scheduler:
         started = time.perf_counter()
         seq_id = f"{self.id_prefix}-{self.started}"
         self.started += 1
+        if request.resume is not None:
+            if self._already_done(request, stats):
+                return
+            try:
+                adopted = self._adopt(request, stats)
+            except AdoptionConflict as err:
+                log.warning("resume of %s refused: %s", request.resume.seq_id, err)
+                request.events.put(ErrorEvent(err))
+                return
+            if adopted is not None:
+                self._admitted(adopted)
+                return
         try:
             seq, logits = self._start(request, seq_id)
         except Exception as err:  # the request fails, the loop goes on
@@ -289,10 +340,66 @@ class Scheduler:
             request.events.put(ErrorEvent(err))
             return
         stats.prefill_s = time.perf_counter() - started
-        stats.seq_id, stats.replica = seq.seq_id, self._replica(seq.seq_id)
+        stats.prefill_tokens = len(request.prompt_ids)
         first = choose(logits, request.sampling, step=0)
         run = _Running(request, seq, first, stats=stats, base_id=seq_id)
+        if request.resume is not None:  # rebuilt: replay what the client has
+            run.output = list(request.resume.tokens)
+            run.replay = deque(request.resume.tokens)
+            stats.resumed, stats.replayed_tokens = "rebuilt", len(run.replay)
+            self._check_replay(run, first)
+        self._admitted(run)
+
+    def _admitted(self, run: _Running) -> None:
+        """``run`` joins the batch; its client learns where the sequence is."""
+        seq_id = run.seq.seq_id
+        run.stats.seq_id, run.stats.replica = seq_id, self._replica(seq_id)
+        self._announce(run)
         self.running.append(run)
+
+    def _announce(self, run: _Running) -> None:
+        if run.request.announce:
+            seq_id = run.seq.seq_id
+            epoch = self.engine.kv.holder_epoch(seq_id)
+            run.request.events.put(StartedEvent(seq_id, run.stats.replica, epoch))
+
+    def _already_done(self, request: Request, stats: RequestStats) -> bool:
+        """A resumed request whose client already has its last token: finish it now."""
+        assert request.resume is not None
+        tokens = list(request.resume.tokens)
+        if tokens and tokens[-1] in request.stop_ids:
+            stats.finish_reason = "stop"
+        elif len(tokens) >= request.max_new_tokens:
+            stats.finish_reason = "length"
+        else:
+            return False
+        stats.resumed = "finished"
+        stats.total_s = time.perf_counter() - request.arrived
+        request.events.put(DoneEvent(tokens, stats))
+        return True
+
+    def _adopt(self, request: Request, stats: RequestStats) -> _Running | None:
+        """The resumed sequence taken over where it is; ``None``: rebuild it instead.
+        Raises ``AdoptionConflict`` when another worker took it over first."""
+        resume = request.resume
+        assert resume is not None
+        if not resume.tokens or not resume.seq_id:
+            return None  # no token chosen yet: nothing to continue from but the prompt
+        *fed, last = resume.tokens
+        try:
+            seq = self.engine.adopt(
+                resume.seq_id, resume.replica, resume.epoch, request.prompt_ids, fed,
+                request.spec,
+            )  # fmt: skip
+        except (AdoptionRefused, ConnectionError) as err:
+            log.info("cannot adopt %s (%s); rebuilding it", resume.seq_id, err)
+            return None
+        stats.resumed = "adopted"
+        log.info("adopted %s on %s after %d tokens", resume.seq_id, resume.replica,
+                 len(resume.tokens), extra={"seq_id": resume.seq_id})  # fmt: skip
+        # the last token the client got was chosen but not fed: feed it, without sending it
+        return _Running(request, seq, last, list(resume.tokens), stats, deque([last]),
+                        resume.seq_id)  # fmt: skip
 
     def _start(self, request: Request, seq_id: str) -> tuple[Sequence, torch.Tensor]:
         """Create the sequence and prefill its prompt (``Engine.start``); a replica that fails
@@ -383,7 +490,9 @@ class Scheduler:
             return False
         run.replay = deque(run.output)
         run.stats.replayed_tokens += len(run.output)
+        run.stats.prefill_tokens += len(run.request.prompt_ids)
         run.stats.seq_id, run.stats.replica = run.seq.seq_id, self._replica(run.seq.seq_id)
+        self._announce(run)
         self._check_replay(run, choose(logits, run.request.sampling, step=0))
         self.recovered += 1
         log.warning(
@@ -467,6 +576,8 @@ __all__ = [
     "RequestStats",
     "Scheduler",
     "SchedulerConfig",
+    "Resume",
     "SchedulerStopped",
+    "StartedEvent",
     "TokenEvent",
 ]

@@ -33,12 +33,21 @@ import grpc
 import numpy as np
 
 from cache_service import channel_options, codec, host, limits, security, wire_errors
+from cache_service.leases import LEASE_KEY
 from cache_service.page_pool import DTYPES
+from cache_service.security import HeaderClientInterceptor
 from cache_service.store import StoreStats
-from cache_service.types import Selection, SequenceSpec, TooManyStreams
+from cache_service.types import (
+    AdoptionRefused,
+    Selection,
+    SequenceSpec,
+    TooManyStreams,
+    UnknownSequence,
+)
 from proto.icecache.v1 import cache_service_pb2 as pb
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
 from worker.kv.grpc_stream import DecodeStream
+from worker.kv.lease import DEFAULT_RENEW_S, LeaseKeeper
 from worker.kv.shm_view import SegmentView
 from worker.kv.socket_stream import LocalDecodeStream
 from worker.kv_client import KVClient
@@ -76,6 +85,8 @@ class RemoteKVClient(KVClient):
         transport: Transport = "auto",
         timeout: float | None = 300.0,
         decode: DecodePath = "auto",
+        holder: str | None = None,
+        lease_renew_s: float = DEFAULT_RENEW_S,
     ) -> None:
         if decode not in ("auto", "stream", "unary"):
             raise ValueError(f"decode must be auto, stream or unary, got {decode!r}")
@@ -85,9 +96,15 @@ class RemoteKVClient(KVClient):
         self._stream: DecodeStream | LocalDecodeStream | None = None
         self._stream_lock = threading.Lock()  # one caller at a time on the stream
         self._stream_after = float("inf") if decode == "unary" else 0.0
-        self._channel = channel
-        self._stub = pb_grpc.CacheServiceStub(channel)
+        self.lease: LeaseKeeper | None = None
+        """This process's lease on the service (``None``: sequences are nobody's)."""
+        self._channel = grpc.intercept_channel(
+            channel, HeaderClientInterceptor(LEASE_KEY, self._lease_id)
+        )
+        self._stub = pb_grpc.CacheServiceStub(self._channel)
         self.info = self._call(self._stub.Info, pb.InfoRequest())
+        if holder is not None:
+            self.lease = LeaseKeeper(self._stub, address, holder, lease_renew_s)
         pool = self.info.pool
         self.page_size = int(pool.page_size)
         self.head_dim = int(pool.head_dim)
@@ -112,17 +129,22 @@ class RemoteKVClient(KVClient):
         connect_timeout: float = 10.0,
         auth: security.SecurityConfig | None = None,
         decode: DecodePath = "auto",
+        holder: str | None = None,
+        lease_renew_s: float = DEFAULT_RENEW_S,
     ) -> RemoteKVClient:
         """Open a channel to ``host:port`` and wait up to ``connect_timeout`` s for it.
 
         ``auth``: token and TLS settings; ``None`` reads ``ICECACHE_AUTH_TOKEN``,
         ``ICECACHE_TLS_CA`` ... from the environment (``cache_service.security``).
+        ``holder``: open a lease in this name (a worker's instance id), renewed every
+        ``lease_renew_s``, so that the service releases this client's sequences if it dies;
+        ``None``: no lease (the sequences live until released).
         """
         auth = security.security_from_env() if auth is None else auth
         channel = security.make_channel(address, auth, options=channel_options.CLIENT_OPTIONS)
         try:
             grpc.channel_ready_future(channel).result(timeout=connect_timeout)
-            return cls(channel, address, transport, timeout, decode)
+            return cls(channel, address, transport, timeout, decode, holder, lease_renew_s)
         except grpc.FutureTimeoutError:
             channel.close()
             tls = "with TLS " if auth.client_tls else "without TLS "
@@ -222,17 +244,34 @@ class RemoteKVClient(KVClient):
     def replica_of(self, seq_id: str) -> str:
         return self.address
 
+    def holder_epoch(self, seq_id: str) -> int:
+        return self.lease.epoch if self.lease is not None else 0
+
+    def adopt(self, seq_id: str, replica: str, epoch: int, length: int, spec: SequenceSpec) -> int:
+        if replica != self.address:
+            raise AdoptionRefused(f"{replica} is not this client's cache service")
+        request = pb.AdoptRequest(
+            seq_id=seq_id, epoch=epoch, length=length, spec=codec.spec_to_proto(spec)
+        )
+        try:
+            return int(self._call(self._stub.Adopt, request).ahead)
+        except UnknownSequence as err:
+            raise AdoptionRefused(f"sequence {seq_id!r} is not held by {replica}") from err
+
     # ---- extras --------------------------------------------------------------------------
     def stats(self) -> StoreStats:
         s = self._call(self._stub.Stats, pb.StatsRequest())
         return StoreStats(s.sequences, s.pages_used, s.pages_total, s.page_bytes)
 
     def close(self) -> None:
-        """End the decode stream, unmap the segment and close the channel."""
+        """End the decode stream and the lease (releasing what it holds), unmap the segment
+        and close the channel."""
         with self._stream_lock:
             if self._stream is not None:
                 self._stream.close()
                 self._stream = None
+        if self.lease is not None:
+            self.lease.close()
         if self.segment is not None:
             self.segment.close()
             self.segment = None
@@ -245,7 +284,12 @@ class RemoteKVClient(KVClient):
         self.close()
 
     # ---- helpers -------------------------------------------------------------------------
+    def _lease_id(self) -> str:
+        return self.lease.lease_id if self.lease is not None else ""
+
     def _call(self, method: Callable[..., Any], request: Any) -> Any:
+        if self.lease is not None:
+            self.lease.check()
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as err:
@@ -253,6 +297,8 @@ class RemoteKVClient(KVClient):
 
     def _decode(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
         """On the stream when there is one to use (opening it if need be), else unary."""
+        if self.lease is not None:
+            self.lease.check()
         if time.monotonic() >= self._stream_after and self._stream_lock.acquire(blocking=False):
             try:
                 response = self._decode_on_stream(request)

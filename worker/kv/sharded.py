@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from cache_service import security
-from cache_service.types import Selection, SequenceSpec, UnknownSequence
+from cache_service.types import AdoptionRefused, Selection, SequenceSpec, UnknownSequence
 from worker.kv.health import HealthMonitor
 from worker.kv.page_ranges import PageRanges
 from worker.kv.routing import Routes
@@ -117,13 +117,16 @@ class ShardedKVClient(KVClient):
         auth: security.SecurityConfig | None = None,
         rpc_timeout: float = 60.0,
         head_dim: int | None = None,
+        holder: str | None = None,
+        lease_renew_s: float = 2.0,
     ) -> ShardedKVClient:
         """Connect to every replica over gRPC (``worker.kv.replicas.connect_replicas``)."""
         from worker.kv.replicas import connect_replicas
 
         return connect_replicas(
-            addresses, health_interval, connect_timeout, auth, rpc_timeout, head_dim
-        )
+            addresses, health_interval, connect_timeout, auth, rpc_timeout, head_dim,
+            holder, lease_renew_s,
+        )  # fmt: skip
 
     # ---- data path -----------------------------------------------------------------------
     def create(self, seq_id: str, spec: SequenceSpec) -> None:
@@ -246,6 +249,27 @@ class ShardedKVClient(KVClient):
     def replica_of(self, seq_id: str) -> str:
         """The replica holding ``seq_id``."""
         return self.routes.replica(seq_id)
+
+    def holder_epoch(self, seq_id: str) -> int:
+        return self._shard(seq_id).client.holder_epoch(seq_id)
+
+    def adopt(self, seq_id: str, replica: str, epoch: int, length: int, spec: SequenceSpec) -> int:
+        """Take ``seq_id`` over on ``replica`` (one of this client's, healthy) and route it
+        there; ``AdoptionRefused`` when it cannot be, ``AdoptionConflict`` (from the replica)
+        when another worker took it first."""
+        if replica not in self.shards or replica not in self.health.healthy():
+            raise AdoptionRefused(f"{replica} is not a healthy cache service of this worker")
+        shard = self._fresh(replica)
+        if shard is None:
+            raise AdoptionRefused(f"cache service {replica} is not reachable now")
+        try:
+            ahead = shard.client.adopt(seq_id, replica, epoch, length, spec)
+        except ConnectionError as err:
+            self._fail(shard, err)
+            raise AdoptionRefused(f"cache service {replica} failed: {err}") from err
+        self.routes.place(seq_id, replica)
+        self.traffic.track(seq_id)
+        return ahead
 
     def take_lost(self) -> set[str]:
         """The sequences lost since the last call (they stay placed until released)."""

@@ -78,6 +78,12 @@ class WorkerConfig:
     health_interval_s: float = setting(
         1.0, "Seconds between health checks of each cache-service replica."
     )
+    lease_renew_s: float = setting(
+        2.0,
+        "Seconds between heartbeats renewing this worker's lease on each cache-service "
+        "replica (at most a third of the replica's --lease-ttl-s; any call renews it too). "
+        "If the worker dies, the replicas release its sequences once the lease expires.",
+    )
     grace_s: float = setting(
         25.0,
         "On SIGTERM, seconds in-flight requests get to finish (new ones are refused at once); "
@@ -101,10 +107,11 @@ class WorkerConfig:
             raise ValueError(f"ports must be in 0..65535, got {', '.join(map(str, ports))}")
         budget = 1 if self.engine.budget is None else self.engine.budget
         limits = (budget, self.max_batch, self.max_queue, self.max_requests)
-        if min(*limits, self.max_new_tokens, self.workers, self.rpc_timeout_s) <= 0:
+        times = (self.rpc_timeout_s, self.lease_renew_s)
+        if min(*limits, self.max_new_tokens, self.workers, *times) <= 0:
             raise ValueError(
-                "budget, max_batch, max_queue, max_requests, max_new_tokens, workers and "
-                "rpc_timeout_s must be positive"
+                "budget, max_batch, max_queue, max_requests, max_new_tokens, workers, "
+                "rpc_timeout_s and lease_renew_s must be positive"
             )
         if self.workers <= self.max_requests:
             raise ValueError(

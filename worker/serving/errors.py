@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from cache_service.page_pool import PoolExhausted
-from cache_service.types import TooManySequences
+from cache_service.types import AdoptionConflict, TooManySequences
 from worker.scheduler import DeadlineExceeded, QueueFull, SchedulerStopped
 
 
@@ -35,6 +35,8 @@ def status_of(err: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(err, DeadlineExceeded):
         return grpc.StatusCode.DEADLINE_EXCEEDED
+    if isinstance(err, AdoptionConflict):
+        return grpc.StatusCode.ABORTED
     if isinstance(err, SchedulerStopped | ConnectionError | Draining | PermissionError):
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(err, ValueError):

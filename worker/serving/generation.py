@@ -22,7 +22,15 @@ import numpy as np
 from cache_service.types import SequenceSpec, check_policy, kv_bytes
 from proto.icecache.v1 import worker_pb2 as pb
 from worker.sampling import SamplingParams
-from worker.scheduler import DoneEvent, Event, Request, Scheduler, TokenEvent
+from worker.scheduler import (
+    DoneEvent,
+    Event,
+    Request,
+    Resume,
+    Scheduler,
+    StartedEvent,
+    TokenEvent,
+)
 from worker.serving.config import WorkerConfig
 from worker.serving.detokenizer import StopText, TextStream
 from worker.serving.errors import Draining, TooBusy, status_of
@@ -132,7 +140,27 @@ class Generations:
             sampling=_sampling(request),
             spec=spec,
             deadline=deadline,
+            resume=self._resume(request) if request.HasField("resume") else None,
+            announce=request.resumable,
         )
+
+    def _resume(self, request: pb.GenerateRequest) -> Resume:
+        """The broken generation to continue, checked; ``ValueError`` says what to fix."""
+        r = request.resume
+        tokens = tuple(r.tokens)
+        if tokens and (min(tokens) < 0 or max(tokens) >= self.vocab):
+            raise ValueError(f"resume.tokens must be in 0..{self.vocab - 1}")
+        if len(tokens) > request.max_new_tokens:
+            raise ValueError(
+                f"resume.tokens holds {len(tokens)} tokens, more than max_new_tokens "
+                f"({request.max_new_tokens}); send the original request's max_new_tokens"
+            )
+        temperature = request.temperature if request.HasField("temperature") else 0.0
+        if tokens and temperature > 0 and not request.HasField("seed"):
+            raise ValueError(
+                "resuming a sampled generation needs its seed: set `seed` to Started.seed"
+            )
+        return Resume(r.seq_id, r.replica, r.epoch, tokens)
 
     def _spec(self, request: pb.GenerateRequest) -> SequenceSpec | None:
         """The request's own policy and budget, checked; ``None``: the worker's."""
@@ -185,6 +213,12 @@ class Generation:
         self._kept: int | None = None  # tokens up to the one that completed a stop string
         self._closed = False
         self._lock = threading.Lock()
+        if job.resume is not None:  # the text the broken stream sent (and held back) so far
+            for index, token in enumerate(job.resume.tokens):
+                self._sent.append(stop.push(self._text.push(token)))
+                if stop.stopped:
+                    self._kept = index + 1
+                    break
 
     @property
     def prompt_tokens(self) -> int:
@@ -208,6 +242,12 @@ class Generation:
                 return pb.GenerateResponse(
                     token=pb.Token(id=event.token_id, text=piece, index=event.index)
                 )
+            if isinstance(event, StartedEvent):
+                started = pb.Started(seq_id=event.seq_id, replica=event.replica, epoch=event.epoch)
+                if not self.job.sampling.greedy:
+                    assert self.job.sampling.seed is not None  # seeded at submission
+                    started.seed = self.job.sampling.seed
+                return pb.GenerateResponse(started=started)
             if isinstance(event, DoneEvent):
                 if self._kept is not None:
                     event.token_ids = event.token_ids[: self._kept]
@@ -281,6 +321,8 @@ class Generation:
             mean_batch=s.mean_batch,
             recoveries=s.recoveries,
             replayed_tokens=s.replayed_tokens,
+            prefill_tokens=s.prefill_tokens,
+            resumed=s.resumed,
         )
         if policy != "full" and budget is not None:
             stats.budget = budget

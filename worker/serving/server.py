@@ -88,8 +88,10 @@ def build_engine(
     config: WorkerConfig,
     loaded: tuple[LlamaModel, Tokenizer] | None = None,
     kv: KVClient | None = None,
+    holder: str | None = None,
 ) -> tuple[Engine, Tokenizer]:
-    """Model (loaded here unless given) over the cache-service replicas (unless ``kv``)."""
+    """Model (loaded here unless given) over the cache-service replicas (unless ``kv``),
+    with a lease on each in the name ``holder`` (``None``: a fresh ``instance_id``)."""
     model, tokenizer = loaded or load(config.load)
     if kv is None:
         kv = ShardedKVClient.connect(
@@ -98,6 +100,8 @@ def build_engine(
             auth=config.security,
             rpc_timeout=config.rpc_timeout_s,
             head_dim=model.config.head_dim,
+            holder=holder or instance_id(),
+            lease_renew_s=config.lease_renew_s,
         )
     return Engine(model, kv, config.engine), tokenizer
 
@@ -108,10 +112,11 @@ def serve(
     kv: KVClient | None = None,
 ) -> WorkerServer:
     """Load the model, connect the replicas, start the batching loop and the gRPC server."""
-    engine, tokenizer = build_engine(config, loaded, kv)
+    name = instance_id()  # names its sequences and its leases
+    engine, tokenizer = build_engine(config, loaded, kv, name)
     owned: list[KVClient] = [engine.kv] if kv is None else []
     limits = SchedulerConfig(config.max_batch, config.max_queue)
-    scheduler = Scheduler(engine, limits, instance_id()).start()
+    scheduler = Scheduler(engine, limits, name).start()
     metrics = WorkerMetrics(scheduler, engine.kv)
     server = grpc.server(
         futures.ThreadPoolExecutor(config.workers, thread_name_prefix="rpc"),
@@ -163,7 +168,7 @@ def _http(config: WorkerConfig, generations: Generations) -> HttpServer:
 
 def instance_id() -> str:
     """``<hostname>-<6 hex>``: prefixes this worker's sequence ids, which must not collide
-    with another worker's on a shared replica."""
+    with another worker's on a shared replica, and names its leases."""
     return f"{socket.gethostname()}-{secrets.token_hex(3)}"
 
 

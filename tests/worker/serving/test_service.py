@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from worker import cli
-from worker.client import WorkerClient, check_health
+from worker.client import WorkerClient, check_health, generate_request
 from worker.engine import Engine, EngineConfig
 from worker.kv_client import LocalKVClient
 from worker.sampling import SamplingParams
@@ -363,3 +363,39 @@ def test_icecache_generate_passes_the_sampling_flags_and_reports_the_seed(
     assert capsys.readouterr().out == want.text[: want.text.index(stop)] + "\n"
     assert cli.main([*argv, "--temperature", "-1"]) == 2
     assert "temperature must be >= 0" in capsys.readouterr().err
+
+
+def test_a_resumed_request_continues_the_stream_it_would_have_been(smollm, expected, client):
+    """In process there is no cache service to take the sequence over from: the worker
+    rebuilds it (prefill + replay) and the stream goes on at token k with the same text."""
+    full = list(client.generate(PROMPTS[0], NEW_TOKENS[0], resumable=True))
+    started = full[0].started
+    assert (started.replica, started.epoch, started.HasField("seed")) == ("in-process", 0, False)
+    tokens = [m.token for m in full[1:-1]]
+    assert [t.id for t in tokens] == expected[0]
+    k = 4
+    request = generate_request(PROMPTS[0], NEW_TOKENS[0], resumable=True)
+    request.resume.seq_id, request.resume.replica = started.seq_id, started.replica
+    request.resume.tokens.extend(t.id for t in tokens[:k])
+    resumed = list(client.stream(request))
+    assert resumed[0].HasField("started")
+    more = [m.token for m in resumed[1:-1]]
+    done = resumed[-1].done
+    assert [t.index for t in more] == list(range(k, len(expected[0])))
+    assert [t.id for t in tokens[:k] + more] == list(done.token_ids) == expected[0]
+    text = "".join(t.text for t in tokens[:k] + more) + done.held_text
+    assert text == done.text == full[-1].done.text
+    assert (done.stats.resumed, done.stats.replayed_tokens) == ("rebuilt", k)
+    # a client that has every token already gets its done at once
+    request.resume.tokens.extend(t.id for t in tokens[k:])
+    (last,) = client.stream(request)
+    assert last.done.stats.resumed == "finished" and list(last.done.token_ids) == expected[0]
+
+
+def test_resuming_a_sampled_request_needs_its_seed(client):
+    request = generate_request(PROMPTS[2], 6, temperature=0.8)
+    request.resume.tokens.extend([1, 2])
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.stream(request))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Started.seed" in err.value.details()
