@@ -2,6 +2,7 @@
 
 import functools
 import json
+import socket
 import threading
 import time
 import urllib.request
@@ -399,3 +400,12 @@ def test_resuming_a_sampled_request_needs_its_seed(client):
         list(client.stream(request))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "Started.seed" in err.value.details()
+
+
+def test_icecache_generate_goes_on_to_the_next_listed_worker(smollm, expected, server, capsys):
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+    argv = ["generate", "--server", f"{dead},127.0.0.1:{server.port}", "--prompt", PROMPTS[0]]
+    assert cli.main([*argv, "--max-new-tokens", str(NEW_TOKENS[0]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == expected[0]
