@@ -29,8 +29,8 @@ def _text(tokenizer, ids):
 
 def test_the_text_is_written_while_the_model_still_decodes(smollm):
     tokenizer = smollm[1]
-    want = _text(tokenizer, _engine_tokens(smollm, 48))
-    command = [sys.executable, "-m", "worker.cli", *ARGS, "--max-new-tokens", "48"]
+    want = _text(tokenizer, _engine_tokens(smollm, 32))
+    command = [sys.executable, "-m", "worker.cli", *ARGS, "--max-new-tokens", "32"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE) as proc:
         assert proc.stdout is not None
