@@ -5,8 +5,9 @@
 the gRPC ``Generate``: the same checks, admission limit, drain and metrics. ``stream: true``
 answers with server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``.
 A client that disconnects cancels its request (its KV is released at the next step).
-``GET /health`` answers 200 while the worker takes requests, 503 while it drains (no token
-needed, for load balancers).
+``GET /health`` answers 200 while the worker takes requests, 503 while it drains or while no
+cache-service replica is healthy (no token needed, for load balancers; the gRPC health
+service says the same for ``icecache.v1.Worker``).
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ def create_app(calls: Generations, model: str, token: str = "") -> FastAPI:
     async def health() -> JSONResponse:
         if calls.draining.is_set():
             return JSONResponse({"status": "draining"}, status_code=503)
+        replicas = calls.scheduler.engine.kv.replicas()
+        if replicas and not any(r.healthy for r in replicas):
+            return JSONResponse({"status": "no healthy cache service"}, status_code=503)
         return JSONResponse({"status": "serving"})
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])

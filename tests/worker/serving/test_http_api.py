@@ -18,7 +18,9 @@ import httpx2
 import openai
 import pytest
 
+from cache_service.config import CacheServiceConfig
 from cache_service.security import SecurityConfig
+from cache_service.server import serve as serve_cache
 from tests.worker.serving.test_security import _cert
 from worker.__main__ import parse_config
 from worker.client import WorkerClient
@@ -356,3 +358,28 @@ def test_a_taken_http_port_fails_the_start_and_stops_the_rest(smollm):
         with pytest.raises(OSError, match="cannot listen on 127.0.0.1:.* for HTTP"):
             serve(config, loaded=smollm, kv=kv)
     assert _schedulers() == before
+
+
+def test_health_is_503_while_no_cache_service_is_healthy(smollm):
+    cache = serve_cache(CacheServiceConfig(port=0, max_memory=2**26, workers=2))
+    config = WorkerConfig(
+        cache_services=(f"127.0.0.1:{cache.port}",), port=0, http_port=_free_port(),
+        engine=EngineConfig(policy=POLICY, budget=BUDGET), health_interval_s=0.2,
+    )  # fmt: skip
+    running = serve(config, loaded=smollm)
+    url = f"http://127.0.0.1:{running.http.port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert json.loads(response.read()) == {"status": "serving"}
+        cache.stop(0)
+
+        def unready():
+            try:
+                urllib.request.urlopen(url, timeout=10).close()
+            except urllib.error.HTTPError as err:
+                return err.code == 503 and b"no healthy cache service" in err.read()
+            return False
+
+        _wait(unready, timeout=20)
+    finally:
+        running.stop(0)
