@@ -115,16 +115,16 @@ class Generations:
         ids = self._prompt_ids(request)
         wanted = request.max_new_tokens
         if wanted < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {wanted}")
+            raise ValueError(f"max_new_tokens (max_tokens over HTTP) must be >= 0, got {wanted}")
         if wanted > self.max_new_tokens:
             raise ValueError(
-                f"max_new_tokens is {wanted} but this worker allows at most "
-                f"{self.max_new_tokens} (--max-new-tokens); ask for fewer"
+                f"max_new_tokens (max_tokens over HTTP) is {wanted} but this worker allows at "
+                f"most {self.max_new_tokens} (--max-new-tokens); ask for fewer"
             )
         if len(ids) + wanted > self.max_context:
             raise ValueError(
-                f"the prompt ({len(ids)} tokens) plus max_new_tokens ({wanted}) exceeds the "
-                f"model's context of {self.max_context} tokens; lower max_new_tokens to at "
+                f"the prompt ({len(ids)} tokens) plus max_new_tokens ({wanted}; max_tokens over "
+                f"HTTP) exceeds the model's context of {self.max_context} tokens; ask for at "
                 f"most {self.max_context - len(ids)} or shorten the prompt"
             )
         extra = frozenset(request.stop_token_ids)
