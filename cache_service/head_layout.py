@@ -57,6 +57,38 @@ class HeadLayout:
             handed.append(self.leaving.popleft()[0])
         return handed
 
+    def restore(self, pages: np.ndarray, length: int) -> list[int]:
+        """Take over the positional pages of a prefix another head stored: the state that
+        appending those ``length`` tokens would leave, on an empty layout.
+
+        Args:
+            pages: ``[length / page_size]`` full pages holding positions ``0 .. length - 1``
+                in order (read-only: shared with other holders).
+            length: tokens, a multiple of the page size.
+
+        Returns:
+            the pages handed over by then, oldest first (``append``'s return).
+        """
+        size = self.pool.page_size
+        assert self.length == 0, "restore into an empty layout"
+        assert length % size == 0 and len(pages) * size == length, "whole pages only"
+        ids = [int(p) for p in pages]
+        sinks = min(len(ids), self.sink_tokens // size)
+        rest = ids[sinks:]
+        kept = len(rest) - min(self.window_pages, len(rest))
+        handed: list[int] = []
+        for j, page in enumerate(rest[:kept]):
+            # page j left the window when page j + window_pages opened (see _open_page)
+            due = self.sink_tokens + (j + self.window_pages) * size + 1 + self.handover_delay
+            if due <= length:
+                handed.append(page)
+            else:
+                self.leaving.append((page, due))
+        self.sink = ids[:sinks]
+        self.window = deque(rest[kept:])
+        self.length = length
+        return handed
+
     def _open_page(self) -> tuple[int, int]:
         """The page the next token goes to and how many tokens fit there."""
         size = self.pool.page_size

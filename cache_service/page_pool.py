@@ -6,9 +6,14 @@ Layout of the page data (identical to the worker's device page cache)::
     positions: [num_pages, page_size] int64         # token position of each slot, -1 if empty
     fill:      [num_pages] int64                    # valid slots, always the first `fill`
     version:   [num_pages] int64                    # bumped on every write, alloc and free
+    refs:      [num_pages] int64                    # holders of the page, 0 when free
 
-A page belongs to one (sequence, layer, KV head). ``version`` lets a reader that cached a
-page (the worker's device page cache) tell whether its copy is still current.
+A page belongs to one (sequence, layer, KV head), or, once full and shared, to several
+holders: sequences built on a shared prompt prefix and the prefix cache itself
+(``cache_service.prefix_cache``). A shared page is never written again; ``share`` adds a
+holder and ``free`` removes one, returning the page to the free list with its last holder.
+``version`` lets a reader that cached a page (the worker's device page cache) tell whether
+its copy is still current.
 
 The data lives in heap memory or, with ``shared=True``, in a POSIX shared-memory segment
 that a worker on the same host maps to read pages without a copy through the RPC.
@@ -66,6 +71,7 @@ class PagePool:
         self.positions = np.full((num_pages, page_size), -1, dtype=np.int64)
         self.fill = np.zeros(num_pages, dtype=np.int64)
         self.version = np.zeros(num_pages, dtype=np.int64)
+        self.refs = np.zeros(num_pages, dtype=np.int64)
         self._free = np.arange(num_pages - 1, -1, -1, dtype=np.int64)  # a stack; top = end
         self._num_free = num_pages
 
@@ -105,14 +111,36 @@ class PagePool:
         self.fill[ids] = 0
         self.positions[ids] = -1
         self.version[ids] += 1
+        self.refs[ids] = 1
         return ids
 
+    def share(self, ids: np.ndarray) -> None:
+        """Add a holder to allocated pages ``[n]`` (each id once): they are read-only from now
+        on, and ``free`` must be called once more for each before they are free."""
+        ids = np.asarray(ids, dtype=np.int64)
+        assert np.all(self.refs[ids] > 0), "sharing a free page"
+        self.refs[ids] += 1
+
     def free(self, ids: np.ndarray) -> None:
-        """Return pages to the free list."""
+        """Drop one holder of each page ``[n]`` (distinct ids); a page whose last holder
+        lets go returns to the free list."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size == 0:
             return
-        assert np.all(self.fill[ids] >= 0), "freeing a page twice"
+        assert np.all(self.refs[ids] > 0), "freeing a page twice"
+        self.refs[ids] -= 1
+        self._release(ids[self.refs[ids] == 0])
+
+    def reclaim(self, ids: np.ndarray) -> None:
+        """Free pages ``[n]`` that no holder knows of any more, whatever their count (what a
+        failed request left behind)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        self.refs[ids] = 0
+        self._release(ids)
+
+    def _release(self, ids: np.ndarray) -> None:
+        if ids.size == 0:
+            return
         self.fill[ids] = -1
         self.version[ids] += 1
         self._free[self._num_free : self._num_free + ids.size] = ids

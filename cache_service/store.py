@@ -17,8 +17,10 @@ from cache_service.head_layout import HeadLayout
 from cache_service.page_pool import PagePool, PoolExhausted
 from cache_service.policies import Body, make_bodies
 from cache_service.policies.indexed import select_layer
+from cache_service.prefix_cache import PrefixCache, PrefixStats
 from cache_service.types import (
     OutOfOrder,
+    PrefixKeys,
     Selection,
     SequenceExists,
     SequenceFailed,
@@ -46,6 +48,9 @@ class StoreStats:
     pages_used: int
     pages_total: int
     page_bytes: int
+    prefix: PrefixStats = PrefixStats()
+    pages_shared: int = 0
+    """Pages with more than one holder (shared prefix pages)."""
 
     @property
     def bytes_used(self) -> int:
@@ -55,9 +60,13 @@ class StoreStats:
 class Store:
     """Holds the KV pages of many sequences and answers which pages each query attends."""
 
-    def __init__(self, pool: PagePool, max_sequences: int | None = None) -> None:
+    def __init__(
+        self, pool: PagePool, max_sequences: int | None = None, prefix_cache: bool = True
+    ) -> None:
         self.pool = pool
         self.max_sequences = max_sequences
+        self.prefixes = PrefixCache(pool) if prefix_cache else None
+        """Shared prompt prefixes (``None``: prefix reuse is off in this store)."""
         self._seqs: dict[str, _Sequence] = {}
         self._lock = threading.RLock()
 
@@ -67,9 +76,17 @@ class Store:
         return self._lock
 
     # ---- lifecycle -------------------------------------------------------------------
-    def create(self, seq_id: str, spec: SequenceSpec) -> None:
-        """Start an empty sequence. Raises ``ValueError`` for a bad spec or a taken id."""
+    def create(self, seq_id: str, spec: SequenceSpec, prefix: PrefixKeys | None = None) -> int:
+        """Start a sequence: empty, or holding the longest cached run of ``prefix``'s blocks
+        (its prompt's leading blocks, see ``cache_service.prefix_cache``). Raises
+        ``ValueError`` for a bad spec or a taken id.
+
+        Returns:
+            the tokens it holds (a multiple of ``prefix.block_tokens``; 0 without a hit).
+        """
         spec.validate(self.pool.page_size)
+        if prefix is not None:
+            prefix.validate(self.pool.page_size)
         if spec.head_dim != self.pool.head_dim:
             raise ValueError(
                 f"head_dim {spec.head_dim} does not match the store's pages ({self.pool.head_dim})"
@@ -94,9 +111,81 @@ class Store:
             pending: list[list[list[int]]] = [
                 [[] for _ in range(spec.num_kv_heads)] for _ in range(spec.num_layers)
             ]
-            self._seqs[seq_id] = _Sequence(
+            seq = _Sequence(
                 spec, heads, make_bodies(spec, self.pool), pending, [False] * spec.num_layers
             )
+            blocks = []
+            if prefix is not None and self.prefixes is not None:
+                blocks = self.prefixes.lookup(list(prefix.keys), spec, prefix.block_tokens)
+            if blocks:
+                self._restore(seq, np.concatenate([b.pages for b in blocks], axis=2))
+            self._seqs[seq_id] = seq
+            return len(blocks) * prefix.block_tokens if prefix is not None else 0
+
+    def _restore(self, seq: _Sequence, pages: np.ndarray) -> None:
+        """Lay out ``seq``'s heads over shared prefix pages ``[layers, kv_heads, n]``."""
+        self.pool.share(pages.ravel())
+        length = pages.shape[2] * self.pool.page_size
+        for layer, row in enumerate(seq.heads):
+            for head, lay in enumerate(row):
+                seq.pending[layer][head] = lay.restore(pages[layer, head], length)
+
+    def share_prefix(self, seq_id: str, prefix: PrefixKeys) -> int:
+        """Publish a sequence's leading blocks for later sequences to start from, right after
+        its prefill (before its first decode step: its positional pages are still its own).
+
+        Returns:
+            the blocks published now (known blocks are only marked used).
+        """
+        prefix.validate(self.pool.page_size)
+        with self._lock:
+            seq = self._usable(seq_id)
+            if self.prefixes is None:
+                return 0
+            if any(seq.flushed):
+                raise OutOfOrder(
+                    f"share the prefix of {seq_id!r} right after its prefill: a decode step "
+                    "has handed its prompt pages to the policy already"
+                )
+            length = min(lay[0].length for lay in seq.heads)
+            count = min(len(prefix.keys), length // prefix.block_tokens)
+            per_block = prefix.block_tokens // self.pool.page_size
+            pages = self._positional(seq)[:, :, : count * per_block]  # [layers, heads, n]
+            published = 0
+            for k in range(count):
+                parent = prefix.keys[k - 1] if k else None
+                block = pages[:, :, k * per_block : (k + 1) * per_block].copy()
+                published += self.prefixes.publish(
+                    prefix.keys[k], parent, seq.spec, prefix.block_tokens, block
+                )
+            return published
+
+    def positional_pages(self, seq_id: str, layer: int) -> np.ndarray:
+        """Pages holding one layer's tokens in position order ``[kv_heads, n]``, before the
+        sequence's first decode step (the worker reads a restored prefix's K/V through them).
+        """
+        with self._lock:
+            seq = self._usable(seq_id)
+            self._check_layer(seq, layer)
+            if seq.flushed[layer]:
+                raise OutOfOrder(
+                    f"layer {layer} of {seq_id!r} has decoded: its prompt pages belong to the "
+                    "policy's body and are no longer in position order"
+                )
+            return self._positional(seq, layer)[0]
+
+    def _positional(self, seq: _Sequence, layer: int | None = None) -> np.ndarray:
+        """``[layers, kv_heads, n]`` positional pages of unflushed layers (or of ``layer``:
+        ``[1, kv_heads, n]``), sinks then handed-over then leaving and window pages."""
+        layers = range(seq.spec.num_layers) if layer is None else [layer]
+        rows = []
+        for li in layers:
+            heads = []
+            for head, lay in enumerate(seq.heads[li]):
+                later = [*lay.leaving_pages().tolist(), *lay.window_pages_now().tolist()]
+                heads.append(lay.sink + seq.pending[li][head] + later)
+            rows.append(heads)
+        return np.asarray(rows, dtype=np.int64).reshape(len(rows), seq.spec.num_kv_heads, -1)
 
     def release(self, seq_id: str) -> None:
         """Free every page of a sequence."""
@@ -235,8 +324,14 @@ class Store:
 
     def stats(self) -> StoreStats:
         """Occupancy; lock-free, so a metrics scrape never waits for a long operation."""
+        prefix = self.prefixes.stats() if self.prefixes is not None else PrefixStats()
         return StoreStats(
-            len(self._seqs), self.pool.num_used, self.pool.num_pages, self.pool.page_bytes
+            len(self._seqs),
+            self.pool.num_used,
+            self.pool.num_pages,
+            self.pool.page_bytes,
+            prefix,
+            int(np.count_nonzero(self.pool.refs > 1)),
         )
 
     # ---- admission and failure ---------------------------------------------------------
@@ -262,7 +357,10 @@ class Store:
         return build + scratch
 
     def _admit(self, pages: int, what: str) -> None:
-        """Refuse, before changing anything, an operation that would not fit in the pool."""
+        """Refuse, before changing anything, an operation that would not fit in the pool
+        (once unused prefix blocks made what room they can)."""
+        if pages > self.pool.num_free and self.prefixes is not None:
+            self.prefixes.evict(pages - self.pool.num_free)
         if pages > self.pool.num_free:
             raise PoolExhausted(
                 f"{what} needs up to {pages} KV pages but only {self.pool.num_free} of "
@@ -279,15 +377,17 @@ class Store:
             for seq in seqs:
                 seq.failed = f"{type(err).__name__}: {err}"
             leaked = np.setdiff1d(self.pool.used_ids(), self._held_pages())
-            self.pool.free(leaked)
+            self.pool.reclaim(leaked)
             raise SequenceFailed(
                 f"the request failed half-way ({type(err).__name__}: {err}); its sequences "
                 "are unusable: release them and create them again"
             ) from err
 
     def _held_pages(self) -> np.ndarray:
-        """Every page some sequence holds."""
+        """Every page some sequence or the prefix cache holds."""
         held = [np.empty(0, dtype=np.int64)]
+        if self.prefixes is not None:
+            held.append(self.prefixes.held_pages())
         for seq in self._seqs.values():
             for layer in range(seq.spec.num_layers):
                 for head in range(seq.spec.num_kv_heads):

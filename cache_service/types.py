@@ -150,6 +150,30 @@ class SequenceSpec:
         return self.budget - self.sinks(page_size) - self.window_pages(page_size) * page_size
 
 
+@dataclass(frozen=True)
+class PrefixKeys:
+    """A prompt's leading blocks as the prefix cache names them (``cache_service.prefix_cache``).
+
+    The worker prefills in blocks of ``block_tokens`` tokens at fixed positions; block ``k``
+    (tokens ``k * block_tokens .. (k + 1) * block_tokens - 1``) is named by ``keys[k]``, a
+    hash of its token ids chained to ``keys[k - 1]`` (the first also over the model and the
+    sequence's spec), so equal keys mean equal prompts up to the block's end.
+    """
+
+    keys: tuple[bytes, ...]
+    block_tokens: int
+
+    def validate(self, page_size: int) -> None:
+        """Raise ``ValueError`` naming what to fix."""
+        if self.block_tokens <= 0 or self.block_tokens % page_size:
+            raise ValueError(
+                f"prefix block_tokens ({self.block_tokens}) must be a positive multiple of "
+                f"the page size ({page_size})"
+            )
+        if any(not 8 <= len(key) <= 64 for key in self.keys):
+            raise ValueError("prefix keys must be hashes of 8 to 64 bytes")
+
+
 class Selection(NamedTuple):
     """The pages one sequence attends to at one layer, as a CSR table over its KV heads.
 

@@ -1,0 +1,164 @@
+"""Shared prompt prefixes: blocks of positional pages that later sequences start from.
+
+A worker prefills prompts in blocks of ``block_tokens`` tokens at fixed positions (0, B, 2B,
+...) and names each block by a hash chain (the block's token ids and the previous block's
+key, the first keyed also by the model and the sequence spec; computed by the worker, which
+alone sees token ids). After a prefill, the store publishes the sequence's blocks here: a
+block holds one reference on each of its positional pages, ``[layers, kv_heads,
+block_tokens / page_size]``. A new sequence whose prompt begins with known blocks takes
+the pages of the longest known run of them (another reference each) and restores its
+layouts from them; it prefills only the rest.
+
+Pages are shared read-only: a positional page is full before its block is published and
+nothing writes a full positional page. Sequences write only into pages of their own (new
+window pages, leaf pages, scratch pages), so no page is ever copied on write.
+
+Blocks are kept until the pool needs their pages: ``evict`` drops least recently used
+blocks with no cached child (a chain is dropped from its end) whose pages no sequence
+holds. A block some live sequence still uses frees nothing when dropped, so it stays.
+
+Pure bookkeeping over ids; the store holds the lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cache_service.page_pool import PagePool
+from cache_service.types import SequenceSpec
+
+
+@dataclass
+class PrefixBlock:
+    """One published block of a prompt prefix."""
+
+    key: bytes
+    parent: bytes | None
+    """The previous block's key (``None`` for a prompt's first block)."""
+    spec: SequenceSpec
+    block_tokens: int
+    pages: np.ndarray
+    """``[layers, kv_heads, block_tokens / page_size]`` positional pages of the block."""
+    children: int = 0
+    """Cached blocks whose parent this is."""
+    last_used: int = 0
+
+
+@dataclass(frozen=True)
+class PrefixStats:
+    """What the prefix cache holds and has served."""
+
+    blocks: int = 0
+    pages: int = 0
+    """Pages the cache holds a reference on."""
+    hits: int = 0
+    """Sequences created from at least one cached block."""
+    tokens_reused: int = 0
+    """Prompt tokens those sequences did not need to prefill."""
+    evicted_blocks: int = 0
+
+
+@dataclass
+class PrefixCache:
+    """Published prefix blocks by key, with LRU eviction of unused chain ends."""
+
+    pool: PagePool
+    _blocks: dict[bytes, PrefixBlock] = field(default_factory=dict)
+    _clock: itertools.count = field(default_factory=itertools.count)
+    hits: int = 0
+    tokens_reused: int = 0
+    evicted_blocks: int = 0
+
+    def lookup(self, keys: list[bytes], spec: SequenceSpec, block_tokens: int) -> list[PrefixBlock]:
+        """The longest run of cached blocks from the first of ``keys`` (a sequence's chain)
+        made for ``spec`` and ``block_tokens``; counts a hit and marks them used."""
+        found: list[PrefixBlock] = []
+        for key in keys:
+            block = self._blocks.get(key)
+            if block is None or block.spec != spec or block.block_tokens != block_tokens:
+                break
+            found.append(block)
+        tick = next(self._clock)
+        for block in found:
+            block.last_used = tick
+        if found:
+            self.hits += 1
+            self.tokens_reused += len(found) * block_tokens
+        return found
+
+    def publish(
+        self,
+        key: bytes,
+        parent: bytes | None,
+        spec: SequenceSpec,
+        block_tokens: int,
+        pages: np.ndarray,
+    ) -> bool:
+        """Keep a block (a reference on each of its pages); ``False`` if it is known already
+        (only marked used) or its parent is not cached (a chain is kept from its start)."""
+        tick = next(self._clock)
+        if key in self._blocks:
+            self._blocks[key].last_used = tick
+            return False
+        if parent is not None and parent not in self._blocks:
+            return False
+        self.pool.share(pages.ravel())
+        self._blocks[key] = PrefixBlock(key, parent, spec, block_tokens, pages, last_used=tick)
+        if parent is not None:
+            self._blocks[parent].children += 1
+        return True
+
+    def evict(self, pages_wanted: int) -> int:
+        """Drop unused blocks, least recently used chain ends first, until ``pages_wanted``
+        pages went back to the pool or nothing more can go; returns the pages freed."""
+        freed = 0
+        while freed < pages_wanted:
+            victim = self._victim()
+            if victim is None:
+                break
+            before = self.pool.num_free
+            self._drop(victim)
+            freed += self.pool.num_free - before
+        return freed
+
+    def clear(self) -> None:
+        """Drop every block (their pages go back to the pool where nothing else holds them)."""
+        for block in list(self._blocks.values()):
+            self.pool.free(block.pages.ravel())
+        self._blocks.clear()
+
+    def held_pages(self) -> np.ndarray:
+        """Every page some block holds ``[n]`` (with repeats if blocks share none: they do
+        not)."""
+        if not self._blocks:
+            return np.empty(0, dtype=np.int64)
+        return np.concatenate([b.pages.ravel() for b in self._blocks.values()])
+
+    def stats(self) -> PrefixStats:
+        return PrefixStats(
+            len(self._blocks),
+            sum(b.pages.size for b in self._blocks.values()),
+            self.hits,
+            self.tokens_reused,
+            self.evicted_blocks,
+        )
+
+    def _victim(self) -> PrefixBlock | None:
+        """The least recently used block with no cached child whose pages only the cache
+        holds (dropping it frees them all)."""
+        ends = [
+            b
+            for b in self._blocks.values()
+            if b.children == 0 and bool(np.all(self.pool.refs[b.pages] == 1))
+        ]
+        return min(ends, key=lambda b: b.last_used, default=None)
+
+    def _drop(self, block: PrefixBlock) -> None:
+        del self._blocks[block.key]
+        if block.parent is not None:
+            self._blocks[block.parent].children -= 1
+        self.pool.free(block.pages.ravel())
+        self.evicted_blocks += 1
