@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_service.types import Selection, SequenceSpec
+from cache_service.types import PrefixKeys, Selection, SequenceSpec
 from evaluation.corpus import Corpus, default_text
 from worker.engine import Engine, EngineConfig, Sequence, StepTimings
 from worker.kv.remote import RemoteKVClient
@@ -69,9 +69,16 @@ class Probe:
 
     def __post_init__(self) -> None:
         self.page_size = self.kv.page_size
+        self.dtype = self.kv.dtype
 
-    def create(self, seq_id: str, spec: SequenceSpec) -> None:
-        self.kv.create(seq_id, spec)
+    def create(self, seq_id: str, spec: SequenceSpec, prefix: PrefixKeys | None = None) -> int:
+        return self.kv.create(seq_id, spec, prefix)
+
+    def share_prefix(self, seq_id: str, prefix: PrefixKeys) -> int:
+        return self.kv.share_prefix(seq_id, prefix)
+
+    def positional_pages(self, seq_id: str, layer: int) -> np.ndarray:
+        return self.kv.positional_pages(seq_id, layer)
 
     def append(self, seq_id: str, layer: int, keys, values, positions) -> None:  # noqa: ANN001
         self.kv.append(seq_id, layer, keys, values, positions)

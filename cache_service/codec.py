@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from cache_service.types import Selection, SequenceSpec
+from cache_service.types import PrefixKeys, Selection, SequenceSpec
 from proto.icecache.v1 import cache_service_pb2 as pb
 
 MAX_DIMS = 8
@@ -96,6 +96,17 @@ def spec_from_proto(msg: pb.SequenceSpec) -> SequenceSpec:
         reuse_group=msg.reuse_group,
         seed=msg.seed,
     )
+
+
+def prefix_to_proto(prefix: PrefixKeys, out: pb.PrefixKeys) -> pb.PrefixKeys:
+    """``prefix`` into ``out``, a field of a message being built."""
+    out.keys.extend(prefix.keys)
+    out.block_tokens = prefix.block_tokens
+    return out
+
+
+def prefix_from_proto(msg: pb.PrefixKeys) -> PrefixKeys:
+    return PrefixKeys(tuple(msg.keys), msg.block_tokens)
 
 
 def selection_to_proto(sel: Selection, out: pb.Selection | None = None) -> pb.Selection:

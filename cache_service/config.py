@@ -43,11 +43,17 @@ class CacheServiceConfig:
         "Ceiling on bytes of K/V page data, e.g. 4G or 512M: the pool holds max_memory // "
         "page_bytes pages (the OS backs only pages actually written). A request that needs "
         "more pages than are free fails with RESOURCE_EXHAUSTED naming this limit; nothing "
-        "is evicted.",
+        "of a sequence is evicted (only prompt blocks kept for reuse that no sequence uses).",
         parse=_size,
     )
     max_sequences: int = setting(
         0, "Most sequences held at once (0: no limit); a Create beyond it is RESOURCE_EXHAUSTED."
+    )
+    prefix_cache: bool = setting(
+        True,
+        "Keep prefilled prompts' leading blocks so that later prompts beginning with them "
+        "skip their prefill (shared by reference, dropped least recently used when the pool "
+        "needs room).",
     )
     page_size: int = setting(16, "Tokens per page.")
     head_dim: int = setting(

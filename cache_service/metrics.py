@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from cache_service.store import Store
@@ -45,6 +45,33 @@ class StoreCollector(Collector):
         )
         yield GaugeMetricFamily(
             "icecache_memory_capacity_bytes", "K/V bytes of the whole pool", value=pool_bytes
+        )
+        prefix = stats.prefix
+        yield CounterMetricFamily(
+            "icecache_prefix_hits", "Sequences created from kept prompt blocks", value=prefix.hits
+        )
+        yield CounterMetricFamily(
+            "icecache_prefix_tokens_reused",
+            "Prompt tokens not prefilled thanks to kept blocks",
+            value=prefix.tokens_reused,
+        )
+        yield CounterMetricFamily(
+            "icecache_prefix_evicted_blocks",
+            "Kept prompt blocks dropped to make room",
+            value=prefix.evicted_blocks,
+        )
+        yield GaugeMetricFamily(
+            "icecache_prefix_blocks", "Prompt blocks kept for reuse", value=prefix.blocks
+        )
+        yield GaugeMetricFamily(
+            "icecache_prefix_bytes",
+            "K/V bytes of the pages kept prompt blocks hold (shared with the sequences on them)",
+            value=prefix.pages * stats.page_bytes,
+        )
+        yield GaugeMetricFamily(
+            "icecache_shared_bytes",
+            "K/V bytes of pages with more than one holder",
+            value=stats.pages_shared * stats.page_bytes,
         )
 
 

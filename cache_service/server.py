@@ -127,7 +127,7 @@ def make_store(config: CacheServiceConfig, port: int) -> Store:
         shared=config.shared_memory,
         shm_name=name,
     )
-    return Store(pool, max_sequences=config.max_sequences or None)
+    return Store(pool, max_sequences=config.max_sequences or None, prefix_cache=config.prefix_cache)
 
 
 def serve(config: CacheServiceConfig) -> CacheServer:

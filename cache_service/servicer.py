@@ -139,18 +139,45 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         check_id(request.seq_id)
         spec = codec.spec_from_proto(request.spec)
         check_spec(spec)
+        prefix = codec.prefix_from_proto(request.prefix) if request.HasField("prefix") else None
         lease = lease_of(context)
         with self.store.lock:
             check_deadline(context)
             self.leases.check(lease, [request.seq_id])
-            self.store.create(request.seq_id, spec)
+            reused = self.store.create(request.seq_id, spec, prefix)
             self.leases.attach(lease, request.seq_id)
         log.info(
             "created %s",
             request.seq_id,
-            extra={"seq_id": request.seq_id, "policy": spec.policy, "budget": spec.budget},
+            extra={
+                "seq_id": request.seq_id,
+                "policy": spec.policy,
+                "budget": spec.budget,
+                "reused_tokens": reused,
+            },
         )
-        return pb.CreateResponse()
+        return pb.CreateResponse(reused_tokens=reused)
+
+    @_rpc
+    def SharePrefix(
+        self, request: pb.SharePrefixRequest, context: grpc.ServicerContext
+    ) -> pb.SharePrefixResponse:
+        prefix = codec.prefix_from_proto(request.prefix)
+        with self.store.lock:
+            check_deadline(context)
+            self.leases.check(lease_of(context), [request.seq_id])
+            published = self.store.share_prefix(request.seq_id, prefix)
+        return pb.SharePrefixResponse(published=published)
+
+    @_rpc
+    def PositionalPages(
+        self, request: pb.PositionalPagesRequest, context: grpc.ServicerContext
+    ) -> pb.PositionalPagesResponse:
+        with self.store.lock:
+            check_deadline(context)
+            self.leases.check(lease_of(context), [request.seq_id])
+            pages = self.store.positional_pages(request.seq_id, request.layer)
+        return pb.PositionalPagesResponse(pages=codec.to_tensor(pages))
 
     @_rpc
     def Append(self, request: pb.AppendRequest, context: grpc.ServicerContext) -> pb.AppendResponse:
@@ -321,4 +348,9 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             pages_total=stats.pages_total,
             page_bytes=stats.page_bytes,
             bytes_used=stats.bytes_used,
+            prefix_blocks=stats.prefix.blocks,
+            prefix_pages=stats.prefix.pages,
+            prefix_hits=stats.prefix.hits,
+            prefix_tokens_reused=stats.prefix.tokens_reused,
+            pages_shared=stats.pages_shared,
         )

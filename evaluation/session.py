@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cache_service.settings import same_as
-from cache_service.types import Selection, SequenceSpec, kv_bytes
+from cache_service.types import PrefixKeys, Selection, SequenceSpec, kv_bytes
 from evaluation.capture import Capture, PrefillStore
 from worker.engine import Engine, EngineConfig, PrefillRecord, Sequence
 from worker.kv_client import KVClient
@@ -72,10 +72,17 @@ class TapKV(KVClient):
     def __init__(self, inner: KVClient) -> None:
         self.inner = inner
         self.page_size = inner.page_size
+        self.dtype = inner.dtype
         self.observer: DecodeObserver | None = None
 
-    def create(self, seq_id: str, spec: SequenceSpec) -> None:
-        self.inner.create(seq_id, spec)
+    def create(self, seq_id: str, spec: SequenceSpec, prefix: PrefixKeys | None = None) -> int:
+        return self.inner.create(seq_id, spec, prefix)
+
+    def share_prefix(self, seq_id: str, prefix: PrefixKeys) -> int:
+        return self.inner.share_prefix(seq_id, prefix)
+
+    def positional_pages(self, seq_id: str, layer: int) -> np.ndarray:
+        return self.inner.positional_pages(seq_id, layer)
 
     def append(
         self, seq_id: str, layer: int, keys: np.ndarray, values: np.ndarray, positions: np.ndarray

@@ -183,12 +183,14 @@ def generate_request(
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
     resumable: bool = False,
+    reuse_prefix: bool | None = None,
 ) -> pb.GenerateRequest:
     """A ``GenerateRequest``. ``policy``/``budget``: this request's own (``None``: the
     worker's). ``temperature``, ``top_p``, ``top_k``, ``seed``: sampling (``None``: greedy,
     and an unseeded sampled request gets the worker's seed, in ``done.seed``); ``stop``:
     strings that end the text just before them; ``stop_token_ids``: more stop tokens;
-    ``resumable``: ask for ``started`` messages (``worker.resuming``)."""
+    ``resumable``: ask for ``started`` messages (``worker.resuming``); ``reuse_prefix``: start
+    from prompt blocks the cache service keeps (``None``: the worker's ``--prefix-reuse``)."""
     request = pb.GenerateRequest(
         max_new_tokens=max_new_tokens, chat=chat, ignore_eos=ignore_eos, request_id=request_id,
         resumable=resumable,
@@ -198,7 +200,8 @@ def generate_request(
     else:
         request.prompt_ids.ids.extend(prompt)
     for name, value in (("policy", policy), ("budget", budget), ("temperature", temperature),
-                        ("top_p", top_p), ("top_k", top_k), ("seed", seed)):  # fmt: skip
+                        ("top_p", top_p), ("top_k", top_k), ("seed", seed),
+                        ("reuse_prefix", reuse_prefix)):  # fmt: skip
         if value is not None:
             setattr(request, name, value)
     request.stop.extend(stop)

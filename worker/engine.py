@@ -1,7 +1,11 @@
 """The engine: prefill and batched decode of a Llama-family model over a paged KV store.
 
-Prefill is dense and layer-major: all prompt tokens go through one layer (causal attention in
-query chunks of ``prefill_chunk``), that layer's K/V go to the store, then the next layer.
+Prefill is dense and block-major: the prompt goes through the model in blocks of
+``prefill_chunk`` tokens at fixed positions (0, B, 2B, ...); each block passes every layer,
+its K/V go to the store, and it attends causally to itself and to the earlier blocks' K/V as
+the store holds them. A prompt whose leading blocks the store keeps from an earlier prompt
+(prefix reuse, ``cache_service.prefix_cache``) starts after them: their K/V are read back, and
+every later block computes exactly what it would have computed after prefilling them.
 Decode is one token per sequence per step, batched across sequences: per layer the store
 takes the new K/V and answers which pages each KV head attends to; the device page cache
 makes them resident; paged sparse attention runs over them.
@@ -9,6 +13,7 @@ makes them resident; paged sparse attention runs over them.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import sys
@@ -21,7 +26,14 @@ import torch
 from tqdm import tqdm
 
 from cache_service.settings import positive_int, setting
-from cache_service.types import POLICIES, Selection, SequenceSpec, check_policy, kv_bytes
+from cache_service.types import (
+    POLICIES,
+    PrefixKeys,
+    Selection,
+    SequenceSpec,
+    check_policy,
+    kv_bytes,
+)
 from kernels.dispatch import decode_attention
 from worker.kv_client import KVClient
 from worker.model import LlamaModel, causal_attention
@@ -51,7 +63,16 @@ class EngineConfig:
     )
     reuse_group: int = setting(3, "icecache-r: layers sharing one selection.")
     prefill_chunk: int = setting(
-        1024, "Query tokens per attention chunk during prefill.", parse=positive_int
+        256,
+        "Prompt tokens per prefill block (a multiple of the page size): the prompt goes "
+        "through the model a block at a time, and prompts share whole leading blocks.",
+        parse=positive_int,
+    )
+    prefix_reuse: bool = setting(
+        True,
+        "Start a prompt from the leading blocks the cache service keeps of an earlier "
+        "prompt instead of prefilling them again (same output either way), and offer each "
+        "prompt's blocks for reuse; a request may turn it off for itself.",
     )
     device_cache_mb: int = setting(
         1024, "Device memory for resident KV pages (MiB).", parse=positive_int
@@ -103,6 +124,8 @@ class Sequence:
     seq_id: str
     token_ids: list[int]
     prompt_len: int
+    reused_tokens: int = 0
+    """Prompt tokens taken from blocks the store kept (not prefilled here)."""
     finished: bool = False
     stored_ahead: int = 0
     """The first layers that already hold the next token fed (an adopted sequence whose
@@ -151,6 +174,13 @@ class Engine:
         self.scale = c.head_dim**-0.5
         self.timings = StepTimings()
         config.spec(model).validate(kv.page_size)
+        if config.prefill_chunk % kv.page_size:
+            raise ValueError(
+                f"prefill_chunk ({config.prefill_chunk}) must be a multiple of the cache "
+                f"service's page size ({kv.page_size})"
+            )
+        self.fingerprint = model_fingerprint(model)
+        """Names the weights in prefix keys: blocks kept for one model never serve another."""
 
     # ---- sequences ---------------------------------------------------------------------
     def start(
@@ -159,11 +189,14 @@ class Engine:
         seq_id: str | None = None,
         replay: PrefillRecord | None = None,
         spec: SequenceSpec | None = None,
+        reuse_prefix: bool | None = None,
     ) -> tuple[Sequence, torch.Tensor]:
         """Create a sequence in the store and prefill its prompt (or replay ``replay``, a
         recorded prefill of the same ids, instead of computing it). ``spec``: the store's
         spec of the sequence, when a request asks for another policy or budget than the
-        engine's (default ``config.spec``). On failure the sequence is released.
+        engine's (default ``config.spec``). ``reuse_prefix``: start from leading blocks the
+        store keeps and offer this prompt's (default ``config.prefix_reuse``; the output is
+        the same either way). On failure the sequence is released.
 
         Returns:
             the sequence and the logits of its last prompt token ``[vocab]``.
@@ -179,19 +212,42 @@ class Engine:
                 "shorten it"
             )
         seq = Sequence(seq_id or f"seq-{next(self._ids)}", list(prompt_ids), len(prompt_ids))
-        self.kv.create(seq.seq_id, spec or self.config.spec(self.model))
+        spec = spec or self.config.spec(self.model)
+        reuse = self.config.prefix_reuse if reuse_prefix is None else reuse_prefix
+        blocks = self.prefix_keys(spec, prompt_ids) if reuse and replay is None else None
         started = time.perf_counter()
+        seq.reused_tokens = self.kv.create(seq.seq_id, spec, _before_last(blocks, prompt_ids))
         try:
             if replay is not None:
                 self.replay(seq.seq_id, replay)
                 return seq, replay.logits.clone()
-            logits = self.prefill(seq.seq_id, prompt_ids)
+            logits = self.prefill(seq.seq_id, prompt_ids, reused=seq.reused_tokens)
+            if blocks is not None:
+                self.kv.share_prefix(seq.seq_id, blocks)
         except BaseException:
             self.kv.release(seq.seq_id)
             raise
         self.timings.prefill += time.perf_counter() - started
-        self.timings.prefill_tokens += len(prompt_ids)
+        self.timings.prefill_tokens += len(prompt_ids) - seq.reused_tokens
         return seq, logits
+
+    def prefix_keys(self, spec: SequenceSpec, prompt_ids: list[int]) -> PrefixKeys | None:
+        """The store's names of the prompt's whole prefill blocks (``None``: not one whole
+        block): a hash chain over the blocks' token ids, started from the model, the
+        sequence's spec, the block and the page size (everything the blocks' K/V and their
+        layout depend on)."""
+        size = self.config.prefill_chunk
+        if len(prompt_ids) < size:
+            return None
+        head = f"{spec!r}|{size}|{self.kv.page_size}".encode()
+        key = hashlib.blake2b(self.fingerprint + head, digest_size=16).digest()
+        ids = np.asarray(prompt_ids, dtype=np.int32)
+        keys = []
+        for start in range(0, len(ids) - size + 1, size):
+            key = hashlib.blake2b(key + ids[start : start + size].tobytes(), digest_size=16)
+            key = key.digest()  # type: ignore[assignment]
+            keys.append(key)
+        return PrefixKeys(tuple(keys), size)
 
     def adopt(
         self,
@@ -213,7 +269,7 @@ class Engine:
     def record_prefill(self, prompt_ids: list[int]) -> PrefillRecord:
         """A dense prefill of ``prompt_ids`` recorded for replay (its sequence is released)."""
         seq = Sequence(f"record-{next(self._ids)}", list(prompt_ids), len(prompt_ids))
-        self.kv.create(seq.seq_id, self.config.spec(self.model))
+        self.kv.create(seq.seq_id, self.config.spec(self.model))  # no prefix: all recorded
         keys: list[np.ndarray] = []
         values: list[np.ndarray] = []
         started = time.perf_counter()
@@ -244,36 +300,84 @@ class Engine:
         seq_id: str,
         token_ids: list[int],
         record: tuple[list[np.ndarray], list[np.ndarray]] | None = None,
+        reused: int = 0,
     ) -> torch.Tensor:
-        """Dense causal prefill; every layer's K/V go to the store (and, with ``record``, a
-        copy of them to its key and value lists). Returns logits ``[vocab]``."""
-        model, chunk = self.model, self.config.prefill_chunk
+        """Dense causal prefill in blocks of ``prefill_chunk`` tokens; every layer's K/V go
+        to the store (and, with ``record``, a copy of each layer's to its key and value
+        lists). The first ``reused`` tokens (whole blocks) are in the store already: their
+        K/V are read back instead. Returns the last token's logits ``[vocab]``.
+
+        A block attends to the earlier blocks' K/V as the store holds them (rounded to its
+        dtype, as a prefix read back is), so its output does not depend on whether they
+        were computed now or reused.
+        """
+        model, block = self.model, self.config.prefill_chunk
+        c, n = model.config, len(token_ids)
+        assert reused % block == 0 and reused < n, "reuse whole blocks, prefill the last token"
+        shape = (n, c.num_kv_heads, c.head_dim)
+        keys = [
+            torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)
+        ]
+        values = [torch.empty_like(k) for k in keys]
+        if reused:
+            self._read_prefix(seq_id, reused, keys, values)
+        host: tuple[list[list[np.ndarray]], list[list[np.ndarray]]] = (
+            [[] for _ in range(c.num_layers)], [[] for _ in range(c.num_layers)],
+        )  # fmt: skip
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        positions = torch.arange(len(token_ids), device=self.device)
-        h = model.embed(ids)  # [T, hidden]
-        rope = model.rope.cos_sin(positions)  # [T, D] x2, shared by every layer
-        host_positions = positions.cpu().numpy()
-        layers = model.config.num_layers
+        last = c.num_layers - 1
         bar = tqdm(
-            total=layers, desc="prefill", unit="layer", disable=not sys.stderr.isatty(), leave=False
-        )
-        for layer in range(layers):
-            q, k, v = model.attention_inputs(layer, h, positions, rope)  # [T, H, D]
-            host_k, host_v = _np(k), _np(v)
-            self.kv.append(seq_id, layer, host_k, host_v, host_positions)
-            if record is not None:
-                record[0].append(host_k.copy())
-                record[1].append(host_v.copy())
-            out = []
-            first = len(token_ids) - 1 if layer == layers - 1 else 0  # logits need the last row
-            for start in range(first, len(token_ids), chunk):
-                end = min(start + chunk, len(token_ids))
-                attn = causal_attention(q[start:end], k[:end], v[:end], self.scale)
-                out.append(model.attention_output(layer, h[start:end], attn))
-            h = torch.cat(out)
-            bar.update()
+            total=c.num_layers * -(-(n - reused) // block), desc="prefill", unit="layer",
+            disable=not sys.stderr.isatty(), leave=False,
+        )  # fmt: skip
+        for start in range(reused, n, block):
+            end = min(start + block, n)
+            positions = torch.arange(start, end, device=self.device)
+            host_positions = positions.cpu().numpy()
+            rope = model.rope.cos_sin(positions)  # [t, D] x2, shared by every layer
+            h = model.embed(ids[start:end])  # [t, hidden]
+            for layer in range(c.num_layers):
+                q, k, v = model.attention_inputs(layer, h, positions, rope)  # [t, H, D]
+                host_k, host_v = _np(k), _np(v)
+                self.kv.append(seq_id, layer, host_k, host_v, host_positions)
+                if record is not None:
+                    host[0][layer].append(host_k.copy())
+                    host[1][layer].append(host_v.copy())
+                keys[layer][start:end] = self._as_stored(k)
+                values[layer][start:end] = self._as_stored(v)
+                bar.update()
+                if layer == last:  # only the prompt's last row goes on, to the logits
+                    if end < n:
+                        break
+                    q, h = q[-1:], h[-1:]
+                attn = causal_attention(q, keys[layer][:end], values[layer][:end], self.scale)
+                h = model.attention_output(layer, h, attn)
         bar.close()
+        if record is not None:
+            for layer in range(c.num_layers):
+                record[0].append(np.concatenate(host[0][layer]))
+                record[1].append(np.concatenate(host[1][layer]))
         return model.logits(h[-1:])[0]
+
+    def _read_prefix(
+        self, seq_id: str, tokens: int, keys: list[torch.Tensor], values: list[torch.Tensor]
+    ) -> None:
+        """Fill rows ``:tokens`` of every layer's ``keys`` / ``values`` ``[n, H, D]`` from the
+        sequence's positional pages in the store."""
+        size = self.kv.page_size
+        for layer in range(len(keys)):
+            pages = self.kv.positional_pages(seq_id, layer)[:, : tokens // size]  # [H, p]
+            heads, count = pages.shape
+            data = self.kv.read_pages(pages.ravel())  # [H * p, 2, P, D]
+            data = data.reshape(heads, count, 2, size, -1).transpose(2, 1, 3, 0, 4)
+            kv = torch.from_numpy(np.ascontiguousarray(data).reshape(2, tokens, heads, -1))
+            keys[layer][:tokens] = kv[0].to(self.device, self.dtype)
+            values[layer][:tokens] = kv[1].to(self.device, self.dtype)
+
+    def _as_stored(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` rounded as the store keeps it (a float16 store rounds; float32 keeps float32,
+        bfloat16 and float16 exactly)."""
+        return t.to(torch.float16).to(t.dtype) if self.kv.dtype == "float16" else t
 
     # ---- decode ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -425,6 +529,25 @@ class Engine:
                 if not s.finished:
                     self.finish(s)
         return outputs
+
+
+def model_fingerprint(model: LlamaModel) -> bytes:
+    """A 16-byte name of a model's weights: its config and the first values of every
+    parameter (enough to tell two checkpoints apart, in milliseconds)."""
+    digest = hashlib.blake2b(repr(model.config).encode(), digest_size=16)
+    for name, param in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().flatten()[:64].to("cpu", torch.float32).numpy().tobytes())
+    return digest.digest()
+
+
+def _before_last(blocks: PrefixKeys | None, prompt_ids: list[int]) -> PrefixKeys | None:
+    """The blocks that end before the prompt's last token (which is always prefilled: its
+    logits are the first output)."""
+    if blocks is None:
+        return None
+    whole = (len(prompt_ids) - 1) // blocks.block_tokens
+    return PrefixKeys(blocks.keys[:whole], blocks.block_tokens) if whole else None
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

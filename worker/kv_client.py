@@ -3,7 +3,7 @@
 Two sides of one contract (``KVClient``):
 
 - the **data path** the engine uses: ``create``, ``append``, ``decode``, ``read_pages``,
-  ``release``;
+  ``release``, and for prefix reuse ``share_prefix`` and ``positional_pages``;
 - the **serving path** the scheduler and the worker's servicer use: where a sequence lives
   (``replica_of``), which sequences a failed replica took with it (``take_lost``), what a
   sequence moved (``take_traffic``), the replicas' state (``replicas``, ``watch_readiness``)
@@ -26,7 +26,7 @@ import numpy as np
 
 from cache_service.page_pool import PagePool
 from cache_service.store import Store
-from cache_service.types import AdoptionRefused, Selection, SequenceSpec, kv_bytes
+from cache_service.types import AdoptionRefused, PrefixKeys, Selection, SequenceSpec, kv_bytes
 
 IN_PROCESS = "in-process"
 """``replica_of`` a sequence kept in this process."""
@@ -60,9 +60,25 @@ class KVClient(Protocol):
     """Sequence lifecycle, KV appends, per-layer retrieval and page reads; failover state."""
 
     page_size: int
+    dtype: str
+    """Element type the store keeps K/V in (``float32`` or ``float16``)."""
 
     # ---- data path (the engine) ------------------------------------------------------------
-    def create(self, seq_id: str, spec: SequenceSpec) -> None: ...
+    def create(self, seq_id: str, spec: SequenceSpec, prefix: PrefixKeys | None = None) -> int:
+        """Start a sequence: empty, or from the longest run of ``prefix``'s blocks the store
+        keeps (``cache_service.prefix_cache``). Returns the tokens it holds already (0 when
+        nothing was reused): append from that position on."""
+        ...
+
+    def share_prefix(self, seq_id: str, prefix: PrefixKeys) -> int:
+        """Keep a just-prefilled sequence's leading blocks for later prompts that begin with
+        them; returns the blocks kept now. By default the store keeps nothing."""
+        return 0
+
+    def positional_pages(self, seq_id: str, layer: int) -> np.ndarray:
+        """Pages of one layer's tokens in position order ``[kv_heads, n]``, before the first
+        decode step: how the engine reads the K/V of a prefix it started from."""
+        raise NotImplementedError("this KV client keeps no prefixes")
 
     def append(
         self, seq_id: str, layer: int, keys: np.ndarray, values: np.ndarray, positions: np.ndarray
@@ -147,6 +163,7 @@ class LocalKVClient(KVClient):
     def __init__(self, store: Store) -> None:
         self.store = store
         self.page_size = store.pool.page_size
+        self.dtype = store.pool.dtype
 
     @classmethod
     def with_capacity(
@@ -156,8 +173,14 @@ class LocalKVClient(KVClient):
         page_bytes = kv_bytes(page_size, head_dim, np.dtype(dtype).itemsize)
         return cls(Store(PagePool(max(1, max_bytes // page_bytes), page_size, head_dim, dtype)))
 
-    def create(self, seq_id: str, spec: SequenceSpec) -> None:
-        self.store.create(seq_id, spec)
+    def create(self, seq_id: str, spec: SequenceSpec, prefix: PrefixKeys | None = None) -> int:
+        return self.store.create(seq_id, spec, prefix)
+
+    def share_prefix(self, seq_id: str, prefix: PrefixKeys) -> int:
+        return self.store.share_prefix(seq_id, prefix)
+
+    def positional_pages(self, seq_id: str, layer: int) -> np.ndarray:
+        return self.store.positional_pages(seq_id, layer)
 
     def append(
         self, seq_id: str, layer: int, keys: np.ndarray, values: np.ndarray, positions: np.ndarray

@@ -8,7 +8,19 @@ for which the new replica wins; removing one moves only the sequences it held.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+
+from cache_service.types import PrefixKeys
+
+PLACEMENT_BLOCKS = 4
+"""A sequence with prompt blocks is placed by the key of its 4th block (its last whole block
+if it has fewer): equal documents meet on one replica, where their blocks are kept, while
+prompts that share only a chat template's system prompt (shorter than 4 blocks of 256
+tokens, as a rule) but differ later spread by their own later blocks."""
+LOAD_SLACK = 1.25
+"""Bounded load: a replica takes a new sequence while it holds at most ``LOAD_SLACK`` times
+its fair share (placed sequences / replicas, rounded up); past that the next replica in
+rendezvous order takes it."""
 
 
 def weight(seq_id: str, replica: str) -> int:
@@ -31,3 +43,26 @@ def owner(seq_id: str, replicas: Iterable[str]) -> str:
 def ranked(seq_id: str, replicas: Iterable[str]) -> list[str]:
     """All replicas, best first: the owner, then where the sequence goes if it fails."""
     return sorted(replicas, key=lambda r: (weight(seq_id, r), r), reverse=True)
+
+
+def placement_key(seq_id: str, prefix: PrefixKeys | None) -> str:
+    """What a new sequence is placed by: its prompt's ``PLACEMENT_BLOCKS``-th block key (or
+    its last whole block's), else its id."""
+    if prefix is None or not prefix.keys:
+        return seq_id
+    return prefix.keys[min(len(prefix.keys), PLACEMENT_BLOCKS) - 1].hex()
+
+
+def bounded(key: str, replicas: Iterable[str], live: Mapping[str, int]) -> list[str]:
+    """``ranked(key, replicas)`` with the replicas over their bound moved behind the others
+    (consistent hashing with bounded loads, Mirrokni et al. 2018): a key that many
+    sequences share fills its owner to ``LOAD_SLACK`` times the fair share, then spills in
+    rendezvous order, instead of sending them all to one replica."""
+    order = ranked(key, replicas)
+    if not order:
+        return order
+    placed = sum(live.get(r, 0) for r in order) + 1
+    bound = LOAD_SLACK * -(-placed // len(order))
+    return [r for r in order if live.get(r, 0) < bound] + [
+        r for r in order if live.get(r, 0) >= bound
+    ]

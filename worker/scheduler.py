@@ -137,6 +137,8 @@ class RequestStats:
     replayed_tokens: int = 0
     prefill_tokens: int = 0
     """Prompt tokens this worker prefilled for the request (0 after an adoption)."""
+    reused_tokens: int = 0
+    """Prompt tokens taken from blocks the cache service kept (prefix reuse)."""
     resumed: str = ""
     """``adopted`` or ``rebuilt`` for a resumed request, else ''."""
     pages_selected: int = 0
@@ -187,6 +189,8 @@ class Request:
     """Continue a broken generation (see the module docstring)."""
     announce: bool = False
     """Put a ``StartedEvent`` on ``events`` whenever the sequence is placed anew."""
+    reuse_prefix: bool | None = None
+    """Start from prompt blocks the cache service keeps; ``None``: the engine's config."""
     events: queue.Queue[Event] = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.perf_counter)
@@ -340,7 +344,8 @@ class Scheduler:
             request.events.put(ErrorEvent(err))
             return
         stats.prefill_s = time.perf_counter() - started
-        stats.prefill_tokens = len(request.prompt_ids)
+        stats.prefill_tokens = len(request.prompt_ids) - seq.reused_tokens
+        stats.reused_tokens = seq.reused_tokens
         first = choose(logits, request.sampling, step=0)
         run = _Running(request, seq, first, stats=stats, base_id=seq_id)
         if request.resume is not None:  # rebuilt: replay what the client has
@@ -410,7 +415,9 @@ class Scheduler:
         def attempt() -> tuple[Sequence, torch.Tensor]:
             n = next(tries)
             name = seq_id if n == 0 else f"{seq_id}.p{n}"
-            return self.engine.start(request.prompt_ids, name, spec=request.spec)
+            return self.engine.start(
+                request.prompt_ids, name, spec=request.spec, reuse_prefix=request.reuse_prefix
+            )
 
         backoff = self.config.placement_backoff
         return retry(attempt, backoff, (ConnectionError,), f"prefill of {seq_id}")
@@ -490,7 +497,8 @@ class Scheduler:
             return False
         run.replay = deque(run.output)
         run.stats.replayed_tokens += len(run.output)
-        run.stats.prefill_tokens += len(run.request.prompt_ids)
+        run.stats.prefill_tokens += len(run.request.prompt_ids) - run.seq.reused_tokens
+        run.stats.reused_tokens += run.seq.reused_tokens
         run.stats.seq_id, run.stats.replica = run.seq.seq_id, self._replica(run.seq.seq_id)
         self._announce(run)
         self._check_replay(run, choose(logits, run.request.sampling, step=0))

@@ -21,7 +21,13 @@ from cache_service.refusals import DeadlinePassed, local_error, refusal
 from cache_service.server import serve
 from cache_service.store import Store
 from cache_service.stream_slots import StreamSlots
-from cache_service.types import OutOfOrder, SequenceExists, SequenceSpec, UnknownSequence
+from cache_service.types import (
+    OutOfOrder,
+    PrefixKeys,
+    SequenceExists,
+    SequenceSpec,
+    UnknownSequence,
+)
 from proto.icecache.v1 import cache_service_pb2 as pb
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
 from worker.kv.grpc_stream import DecodeStream
@@ -555,3 +561,56 @@ def test_refusals_give_each_error_its_status_and_name_the_pool_limit():
         "",
         "internal error in LocalStream: RuntimeError: bug",
     )
+
+
+def test_prefix_blocks_are_kept_found_and_read_back_over_grpc(shm_client, rpc_client, service):
+    """Create with prefix keys, SharePrefix and PositionalPages over the wire: the second
+    sequence starts from the first's blocks (on both transports), reads their K/V back
+    unchanged, and the service counts the hit in Stats and the metrics."""
+    rng = np.random.default_rng(3)
+    block = 2 * PAGE
+    keys, values = _kv(rng, 3 * block + 5)
+    prefix = PrefixKeys((b"block-0-key", b"block-1-key", b"block-2-key"), block)
+    assert shm_client.create("p-first", _spec(), prefix) == 0
+    for layer in range(LAYERS):
+        shm_client.append("p-first", layer, keys, values, np.arange(len(keys)))
+    assert shm_client.share_prefix("p-first", prefix) == 3
+    assert shm_client.share_prefix("p-first", prefix) == 0  # kept already
+    for client in (shm_client, rpc_client):
+        assert client.create("p-second", _spec(), prefix) == 3 * block
+        pages = client.positional_pages("p-second", 1)  # [KV, 6]
+        assert pages.shape == (KV, 3 * block // PAGE)
+        data = client.read_pages(pages.ravel()).reshape(KV, -1, 2, PAGE, DIM)
+        got = data.transpose(2, 1, 3, 0, 4).reshape(2, 3 * block, KV, DIM)
+        np.testing.assert_array_equal(got[0], keys[: 3 * block])
+        np.testing.assert_array_equal(got[1], values[: 3 * block])
+        client.release("p-second")
+    assert shm_client.create("p-other", _spec(budget=80), prefix) == 0  # another spec: none
+    stats = rpc_client.stats()
+    assert (stats.prefix.blocks, stats.prefix.hits, stats.prefix.tokens_reused) == (
+        3, 2, 6 * block
+    )  # fmt: skip
+    assert stats.prefix.pages == 3 * LAYERS * KV * (block // PAGE)
+    registry = service.metrics.registry
+    assert registry.get_sample_value("icecache_prefix_hits_total") == 2
+    assert registry.get_sample_value("icecache_prefix_blocks") == 3
+    _replay_step(shm_client, "p-first")
+    with pytest.raises(OutOfOrder, match="right after its prefill"):
+        shm_client.share_prefix("p-first", prefix)
+    with pytest.raises(OutOfOrder, match="has decoded"):
+        shm_client.positional_pages("p-first", 0)
+    with pytest.raises(ValueError, match="multiple of the page size"):
+        shm_client.create("p-bad", _spec(), PrefixKeys((b"12345678",), PAGE + 1))
+    for seq in ("p-first", "p-other"):
+        shm_client.release(seq)
+    service.store.prefixes.evict(10**9)
+    assert service.store.stats().prefix.blocks == 0
+
+
+def _replay_step(kv, seq):
+    """One decode step of every layer."""
+    rng = np.random.default_rng(0)
+    for layer in range(LAYERS):
+        keys, values = _kv(rng, 1)
+        queries = rng.standard_normal((1, Q, DIM), np.float32)
+        kv.decode(layer, [seq], keys, values, np.array([3 * 2 * PAGE + 5]), queries)

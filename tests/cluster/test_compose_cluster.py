@@ -147,6 +147,25 @@ def test_the_openai_client_gets_the_same_answers_over_http(cluster, smollm, expe
             assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
 
 
+def test_a_document_asked_twice_is_prefilled_once_on_the_replica_its_blocks_name(
+    cluster, client, smollm, doc_prompts
+):
+    """Prefix reuse through the cluster: the second question about one document starts from
+    the blocks the first left on its replica (placed by them, so both meet there), prefills
+    only its own tail, and answers exactly as with reuse turned off."""
+    _, replicas = cluster
+    tokenizer = smollm[1]
+    doc = doc_prompts[2][:480]  # one whole prefill block of 256 tokens, and more
+    asks = [doc + tokenizer.encode(q) for q in (" Summarise.", " What is the first word?")]
+    first, second = (client.complete(ids, 6, chat=False) for ids in asks)
+    assert (first.stats.reused_tokens, second.stats.reused_tokens) == (0, 256)
+    assert second.stats.prefill_tokens == len(asks[1]) - 256
+    assert first.stats.replica == second.stats.replica
+    plain = client.complete(asks[1], 6, chat=False, reuse_prefix=False)
+    assert plain.stats.reused_tokens == 0 and plain.token_ids == second.token_ids
+    assert {r.stats.replica for r in (first, second, plain)} <= set(replicas)
+
+
 def test_a_stopped_replica_takes_no_new_sequences(cluster, client, expected):
     local, replicas = cluster
     process = local.running["cache-1"].process

@@ -35,10 +35,12 @@ import numpy as np
 from cache_service import channel_options, codec, host, limits, security, wire_errors
 from cache_service.leases import LEASE_KEY
 from cache_service.page_pool import DTYPES
+from cache_service.prefix_cache import PrefixStats
 from cache_service.security import HeaderClientInterceptor
 from cache_service.store import StoreStats
 from cache_service.types import (
     AdoptionRefused,
+    PrefixKeys,
     Selection,
     SequenceSpec,
     TooManyStreams,
@@ -107,6 +109,7 @@ class RemoteKVClient(KVClient):
             self.lease = LeaseKeeper(self._stub, address, holder, lease_renew_s)
         pool = self.info.pool
         self.page_size = int(pool.page_size)
+        self.dtype = str(pool.dtype)
         self.head_dim = int(pool.head_dim)
         self.page_shape = (2, self.page_size, self.head_dim)
         self.segment = self._map_segment() if transport in ("auto", "shm") else None
@@ -158,9 +161,20 @@ class RemoteKVClient(KVClient):
             raise
 
     # ---- KVClient ------------------------------------------------------------------------
-    def create(self, seq_id: str, spec: SequenceSpec) -> None:
+    def create(self, seq_id: str, spec: SequenceSpec, prefix: PrefixKeys | None = None) -> int:
         request = pb.CreateRequest(seq_id=seq_id, spec=codec.spec_to_proto(spec))
-        self._call(self._stub.Create, request)
+        if prefix is not None:
+            codec.prefix_to_proto(prefix, request.prefix)
+        return int(self._call(self._stub.Create, request).reused_tokens)
+
+    def share_prefix(self, seq_id: str, prefix: PrefixKeys) -> int:
+        request = pb.SharePrefixRequest(seq_id=seq_id)
+        codec.prefix_to_proto(prefix, request.prefix)
+        return int(self._call(self._stub.SharePrefix, request).published)
+
+    def positional_pages(self, seq_id: str, layer: int) -> np.ndarray:
+        request = pb.PositionalPagesRequest(seq_id=seq_id, layer=layer)
+        return codec.from_tensor(self._call(self._stub.PositionalPages, request).pages, "pages")
 
     def append(
         self, seq_id: str, layer: int, keys: np.ndarray, values: np.ndarray, positions: np.ndarray
@@ -261,7 +275,10 @@ class RemoteKVClient(KVClient):
     # ---- extras --------------------------------------------------------------------------
     def stats(self) -> StoreStats:
         s = self._call(self._stub.Stats, pb.StatsRequest())
-        return StoreStats(s.sequences, s.pages_used, s.pages_total, s.page_bytes)
+        prefix = PrefixStats(s.prefix_blocks, s.prefix_pages, s.prefix_hits, s.prefix_tokens_reused)
+        return StoreStats(
+            s.sequences, s.pages_used, s.pages_total, s.page_bytes, prefix, s.pages_shared
+        )
 
     def close(self) -> None:
         """End the decode stream and the lease (releasing what it holds), unmap the segment

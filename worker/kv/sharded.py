@@ -1,9 +1,10 @@
 """A ``KVClient`` over several cache-service replicas, with failover.
 
 Placement (``worker.kv.routing``): ``create`` puts a sequence on the first replica of its
-rendezvous order (``worker.placement.ranked``) among the healthy ones that answers, and every
-later call for that sequence goes to the same replica. A replica that fails its health checks
-(``worker.kv.health``) takes no new sequences.
+rendezvous order among the healthy ones that answers (``worker.placement.bounded``: by its
+prompt blocks' key, so that equal prompts meet where their blocks are kept, with bounded
+load), and every later call for that sequence goes to the same replica. A replica that fails
+its health checks (``worker.kv.health``) takes no new sequences.
 
 Failures: a replica that stops answering (``ConnectionError``: UNAVAILABLE, DEADLINE_EXCEEDED)
 or that no longer knows a sequence it was given (it restarted) is given up at once: marked
@@ -37,13 +38,19 @@ from typing import Any
 import numpy as np
 
 from cache_service import security
-from cache_service.types import AdoptionRefused, Selection, SequenceSpec, UnknownSequence
+from cache_service.types import (
+    AdoptionRefused,
+    PrefixKeys,
+    Selection,
+    SequenceSpec,
+    UnknownSequence,
+)
 from worker.kv.health import HealthMonitor
 from worker.kv.page_ranges import PageRanges
 from worker.kv.routing import Routes
 from worker.kv.traffic import TrafficCounter
 from worker.kv_client import KVClient, ReplicaState, Traffic
-from worker.placement import ranked
+from worker.placement import bounded, placement_key
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +99,9 @@ class ShardedKVClient(KVClient):
         self.page_size = shards[0].client.page_size
         if any(s.client.page_size != self.page_size for s in shards):
             raise ValueError("cache-service replicas disagree on page size; start them alike")
+        self.dtype = shards[0].client.dtype
+        if any(s.client.dtype != self.dtype for s in shards):
+            raise ValueError("cache-service replicas disagree on --dtype; start them alike")
         self._page_template = shards[0].client.read_pages(_NO_PAGES)  # [0, 2, page, dim]
         self.shards: dict[str, Shard] = {}
         self.pages: PageRanges[Shard] = PageRanges()
@@ -129,25 +139,49 @@ class ShardedKVClient(KVClient):
         )  # fmt: skip
 
     # ---- data path -----------------------------------------------------------------------
-    def create(self, seq_id: str, spec: SequenceSpec) -> None:
-        """Place ``seq_id`` on the best healthy replica that answers (rendezvous order)."""
+    def create(self, seq_id: str, spec: SequenceSpec, prefix: PrefixKeys | None = None) -> int:
+        """Place ``seq_id`` on the best healthy replica that answers: rendezvous order of its
+        placement key (its prompt blocks', so that equal prompts meet where their blocks are
+        kept), with bounded load (``worker.placement``)."""
         healthy = self.health.healthy()
         if not healthy:
             raise self._none_healthy()
-        for address in ranked(seq_id, healthy):
+        key = placement_key(seq_id, prefix)
+        for address in bounded(key, healthy, self.routes.counts.live):
             shard = self._fresh(address)
             if shard is None:
                 continue
             try:
-                shard.client.create(seq_id, spec)
+                reused = shard.client.create(seq_id, spec, prefix)
             except ConnectionError as err:
                 self._fail(shard, err)
                 continue
             self.routes.place(seq_id, address)
             self.traffic.track(seq_id)
-            log.debug("placed %s on %s", seq_id, address)
-            return
+            log.debug("placed %s on %s (%d tokens reused)", seq_id, address, reused)
+            return reused
         raise self._none_healthy()
+
+    def share_prefix(self, seq_id: str, prefix: PrefixKeys) -> int:
+        shard = self._shard(seq_id)
+        try:
+            return shard.client.share_prefix(seq_id, prefix)
+        except (ConnectionError, UnknownSequence) as err:
+            self._fail(shard, err)
+            raise ConnectionError(
+                f"cache service {shard.address} failed while sharing {seq_id}'s prefix: {err}"
+            ) from err
+
+    def positional_pages(self, seq_id: str, layer: int) -> np.ndarray:
+        """Global ids ``[kv_heads, n]`` of one layer's pages in position order."""
+        shard = self._shard(seq_id)
+        try:
+            return shard.client.positional_pages(seq_id, layer) + shard.base
+        except (ConnectionError, UnknownSequence) as err:
+            self._fail(shard, err)
+            raise ConnectionError(
+                f"cache service {shard.address} failed while reading {seq_id}'s prefix: {err}"
+            ) from err
 
     def append(
         self, seq_id: str, layer: int, keys: np.ndarray, values: np.ndarray, positions: np.ndarray

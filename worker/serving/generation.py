@@ -142,6 +142,7 @@ class Generations:
             deadline=deadline,
             resume=self._resume(request) if request.HasField("resume") else None,
             announce=request.resumable,
+            reuse_prefix=request.reuse_prefix if request.HasField("reuse_prefix") else None,
         )
 
     def _resume(self, request: pb.GenerateRequest) -> Resume:
@@ -323,6 +324,7 @@ class Generation:
             replayed_tokens=s.replayed_tokens,
             prefill_tokens=s.prefill_tokens,
             resumed=s.resumed,
+            reused_tokens=s.reused_tokens,
         )
         if policy != "full" and budget is not None:
             stats.budget = budget

@@ -10,7 +10,8 @@ Fields that would change what comes back and that IceCache does not implement (`
 fields that only label a request (``user``, ``metadata``, ...) are accepted and ignored;
 unknown fields are refused, as OpenAI does. IceCache's own extras, sent in the body (the
 ``openai`` client's ``extra_body``): ``policy``, ``budget``, ``top_k``, ``stop_token_ids``,
-``ignore_eos``.
+``ignore_eos``, ``reuse_prefix``. ``usage.prompt_tokens_details.cached_tokens`` counts the
+prompt tokens taken from blocks the cache service kept (prefix reuse), as OpenAI's does.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class _Body(BaseModel):
     top_k: int | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
+    reuse_prefix: bool | None = None
 
     def unsupported(self) -> list[str]:
         """The fields set to something IceCache would have to ignore to serve the body."""
@@ -87,7 +89,7 @@ class _Body(BaseModel):
             "stop_token_ids": list(self.stop_token_ids or ()),
             "ignore_eos": bool(self.ignore_eos),
         }
-        for name in ("seed", "policy", "budget"):
+        for name in ("seed", "policy", "budget", "reuse_prefix"):
             if getattr(self, name) is not None:
                 fields[name] = getattr(self, name)
         if self.top_k not in (None, -1):  # -1: all, as vLLM spells it
@@ -331,9 +333,14 @@ class Reply:
         return self._head(".chunk" if self.chat else "") | {"choices": [], "usage": usage(done)}
 
 
-def usage(done: pb.GenerateDone) -> dict[str, int]:
+def usage(done: pb.GenerateDone) -> dict[str, Any]:
     prompt, output = done.usage.prompt_tokens, done.usage.output_tokens
-    return {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": output,
+        "total_tokens": prompt + output,
+        "prompt_tokens_details": {"cached_tokens": done.stats.reused_tokens},
+    }
 
 
 def details(done: pb.GenerateDone) -> dict[str, Any]:
