@@ -77,13 +77,17 @@ class Ask:
 def document(tokenizer: Tokenizer, tokens: int, part: int) -> str:
     """About ``tokens`` tokens of Python's docs; ``part`` picks another stretch of them."""
     topics = pydoc_data.topics.topics
-    names = sorted(topics)[40 * part :]
+    names = sorted(topics)
+    start = 11 * part % len(names)
     text = ""
-    for name in names:
+    for name in names[start:] + names[:start]:
         text += topics[name] + "\n"
         if len(tokenizer.encode(text)) >= tokens:
             break
-    return tokenizer.decode(tokenizer.encode(text)[:tokens])
+    ids = tokenizer.encode(text)
+    if len(ids) < tokens:
+        raise SystemExit(f"Python's docs hold only {len(ids)} tokens; ask for fewer")
+    return tokenizer.decode(ids[:tokens])
 
 
 def prompt_ids(tokenizer: Tokenizer, doc: str, question: int) -> list[int]:
