@@ -27,7 +27,8 @@ from collections import Counter
 
 import pytest
 
-from worker.placement import owner, ranked, weight
+from cache_service.types import PrefixKeys
+from worker.placement import bounded, owner, placement_key, ranked, weight
 
 C0, C1, C2 = "cache-0:50061", "cache-1:50061", "cache-2:50061"
 SEQS = [f"seq-{i}" for i in range(4000)]
@@ -107,3 +108,32 @@ def test_removing_a_replica_moves_only_its_sequences_to_their_next_choice():
 def test_no_replica_is_a_clear_error():
     with pytest.raises(RuntimeError, match="no healthy cache-service replica"):
         owner("x", [])
+
+
+def test_a_prompt_is_placed_by_its_fourth_block_or_its_last_whole_one():
+    keys = tuple(bytes([k]) * 16 for k in range(6))
+    assert placement_key("seq-9", PrefixKeys(keys, 256)) == "03" * 16
+    assert placement_key("seq-9", PrefixKeys(keys[:2], 256)) == "01" * 16
+    assert placement_key("seq-9", None) == "seq-9"
+    assert placement_key("seq-9", PrefixKeys((), 256)) == "seq-9"
+
+
+def test_bounded_load_keeps_rendezvous_order_until_a_replica_is_over_its_share():
+    # seq-3 weighs cache-2 ddb3… > cache-0 4b4e… > cache-1 0535… (the table above)
+    assert bounded("seq-3", [C0, C1, C2], {}) == [C2, C0, C1]
+    # 2 placed: fair share 1, bound 1.25: cache-2 with 1 still takes one
+    assert bounded("seq-3", [C0, C1, C2], {C2: 1}) == [C2, C0, C1]
+    # 3 placed, cache-2 holds 2 >= 1.25: it goes last, the order of the rest kept
+    assert bounded("seq-3", [C0, C1, C2], {C2: 2}) == [C0, C1, C2]
+    assert bounded("seq-3", [], {}) == []
+
+
+def test_sequences_sharing_one_key_spread_within_the_bound():
+    """A hot key (one system prompt for everyone) fills its owner to the bound, then the
+    next replicas in its order; no replica ends over 1.25x the fair share (+1)."""
+    live = Counter()
+    for n in range(1, 61):
+        live[bounded("system-prompt", [C0, C1, C2], live)[0]] += 1
+        assert max(live.values()) <= 1.25 * -(-n // 3) + 1
+    # the key's first two replicas end at the bound (1.25 x 20), the third takes the rest
+    assert sorted(live.values()) == [10, 25, 25]
