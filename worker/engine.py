@@ -244,8 +244,8 @@ class Engine:
         ids = np.asarray(prompt_ids, dtype=np.int32)
         keys = []
         for start in range(0, len(ids) - size + 1, size):
-            key = hashlib.blake2b(key + ids[start : start + size].tobytes(), digest_size=16)
-            key = key.digest()  # type: ignore[assignment]
+            block = ids[start : start + size].tobytes()
+            key = hashlib.blake2b(key + block, digest_size=16).digest()
             keys.append(key)
         return PrefixKeys(tuple(keys), size)
 
