@@ -52,8 +52,9 @@ def cache_service(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def workers(cache_service, tmp_path_factory):
-    """Two worker processes on the one cache service; yields their addresses."""
+def launched(cache_service, tmp_path_factory):
+    """Two worker processes on the one cache service, started (not yet ready): yields
+    (processes, addresses, log directory)."""
     logs = tmp_path_factory.mktemp("worker-logs")
     processes, addresses = [], []
     try:
@@ -75,22 +76,36 @@ def workers(cache_service, tmp_path_factory):
                     )  # fmt: skip
                 )
             addresses.append(f"127.0.0.1:{port}")
-        deadline = time.monotonic() + 180
-        for address, process in zip(addresses, processes, strict=True):
-            while not check_health(address, service="icecache.v1.Worker"):
-                assert process.poll() is None, (logs / "worker-0.log").read_text()
-                assert time.monotonic() < deadline, "a worker did not start in 180 s"
-                time.sleep(0.2)
-        yield addresses
+        yield processes, addresses, logs
     finally:
         for process in processes:
             process.kill()
             process.wait(30)
 
 
-def test_two_workers_on_one_cache_service_give_each_prompt_its_tokens_alone(
-    workers, doc_prompts, doc_outputs
-):
+@pytest.fixture(scope="module")
+def references(launched, request):
+    """(doc_prompts, doc_outputs), computed (where no test did before) while the workers
+    load. Asked for here, not by the test: pytest sets up a test's session fixtures before
+    its module ones, so the workers would only start once these were done."""
+    return request.getfixturevalue("doc_prompts"), request.getfixturevalue("doc_outputs")
+
+
+@pytest.fixture(scope="module")
+def workers(launched, references):
+    """The two workers, ready: their addresses."""
+    processes, addresses, logs = launched
+    deadline = time.monotonic() + 180
+    for i, (address, process) in enumerate(zip(addresses, processes, strict=True)):
+        while not check_health(address, service="icecache.v1.Worker"):
+            assert process.poll() is None, (logs / f"worker-{i}.log").read_text()
+            assert time.monotonic() < deadline, "a worker did not start in 180 s"
+            time.sleep(0.2)
+    return addresses
+
+
+def test_two_workers_on_one_cache_service_give_each_prompt_its_tokens_alone(workers, references):
+    doc_prompts, doc_outputs = references
     results: list[list[int] | BaseException | None] = [None] * len(REQUESTS)
     stats = [None] * len(REQUESTS)
 
