@@ -19,6 +19,7 @@ from cache_service.policies import Body, make_bodies
 from cache_service.policies.indexed import select_layer
 from cache_service.prefix_cache import PrefixCache, PrefixStats
 from cache_service.types import (
+    INDEXED_POLICIES,
     OutOfOrder,
     PrefixKeys,
     Selection,
@@ -525,4 +526,4 @@ def _handover_delay(spec: SequenceSpec, layer: int, head: int, page_size: int) -
 
 def _clustered(spec: SequenceSpec, layer: int) -> bool:
     """Whether ``layer``'s bodies re-lay tokens out into leaf pages (they allocate)."""
-    return spec.policy in ("icecache", "icecache-r", "kmeans") and layer >= spec.dense_layers
+    return spec.policy in INDEXED_POLICIES and layer >= spec.dense_layers

@@ -9,6 +9,9 @@ import numpy as np
 
 POLICIES = ("full", "oracle", "icecache", "icecache-r", "quest", "kmeans", "streaming")
 """Every attention policy by name; the bodies each one lays out are ``cache_service.policies``'."""
+INDEXED_POLICIES = ("icecache", "icecache-r", "kmeans")
+"""The policies whose bodies re-lay tokens into the leaf pages of a cluster index (they
+allocate pages when their body takes tokens)."""
 
 
 def check_policy(name: str) -> str:

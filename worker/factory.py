@@ -62,7 +62,9 @@ def build_engine(
     source: LoadConfig | None = None,
     cache_service: str | None = None,
     loaded: tuple[LlamaModel, Tokenizer] | None = None,
+    kv: KVClient | None = None,
 ) -> tuple[Engine, Tokenizer]:
-    """Load (or reuse) a model and wire it to a KV store under ``config``."""
+    """Load (or reuse) a model and wire it to a KV store under ``config``: ``kv``, else the
+    cache service at ``cache_service``, else an in-process store (``open_kv``)."""
     model, tokenizer = loaded or load(source or LoadConfig())
-    return Engine(model, open_kv(model, cache_service), config), tokenizer
+    return Engine(model, kv or open_kv(model, cache_service), config), tokenizer

@@ -24,7 +24,7 @@ from cache_service import security
 from proto.icecache.v1 import worker_pb2 as pb
 from proto.icecache.v1 import worker_pb2_grpc as pb_grpc
 from worker.engine import Engine
-from worker.factory import load
+from worker.factory import build_engine, load
 from worker.kv.sharded import ShardedKVClient
 from worker.kv_client import KVClient
 from worker.model import LlamaModel
@@ -84,26 +84,18 @@ class WorkerServer:
         log.info("stopped", extra={"port": self.port})
 
 
-def build_engine(
-    config: WorkerConfig,
-    loaded: tuple[LlamaModel, Tokenizer] | None = None,
-    kv: KVClient | None = None,
-    holder: str | None = None,
-) -> tuple[Engine, Tokenizer]:
-    """Model (loaded here unless given) over the cache-service replicas (unless ``kv``),
-    with a lease on each in the name ``holder`` (``None``: a fresh ``instance_id``)."""
-    model, tokenizer = loaded or load(config.load)
-    if kv is None:
-        kv = ShardedKVClient.connect(
-            list(config.cache_services),
-            config.health_interval_s,
-            auth=config.security,
-            rpc_timeout=config.rpc_timeout_s,
-            head_dim=model.config.head_dim,
-            holder=holder or instance_id(),
-            lease_renew_s=config.lease_renew_s,
-        )
-    return Engine(model, kv, config.engine), tokenizer
+def open_replicas(config: WorkerConfig, model: LlamaModel, holder: str | None = None) -> KVClient:
+    """The cache-service replicas of ``config`` as one client, with a lease on each in the
+    name ``holder`` (``None``: a fresh ``instance_id``)."""
+    return ShardedKVClient.connect(
+        list(config.cache_services),
+        config.health_interval_s,
+        auth=config.security,
+        rpc_timeout=config.rpc_timeout_s,
+        head_dim=model.config.head_dim,
+        holder=holder or instance_id(),
+        lease_renew_s=config.lease_renew_s,
+    )
 
 
 def serve(
@@ -113,8 +105,10 @@ def serve(
 ) -> WorkerServer:
     """Load the model, connect the replicas, start the batching loop and the gRPC server."""
     name = instance_id()  # names its sequences and its leases
-    engine, tokenizer = build_engine(config, loaded, kv, name)
-    owned: list[KVClient] = [engine.kv] if kv is None else []
+    model, tokenizer = loaded or load(config.load)
+    replicas = kv or open_replicas(config, model, name)
+    engine, _ = build_engine(config.engine, loaded=(model, tokenizer), kv=replicas)
+    owned: list[KVClient] = [replicas] if kv is None else []
     limits = SchedulerConfig(config.max_batch, config.max_queue)
     scheduler = Scheduler(engine, limits, name).start()
     metrics = WorkerMetrics(scheduler, engine.kv)
