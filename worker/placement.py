@@ -17,10 +17,13 @@ PLACEMENT_BLOCKS = 4
 if it has fewer): equal documents meet on one replica, where their blocks are kept, while
 prompts that share only a chat template's system prompt (shorter than 4 blocks of 256
 tokens, as a rule) but differ later spread by their own later blocks."""
-LOAD_SLACK = 1.25
-"""Bounded load: a replica takes a new sequence while it holds at most ``LOAD_SLACK`` times
+LOAD_SLACK = 2.0
+"""Bounded load: a replica takes a new sequence while it holds less than ``LOAD_SLACK`` times
 its fair share (placed sequences / replicas, rounded up); past that the next replica in
-rendezvous order takes it."""
+rendezvous order takes it. Twice the share, not the 1.25x of the paper: a spilled sequence
+prefills its document again and keeps another copy of it, so a few questions about one
+document (8 on 2 replicas) should stay together, while a key that carries most of the
+traffic still spreads."""
 
 
 def weight(seq_id: str, replica: str) -> int:

@@ -121,19 +121,21 @@ def test_a_prompt_is_placed_by_its_fourth_block_or_its_last_whole_one():
 def test_bounded_load_keeps_rendezvous_order_until_a_replica_is_over_its_share():
     # seq-3 weighs cache-2 ddb3… > cache-0 4b4e… > cache-1 0535… (the table above)
     assert bounded("seq-3", [C0, C1, C2], {}) == [C2, C0, C1]
-    # 2 placed: fair share 1, bound 1.25: cache-2 with 1 still takes one
+    # 2 placed: fair share 1, bound 2: cache-2 with 1 still takes one
     assert bounded("seq-3", [C0, C1, C2], {C2: 1}) == [C2, C0, C1]
-    # 3 placed, cache-2 holds 2 >= 1.25: it goes last, the order of the rest kept
+    # 3 placed, cache-2 holds 2 >= 2: it goes last, the order of the rest kept
     assert bounded("seq-3", [C0, C1, C2], {C2: 2}) == [C0, C1, C2]
+    # 8 placed on 2 replicas (share 4, bound 8): all on the key's owner
+    assert bounded("seq-3", [C0, C2], {C2: 7}) == [C2, C0]
     assert bounded("seq-3", [], {}) == []
 
 
 def test_sequences_sharing_one_key_spread_within_the_bound():
     """A hot key (one system prompt for everyone) fills its owner to the bound, then the
-    next replicas in its order; no replica ends over 1.25x the fair share (+1)."""
+    next replicas in its order; no replica ends over twice the fair share (+1)."""
     live = Counter()
     for n in range(1, 61):
         live[bounded("system-prompt", [C0, C1, C2], live)[0]] += 1
-        assert max(live.values()) <= 1.25 * -(-n // 3) + 1
-    # the key's first two replicas end at the bound (1.25 x 20), the third takes the rest
-    assert sorted(live.values()) == [10, 25, 25]
+        assert max(live.values()) <= 2 * -(-n // 3) + 1
+    # the key's owner ends at the bound (2 x 20), the next replica takes the rest
+    assert sorted(live[r] for r in (C0, C1, C2)) == [0, 20, 40]
