@@ -71,6 +71,9 @@ class PrefixCache:
     hits: int = 0
     tokens_reused: int = 0
     evicted_blocks: int = 0
+    pages_held: int = 0
+    """Pages the blocks hold, kept as blocks come and go (``stats`` reads it without the
+    store's lock, so it never walks ``_blocks`` while another thread changes it)."""
 
     def lookup(self, keys: list[bytes], spec: SequenceSpec, block_tokens: int) -> list[PrefixBlock]:
         """The longest run of cached blocks from the first of ``keys`` (a sequence's chain)
@@ -107,6 +110,7 @@ class PrefixCache:
             return False
         self.pool.share(pages.ravel())
         self._blocks[key] = PrefixBlock(key, parent, spec, block_tokens, pages, last_used=tick)
+        self.pages_held += pages.size
         if parent is not None:
             self._blocks[parent].children += 1
         return True
@@ -129,6 +133,7 @@ class PrefixCache:
         for block in list(self._blocks.values()):
             self.pool.free(block.pages.ravel())
         self._blocks.clear()
+        self.pages_held = 0
 
     def held_pages(self) -> np.ndarray:
         """Every page some block holds ``[n]`` (with repeats if blocks share none: they do
@@ -138,9 +143,10 @@ class PrefixCache:
         return np.concatenate([b.pages.ravel() for b in self._blocks.values()])
 
     def stats(self) -> PrefixStats:
+        """Counts only (no walk over the blocks): safe without the store's lock."""
         return PrefixStats(
             len(self._blocks),
-            sum(b.pages.size for b in self._blocks.values()),
+            self.pages_held,
             self.hits,
             self.tokens_reused,
             self.evicted_blocks,
@@ -161,4 +167,5 @@ class PrefixCache:
         if block.parent is not None:
             self._blocks[block.parent].children -= 1
         self.pool.free(block.pages.ravel())
+        self.pages_held -= block.pages.size
         self.evicted_blocks += 1
