@@ -182,11 +182,16 @@ HTTP_TARGET = 0.9
 """HTTP tokens/s at least this share of gRPC's at equal concurrency (the issue's target)."""
 
 
-def start_cluster(args: argparse.Namespace) -> LocalCluster:
+def port_overrides() -> dict[str, str]:
+    """Free ports for every port variable of ``docker-compose.yml``'s CPU services."""
     names = ("CACHE0", "CACHE0_METRICS", "CACHE1", "CACHE1_METRICS", "WORKER", "WORKER_METRICS",
              "WORKER_HTTP")  # fmt: skip
     ports = _free_ports(len(names))
-    overrides = {f"ICECACHE_{n}_PORT": p for n, p in zip(names, ports, strict=True)}
+    return {f"ICECACHE_{n}_PORT": p for n, p in zip(names, ports, strict=True)}
+
+
+def start_cluster(args: argparse.Namespace) -> LocalCluster:
+    overrides = port_overrides()
     overrides.update(
         ICECACHE_POLICY=args.policy,
         ICECACHE_BUDGET=str(args.budget),

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.load import _free_ports
+from bench.load import port_overrides
 from worker.client import Generation, WorkerClient
 from worker.kv.remote import RemoteKVClient
 from worker.launcher import LocalCluster
@@ -95,10 +95,7 @@ def prompt_ids(tokenizer: Tokenizer, doc: str, question: int) -> list[int]:
 
 
 def start_cluster(args: argparse.Namespace) -> LocalCluster:
-    names = ("CACHE0", "CACHE0_METRICS", "CACHE1", "CACHE1_METRICS", "WORKER", "WORKER_METRICS",
-             "WORKER_HTTP")  # fmt: skip
-    ports = _free_ports(len(names))
-    overrides = {f"ICECACHE_{n}_PORT": p for n, p in zip(names, ports, strict=True)}
+    overrides = port_overrides()
     overrides.update(
         ICECACHE_CACHE_MEMORY=args.cache_memory, ICECACHE_MAX_BATCH=str(args.questions)
     )

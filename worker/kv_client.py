@@ -72,13 +72,13 @@ class KVClient(Protocol):
 
     def share_prefix(self, seq_id: str, prefix: PrefixKeys) -> int:
         """Keep a just-prefilled sequence's leading blocks for later prompts that begin with
-        them; returns the blocks kept now. By default the store keeps nothing."""
-        return 0
+        them; returns the blocks kept now (0 from a store that keeps none)."""
+        ...
 
     def positional_pages(self, seq_id: str, layer: int) -> np.ndarray:
         """Pages of one layer's tokens in position order ``[kv_heads, n]``, before the first
         decode step: how the engine reads the K/V of a prefix it started from."""
-        raise NotImplementedError("this KV client keeps no prefixes")
+        ...
 
     def append(
         self, seq_id: str, layer: int, keys: np.ndarray, values: np.ndarray, positions: np.ndarray
