@@ -136,8 +136,7 @@ class PrefixCache:
         self.pages_held = 0
 
     def held_pages(self) -> np.ndarray:
-        """Every page some block holds ``[n]`` (with repeats if blocks share none: they do
-        not)."""
+        """Every page some block holds ``[n]`` (blocks never share a page: each id once)."""
         if not self._blocks:
             return np.empty(0, dtype=np.int64)
         return np.concatenate([b.pages.ravel() for b in self._blocks.values()])
