@@ -35,7 +35,7 @@ lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 typecheck: setup
-	$(BIN)/mypy cache_service worker kernels evaluation
+	$(BIN)/mypy cache_service worker kernels evaluation bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

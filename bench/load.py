@@ -35,6 +35,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -251,7 +252,9 @@ def http_call(target: Target, args: argparse.Namespace) -> Callable[[int, int], 
     def call(client: int, i: int) -> Sample:
         prompt, seed = _request(client, i)
         started = time.perf_counter()
-        first, tokens, details, text = 0.0, 0, {}, []
+        first, tokens = 0.0, 0
+        details: dict[str, Any] = {}
+        text: list[str] = []
         try:
             with openai.OpenAI(base_url=target.http, api_key=args.api_key, max_retries=0,
                                timeout=args.time_limit + 60) as api:  # fmt: skip
@@ -259,7 +262,7 @@ def http_call(target: Target, args: argparse.Namespace) -> Callable[[int, int], 
                     model=model, messages=[{"role": "user", "content": prompt}],
                     max_tokens=args.new_tokens, seed=seed, stream=True,
                     stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-                    **SAMPLING,
+                    temperature=SAMPLING["temperature"], top_p=SAMPLING["top_p"],
                 )  # fmt: skip
                 for chunk in chunks:
                     piece = chunk.choices[0].delta.content if chunk.choices else None

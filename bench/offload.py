@@ -55,7 +55,7 @@ OUT = ROOT / "bench" / "results" / "offload.md"
 
 
 @dataclass
-class Probe:
+class Probe(KVClient):
     """A ``KVClient`` that passes calls through and records what crossed it."""
 
     kv: KVClient
@@ -91,6 +91,9 @@ class Probe:
             self._count(self.selected, layer, sum(s.pages.size for s in sels))
         self._layer = layer
         return sels
+
+    def retrieve(self, seq_id: str, layer: int, queries: np.ndarray) -> Selection:
+        return self.kv.retrieve(seq_id, layer, queries)
 
     def read_pages(self, pages: np.ndarray, versions: np.ndarray | None = None) -> np.ndarray:
         if self.timing:
@@ -267,8 +270,7 @@ def main() -> None:
             for run in runs:
                 assert run.seq is not None
                 run.probe.release(run.seq.seq_id)
-                if isinstance(run.probe.kv, RemoteKVClient):
-                    run.probe.kv.close()
+                run.probe.kv.close()
             lines += report(runs, context)
             print("\n".join(lines[-6:]), flush=True)
             args.out.write_text("\n".join(lines))

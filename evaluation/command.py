@@ -167,10 +167,10 @@ def open_session(
 ) -> Session:
     """Load the model once and open the in-process store (and the prefill captures under
     ``prefill_cache``, if given)."""
-    from worker.factory import LoadConfig, load, open_kv
+    from worker.factory import LoadConfig, load, open_local
 
     model, tokenizer = load(LoadConfig(model_path, device))
-    session = Session(model, tokenizer, open_kv(model), config)
+    session = Session(model, tokenizer, open_local(model), config)
     if prefill_cache is not None:
         session.prefills = PrefillStore(prefill_cache, model_digest(model, model.config))
     return session

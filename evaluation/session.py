@@ -26,7 +26,7 @@ from cache_service.settings import same_as
 from cache_service.types import PrefixKeys, Selection, SequenceSpec, kv_bytes
 from evaluation.capture import Capture, PrefillStore
 from worker.engine import Engine, EngineConfig, PrefillRecord, Sequence
-from worker.kv_client import KVClient
+from worker.kv_client import KVClient, LocalKVClient
 from worker.model import LlamaModel
 from worker.tokenizer import Tokenizer
 
@@ -117,10 +117,12 @@ class Session:
     """Runs inputs under many policies with one loaded model and one store."""
 
     def __init__(
-        self, model: LlamaModel, tokenizer: Tokenizer, kv: KVClient, config: SessionConfig
+        self, model: LlamaModel, tokenizer: Tokenizer, kv: LocalKVClient, config: SessionConfig
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.store = kv.store
+        """The in-process store: probes read which positions a selection's pages hold."""
         self.kv = TapKV(kv)
         self.config = config
         self._engines: dict[tuple[str, int | None], Engine] = {}

@@ -18,7 +18,7 @@ from cache_service.types import POLICIES
 from evaluation.corpus import Corpus, default_text
 from evaluation.session import Session, SessionConfig
 from evaluation.tasks.passkey import MAX_NEW_TOKENS, make_passkey_prompt, score_passkey
-from worker.factory import open_kv, pick_device
+from worker.factory import open_local, pick_device
 from worker.loader import load_model
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device()
     print(f"Loading the embedded SmolLM2-135M-Instruct on {device} ...", flush=True)
     model, tokenizer = load_model(device=device)
-    session = Session(model, tokenizer, open_kv(model), SessionConfig(dense_layers=2))
+    session = Session(model, tokenizer, open_local(model), SessionConfig(dense_layers=2))
     prompt = make_passkey_prompt(
         Corpus(default_text(), tokenizer), args.context_len, args.depth, args.seed
     )

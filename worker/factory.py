@@ -47,6 +47,11 @@ def open_kv(model: LlamaModel, cache_service: str | None = None, page_size: int 
 
         holder = f"{socket.gethostname()}-{os.getpid()}"
         return RemoteKVClient.connect(cache_service, holder=holder)
+    return open_local(model, page_size)
+
+
+def open_local(model: LlamaModel, page_size: int = 16) -> LocalKVClient:
+    """An in-process store of ``DEFAULT_STORE_MB`` for ``model``'s heads."""
     return LocalKVClient.with_capacity(DEFAULT_STORE_MB * 2**20, page_size, model.config.head_dim)
 
 

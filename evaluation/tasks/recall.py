@@ -4,14 +4,13 @@ Each sample is a seeded window of ``context_len`` corpus tokens: all but the las
 ``probes + 1`` are prefilled, then ``probes`` true tokens are decoded. At every decode step
 and layer the probe recomputes the exact softmax attention of each query head over all keys
 stored so far (the prefill's keys and the decoded ones, as the store holds them) and reads
-which token positions the policy's selected pages hold (``store.pool.positions``). It
+which token positions the policy's selected pages hold (``session.store.pool.positions``). It
 reports, averaged over query heads and steps:
 
 - attention-mass recall: the share of the exact softmax mass on the selected tokens;
 - top-k hit rate: the share of the exact top-k tokens (k = budget) that were selected.
 
-The cell's numbers average the layers that select (``layer >= dense_layers``). Needs the
-in-process store (no ``--cache-service``).
+The cell's numbers average the layers that select (``layer >= dense_layers``).
 """
 
 from __future__ import annotations
@@ -123,13 +122,10 @@ class RecallTask(Task):
     def run(
         self, session: Session, engine: Engine, prompt: Prompt, reference: Outcome | None
     ) -> Outcome:
-        store = getattr(session.kv.inner, "store", None)
-        if store is None:
-            raise ValueError("the recall task needs the in-process store; drop --cache-service")
         started = time.perf_counter()
         ids = list(prompt.ids)
         probe = RecallProbe(
-            store.pool,
+            session.store.pool,
             lambda: session.prefill_keys(ids[: prompt.scored_from]),
             engine.scale,
             engine.config.budget,

@@ -14,7 +14,7 @@ from evaluation.runner import EvalPlan, Resume, run_plan
 from evaluation.session import Session, SessionConfig
 from evaluation.tasks import TaskOptions, make_task
 from worker.engine import Engine, EngineConfig
-from worker.factory import open_kv
+from worker.factory import open_local
 from worker.loader import load_model
 
 
@@ -83,7 +83,7 @@ def test_the_model_digest_sees_one_changed_weight(smollm):
 # ---- sessions over captures -------------------------------------------------------------
 def _session(smollm, tmp_path=None):
     model, tokenizer = smollm
-    session = Session(model, tokenizer, open_kv(model), SessionConfig())
+    session = Session(model, tokenizer, open_local(model), SessionConfig())
     if tmp_path is not None:
         session.prefills = PrefillStore(tmp_path, "smollm")
     return session
@@ -185,10 +185,12 @@ def short_model(tiny_checkpoint):
 def test_prompts_past_the_trained_context_need_the_opt_in(short_model):
     model, _ = short_model
     ids = list(range(5, 105))  # 100 tokens, trained to 64
-    refusing = Engine(model, open_kv(model), EngineConfig(policy="full"))
+    refusing = Engine(model, open_local(model), EngineConfig(policy="full"))
     with pytest.raises(ValueError, match="supports 64"):
         refusing.start(ids)
-    allowed = Engine(model, open_kv(model), EngineConfig(policy="full", allow_extrapolation=True))
+    allowed = Engine(
+        model, open_local(model), EngineConfig(policy="full", allow_extrapolation=True)
+    )
     seq, logits = allowed.start(ids)
     allowed.finish(seq)
     reference = model.dense_forward(torch.tensor(ids))[-1]
@@ -200,14 +202,14 @@ def test_the_eval_plan_refuses_long_contexts_unless_allowed(short_model):
     corpus = Corpus(default_text(), tokenizer)
     task = make_task("recall", corpus, TaskOptions(samples=1, probes=2))
     plan = EvalPlan(("selection",), (100,), ("full", "streaming"), (32,))
-    refusing = Session(model, tokenizer, open_kv(model), SessionConfig())
+    refusing = Session(model, tokenizer, open_local(model), SessionConfig())
     with pytest.raises(ValueError, match="--allow-extrapolation"):
         run_plan(refusing, task, plan)
     assert extrapolation_note(refusing, (32, 48)) is None
     note = extrapolation_note(refusing, (48, 100))
     assert note is not None and "trained to 64 positions" in note and "100" in note
 
-    allowed = Session(model, tokenizer, open_kv(model), SessionConfig(allow_extrapolation=True))
+    allowed = Session(model, tokenizer, open_local(model), SessionConfig(allow_extrapolation=True))
     result = run_plan(allowed, task, plan)
     full = [r for r in result.rows if r.policy == "full" and r.measure.startswith("attention")]
     assert full[0].score == pytest.approx(1.0)

@@ -12,7 +12,7 @@ from evaluation.longbench_metrics import qa_f1_score
 from evaluation.session import Session, SessionConfig
 from evaluation.tasks import TaskOptions, make_task
 from evaluation.tasks.passkey import score_passkey
-from worker.factory import open_kv
+from worker.factory import open_local
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -56,7 +56,7 @@ def test_empty_text_file_is_an_error(tmp_path):
 @pytest.fixture(scope="module")
 def session(smollm):
     model, tokenizer = smollm
-    return Session(model, tokenizer, open_kv(model), SessionConfig())
+    return Session(model, tokenizer, open_local(model), SessionConfig())
 
 
 def test_replayed_prefill_decodes_like_a_real_one(session):

@@ -11,7 +11,7 @@ from evaluation.session import ForcedSteps, Session, SessionConfig
 from evaluation.tasks import TaskOptions, make_task
 from evaluation.tasks.fidelity import compare_steps
 from evaluation.types import FidelityDetail, Interval, Outcome
-from worker.factory import open_kv
+from worker.factory import open_local
 
 
 def test_compare_steps_on_hand_built_steps():
@@ -55,7 +55,7 @@ def test_measures_bootstrap_over_samples_and_give_no_ratio_to_a_zero():
 @pytest.fixture(scope="module")
 def session(smollm):
     model, tokenizer = smollm
-    return Session(model, tokenizer, open_kv(model), SessionConfig())
+    return Session(model, tokenizer, open_local(model), SessionConfig())
 
 
 def test_hidden_state_is_the_final_norm_output_behind_the_logits(session):
