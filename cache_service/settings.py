@@ -85,9 +85,12 @@ def add_arguments(
     cls: type,
     env: Mapping[str, str] | None = None,
     skip: Collection[str] = (),
+    dest_prefix: str = "",
 ) -> None:
     """A flag for every setting of ``cls`` but those in ``skip``; with ``env``, its
-    ``ICECACHE_<NAME>`` variable, if set, is the default (the flag still wins)."""
+    ``ICECACHE_<NAME>`` variable, if set, is the default (the flag still wins).
+    ``dest_prefix``: parsed into ``args.<prefix><name>``, apart from another class's
+    settings of the same name on the same parser (give ``from_args`` the same)."""
     for f, hint in _leaves(cls, skip):
         convert = _parser_of(f, hint)
         default = _default(f)
@@ -105,7 +108,7 @@ def add_arguments(
             keywords["metavar"] = f.metadata["metavar"]
         parser.add_argument(
             *_flags(f),
-            dest=f.name,
+            dest=dest_prefix + f.name,
             type=convert,
             default=default,
             help=f"{f.metadata['help']} [{where}default {_shown(_default(f))}]",
@@ -118,15 +121,16 @@ def from_args(
     args: argparse.Namespace,
     skip: Collection[str] = (),
     given: Mapping[str, Any] | None = None,
+    dest_prefix: str = "",
 ) -> T:
     """``cls`` from parsed flags and the ``given`` values of fields that are no settings
     (settings in ``skip``, and fields neither given nor settings, keep their defaults)."""
     values: dict[str, Any] = dict(given or {})
     for f, hint in _fields(cls):
         if f.metadata.get("nested"):
-            values[f.name] = from_args(hint, args, skip)
+            values[f.name] = from_args(hint, args, skip, dest_prefix=dest_prefix)
         elif "help" in f.metadata and f.name not in skip:
-            values[f.name] = getattr(args, f.name)
+            values[f.name] = getattr(args, dest_prefix + f.name)
     return cls(**values)
 
 

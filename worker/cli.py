@@ -15,7 +15,8 @@ from cache_service import settings
 from cache_service.security import SecurityConfig
 from worker.engine import EngineConfig
 from worker.factory import LoadConfig, build_engine
-from worker.sampling import SamplingParams
+from worker.sampling import add_flags as add_sampling_flags
+from worker.sampling import from_flags as sampling_flags
 from worker.serving.detokenizer import StopText, TextStream
 
 log = logging.getLogger(__name__)
@@ -34,30 +35,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     settings.add_arguments(parser, EngineConfig)
     parser.add_argument("--cache-service", help="address of a cache service (default: in-process)")
     parser.set_defaults(**dict.fromkeys(SERVER_CHOOSES))
-
-
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    """``--temperature --top-p --top-k --sample-seed --stop``; left out: greedy, no stop string."""
-    parser.add_argument(
-        "--temperature", type=float, help="softmax temperature, >= 0 (default 0: greedy)"
-    )
-    parser.add_argument("--top-p", type=float, help="nucleus mass in (0, 1] (default 1: all)")
-    parser.add_argument("--top-k", type=int, help="keep the k likeliest tokens (default 0: all)")
-    parser.add_argument(  # --seed is the engine's clustering seed
-        "--sample-seed",
-        type=int,
-        help="noise key of a sampled run (default: chosen and reported in --json)",
-    )
-    parser.add_argument(
-        "--stop", action="append", metavar="TEXT", help="end the text before TEXT (repeatable)"
-    )
-
-
-def _sampling(args: argparse.Namespace) -> SamplingParams:
-    """The sampling flags; ``ValueError`` says which is wrong."""
-    given = {n: getattr(args, n) for n in ("temperature", "top_p", "top_k")}
-    given["seed"] = args.sample_seed
-    return SamplingParams(**{n: v for n, v in given.items() if v is not None})
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -80,7 +57,7 @@ def _generate(args: argparse.Namespace) -> int:
             ) from None
     else:
         prompt = args.prompt
-    sampling = _sampling(args).seeded()  # checked before the model loads
+    sampling = sampling_flags(args).seeded()  # checked before the model loads
     stop = StopText(tuple(args.stop or ()))
     source = settings.from_args(LoadConfig, args)
     engine, tokenizer = build_engine(engine_config(args), source, args.cache_service)
@@ -138,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="no chat template")
     gen.add_argument("--json", action="store_true", help="print a JSON object")
-    add_sampling_args(gen)
+    add_sampling_flags(gen)
+    gen.add_argument(
+        "--stop", action="append", metavar="TEXT", help="end the text before TEXT (repeatable)"
+    )
     gen.add_argument(
         "--server",
         metavar="HOST:PORT[,HOST:PORT...]",

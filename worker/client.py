@@ -21,7 +21,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -32,6 +32,7 @@ from cache_service.security import SecurityConfig, make_channel, security_from_e
 from proto.icecache.v1 import worker_pb2 as pb
 from proto.icecache.v1 import worker_pb2_grpc as pb_grpc
 from worker.retry import DEFAULT_BACKOFF, Backoff, retry
+from worker.sampling import SamplingParams, from_flags
 
 if TYPE_CHECKING:
     from worker.resuming import ResumingClient
@@ -176,21 +177,20 @@ def generate_request(
     request_id: str = "",
     policy: str | None = None,
     budget: int | None = None,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    seed: int | None = None,
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
     resumable: bool = False,
     reuse_prefix: bool | None = None,
+    **sampling: Any,
 ) -> pb.GenerateRequest:
     """A ``GenerateRequest``. ``policy``/``budget``: this request's own (``None``: the
-    worker's). ``temperature``, ``top_p``, ``top_k``, ``seed``: sampling (``None``: greedy,
-    and an unseeded sampled request gets the worker's seed, in ``done.seed``); ``stop``:
-    strings that end the text just before them; ``stop_token_ids``: more stop tokens;
-    ``resumable``: ask for ``started`` messages (``worker.resuming``); ``reuse_prefix``: start
-    from prompt blocks the cache service keeps (``None``: the worker's ``--prefix-reuse``)."""
+    worker's). ``stop``: strings that end the text just before them; ``stop_token_ids``: more
+    stop tokens; ``resumable``: ask for ``started`` messages (``worker.resuming``);
+    ``reuse_prefix``: start from prompt blocks the cache service keeps (``None``: the worker's
+    ``--prefix-reuse``). ``sampling``: the parameters of ``worker.sampling.SamplingParams``
+    by name (``temperature``, ``top_p``, ...; ``None`` or left out: greedy, and an unseeded
+    sampled request gets the worker's seed, in ``done.seed``)."""
+    SamplingParams.check_names(sampling)
     request = pb.GenerateRequest(
         max_new_tokens=max_new_tokens, chat=chat, ignore_eos=ignore_eos, request_id=request_id,
         resumable=resumable,
@@ -199,9 +199,8 @@ def generate_request(
         request.prompt = prompt
     else:
         request.prompt_ids.ids.extend(prompt)
-    for name, value in (("policy", policy), ("budget", budget), ("temperature", temperature),
-                        ("top_p", top_p), ("top_k", top_k), ("seed", seed),
-                        ("reuse_prefix", reuse_prefix)):  # fmt: skip
+    given = {"policy": policy, "budget": budget, "reuse_prefix": reuse_prefix, **sampling}
+    for name, value in given.items():
         if value is not None:
             setattr(request, name, value)
     request.stop.extend(stop)
@@ -282,9 +281,7 @@ def _stream(client: ResumingClient, prompt: str, args: argparse.Namespace) -> Ge
     policy, budget = getattr(args, "policy", None), getattr(args, "budget", None)
     for message in client.generate(
         prompt, args.max_new_tokens, chat=chat, policy=policy, budget=budget,
-        temperature=getattr(args, "temperature", None), top_p=getattr(args, "top_p", None),
-        top_k=getattr(args, "top_k", None), seed=getattr(args, "sample_seed", None),
-        stop=getattr(args, "stop", None) or (),
+        stop=getattr(args, "stop", None) or (), **asdict(from_flags(args)),
     ):  # fmt: skip
         if message.HasField("token"):
             if not args.json:

@@ -8,15 +8,31 @@ decoded in or on the tokens drawn before: a seeded request is reproducible, and 
 rebuilt after a fault (prefill + replay) draws exactly the tokens it drew before.
 
 Filtering follows Hugging Face's order: top-k, then top-p (nucleus) on what is left.
+
+``SamplingParams`` is the one declaration of the sampling parameters: the worker reads each
+field from the ``GenerateRequest`` field of the same name (``from_message``), the clients
+set them by name (``worker.client.generate_request``), ``icecache generate`` takes them as
+flags (``cache_service.settings``) and the HTTP API as body fields
+(``worker.serving.openai_schema``). A new parameter is a field here (with its check in
+``__post_init__`` and its use in ``choose``) and the same-named ``optional`` field of
+``GenerateRequest`` in ``proto/icecache/v1/worker.proto``; a test names any it lacks.
 """
 
 from __future__ import annotations
 
+import argparse
 import random
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
+
+from cache_service import settings
+from cache_service.settings import setting
+
+if TYPE_CHECKING:  # the clients import the parameters without loading torch
+    import torch
 
 MAX_SEED = 2**64 - 1
 
@@ -25,14 +41,17 @@ MAX_SEED = 2**64 - 1
 class SamplingParams:
     """How a request chooses its tokens; the default is greedy."""
 
-    temperature: float = 0.0
-    """Softmax temperature; 0 is greedy (the argmax)."""
-    top_p: float = 1.0
-    """Keep the most likely tokens whose probabilities sum to at least this (0, 1]; 1: all."""
-    top_k: int = 0
-    """Keep only the k most likely tokens; 0: all. 1 is greedy."""
-    seed: int | None = None
-    """Key of the noise (0 .. 2**64 - 1); ``None``: the scheduler picks one at submission."""
+    temperature: float = setting(0.0, "softmax temperature, >= 0; 0 is greedy (the argmax)")
+    top_p: float = setting(
+        1.0, "keep the likeliest tokens whose probabilities sum to at least this, (0, 1]; 1: all"
+    )
+    top_k: int = setting(0, "keep only the k likeliest tokens; 0: all, 1: greedy")
+    seed: int | None = setting(
+        None,
+        f"key of the noise of a sampled request, 0..{MAX_SEED}; unset: one is chosen at "
+        "submission and reported",
+        flags=("--sample-seed",),  # --seed is the engine's clustering seed
+    )
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:  # NaN fails too
@@ -43,6 +62,27 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 keeps every token), got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The parameters, by the name they have everywhere (message fields, body fields)."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_message(cls, message: _Message) -> SamplingParams:
+        """The parameters a message sets (a ``GenerateRequest``), the defaults for the rest;
+        ``ValueError`` says which is wrong."""
+        return cls(**{n: getattr(message, n) for n in cls.names() if message.HasField(n)})
+
+    @classmethod
+    def check_names(cls, given: Mapping[str, Any]) -> None:
+        """``TypeError`` naming what in ``given`` is no sampling parameter."""
+        unknown = sorted(set(given) - set(cls.names()))
+        if unknown:
+            raise TypeError(
+                f"unknown sampling parameter(s) {', '.join(unknown)}; "
+                f"the parameters are {', '.join(cls.names())}"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -56,15 +96,36 @@ class SamplingParams:
         return replace(self, seed=random.SystemRandom().randint(0, MAX_SEED))
 
 
+FLAG_PREFIX = "sample_"
+"""Where the flags land in parsed arguments (``args.sample_seed``: apart from ``--seed``)."""
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag per parameter (``--temperature``, ``--top-p``, ``--top-k``, ``--sample-seed``);
+    left out: greedy."""
+    settings.add_arguments(parser, SamplingParams, dest_prefix=FLAG_PREFIX)
+
+
+def from_flags(args: argparse.Namespace) -> SamplingParams:
+    """The parameters ``add_flags`` parsed; ``ValueError`` says which is wrong."""
+    return settings.from_args(SamplingParams, args, dest_prefix=FLAG_PREFIX)
+
+
+class _Message(Protocol):
+    """A protobuf message with the parameters as ``optional`` fields."""
+
+    def HasField(self, name: str) -> bool: ...  # noqa: N802 (protobuf's name)
+
+
 GREEDY = SamplingParams()
 
 
 def choose(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
     """The token at output position ``step`` (0: the first generated) from ``logits [vocab]``."""
     if params.greedy:
-        return int(torch.argmax(logits))
+        return int(logits.argmax())
     assert params.seed is not None, "a sampled request needs a seed (SamplingParams.seeded)"
-    x = logits.detach().to("cpu", torch.float64).numpy() / params.temperature  # [vocab]
+    x = logits.detach().cpu().double().numpy() / params.temperature  # [vocab]
     x = _top_p(_top_k(x, params.top_k), params.top_p)
     noise = np.random.default_rng([params.seed, step]).gumbel(size=x.shape)  # [vocab]
     return int(np.argmax(x + noise))
@@ -91,4 +152,4 @@ def _top_p(x: np.ndarray, p: float) -> np.ndarray:
     return out
 
 
-__all__ = ["GREEDY", "MAX_SEED", "SamplingParams", "choose"]
+__all__ = ["GREEDY", "MAX_SEED", "SamplingParams", "add_flags", "choose", "from_flags"]

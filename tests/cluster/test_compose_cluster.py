@@ -6,7 +6,6 @@ in-process engine, placement checked against rendezvous hashing, a replica stopp
 nothing left in ``/dev/shm`` at the end.
 """
 
-import argparse
 import json
 import socket
 import threading
@@ -16,7 +15,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from worker.client import WorkerClient, check_health, generate_remote
+from worker.cli import main as icecache
+from worker.client import WorkerClient, check_health
 from worker.engine import Engine, EngineConfig
 from worker.kv.remote import RemoteKVClient
 from worker.kv_client import LocalKVClient
@@ -117,11 +117,9 @@ def test_the_cluster_generates_what_the_in_process_engine_does(cluster, client, 
 
 def test_icecache_generate_server_prints_the_same_tokens(cluster, smollm, expected, capsys):
     local, _ = cluster
-    args = argparse.Namespace(
-        server=local.address("worker"), prompt=PROMPTS[0], prompt_file=None,
-        max_new_tokens=NEW_TOKENS, chat=True, json=True,
-    )  # fmt: skip
-    assert generate_remote(args) == 0
+    argv = ["generate", "--server", local.address("worker"), "--prompt", PROMPTS[0],
+            "--max-new-tokens", str(NEW_TOKENS), "--json"]  # fmt: skip
+    assert icecache(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["token_ids"] == expected[0]
     prompt_tokens = len(smollm[1].chat_prompt_ids(PROMPTS[0]))

@@ -141,3 +141,67 @@ def _done(request):
         if isinstance(event, DoneEvent):
             return event
         assert not hasattr(event, "error"), event
+
+
+# ---- one declaration: the wire, the CLI and the HTTP body follow SamplingParams ----------
+def test_every_parameter_is_an_optional_field_of_generate_request():
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    from proto.icecache.v1 import worker_pb2 as pb
+
+    fields = pb.GenerateRequest.DESCRIPTOR.fields_by_name
+    assert {n: (fields[n].type, fields[n].has_presence) for n in SamplingParams.names()} == {
+        "temperature": (F.TYPE_DOUBLE, True),
+        "top_p": (F.TYPE_DOUBLE, True),
+        "top_k": (F.TYPE_INT32, True),
+        "seed": (F.TYPE_UINT64, True),
+    }
+
+
+def test_from_message_reads_the_set_fields_and_defaults_the_rest():
+    from proto.icecache.v1 import worker_pb2 as pb
+
+    assert SamplingParams.from_message(pb.GenerateRequest()) == SamplingParams()
+    message = pb.GenerateRequest(temperature=0.5, top_k=3, seed=2**64 - 1)
+    assert SamplingParams.from_message(message) == SamplingParams(0.5, 1.0, 3, 2**64 - 1)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        SamplingParams.from_message(pb.GenerateRequest(top_p=0.0))
+
+
+def test_the_client_sets_parameters_by_name_and_refuses_others():
+    from worker.client import generate_request
+
+    request = generate_request("hi", 4, temperature=0.7, top_p=None, seed=9)
+    assert SamplingParams.from_message(request) == SamplingParams(temperature=0.7, seed=9)
+    assert not request.HasField("top_p")
+    with pytest.raises(TypeError, match="unknown sampling parameter.*temprature.*temperature"):
+        generate_request("hi", 4, temprature=0.7)
+
+
+def test_cli_flags_parse_into_the_parameters():
+    import argparse
+
+    from worker.sampling import add_flags, from_flags
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=1)  # the engine's, on the same parser
+    add_flags(parser)
+    args = parser.parse_args(["--seed", "4", "--temperature", "0.9", "--top-p", "0.8",
+                              "--top-k", "12", "--sample-seed", "77"])  # fmt: skip
+    assert from_flags(args) == SamplingParams(0.9, 0.8, 12, 77)
+    assert args.seed == 4
+    assert from_flags(parser.parse_args([])) == SamplingParams()
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        from_flags(parser.parse_args(["--temperature", "-1"]))
+
+
+def test_http_body_takes_every_parameter_with_openais_defaults():
+    from worker.serving.openai_schema import CompletionBody
+
+    body = CompletionBody(model="m", prompt="x", temperature=0.3, top_p=0.6, top_k=5, seed=8)
+    picked = {n: v for n, v in body.sampling().items() if n in SamplingParams.names()}
+    assert picked == {"temperature": 0.3, "top_p": 0.6, "top_k": 5, "seed": 8}
+    defaults = CompletionBody(model="m", prompt="x", top_k=-1).sampling()
+    assert {n: v for n, v in defaults.items() if n in SamplingParams.names()} == {
+        "temperature": 1.0  # OpenAI's default; top_k -1 is vLLM's "all"
+    }

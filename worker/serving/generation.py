@@ -137,7 +137,7 @@ class Generations:
             wanted,
             stop,
             request.request_id,
-            sampling=_sampling(request),
+            sampling=SamplingParams.from_message(request),
             spec=spec,
             deadline=deadline,
             resume=self._resume(request) if request.HasField("resume") else None,
@@ -156,8 +156,11 @@ class Generations:
                 f"resume.tokens holds {len(tokens)} tokens, more than max_new_tokens "
                 f"({request.max_new_tokens}); send the original request's max_new_tokens"
             )
-        temperature = request.temperature if request.HasField("temperature") else 0.0
-        if tokens and temperature > 0 and not request.HasField("seed"):
+        if (
+            tokens
+            and not SamplingParams.from_message(request).greedy
+            and not request.HasField("seed")
+        ):
             raise ValueError(
                 "resuming a sampled generation needs its seed: set `seed` to Started.seed"
             )
@@ -345,13 +348,3 @@ class Generation:
 def deadline_in(seconds: float | None) -> float | None:
     """The ``time.perf_counter()`` ``seconds`` from now (``None``: no deadline)."""
     return None if seconds is None else time.perf_counter() + seconds
-
-
-def _sampling(request: pb.GenerateRequest) -> SamplingParams:
-    """The request's sampling parameters (unset: greedy); ``ValueError`` says what to fix."""
-    return SamplingParams(
-        temperature=request.temperature if request.HasField("temperature") else 0.0,
-        top_p=request.top_p if request.HasField("top_p") else 1.0,
-        top_k=request.top_k if request.HasField("top_k") else 0,
-        seed=request.seed if request.HasField("seed") else None,
-    )

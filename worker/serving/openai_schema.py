@@ -16,13 +16,16 @@ prompt tokens taken from blocks the cache service kept (prefix reuse), as OpenAI
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import typing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from proto.icecache.v1 import worker_pb2 as pb
+from worker.sampling import SamplingParams
 
 COMPLETIONS_MAX_TOKENS = 16
 """OpenAI's default ``max_tokens`` of ``/v1/completions``."""
@@ -40,20 +43,35 @@ class RequestError(ValueError):
         self.code = code
 
 
-class _Body(BaseModel):
-    """What both endpoints share."""
+OPENAI_SAMPLING = {"temperature": 1.0}
+"""Where OpenAI's default differs from ``SamplingParams``' (which is greedy)."""
+ALL_TOKENS_TOP_K = -1
+"""``top_k`` that keeps every token, as vLLM spells it (IceCache's own is 0)."""
+
+if TYPE_CHECKING:
+    _SamplingFields = BaseModel
+else:  # an optional body field per parameter, by its name and type
+    _SamplingFields = create_model(
+        "_SamplingFields",
+        **{
+            f.name: (typing.get_type_hints(SamplingParams)[f.name] | None, None)
+            for f in dataclasses.fields(SamplingParams)
+        },
+    )
+
+
+class _Body(_SamplingFields):
+    """What both endpoints share; the sampling fields are ``SamplingParams``' (OpenAI names
+    ``temperature``, ``top_p`` and ``seed`` the same; ``top_k`` is IceCache's own)."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
     n: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -61,7 +79,6 @@ class _Body(BaseModel):
     # IceCache's own
     policy: str | None = None
     budget: int | None = None
-    top_k: int | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
     reuse_prefix: bool | None = None
@@ -83,17 +100,16 @@ class _Body(BaseModel):
     def sampling(self) -> dict[str, Any]:
         """The ``GenerateRequest`` fields of sampling, stopping and the sequence's policy."""
         fields: dict[str, Any] = {
-            "temperature": 1.0 if self.temperature is None else self.temperature,
-            "top_p": 1.0 if self.top_p is None else self.top_p,
             "stop": [self.stop] if isinstance(self.stop, str) else list(self.stop or ()),
             "stop_token_ids": list(self.stop_token_ids or ()),
             "ignore_eos": bool(self.ignore_eos),
+            **OPENAI_SAMPLING,
         }
-        for name in ("seed", "policy", "budget", "reuse_prefix"):
+        for name in (*SamplingParams.names(), "policy", "budget", "reuse_prefix"):
             if getattr(self, name) is not None:
                 fields[name] = getattr(self, name)
-        if self.top_k not in (None, -1):  # -1: all, as vLLM spells it
-            fields["top_k"] = self.top_k
+        if fields.get("top_k") == ALL_TOKENS_TOP_K:
+            del fields["top_k"]
         return fields
 
     @property

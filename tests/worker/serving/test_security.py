@@ -5,7 +5,6 @@ Real gRPC servers on loopback: a worker with a token and a certificate this test
 reach with the same token and the certificate as its CA.
 """
 
-import argparse
 import json
 import subprocess
 
@@ -16,7 +15,8 @@ from cache_service.config import CacheServiceConfig
 from cache_service.security import SecurityConfig
 from cache_service.server import serve as serve_cache
 from worker.__main__ import parse_config
-from worker.client import WorkerClient, check_health, generate_remote
+from worker.cli import main as icecache
+from worker.client import WorkerClient, check_health
 from worker.engine import EngineConfig
 from worker.kv_client import LocalKVClient
 from worker.serving.config import WorkerConfig
@@ -88,14 +88,11 @@ def test_tls_is_required_and_health_stays_open(secure_worker, cert):
 
 
 def test_icecache_generate_server_takes_the_token_and_ca(secure_worker, cert, capsys):
-    args = argparse.Namespace(
-        server=secure_worker, prompt=PROMPT, prompt_file=None, max_new_tokens=2, chat=True,
-        json=True, auth_token=TOKEN, tls_ca=cert[0],
-    )  # fmt: skip
-    assert generate_remote(args) == 0
+    argv = ["generate", "--server", secure_worker, "--prompt", PROMPT, "--max-new-tokens", "2",
+            "--json", "--tls-ca", cert[0]]  # fmt: skip
+    assert icecache(argv + ["--auth-token", TOKEN]) == 0
     assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 2
-    args.auth_token = "not-it"
-    assert generate_remote(args) == 1
+    assert icecache(argv + ["--auth-token", "not-it"]) == 1
     assert "UNAUTHENTICATED" in capsys.readouterr().err
 
 
