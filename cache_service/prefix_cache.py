@@ -23,6 +23,7 @@ Pure bookkeeping over ids; the store holds the lock.
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,7 +67,8 @@ class PrefixCache:
     """Published prefix blocks by key, with LRU eviction of unused chain ends."""
 
     pool: PagePool
-    _blocks: dict[bytes, PrefixBlock] = field(default_factory=dict)
+    _blocks: OrderedDict[bytes, PrefixBlock] = field(default_factory=OrderedDict)
+    """By key, least recently used first (``_touch`` moves a block to the end)."""
     _clock: itertools.count = field(default_factory=itertools.count)
     hits: int = 0
     tokens_reused: int = 0
@@ -86,7 +88,7 @@ class PrefixCache:
             found.append(block)
         tick = next(self._clock)
         for block in found:
-            block.last_used = tick
+            self._touch(block, tick)
         if found:
             self.hits += 1
             self.tokens_reused += len(found) * block_tokens
@@ -104,7 +106,7 @@ class PrefixCache:
         (only marked used) or its parent is not cached (a chain is kept from its start)."""
         tick = next(self._clock)
         if key in self._blocks:
-            self._blocks[key].last_used = tick
+            self._touch(self._blocks[key], tick)
             return False
         if parent is not None and parent not in self._blocks:
             return False
@@ -141,6 +143,10 @@ class PrefixCache:
             return np.empty(0, dtype=np.int64)
         return np.concatenate([b.pages.ravel() for b in self._blocks.values()])
 
+    def keys(self) -> list[bytes]:
+        """The cached blocks' keys, least recently used first (eviction looks in this order)."""
+        return list(self._blocks)
+
     def stats(self) -> PrefixStats:
         """Counts only (no walk over the blocks): safe without the store's lock."""
         return PrefixStats(
@@ -153,13 +159,19 @@ class PrefixCache:
 
     def _victim(self) -> PrefixBlock | None:
         """The least recently used block with no cached child whose pages only the cache
-        holds (dropping it frees them all)."""
-        ends = [
-            b
-            for b in self._blocks.values()
-            if b.children == 0 and bool(np.all(self.pool.refs[b.pages] == 1))
-        ]
-        return min(ends, key=lambda b: b.last_used, default=None)
+        holds (dropping it frees them all).
+
+        Walks the blocks oldest first and reads page references only of chain ends, so the
+        usual call stops at the first end; only ends that live sequences still use are
+        passed over at the cost of their pages."""
+        for block in self._blocks.values():
+            if block.children == 0 and bool(np.all(self.pool.refs[block.pages] == 1)):
+                return block
+        return None
+
+    def _touch(self, block: PrefixBlock, tick: int) -> None:
+        block.last_used = tick
+        self._blocks.move_to_end(block.key)
 
     def _drop(self, block: PrefixBlock) -> None:
         del self._blocks[block.key]

@@ -3,6 +3,7 @@ appending the whole prompt builds (for every policy), pages are shared by refere
 cache gives pages back under pressure without touching blocks in use."""
 
 import hashlib
+import itertools
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from cache_service.head_layout import HeadLayout
 from cache_service.page_pool import PagePool, PoolExhausted
+from cache_service.prefix_cache import PrefixCache
 from cache_service.store import Store
 from cache_service.types import POLICIES, OutOfOrder, PrefixKeys, SequenceSpec
 
@@ -241,3 +243,63 @@ def test_many_tenants_on_a_small_pool_get_what_a_cache_free_store_gives(
         if f"s{i}" in store:
             store.release(f"s{i}")
     assert store.pool.num_used == store.stats().prefix.pages
+
+
+CHAINS, DEPTH, PAGES_PER_BLOCK = 2, 3, 2
+OPS = st.tuples(
+    st.sampled_from(["publish", "lookup", "hold", "let_go", "evict"]),
+    st.integers(0, CHAINS - 1),
+    st.integers(0, DEPTH - 1),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(OPS, max_size=30))
+def test_the_cache_keeps_and_evicts_what_a_simple_model_does(ops):
+    """Blocks of a few chains published, looked up, held by "sequences" (another reference
+    on their pages) and evicted, against a model: a dict of (last use, depth) per key; the
+    victim is the least recently used block without a cached child whose pages nobody
+    else holds."""
+    pool = PagePool(CHAINS * DEPTH * PAGES_PER_BLOCK, PAGE, DIM)
+    cache = PrefixCache(pool)
+    spec = _spec("full")
+    model: dict[bytes, tuple[int, int]] = {}  # key -> (last use, depth)
+    pages: dict[bytes, np.ndarray] = {}
+    held: dict[bytes, np.ndarray] = {}  # key -> the pages a "sequence" holds too
+    for tick, (op, chain, depth) in enumerate(ops):
+        key, parent = bytes([chain, depth]), bytes([chain, depth - 1]) if depth else None
+        if op == "publish":
+            ids = pool.alloc(PAGES_PER_BLOCK)  # the publishing sequence's pages
+            kept = cache.publish(key, parent, spec, BLOCK, ids)
+            pool.free(ids)  # the sequence ends: the cache alone holds them, if it kept them
+            assert kept == (key not in model and (parent is None or parent in model))
+            if key in model or kept:
+                model[key] = (tick, depth)
+                pages.setdefault(key, ids)
+        elif op == "lookup":
+            chain_keys = [bytes([chain, d]) for d in range(depth + 1)]
+            found = cache.lookup(chain_keys, spec, BLOCK)
+            run = list(itertools.takewhile(lambda k: k in model, chain_keys))
+            assert [b.key for b in found] == run
+            model.update({k: (tick, model[k][1]) for k in run})
+        elif op == "hold" and key in model and key not in held:
+            pool.share(pages[key])
+            held[key] = pages[key]
+        elif op == "let_go" and key in held:
+            pool.free(held.pop(key))
+        elif op == "evict":
+            wanted, freed = (depth + 1) * PAGES_PER_BLOCK, 0
+            while freed < wanted:
+                ends = [k for k in model if k not in held and bytes([k[0], k[1] + 1]) not in model]
+                if not ends:
+                    break
+                victim = min(ends, key=lambda k: model[k])
+                del model[victim], pages[victim]
+                freed += PAGES_PER_BLOCK
+            assert cache.evict(wanted) == freed
+        assert cache.keys() == sorted(model, key=lambda k: model[k])
+        assert cache.stats().pages == len(model) * PAGES_PER_BLOCK
+    for ids in held.values():
+        pool.free(ids)
+    cache.clear()
+    assert pool.num_used == 0
