@@ -60,7 +60,8 @@ def bounded(key: str, replicas: Iterable[str], live: Mapping[str, int]) -> list[
     """``ranked(key, replicas)`` with the replicas over their bound moved behind the others
     (consistent hashing with bounded loads, Mirrokni et al. 2018): a key that many
     sequences share fills its owner to ``LOAD_SLACK`` times the fair share, then spills in
-    rendezvous order, instead of sending them all to one replica."""
+    rendezvous order, instead of sending them all to one replica. ``live``: the sequences
+    each replica holds now (every worker's, ``worker.kv.health.LoadProbe``)."""
     order = ranked(key, replicas)
     if not order:
         return order

@@ -3,6 +3,8 @@
 A replica is healthy after a ``SERVING`` answer and unhealthy after any other answer or an
 error; all start healthy (they answered ``Info`` on connect). The worker also marks a replica
 unhealthy at once when a call to it fails for good (``mark``), without waiting for a poll.
+Before a placement the worker also asks a replica directly: which incarnation answers
+(``IncarnationProbe``) and how many sequences it holds (``LoadProbe``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -87,36 +90,60 @@ class HealthMonitor:
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-class IncarnationProbe:
-    """Asks a replica which incarnation of its process answers (``Info``: its shared-memory
-    segment, pool size and host), so that a replica that restarted between two health polls
-    is still noticed before a new sequence is placed on it."""
+class _ReplicaQuestion:
+    """One unary call to any replica, over a channel per replica kept open between calls."""
+
+    method = ""
 
     def __init__(self, auth: security.SecurityConfig | None = None, timeout: float = 5.0) -> None:
         self.auth = auth or security.SecurityConfig()
         self.timeout = timeout
         self._channels: dict[str, grpc.Channel] = {}
 
-    def __call__(self, address: str) -> str:
-        from proto.icecache.v1 import cache_service_pb2 as cs_pb
+    def _ask(self, address: str, request: object) -> Any:
         from proto.icecache.v1 import cache_service_pb2_grpc as cs_grpc
 
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = security.make_channel(address, self.auth)
+        call = getattr(cs_grpc.CacheServiceStub(channel), self.method)
         try:
-            reply = cs_grpc.CacheServiceStub(channel).Info(
-                cs_pb.InfoRequest(), timeout=self.timeout
-            )
+            return call(request, timeout=self.timeout)
         except grpc.RpcError as err:
             code = err.code().name
-            raise ConnectionError(f"cache service {address} did not answer Info ({code})") from None
-        return incarnation(reply)
+            raise ConnectionError(
+                f"cache service {address} did not answer {self.method} ({code})"
+            ) from None
 
     def close(self) -> None:
         for channel in self._channels.values():
             channel.close()
         self._channels.clear()
+
+
+class IncarnationProbe(_ReplicaQuestion):
+    """Asks a replica which incarnation of its process answers (``Info``: its shared-memory
+    segment, pool size and host), so that a replica that restarted between two health polls
+    is still noticed before a new sequence is placed on it."""
+
+    method = "Info"
+
+    def __call__(self, address: str) -> str:
+        from proto.icecache.v1 import cache_service_pb2 as cs_pb
+
+        return incarnation(self._ask(address, cs_pb.InfoRequest()))
+
+
+class LoadProbe(_ReplicaQuestion):
+    """Asks a replica how many sequences it holds (``Stats``, lock-free there): every
+    worker's, where a worker's own count knows only its own placements."""
+
+    method = "Stats"
+
+    def __call__(self, address: str) -> int:
+        from proto.icecache.v1 import cache_service_pb2 as cs_pb
+
+        return int(self._ask(address, cs_pb.StatsRequest()).sequences)
 
 
 def incarnation(info: object) -> str:

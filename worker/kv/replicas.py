@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cache_service import security
-from worker.kv.health import HealthMonitor, IncarnationProbe, incarnation
+from worker.kv.health import HealthMonitor, IncarnationProbe, LoadProbe, incarnation
 from worker.kv.lease import DEFAULT_RENEW_S
 from worker.kv.remote import RemoteKVClient
 from worker.kv.sharded import Shard, ShardedKVClient
@@ -72,7 +72,7 @@ def connect_replicas(
             shards.append(first(address))
         health = HealthMonitor(addresses, health_interval, auth=auth)
         again = ReplicaConnector(auth, rpc_timeout, 2.0, head_dim, holder, lease_renew_s)
-        sharded = ShardedKVClient(shards, health, again, IncarnationProbe(auth))
+        sharded = ShardedKVClient(shards, health, again, IncarnationProbe(auth), LoadProbe(auth))
     except BaseException:
         for shard in shards:
             shard.client.close()

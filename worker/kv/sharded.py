@@ -90,6 +90,7 @@ class ShardedKVClient(KVClient):
         health: HealthMonitor | None = None,
         connect: Connect | None = None,
         identify: Callable[[str], str] | None = None,
+        load: Callable[[str], int] | None = None,
     ) -> None:
         if not shards:
             raise ValueError("give at least one cache-service replica")
@@ -112,6 +113,9 @@ class ShardedKVClient(KVClient):
         """Reconnects a stale replica; ``None``: a stale replica is never used again."""
         self.identify = identify
         """Asks a replica's incarnation before a placement (``None``: never asked)."""
+        self.load = load
+        """Asks a replica how many sequences it holds, every worker's (``None``: the bounded
+        load counts only this client's placements)."""
         self.routes = Routes()
         self.traffic = TrafficCounter()
         self.lost: set[str] = set()
@@ -147,7 +151,7 @@ class ShardedKVClient(KVClient):
         if not healthy:
             raise self._none_healthy()
         key = placement_key(seq_id, prefix)
-        for address in bounded(key, healthy, self.routes.counts.live):
+        for address in bounded(key, healthy, self._loads(healthy)):
             shard = self._fresh(address)
             if shard is None:
                 continue
@@ -161,6 +165,20 @@ class ShardedKVClient(KVClient):
             log.debug("placed %s on %s (%d tokens reused)", seq_id, address, reused)
             return reused
         raise self._none_healthy()
+
+    def _loads(self, healthy: set[str]) -> dict[str, int]:
+        """Sequences on each healthy replica: as it counts them (other workers' too), at
+        least this client's own; a replica that does not answer counts only this client's
+        (the placement that follows finds out whether it is alive)."""
+        own = self.routes.counts.live
+        loads = {address: own[address] for address in healthy}
+        if self.load is not None:
+            for address in healthy:
+                try:
+                    loads[address] = max(loads[address], self.load(address))
+                except ConnectionError as err:
+                    log.debug("no load from %s: %s", address, err)
+        return loads
 
     def share_prefix(self, seq_id: str, prefix: PrefixKeys) -> int:
         shard = self._shard(seq_id)
@@ -331,9 +349,10 @@ class ShardedKVClient(KVClient):
             self._pool.shutdown()
         for shard in self.shards.values():
             shard.client.close()
-        close = getattr(self.identify, "close", None)
-        if close is not None:
-            close()
+        for probe in (self.identify, self.load):
+            close = getattr(probe, "close", None)
+            if close is not None:
+                close()
 
     # ---- extras --------------------------------------------------------------------------
     def forget(self, seq_id: str) -> None:

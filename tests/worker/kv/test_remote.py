@@ -10,6 +10,7 @@ from cache_service.config import CacheServiceConfig
 from cache_service.server import serve
 from cache_service.types import SequenceSpec
 from worker.engine import Engine, EngineConfig
+from worker.kv.health import LoadProbe
 from worker.kv.remote import RemoteKVClient, _chunks
 from worker.kv_client import LocalKVClient
 from worker.page_cache import DevicePageCache
@@ -117,3 +118,24 @@ def test_engine_output_is_identical_through_the_service(smollm, service):
     with RemoteKVClient.connect(address, transport="rpc") as kv:
         assert greedy(model, kv, list(prompt_ids)) == local_greedy(model, prompt_ids)
         assert kv.stats().sequences == 0  # the engine released its sequence
+
+
+def test_the_load_probe_reads_every_clients_sequences_from_the_replica(service):
+    address = f"127.0.0.1:{service.port}"
+    spec = SequenceSpec(LAYERS, KV, Q, DIM, policy="quest", budget=64, dense_layers=1)
+    probe = LoadProbe()
+    try:
+        before = probe(address)
+        with RemoteKVClient.connect(address) as one, RemoteKVClient.connect(address) as two:
+            one.create("load-a", spec)
+            two.create("load-b", spec)
+            two.create("load-c", spec)
+            assert probe(address) == before + 3
+            one.release("load-a")
+            assert probe(address) == before + 2
+            two.release("load-b")
+            two.release("load-c")
+        with pytest.raises(ConnectionError, match="did not answer Stats"):
+            LoadProbe(timeout=0.5)("127.0.0.1:9")  # nothing listens on the discard port
+    finally:
+        probe.close()

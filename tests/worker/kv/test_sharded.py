@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
-from cache_service.types import SequenceSpec
+from cache_service.types import PrefixKeys, SequenceSpec
 from worker.engine import Engine, EngineConfig
 from worker.kv.health import HealthMonitor
 from worker.kv.sharded import NoHealthyReplica, Shard, ShardedKVClient
@@ -76,6 +76,35 @@ def test_an_unhealthy_replica_takes_no_new_sequences_but_keeps_its_own():
     kv.health.mark(B, healthy=True)
     kv.create("req-0", SPEC)
     assert kv.routes.of["req-0"] == B
+
+
+def test_bounded_load_counts_the_sequences_other_workers_placed():
+    """Two workers share three replicas. The first puts two questions about one document
+    on the document's replica; a third question from the second worker finds that replica
+    at its bound (2x the fair share of 3 sequences on 3 replicas) only if it asks the
+    replicas how many they hold: its own count of them is 0."""
+    document = PrefixKeys(tuple(bytes([i]) * 16 for i in range(4)), 256)
+    first = _sharded([A, B, C])
+    stores = {a: _store(first, a) for a in (A, B, C)}
+
+    def held(address):
+        return stores[address].stats().sequences  # every worker's sequences on it
+
+    def second_worker(load):
+        shards = [Shard(a, first.shards[a].client, PAGES) for a in (A, B, C)]
+        return ShardedKVClient(shards, HealthMonitor([A, B, C]), load=load)
+
+    first.create("w1-q1", SPEC, document)
+    first.create("w1-q2", SPEC, document)
+    (home,) = {first.routes.of["w1-q1"], first.routes.of["w1-q2"]}
+    blind = second_worker(load=None)
+    blind.create("blind-q3", SPEC, document)
+    assert blind.routes.of["blind-q3"] == home  # its own count: the replica looks empty
+    blind.release("blind-q3")
+    seeing = second_worker(load=held)
+    seeing.create("w2-q3", SPEC, document)
+    assert seeing.routes.of["w2-q3"] != home
+    assert held(home) == 2 and held(seeing.routes.of["w2-q3"]) == 1
 
 
 def test_no_healthy_replica_is_a_clear_error():
