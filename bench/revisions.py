@@ -51,6 +51,9 @@ HEADLINE = {
     "load-retrieval": ("replicas", "calls/s", True),
 }
 """Per bench: the row key column, the number read, and whether higher is better."""
+SPLIT_BY = {"load-worker": ("API", "gRPC")}
+"""Per bench: a column that splits its rows where a report has it, and the value a report
+without the column means (the load test measured only gRPC before it measured HTTP too)."""
 
 
 def worktree(rev: str, where: Path) -> Path:
@@ -81,14 +84,16 @@ def run(bench: str, tree: Path, out: Path, policy: str) -> float:
 
 
 def headline(bench: str, report: str) -> dict[str, float]:
-    """``{row label: number}`` from every Markdown table of ``report`` with the columns."""
+    """``{row label: number}`` from every Markdown table of ``report`` with the columns
+    (the median where several rows have one label: rounds inside one report). A label is
+    the section's title up to a colon (titles grow subtitles), the key and ``SPLIT_BY``."""
     key_col, value_col, _ = HEADLINE[bench]
-    out: dict[str, float] = {}
+    found: dict[str, list[float]] = {}
     section = ""
     header: list[str] | None = None
     for line in report.splitlines():
         if line.startswith("## "):
-            section = line[3:].strip()
+            section = line[3:].split(":")[0].strip()
         if not line.startswith("|"):
             header = None
             continue
@@ -100,10 +105,13 @@ def headline(bench: str, report: str) -> dict[str, float]:
             continue
         if key_col in header and value_col in header:
             label = f"{section}: {cells[header.index(key_col)]}" if section else cells[0]
+            if bench in SPLIT_BY:
+                column, absent = SPLIT_BY[bench]
+                label += f" ({cells[header.index(column)] if column in header else absent})"
             number = re.match(r"[-0-9.]+", cells[header.index(value_col)])
             if number:
-                out[label] = float(number.group())
-    return out
+                found.setdefault(label, []).append(float(number.group()))
+    return {label: statistics.median(values) for label, values in found.items()}
 
 
 def markdown(
