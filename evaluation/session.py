@@ -149,7 +149,11 @@ class Session:
 
     def engine(self, policy: str, budget: int | None, max_len: int) -> Engine:
         """The engine of ``policy`` at ``budget`` (``None`` for full) for sequences of up to
-        ``max_len`` tokens; made on first use (again if a longer sequence comes)."""
+        ``max_len`` tokens; made on first use (again if a longer sequence comes).
+
+        Every layer of every policy attends through the page table (no contiguous copy of
+        the dense layers, as on a GPU), so that ``full`` and a policy differ only in what
+        they select: one whose selection covers the context scores exactly full's."""
         key = (policy, None if policy == "full" else budget)
         if key not in self._engines or self._sized[key] < max_len:
             config = EngineConfig(
@@ -159,6 +163,7 @@ class Session:
                 device_cache_mb=self._cache_mb(key[1], max_len),
                 seed=self.config.seed,
                 allow_extrapolation=self.config.allow_extrapolation,
+                dense_copy=False,  # one arithmetic for every policy: see below
             )
             self._engines[key] = Engine(self.model, self.kv, config)
             self._sized[key] = max_len

@@ -104,8 +104,12 @@ def doc_store() -> LocalKVClient:
 def doc_engine(
     smollm: tuple[LlamaModel, Tokenizer], policy: str, cache_mb: int, kv: Any = None
 ) -> Engine:
-    """An engine over ``kv`` (a new store by default) with a ``cache_mb`` device page cache."""
-    config = EngineConfig(policy=policy, budget=DOC_BUDGET, device_cache_mb=cache_mb)
+    """An engine over ``kv`` (a new store by default) with a ``cache_mb`` device page cache
+    that every layer goes through (no contiguous copy of the dense layers: the paged path a
+    GPU takes, under pressure here)."""
+    config = EngineConfig(
+        policy=policy, budget=DOC_BUDGET, device_cache_mb=cache_mb, dense_copy=False
+    )
     return Engine(smollm[0], kv or doc_store(), config)
 
 

@@ -35,8 +35,9 @@ from cache_service.types import (
     kv_bytes,
 )
 from kernels.dispatch import decode_attention
+from worker.dense_kv import DenseKV
 from worker.kv_client import KVClient
-from worker.model import LlamaModel, causal_attention
+from worker.model import LlamaModel, causal_attention, causal_mask
 from worker.page_cache import DevicePageCache
 from worker.sampling import GREEDY, SamplingParams, choose
 
@@ -76,6 +77,13 @@ class EngineConfig:
     )
     device_cache_mb: int = setting(
         1024, "Device memory for resident KV pages (MiB).", parse=positive_int
+    )
+    dense_copy: bool = setting(
+        True,
+        "On a CPU device, the layers that attend to every token (all of them under full, the "
+        "dense layers under every policy) keep their K/V contiguous and attend there, "
+        "instead of gathering every page from the page cache at each step (faster; host "
+        "memory as large as those layers' K/V). A GPU reads pages in place and ignores it.",
     )
     seed: int = setting(0, "Seed of the clustering.")
     allow_extrapolation: bool = setting(
@@ -130,6 +138,9 @@ class Sequence:
     stored_ahead: int = 0
     """The first layers that already hold the next token fed (an adopted sequence whose
     worker died in the middle of a step): the next step selects for them without storing."""
+    dense: DenseKV | None = None
+    """The K/V of the layers that attend to every token, contiguous (on a CPU device, if
+    any layer does; ``None`` on a GPU: paged there)."""
 
     @property
     def length(self) -> int:
@@ -211,17 +222,17 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens but the model supports {limit}; "
                 "shorten it"
             )
-        seq = Sequence(seq_id or f"seq-{next(self._ids)}", list(prompt_ids), len(prompt_ids))
         spec = spec or self.config.spec(self.model)
+        seq = self._sequence(seq_id or f"seq-{next(self._ids)}", list(prompt_ids), spec)
         reuse = self.config.prefix_reuse if reuse_prefix is None else reuse_prefix
         blocks = self.prefix_keys(spec, prompt_ids) if reuse and replay is None else None
         started = time.perf_counter()
         seq.reused_tokens = self.kv.create(seq.seq_id, spec, _before_last(blocks, prompt_ids))
         try:
             if replay is not None:
-                self.replay(seq.seq_id, replay)
+                self.replay(seq.seq_id, replay, seq.dense)
                 return seq, replay.logits.clone()
-            logits = self.prefill(seq.seq_id, prompt_ids, reused=seq.reused_tokens)
+            logits = self.prefill(seq.seq_id, prompt_ids, reused=seq.reused_tokens, dense=seq.dense)
             if blocks is not None:
                 self.kv.share_prefix(seq.seq_id, blocks)
         except BaseException:
@@ -264,7 +275,18 @@ class Engine:
         tokens = [*prompt_ids, *fed]
         spec = spec or self.config.spec(self.model)
         ahead = self.kv.adopt(seq_id, replica, epoch, len(tokens), spec)
-        return Sequence(seq_id, tokens, len(prompt_ids), stored_ahead=ahead)
+        seq = self._sequence(seq_id, tokens, spec, len(prompt_ids))
+        seq.stored_ahead = ahead  # its dense copy fills from the store at the next step
+        return seq
+
+    def _sequence(
+        self, seq_id: str, tokens: list[int], spec: SequenceSpec, prompt_len: int | None = None
+    ) -> Sequence:
+        layers = spec.num_layers if spec.policy == "full" else spec.dense_layers
+        copy = self.config.dense_copy and self.device.type == "cpu" and layers > 0
+        dense = DenseKV(self.device, layers) if copy else None
+        prompt = len(tokens) if prompt_len is None else prompt_len
+        return Sequence(seq_id, tokens, prompt, dense=dense)
 
     def record_prefill(self, prompt_ids: list[int]) -> PrefillRecord:
         """A dense prefill of ``prompt_ids`` recorded for replay (its sequence is released)."""
@@ -281,12 +303,16 @@ class Engine:
         self.timings.prefill_tokens += len(prompt_ids)
         return PrefillRecord(tuple(prompt_ids), keys, values, logits)
 
-    def replay(self, seq_id: str, record: PrefillRecord) -> None:
-        """Append a recorded prefill's K/V to a new sequence, layer by layer."""
+    def replay(self, seq_id: str, record: PrefillRecord, dense: DenseKV | None = None) -> None:
+        """Append a recorded prefill's K/V to a new sequence, layer by layer (and to its
+        ``dense`` copy, rounded as the store keeps them, for the layers it holds)."""
         positions = np.arange(len(record.ids), dtype=np.int64)
         for layer, (k, v) in enumerate(zip(record.keys, record.values, strict=True)):
-            keys = np.asarray(k, dtype=np.float32)
-            self.kv.append(seq_id, layer, keys, np.asarray(v, dtype=np.float32), positions)
+            keys, values = np.asarray(k, dtype=np.float32), np.asarray(v, dtype=np.float32)
+            self.kv.append(seq_id, layer, keys, values, positions)
+            if dense is not None and dense.covers(layer):
+                stored = (self._as_stored(torch.from_numpy(x)) for x in (keys, values))
+                dense.fill(layer, *stored)
 
     def finish(self, seq: Sequence) -> None:
         """Release a sequence's KV in the store."""
@@ -301,11 +327,13 @@ class Engine:
         token_ids: list[int],
         record: tuple[list[np.ndarray], list[np.ndarray]] | None = None,
         reused: int = 0,
+        dense: DenseKV | None = None,
     ) -> torch.Tensor:
         """Dense causal prefill in blocks of ``prefill_chunk`` tokens; every layer's K/V go
         to the store (and, with ``record``, a copy of each layer's to its key and value
         lists). The first ``reused`` tokens (whole blocks) are in the store already: their
-        K/V are read back instead. Returns the last token's logits ``[vocab]``.
+        K/V are read back instead. ``dense``: the sequence's contiguous copy, filled with the
+        layers it covers. Returns the last token's logits ``[vocab]``.
 
         A block attends to the earlier blocks' K/V as the store holds them (rounded to its
         dtype, as a prefix read back is), so its output does not depend on whether they
@@ -336,6 +364,7 @@ class Engine:
             host_positions = positions.cpu().numpy()
             rope = model.rope.cos_sin(positions)  # [t, D] x2, shared by every layer
             h = model.embed(ids[start:end])  # [t, hidden]
+            mask = causal_mask(end - start, end, self.dtype, self.device) if start else None
             for layer in range(c.num_layers):
                 q, k, v = model.attention_inputs(layer, h, positions, rope)  # [t, H, D]
                 host_k, host_v = _np(k), _np(v)
@@ -350,9 +379,13 @@ class Engine:
                     if end < n:
                         break
                     q, h = q[-1:], h[-1:]
-                attn = causal_attention(q, keys[layer][:end], values[layer][:end], self.scale)
+                    mask = None if mask is None else mask[-1:]
+                attn = causal_attention(q, keys[layer][:end], values[layer][:end], self.scale, mask)
                 h = model.attention_output(layer, h, attn)
         bar.close()
+        if dense is not None:
+            for layer in range(dense.layers):
+                dense.fill(layer, keys[layer], values[layer])
         if record is not None:
             for layer in range(c.num_layers):
                 record[0].append(np.concatenate(host[0][layer]))
@@ -400,13 +433,11 @@ class Engine:
             t0 = time.perf_counter()
             sels = self._select(layer, seqs, _np(k), _np(v), host_positions, _np(q))
             t1 = time.perf_counter()
-            indptr, slots, lens = self._page_table(sels)
-            t2 = time.perf_counter()
-            attn = decode_attention(q, self.cache.kv, indptr, slots, lens, self.scale)
+            loading = self.timings.load
+            attn = self._attend(layer, seqs, q, k, v, sels)
             h = model.attention_output(layer, h, attn)
             self.timings.store += t1 - t0
-            self.timings.load += t2 - t1
-            self.timings.attention += time.perf_counter() - t2
+            self.timings.attention += time.perf_counter() - t1 - (self.timings.load - loading)
         for seq in seqs:
             seq.stored_ahead = 0
         logits = model.logits(h)
@@ -439,6 +470,55 @@ class Engine:
         for i in ahead:
             out[i] = self.kv.retrieve(ids[i], layer, queries[i])
         return [out[i] for i in range(len(seqs))]
+
+    def _attend(
+        self,
+        layer: int,
+        seqs: list[Sequence],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        sels: list[Selection],
+    ) -> torch.Tensor:
+        """Attention of one layer's queries ``[B, Hq, D]``: a sequence whose contiguous copy
+        covers the layer over that copy, the others over their selected pages (rows are
+        independent, so the split does not change any row)."""
+        started = time.perf_counter()
+        dense = [i for i, s in enumerate(seqs) if s.dense is not None and s.dense.covers(layer)]
+        copies = [self._to_dense(seqs[i], layer, k[i], v[i], sels[i]) for i in dense]
+        self.timings.kv_tokens += sum(int(sels[i].lens.sum()) for i in dense)
+        paged = [i for i in range(len(seqs)) if i not in dense]
+        table = self._page_table([sels[i] for i in paged]) if paged else None
+        self.timings.load += time.perf_counter() - started
+        if not dense:
+            assert table is not None
+            return decode_attention(q, self.cache.kv, *table, self.scale)
+        attn = torch.empty_like(q)
+        for i, copy in zip(dense, copies, strict=True):
+            attn[i] = copy.attend(layer, q[i], self.scale)
+        if table is not None:
+            attn[paged] = decode_attention(q[paged], self.cache.kv, *table, self.scale)
+        return attn
+
+    def _to_dense(
+        self, seq: Sequence, layer: int, k: torch.Tensor, v: torch.Tensor, sel: Selection
+    ) -> DenseKV:
+        """Put this step's token (``k``, ``v`` ``[kv_heads, head_dim]``) into the sequence's
+        contiguous copy of ``layer``; a copy not filled yet (a sequence taken over from
+        another worker) is filled from the store's pages the selection names, this token
+        included. Returns the copy."""
+        dense = seq.dense
+        assert dense is not None
+        if not dense.holds(layer):
+            dense.fill_from_pages(layer, self.kv.read_pages(sel.pages, sel.versions), sel)
+        elif dense.length(layer) < seq.length:
+            dense.append(layer, self._as_stored(k), self._as_stored(v))
+        if dense.length(layer) != seq.length:
+            raise RuntimeError(
+                f"{seq.seq_id}: layer {layer} holds {dense.length(layer)} tokens, the "
+                f"sequence {seq.length}"
+            )
+        return dense
 
     def _page_table(self, sels: list[Selection]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """CSR page table over rows ``b * kv_heads + h`` with device slots."""

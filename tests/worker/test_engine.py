@@ -66,9 +66,10 @@ def test_sparse_decoding_attends_to_at_most_the_budget(smollm, policy):
     assert stats.pages_used == stats.prefix.pages == 30 * 3 * 256 // 16
 
 
-def test_batched_decoding_equals_one_sequence_at_a_time(smollm):
+@pytest.mark.parametrize("policy", ["icecache", "full"])  # dense copies of 2 and of 30 layers
+def test_batched_decoding_equals_one_sequence_at_a_time(smollm, policy):
     prompts = [_text_ids(smollm[1], n) for n in (90, 130)]
-    engine = _engine(smollm, policy="icecache", budget=64)
+    engine = _engine(smollm, policy=policy, budget=64)
     alone = [engine.generate(p, 10) for p in prompts]
     assert engine.generate_batch(prompts, 10) == alone
 
@@ -87,13 +88,15 @@ def test_bad_requests_are_clear_errors(smollm):
 
 
 def test_decode_steps_move_only_the_pages_that_changed(smollm):
-    # Under full KV every page is selected at every step, but only each (layer, KV head)'s
-    # last page takes the new token: the device page cache must load exactly those.
-    engine = _engine(smollm, policy="full")
+    # With a budget over the context every page is selected at every step, but only each
+    # (layer, KV head)'s last page takes the new token: the device page cache must load
+    # exactly those. (The dense layers attend over their contiguous copy, not the cache.)
+    engine = _engine(smollm, policy="quest", budget=512)
     model = smollm[0]
     seq, logits = engine.start(_text_ids(smollm[1], 150))
     token = int(torch.argmax(logits))
-    heads = model.config.num_layers * model.config.num_kv_heads
+    paged_layers = model.config.num_layers - engine.config.dense_layers
+    heads = paged_layers * model.config.num_kv_heads
     for step in range(5):  # the sequence grows from 151 to 155 tokens: 10 pages per head
         before = engine.cache.stats.bytes_moved
         token = int(torch.argmax(engine.decode_step([seq], [token])[0]))
