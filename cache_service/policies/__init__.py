@@ -11,7 +11,7 @@ from cache_service.policies.positional import (
     QuestBody,
     StreamingBody,
 )
-from cache_service.types import SequenceSpec
+from cache_service.types import INDEXED_POLICIES, SequenceSpec
 
 
 def _index_body(spec: SequenceSpec, pool: PagePool, layer: int, head: int) -> IndexedBody:
@@ -48,8 +48,10 @@ def make_bodies(spec: SequenceSpec, pool: PagePool) -> list[list[Body]]:
                 leader = bodies[layer - (layer - spec.dense_layers) % spec.reuse_group][head]
                 assert isinstance(leader, IndexedBody)
                 row.append(MirroredBody(pool, leader))
-            else:
+            elif spec.policy in INDEXED_POLICIES:
                 row.append(_index_body(spec, pool, layer, head))
+            else:
+                raise ValueError(f"policy {spec.policy!r} has no body here: add it to make_bodies")
         bodies.append(row)
     return bodies
 
