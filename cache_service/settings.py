@@ -106,6 +106,8 @@ def add_arguments(
             keywords.update(nargs="?", const=True, metavar="BOOL")
         if f.metadata["metavar"]:
             keywords["metavar"] = f.metadata["metavar"]
+        elif dest_prefix:  # the prefix is no part of the flag's name
+            keywords.setdefault("metavar", f.name.upper())
         parser.add_argument(
             *_flags(f),
             dest=dest_prefix + f.name,
