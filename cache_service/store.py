@@ -265,7 +265,7 @@ class Store:
         spec = seq.spec
         self._flush(seq, layer)
         group = spec.num_q_heads // spec.num_kv_heads
-        dense = layer < spec.dense_layers or spec.policy == "full"
+        dense = layer < spec.full_layers
         max_tokens = spec.body_budget(self.pool.page_size)
         bodies, lays = seq.bodies[layer], seq.heads[layer]
         leaving = [lay.leaving_pages() for lay in lays]

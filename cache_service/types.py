@@ -133,6 +133,12 @@ class SequenceSpec:
                 f"({floor}); raise the budget or lower sink_tokens/recent_pages"
             )
 
+    @property
+    def full_layers(self) -> int:
+        """The first layers attend to every token: all of them under ``full``, else the
+        dense layers."""
+        return self.num_layers if self.policy == "full" else self.dense_layers
+
     def sinks(self, page_size: int) -> int:
         """Sink tokens in effect."""
         if self.sink_tokens is not None:

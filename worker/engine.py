@@ -282,9 +282,8 @@ class Engine:
     def _sequence(
         self, seq_id: str, tokens: list[int], spec: SequenceSpec, prompt_len: int | None = None
     ) -> Sequence:
-        layers = spec.num_layers if spec.policy == "full" else spec.dense_layers
-        copy = self.config.dense_copy and self.device.type == "cpu" and layers > 0
-        dense = DenseKV(self.device, layers) if copy else None
+        copy = self.config.dense_copy and self.device.type == "cpu" and spec.full_layers > 0
+        dense = DenseKV(self.device, spec.full_layers) if copy else None
         prompt = len(tokens) if prompt_len is None else prompt_len
         return Sequence(seq_id, tokens, prompt, dense=dense)
 

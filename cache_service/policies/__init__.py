@@ -40,7 +40,7 @@ def make_bodies(spec: SequenceSpec, pool: PagePool) -> list[list[Body]]:
     for layer in range(spec.num_layers):
         row: list[Body] = []
         for head in range(spec.num_kv_heads):
-            if layer < spec.dense_layers or spec.policy == "full":
+            if layer < spec.full_layers:
                 row.append(PositionalBody(pool))
             elif spec.policy in simple:
                 row.append(simple[spec.policy](pool))
