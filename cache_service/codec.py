@@ -102,11 +102,12 @@ def prefix_to_proto(prefix: PrefixKeys, out: pb.PrefixKeys) -> pb.PrefixKeys:
     """``prefix`` into ``out``, a field of a message being built."""
     out.keys.extend(prefix.keys)
     out.block_tokens = prefix.block_tokens
+    out.no_reuse = not prefix.reuse
     return out
 
 
 def prefix_from_proto(msg: pb.PrefixKeys) -> PrefixKeys:
-    return PrefixKeys(tuple(msg.keys), msg.block_tokens)
+    return PrefixKeys(tuple(msg.keys), msg.block_tokens, reuse=not msg.no_reuse)
 
 
 def selection_to_proto(sel: Selection, out: pb.Selection | None = None) -> pb.Selection:

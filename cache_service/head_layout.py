@@ -76,18 +76,24 @@ class HeadLayout:
         sinks = min(len(ids), self.sink_tokens // size)
         rest = ids[sinks:]
         kept = len(rest) - min(self.window_pages, len(rest))
-        handed: list[int] = []
-        for j, page in enumerate(rest[:kept]):
-            # page j left the window when page j + window_pages opened (see _open_page)
-            due = self.sink_tokens + (j + self.window_pages) * size + 1 + self.handover_delay
-            if due <= length:
-                handed.append(page)
-            else:
-                self.leaving.append((page, due))
+        handed = rest[: min(kept, self.handed_by(length))]
+        for j in range(len(handed), kept):
+            self.leaving.append((rest[j], self._due(j)))
         self.sink = ids[:sinks]
         self.window = deque(rest[kept:])
         self.length = length
         return handed
+
+    def handed_by(self, length: int) -> int:
+        """Pages after the sinks handed over once the head holds ``length`` tokens."""
+        first = self._due(0)
+        return 0 if length < first else (length - first) // self.pool.page_size + 1
+
+    def _due(self, j: int) -> int:
+        """The length at which page ``j`` after the sinks is handed over: it left the window
+        when page ``j + window_pages`` opened (see ``_open_page``), then waits its delay."""
+        size = self.pool.page_size
+        return self.sink_tokens + (j + self.window_pages) * size + 1 + self.handover_delay
 
     def _open_page(self) -> tuple[int, int]:
         """The page the next token goes to and how many tokens fit there."""

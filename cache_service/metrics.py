@@ -56,6 +56,11 @@ class StoreCollector(Collector):
             value=prefix.tokens_reused,
         )
         yield CounterMetricFamily(
+            "icecache_prefix_index_reuses",
+            "(Layer, KV head) indexes started from one kept with prompt blocks, not built",
+            value=prefix.index_reuses,
+        )
+        yield CounterMetricFamily(
             "icecache_prefix_evicted_blocks",
             "Kept prompt blocks dropped to make room",
             value=prefix.evicted_blocks,
@@ -64,8 +69,14 @@ class StoreCollector(Collector):
             "icecache_prefix_blocks", "Prompt blocks kept for reuse", value=prefix.blocks
         )
         yield GaugeMetricFamily(
+            "icecache_prefix_indexes",
+            "(Layer, KV head) indexes kept with prompt blocks",
+            value=prefix.indexes,
+        )
+        yield GaugeMetricFamily(
             "icecache_prefix_bytes",
-            "K/V bytes of the pages kept prompt blocks hold (shared with the sequences on them)",
+            "K/V bytes of the pages kept prompt blocks and their indexes hold (shared with the "
+            "sequences on them)",
             value=prefix.pages * stats.page_bytes,
         )
         yield GaugeMetricFamily(

@@ -114,6 +114,16 @@ class PagePool:
         self.refs[ids] = 1
         return ids
 
+    def copy(self, ids: np.ndarray) -> np.ndarray:
+        """New pages holding what pages ``ids [n]`` hold (data, positions, fill); their ids
+        ``[n]``: a holder's own copy of shared pages it is about to write."""
+        ids = np.asarray(ids, dtype=np.int64)
+        new = self.alloc(len(ids))
+        self.data[new] = self.data[ids]
+        self.positions[new] = self.positions[ids]
+        self.fill[new] = self.fill[ids]
+        return new
+
     def share(self, ids: np.ndarray) -> None:
         """Add a holder to allocated pages ``[n]`` (each id once): they are read-only from now
         on, and ``free`` must be called once more for each before they are free."""
@@ -159,6 +169,7 @@ class PagePool:
         start = int(self.fill[page])
         end = start + len(positions)
         assert start >= 0 and end <= self.page_size, "page overflow"
+        assert self.refs[page] == 1, "writing a shared page"
         self.data[page, 0, start:end] = keys
         self.data[page, 1, start:end] = values
         self.positions[page, start:end] = positions
@@ -175,6 +186,7 @@ class PagePool:
             kv: ``[n, 2, head_dim]`` key and value of each token.
             positions: ``[n]`` token positions.
         """
+        assert np.all(self.refs[pages] == 1), "writing a shared page"
         self.data[pages, :, slots] = kv
         self.positions[pages, slots] = positions
         np.maximum.at(self.fill, pages, slots + 1)

@@ -11,7 +11,13 @@ layouts from them; it prefills only the rest.
 
 Pages are shared read-only: a positional page is full before its block is published and
 nothing writes a full positional page. Sequences write only into pages of their own (new
-window pages, leaf pages, scratch pages), so no page is ever copied on write.
+window pages, leaf pages, scratch pages).
+
+A block also keeps the index that the indexed policies build over the prompt's whole
+blocks, when it is the last of them (``Store._flush``): per (layer, KV head) a copy of the
+body, holding its leaf pages by reference. A sequence on the same blocks starts from a copy
+of it instead of building its own; inserting its later tokens copies a leaf page before
+writing it (``LeafPages._own``), so the kept index never changes.
 
 Blocks are kept until the pool needs their pages: ``evict`` drops least recently used
 blocks with no cached child (a chain is dropped from its end) whose pages no sequence
@@ -29,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cache_service.page_pool import PagePool
+from cache_service.policies.base import Body
 from cache_service.types import SequenceSpec
 
 
@@ -46,6 +53,13 @@ class PrefixBlock:
     children: int = 0
     """Cached blocks whose parent this is."""
     last_used: int = 0
+    bodies: dict[tuple[int, int], Body] = field(default_factory=dict)
+    """By (layer, KV head): the index built over the prompt's blocks up to this one."""
+
+    def held(self) -> np.ndarray:
+        """Every page the block holds a reference on ``[n]``: positional, then its index's."""
+        kept = [body.all_pages() for body in self.bodies.values()]
+        return np.concatenate([self.pages.ravel(), *kept])
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,10 @@ class PrefixStats:
     tokens_reused: int = 0
     """Prompt tokens those sequences did not need to prefill."""
     evicted_blocks: int = 0
+    indexes: int = 0
+    """Kept (layer, KV head) indexes."""
+    index_reuses: int = 0
+    """(layer, KV head) indexes sequences started from a kept one instead of building."""
 
 
 @dataclass
@@ -73,6 +91,8 @@ class PrefixCache:
     hits: int = 0
     tokens_reused: int = 0
     evicted_blocks: int = 0
+    indexes: int = 0
+    index_reuses: int = 0
     pages_held: int = 0
     """Pages the blocks hold, kept as blocks come and go (``stats`` reads it without the
     store's lock, so it never walks ``_blocks`` while another thread changes it)."""
@@ -117,6 +137,28 @@ class PrefixCache:
             self._blocks[parent].children += 1
         return True
 
+    def kept_body(self, key: bytes, layer: int, head: int) -> Body | None:
+        """A copy of the index kept with block ``key`` for (``layer``, ``head``), holding its
+        pages (``None``: none kept); counted as a reuse."""
+        block = self._blocks.get(key)
+        kept = None if block is None else block.bodies.get((layer, head))
+        if kept is None:
+            return None
+        self.index_reuses += 1
+        return kept.clone()
+
+    def keep_body(self, key: bytes, layer: int, head: int, body: Body) -> bool:
+        """Keep a copy of ``body`` (the index built over the blocks up to ``key``, before
+        any later token) with that block; ``False`` if the block is not kept or has one."""
+        block = self._blocks.get(key)
+        if block is None or (layer, head) in block.bodies:
+            return False
+        kept = body.clone()
+        block.bodies[(layer, head)] = kept
+        self.pages_held += len(kept.all_pages())
+        self.indexes += 1
+        return True
+
     def evict(self, pages_wanted: int) -> int:
         """Drop unused blocks, least recently used chain ends first, until ``pages_wanted``
         pages went back to the pool or nothing more can go; returns the pages freed."""
@@ -133,15 +175,16 @@ class PrefixCache:
     def clear(self) -> None:
         """Drop every block (their pages go back to the pool where nothing else holds them)."""
         for block in list(self._blocks.values()):
-            self.pool.free(block.pages.ravel())
+            self._free(block)
         self._blocks.clear()
         self.pages_held = 0
+        self.indexes = 0
 
     def held_pages(self) -> np.ndarray:
         """Every page some block holds ``[n]`` (blocks never share a page: each id once)."""
         if not self._blocks:
             return np.empty(0, dtype=np.int64)
-        return np.concatenate([b.pages.ravel() for b in self._blocks.values()])
+        return np.concatenate([b.held() for b in self._blocks.values()])
 
     def keys(self) -> list[bytes]:
         """The cached blocks' keys, least recently used first (eviction looks in this order)."""
@@ -155,6 +198,8 @@ class PrefixCache:
             self.hits,
             self.tokens_reused,
             self.evicted_blocks,
+            self.indexes,
+            self.index_reuses,
         )
 
     def _victim(self) -> PrefixBlock | None:
@@ -165,7 +210,7 @@ class PrefixCache:
         usual call stops at the first end; only ends that live sequences still use are
         passed over at the cost of their pages."""
         for block in self._blocks.values():
-            if block.children == 0 and bool(np.all(self.pool.refs[block.pages] == 1)):
+            if block.children == 0 and bool(np.all(self.pool.refs[block.held()] == 1)):
                 return block
         return None
 
@@ -177,6 +222,15 @@ class PrefixCache:
         del self._blocks[block.key]
         if block.parent is not None:
             self._blocks[block.parent].children -= 1
-        self.pool.free(block.pages.ravel())
-        self.pages_held -= block.pages.size
+        self.pages_held -= self._free(block)
         self.evicted_blocks += 1
+
+    def _free(self, block: PrefixBlock) -> int:
+        """Let go of a block's pages and its indexes; the pages it held."""
+        held = block.held().size
+        self.pool.free(block.pages.ravel())
+        for body in block.bodies.values():
+            body.release()
+        self.indexes -= len(block.bodies)
+        block.bodies.clear()
+        return held

@@ -353,4 +353,6 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             prefix_hits=stats.prefix.hits,
             prefix_tokens_reused=stats.prefix.tokens_reused,
             pages_shared=stats.pages_shared,
+            prefix_indexes=stats.prefix.indexes,
+            prefix_index_reuses=stats.prefix.index_reuses,
         )

@@ -10,13 +10,14 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
 from cache_service.head_layout import HeadLayout
 from cache_service.page_pool import PagePool, PoolExhausted
 from cache_service.policies import Body, make_bodies
-from cache_service.policies.indexed import select_layer
+from cache_service.policies.indexed import IndexedBody, MirroredBody, select_layer
 from cache_service.prefix_cache import PrefixCache, PrefixStats
 from cache_service.types import (
     INDEXED_POLICIES,
@@ -39,6 +40,11 @@ class _Sequence:
     pending: list[list[list[int]]]  # [layer][kv head]: pages waiting for the body (prefill)
     flushed: list[bool]  # [layer]: the body has taken its prefill pages
     failed: str = ""  # why a request left it half-changed ('' while usable)
+    build_at: int | None = None
+    """Indexed bodies build over the tokens handed over by this length (the prompt's whole
+    blocks) and insert the later ones (``None``: build over all the prefill)."""
+    index_key: bytes | None = None
+    """The block under which the index built there is kept and found (``None``: not shared)."""
 
 
 @dataclass(frozen=True)
@@ -116,8 +122,11 @@ class Store:
                 spec, heads, make_bodies(spec, self.pool), pending, [False] * spec.num_layers
             )
             blocks = []
-            if prefix is not None and self.prefixes is not None:
-                blocks = self.prefixes.lookup(list(prefix.keys), spec, prefix.block_tokens)
+            if prefix is not None and prefix.keys:
+                seq.build_at = prefix.tokens
+                if prefix.reuse and self.prefixes is not None:
+                    seq.index_key = prefix.keys[-1]
+                    blocks = self.prefixes.lookup(list(prefix.keys), spec, prefix.block_tokens)
             if blocks:
                 self._restore(seq, np.concatenate([b.pages for b in blocks], axis=2))
             self._seqs[seq_id] = seq
@@ -338,19 +347,24 @@ class Store:
     # ---- admission and failure ---------------------------------------------------------
     def _append_pages(self, seq: _Sequence, layer: int, tokens: int) -> int:
         """Most pages appending ``tokens`` to ``layer`` can take: new positional pages, and
-        once a clustered body is built, one leaf page per token leaving the window (a leaf
-        split per inserted token at worst)."""
+        once a clustered body is built, two leaf pages per token leaving the window (at
+        worst a copy of a shared leaf page and a leaf split per inserted token)."""
         size = self.pool.page_size
         layout = -(-tokens // size)
-        body = layout * size if seq.flushed[layer] and _clustered(seq.spec, layer) else 0
+        body = 2 * layout * size if seq.flushed[layer] and _clustered(seq.spec, layer) else 0
         return seq.spec.num_kv_heads * (layout + body)
 
     def _retrieve_pages(self, seq: _Sequence, layer: int) -> int:
         """Pages a retrieval is expected to take: building a clustered body re-lays the
-        prefill out (about twice its pages at the peak); the oracle copies its picks to
-        scratch pages."""
-        pending = sum(len(p) for p in seq.pending[layer])
-        build = 2 * pending if _clustered(seq.spec, layer) and not seq.flushed[layer] else 0
+        prefill out into leaf pages (leaves about half full: up to three times its pages
+        while the positional ones are still held, by a kept prefix or until the build
+        ends), inserting the pages after the build boundary takes what appending them
+        would; the oracle copies its picks to scratch pages."""
+        build = 0
+        if _clustered(seq.spec, layer) and not seq.flushed[layer]:
+            for head, pending in enumerate(seq.pending[layer]):
+                built = self._built_pages(seq, layer, head, len(pending))
+                build += 3 * built + 2 * self.pool.page_size * (len(pending) - built)
         scratch = 0
         if seq.spec.policy == "oracle" and layer >= seq.spec.dense_layers:
             budget = seq.spec.body_budget(self.pool.page_size) or 0
@@ -438,14 +452,55 @@ class Store:
             )
 
     def _flush(self, seq: _Sequence, layer: int) -> None:
+        """Give each body of ``layer`` the pages handed over during the prefill (at the
+        first decode step or retrieval).
+
+        An indexed body built on the prompt's whole blocks (``build_at``) builds over the
+        pages handed over by their end and inserts the rest, so its index depends on those
+        blocks alone: the prefix cache keeps it with the last block, and a later sequence
+        on the same blocks starts from a copy instead of building (the same index: a build
+        is deterministic)."""
         if seq.flushed[layer]:
             return
+        shared = seq.build_at is not None and _clustered(seq.spec, layer)
         for head in range(seq.spec.num_kv_heads):
             pages = np.asarray(seq.pending[layer][head], dtype=np.int64)
             seq.pending[layer][head] = []
-            if pages.size:
-                seq.bodies[layer][head].add(pages)
+            built = self._built_pages(seq, layer, head, len(pages))
+            if built and shared:
+                self._build(seq, layer, head, pages[:built])
+            elif built:
+                seq.bodies[layer][head].add(pages[:built])
+            if built < len(pages):
+                seq.bodies[layer][head].add(pages[built:])
         seq.flushed[layer] = True
+
+    def _built_pages(self, seq: _Sequence, layer: int, head: int, pending: int) -> int:
+        """How many of ``pending`` handed-over pages the first ``add`` builds over."""
+        if seq.build_at is None or not _clustered(seq.spec, layer):
+            return pending
+        return min(pending, seq.heads[layer][head].handed_by(seq.build_at))
+
+    def _build(self, seq: _Sequence, layer: int, head: int, pages: np.ndarray) -> None:
+        """Lay ``pages`` out in the body, or start from the index the prefix cache keeps for
+        them (then ``pages``, positional copies it does not need, are let go)."""
+        kept = None
+        if seq.index_key is not None and self.prefixes is not None:
+            kept = self.prefixes.kept_body(seq.index_key, layer, head)
+        body = seq.bodies[layer][head]
+        leader = _leader(seq.spec, layer)
+        if leader is not None:  # an icecache-r follower: its leader may be a kept copy
+            for follower in (body, kept):
+                if isinstance(follower, MirroredBody):
+                    follower.leader = cast(IndexedBody, seq.bodies[leader][head])
+        if kept is not None:
+            body.release()
+            seq.bodies[layer][head] = kept
+            self.pool.free(pages)
+            return
+        body.add(pages)
+        if seq.index_key is not None and self.prefixes is not None:
+            self.prefixes.keep_body(seq.index_key, layer, head, body)
 
     def _over_window(self, lay: HeadLayout, leaving: np.ndarray) -> int:
         """Tokens of ``leaving`` pages beyond the window's share of the budget

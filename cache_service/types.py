@@ -167,10 +167,22 @@ class PrefixKeys:
     (tokens ``k * block_tokens .. (k + 1) * block_tokens - 1``) is named by ``keys[k]``, a
     hash of its token ids chained to ``keys[k - 1]`` (the first also over the model and the
     sequence's spec), so equal keys mean equal prompts up to the block's end.
+
+    Given at a sequence's creation, the keys also fix where an indexed policy's index is
+    built: over the tokens of the whole blocks (those that left the recent window by the
+    last block's end), the tokens after them inserted, so that every sequence on the same
+    blocks builds the same index and can share one kept (``Store._flush``). ``reuse``
+    ``False``: that build boundary only, the kept blocks neither read nor offered.
     """
 
     keys: tuple[bytes, ...]
     block_tokens: int
+    reuse: bool = True
+
+    @property
+    def tokens(self) -> int:
+        """Prompt tokens the blocks cover."""
+        return len(self.keys) * self.block_tokens
 
     def validate(self, page_size: int) -> None:
         """Raise ``ValueError`` naming what to fix."""

@@ -225,7 +225,9 @@ class Engine:
         spec = spec or self.config.spec(self.model)
         seq = self._sequence(seq_id or f"seq-{next(self._ids)}", list(prompt_ids), spec)
         reuse = self.config.prefix_reuse if reuse_prefix is None else reuse_prefix
-        blocks = self.prefix_keys(spec, prompt_ids) if reuse and replay is None else None
+        # The blocks also fix where an indexed policy builds its index (``PrefixKeys``),
+        # so they are named with reuse off too: the output does not depend on it.
+        blocks = self.prefix_keys(spec, prompt_ids, reuse) if replay is None else None
         started = time.perf_counter()
         seq.reused_tokens = self.kv.create(seq.seq_id, spec, _before_last(blocks, prompt_ids))
         try:
@@ -233,7 +235,7 @@ class Engine:
                 self.replay(seq.seq_id, replay, seq.dense)
                 return seq, replay.logits.clone()
             logits = self.prefill(seq.seq_id, prompt_ids, reused=seq.reused_tokens, dense=seq.dense)
-            if blocks is not None:
+            if blocks is not None and reuse:
                 self.kv.share_prefix(seq.seq_id, blocks)
         except BaseException:
             self.kv.release(seq.seq_id)
@@ -242,11 +244,14 @@ class Engine:
         self.timings.prefill_tokens += len(prompt_ids) - seq.reused_tokens
         return seq, logits
 
-    def prefix_keys(self, spec: SequenceSpec, prompt_ids: list[int]) -> PrefixKeys | None:
+    def prefix_keys(
+        self, spec: SequenceSpec, prompt_ids: list[int], reuse: bool = True
+    ) -> PrefixKeys | None:
         """The store's names of the prompt's whole prefill blocks (``None``: not one whole
         block): a hash chain over the blocks' token ids, started from the model, the
         sequence's spec, the block and the page size (everything the blocks' K/V and their
-        layout depend on)."""
+        layout depend on). ``reuse``: the store may start from blocks it keeps and keep
+        these (else they only fix where an indexed policy builds its index)."""
         size = self.config.prefill_chunk
         if len(prompt_ids) < size:
             return None
@@ -258,7 +263,7 @@ class Engine:
             block = ids[start : start + size].tobytes()
             key = hashlib.blake2b(key + block, digest_size=16).digest()
             keys.append(key)
-        return PrefixKeys(tuple(keys), size)
+        return PrefixKeys(tuple(keys), size, reuse)
 
     def adopt(
         self,
@@ -626,7 +631,7 @@ def _before_last(blocks: PrefixKeys | None, prompt_ids: list[int]) -> PrefixKeys
     if blocks is None:
         return None
     whole = (len(prompt_ids) - 1) // blocks.block_tokens
-    return PrefixKeys(blocks.keys[:whole], blocks.block_tokens) if whole else None
+    return PrefixKeys(blocks.keys[:whole], blocks.block_tokens, blocks.reuse) if whole else None
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -50,8 +50,8 @@ def ranked(seq_id: str, replicas: Iterable[str]) -> list[str]:
 
 def placement_key(seq_id: str, prefix: PrefixKeys | None) -> str:
     """What a new sequence is placed by: its prompt's ``PLACEMENT_BLOCKS``-th block key (or
-    its last whole block's), else its id."""
-    if prefix is None or not prefix.keys:
+    its last whole block's), else its id (also when the request turned reuse off)."""
+    if prefix is None or not prefix.keys or not prefix.reuse:
         return seq_id
     return prefix.keys[min(len(prefix.keys), PLACEMENT_BLOCKS) - 1].hex()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
+from typing import Self
 
 import numpy as np
 
@@ -42,6 +44,19 @@ class Body(ABC):
     def release(self) -> None:
         """Free every page this body owns."""
         self.pool.free(self.all_pages())
+
+    def clone(self, links: dict[int, object] | None = None) -> Self:
+        """A copy of this body's state holding the same pages (one more holder of each):
+        the index a prefix keeps, and what a sequence starting from it gets. The copy writes
+        only pages of its own (``LeafPages`` copies a shared page before writing it).
+
+        Args:
+            links: objects the copy refers to instead of copies (by ``id`` of the original:
+                a follower's leader); the pool is always the same.
+        """
+        twin = copy.deepcopy(self, {id(self.pool): self.pool, **(links or {})})
+        self.pool.share(twin.all_pages())
+        return twin
 
 
 def take_within(pages: np.ndarray, fills: np.ndarray, max_tokens: int) -> np.ndarray:

@@ -7,7 +7,7 @@ token the index placed at ``(leaf, s)``.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -24,13 +24,28 @@ class Placement(Protocol):
     def slots(self) -> np.ndarray: ...
 
 
-class LeafIndex(Protocol):
+class LeafFills(Protocol):
+    def leaf_fill(self, leaf: int) -> int: ...
+
+
+class LeafIndex(LeafFills, Protocol):
     """What this module needs of ``ClusterIndex`` / ``FlatKMeansIndex``."""
 
     def build(self, keys: np.ndarray, token_ids: np.ndarray) -> Placement: ...
     def insert(self, keys: np.ndarray, token_ids: np.ndarray) -> Placement: ...
     def search(self, queries: np.ndarray, max_tokens: int) -> np.ndarray: ...
-    def leaf_fill(self, leaf: int) -> int: ...
+
+
+class Step(NamedTuple):
+    """A placement and the fill it left in each leaf it touched: what an ``icecache-r``
+    follower replays (the leader's index may be past it by then)."""
+
+    placement: Placement
+    leaves: np.ndarray  # [n] ascending
+    fills: np.ndarray  # [n]
+
+    def leaf_fill(self, leaf: int) -> int:
+        return int(self.fills[np.searchsorted(self.leaves, leaf)])
 
 
 class LeafPages(Body):
@@ -61,19 +76,22 @@ class LeafPages(Body):
         self.token_page[positions] = pages
         self.token_slot[positions] = slots
 
-    def apply(self, placement: Placement, index: LeafIndex) -> None:
-        """Move the placed tokens' K/V to their leaves' pages (new leaves get new pages).
+    def apply(self, placement: Placement, index: LeafFills) -> None:
+        """Move the placed tokens' K/V to their leaves' pages (new leaves get new pages, a
+        leaf page shared with a kept index is copied first).
 
         ``index`` is the index that made the placement, in its state after it; it tells the
         fill of every leaf the placement touched (a split leaf shrinks).
         """
         if len(placement.token_ids) == 0:
             return
-        new_leaves = [int(x) for x in np.unique(placement.leaves) if int(x) not in self.leaf_page]
+        touched = np.unique(placement.leaves)
+        new_leaves = [int(x) for x in touched if int(x) not in self.leaf_page]
         for leaf, page in zip(new_leaves, self.pool.alloc(len(new_leaves)), strict=True):
             self.leaf_page[leaf] = int(page)
         positions = placement.token_ids
         kv = self.pool.read_slots(self.token_page[positions], self.token_slot[positions])
+        self._own(touched)
         dest = self.pages_of(placement.leaves)
         self.pool.write_slots(dest, placement.slots, kv, positions)
         self._track(positions, dest, placement.slots)
@@ -81,6 +99,23 @@ class LeafPages(Body):
             page, fill = self.leaf_page[int(leaf)], index.leaf_fill(int(leaf))
             self.pool.fill[page] = fill
             self.pool.positions[page, fill:] = -1
+
+    def _own(self, leaves: np.ndarray) -> None:
+        """Copy on write: give ``leaves`` whose page has other holders (a kept index, other
+        sequences started from it) pages of this body's own, with the same tokens."""
+        pages = self.pages_of(leaves)
+        shared = self.pool.refs[pages] > 1
+        if not shared.any():
+            return
+        old = pages[shared]
+        new = self.pool.copy(old)
+        for leaf, page in zip(leaves[shared].tolist(), new.tolist(), strict=True):
+            self.leaf_page[leaf] = page
+        fills = self.pool.fill[old]
+        held = self.pool.positions[old]  # [n, page_size], the first `fill` valid
+        valid = np.arange(self.pool.page_size)[None, :] < fills[:, None]
+        self.token_page[held[valid]] = np.repeat(new, fills)
+        self.pool.free(old)
 
     def stage(self, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Record where the tokens of incoming window pages are now; returns keys, positions."""
@@ -97,7 +132,7 @@ class IndexedBody(LeafPages):
         super().__init__(pool)
         self.index = index
         self.built = False
-        self.placements: list[Placement] = []  # replayed by icecache-r followers
+        self.placements: list[Step] = []  # replayed by icecache-r followers
         self.last_leaves = np.empty(0, dtype=np.int64)
 
     def add(self, pages: np.ndarray) -> None:
@@ -108,7 +143,9 @@ class IndexedBody(LeafPages):
             placement = self.index.build(keys, positions)
             self.built = True
         self.apply(placement, self.index)
-        self.placements.append(placement)
+        leaves = np.unique(placement.leaves)
+        fills = np.fromiter(map(self.index.leaf_fill, leaves.tolist()), np.int64, len(leaves))
+        self.placements.append(Step(placement, leaves, fills))
         self.pool.free(pages)
 
     def select(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
@@ -155,7 +192,11 @@ def select_layer(
 
 
 class MirroredBody(LeafPages):
-    """An ``icecache-r`` follower layer: the leader layer's layout and selection, own K/V."""
+    """An ``icecache-r`` follower layer: the leader layer's layout and selection, own K/V.
+
+    It takes the same pages as its leader (same handover timing), maybe later and several
+    adds at once: an ``add`` replays the leader's placements in order as far as it holds
+    their tokens."""
 
     def __init__(self, pool: PagePool, leader: IndexedBody) -> None:
         super().__init__(pool)
@@ -165,10 +206,24 @@ class MirroredBody(LeafPages):
     def add(self, pages: np.ndarray) -> None:
         self.stage(pages)
         assert len(self.leader.placements) > self.replayed, "leader layer must add first"
-        for placement in self.leader.placements[self.replayed :]:
-            self.apply(placement, self.leader.index)
-        self.replayed = len(self.leader.placements)
+        steps = self.leader.placements
+        before = self.replayed
+        while self.replayed < len(steps) and self._holds(steps[self.replayed].placement):
+            step = steps[self.replayed]
+            self.apply(step.placement, step)
+            self.replayed += 1
+        assert self.replayed > before, "leader layer must add these pages first"
         self.pool.free(pages)
+
+    def clone(self, links: dict[int, object] | None = None) -> MirroredBody:
+        """A copy without a leader (set its ``leader`` before an ``add``): a kept copy must
+        not hold on to the layer it was copied from."""
+        return super().clone({id(self.leader): None, **(links or {})})
+
+    def _holds(self, placement: Placement) -> bool:
+        """Whether every token ``placement`` places is staged or laid out here already."""
+        ids = placement.token_ids
+        return bool(ids.max() < self.token_page.size and (self.token_page[ids] >= 0).all())
 
     def select(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
         return self.pages_of(self.leader.last_leaves)

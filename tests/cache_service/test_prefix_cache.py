@@ -14,7 +14,7 @@ from cache_service.head_layout import HeadLayout
 from cache_service.page_pool import PagePool, PoolExhausted
 from cache_service.prefix_cache import PrefixCache
 from cache_service.store import Store
-from cache_service.types import POLICIES, OutOfOrder, PrefixKeys, SequenceSpec
+from cache_service.types import INDEXED_POLICIES, POLICIES, OutOfOrder, PrefixKeys, SequenceSpec
 
 LAYERS, KV, Q, DIM, PAGE, BLOCK = 4, 2, 4, 8, 4, 16
 
@@ -109,6 +109,68 @@ def test_a_sequence_started_from_a_prefix_attends_as_one_prefilled_whole(policy)
     plain = Store(PagePool(4096, PAGE, DIM), prefix_cache=False)
     assert _start(plain, "b", spec, second) == 0
     _same(_decode(shared, "b", 40, len(second)), _decode(plain, "b", 40, len(second)))
+    clustered = (LAYERS - spec.dense_layers) * KV if policy in INDEXED_POLICIES else 0
+    assert shared.stats().prefix.indexes == clustered  # "b" built it ("a" never decoded)
+
+
+def _kept_pages(store):
+    """Every page the kept indexes hold, with its data, positions, fill and version."""
+    pages = np.concatenate(
+        [body.all_pages() for block in store.prefixes._blocks.values()
+         for body in block.bodies.values()]
+    )  # fmt: skip
+    pool = store.pool
+    return pages, [a[pages].copy() for a in (pool.data, pool.positions, pool.fill, pool.version)]
+
+
+@pytest.mark.parametrize("policy", INDEXED_POLICIES)
+def test_a_kept_index_is_shared_by_reference_and_never_written(policy):
+    """Sequences on one document start from the index the first one built: they take a
+    few pages of their own (their window, copies of the leaves their later tokens go to),
+    not a layout of the document each; decoding them leaves the kept pages as they were,
+    and the pages go back to the pool with the kept block."""
+    spec = _spec(policy)
+    doc = list(range(1, 134))  # 133 tokens: 8 whole blocks
+    store = Store(PagePool(8192, PAGE, DIM))
+    taken = []
+    for i in range(4):
+        tokens = [*doc, *range(300 + 10 * i, 303 + 10 * i + i)]
+        before = store.pool.num_used
+        _start(store, f"s{i}", spec, tokens)
+        _decode(store, f"s{i}", 2, len(tokens), seed=i)
+        taken.append(store.pool.num_used - before)
+        if i == 0:
+            pages, kept = _kept_pages(store)
+            assert store.stats().prefix.indexes == (LAYERS - spec.dense_layers) * KV
+    assert max(taken[1:]) < taken[0] / 3, taken
+    _, still = _kept_pages(store)
+    for a, b in zip(kept, still, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert (store.pool.refs[pages] > 1).mean() > 0.5  # most are the sequences' too
+    for i in range(4):
+        store.release(f"s{i}")
+    assert store.pool.num_used == store.stats().prefix.pages
+    store.prefixes.evict(store.pool.num_pages)
+    assert store.pool.num_used == 0 and store.stats().prefix.indexes == 0
+
+
+def test_reuse_off_builds_where_reuse_does_and_leaves_the_cache_alone():
+    """Keys with ``reuse=False`` only fix the build boundary: nothing is found or kept, and
+    the sequence attends as one that started from the kept blocks and index."""
+    spec = _spec("icecache")
+    tokens = [*range(1, 70), 200, 201]
+    store = Store(PagePool(4096, PAGE, DIM))
+    _start(store, "a", spec, tokens)
+    _decode(store, "a", 1, len(tokens))  # builds and keeps the index
+    keys = _keys(tokens[:-1], spec)
+    off = PrefixKeys(keys.keys, keys.block_tokens, reuse=False)
+    before = store.stats().prefix
+    assert store.create("off", spec, off) == 0
+    _append(store, "off", _kv(tokens), 0)
+    assert _start(store, "on", spec, tokens) == 4 * BLOCK
+    _same(_decode(store, "off", 20, len(tokens)), _decode(store, "on", 20, len(tokens)))
+    after = store.stats().prefix
+    assert (after.hits, after.index_reuses) == (before.hits + 1, before.index_reuses + 6)
 
 
 def test_the_prompt_that_is_the_prefix_itself_reuses_all_but_its_last_block():
@@ -211,6 +273,11 @@ def test_restore_leaves_the_layout_appending_leaves(sink, window, delay, pages):
     order = grown.sink + handed + grown.leaving_pages().tolist() + list(grown.window)
     restored = HeadLayout(pool, sink * PAGE, window, delay)
     assert restored.restore(np.asarray(order), n) == handed
+    step = HeadLayout(pool, sink * PAGE, window, delay)  # handed_by: at every length
+    count = 0
+    for t in range(n):
+        count += len(step.append(kv[0, t : t + 1], kv[1, t : t + 1], np.array([t])))
+        assert step.handed_by(t + 1) == count
     assert restored.sink == grown.sink and list(restored.window) == list(grown.window)
     assert list(restored.leaving) == list(grown.leaving) and restored.length == n
 
@@ -243,6 +310,8 @@ def test_many_tenants_on_a_small_pool_get_what_a_cache_free_store_gives(
         if f"s{i}" in store:
             store.release(f"s{i}")
     assert store.pool.num_used == store.stats().prefix.pages
+    store.prefixes.evict(store.pool.num_pages)
+    assert store.pool.num_used == 0
 
 
 CHAINS, DEPTH, PAGES_PER_BLOCK = 2, 3, 2

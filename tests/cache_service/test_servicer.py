@@ -585,6 +585,9 @@ def test_prefix_blocks_are_kept_found_and_read_back_over_grpc(shm_client, rpc_cl
         np.testing.assert_array_equal(got[0], keys[: 3 * block])
         np.testing.assert_array_equal(got[1], values[: 3 * block])
         client.release("p-second")
+        off = PrefixKeys(prefix.keys, block, reuse=False)  # the build boundary only
+        assert client.create("p-off", _spec(), off) == 0
+        client.release("p-off")
     assert shm_client.create("p-other", _spec(budget=80), prefix) == 0  # another spec: none
     stats = rpc_client.stats()
     assert (stats.prefix.blocks, stats.prefix.hits, stats.prefix.tokens_reused) == (

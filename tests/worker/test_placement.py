@@ -116,6 +116,7 @@ def test_a_prompt_is_placed_by_its_fourth_block_or_its_last_whole_one():
     assert placement_key("seq-9", PrefixKeys(keys[:2], 256)) == "01" * 16
     assert placement_key("seq-9", None) == "seq-9"
     assert placement_key("seq-9", PrefixKeys((), 256)) == "seq-9"
+    assert placement_key("seq-9", PrefixKeys(keys, 256, reuse=False)) == "seq-9"
 
 
 def test_bounded_load_keeps_rendezvous_order_until_a_replica_is_over_its_share():

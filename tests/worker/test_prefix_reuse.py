@@ -5,7 +5,7 @@ policy and with a float16 store, and prefills only the rest."""
 import pytest
 import torch
 
-from cache_service.types import POLICIES
+from cache_service.types import INDEXED_POLICIES, POLICIES
 from worker.engine import Engine, EngineConfig
 from worker.kv_client import LocalKVClient
 
@@ -56,6 +56,10 @@ def test_reuse_gives_the_full_prefills_output_bit_for_bit(smollm, prompts, polic
     assert shared.timings.prefill_tokens == sum(len(p) for p in (*prompts, prompts[0])) - (
         second[2] + again[2]
     )
+    if policy in INDEXED_POLICIES:  # the later prompts started from the first one's index
+        spec = shared.config.spec(smollm[0])
+        heads = (spec.num_layers - spec.full_layers) * spec.num_kv_heads
+        assert shared.kv.store.stats().prefix.index_reuses == 2 * heads
 
 
 def test_a_float16_store_gives_the_same_output_with_and_without_reuse(smollm, prompts):

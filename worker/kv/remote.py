@@ -275,7 +275,10 @@ class RemoteKVClient(KVClient):
     # ---- extras --------------------------------------------------------------------------
     def stats(self) -> StoreStats:
         s = self._call(self._stub.Stats, pb.StatsRequest())
-        prefix = PrefixStats(s.prefix_blocks, s.prefix_pages, s.prefix_hits, s.prefix_tokens_reused)
+        prefix = PrefixStats(
+            s.prefix_blocks, s.prefix_pages, s.prefix_hits, s.prefix_tokens_reused,
+            indexes=s.prefix_indexes, index_reuses=s.prefix_index_reuses,
+        )  # fmt: skip
         return StoreStats(
             s.sequences, s.pages_used, s.pages_total, s.page_bytes, prefix, s.pages_shared
         )

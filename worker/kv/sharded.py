@@ -172,7 +172,7 @@ class ShardedKVClient(KVClient):
         (the placement that follows finds out whether it is alive)."""
         own = self.routes.counts.live
         loads = {address: own[address] for address in healthy}
-        if self.load is not None:
+        if self.load is not None and len(healthy) > 1:  # one replica: nothing to weigh
             for address in healthy:
                 try:
                     loads[address] = max(loads[address], self.load(address))
