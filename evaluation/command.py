@@ -209,7 +209,9 @@ def evaluate(session: Session, parsed: EvalArgs) -> EvalResult:
 def run_command(args: argparse.Namespace) -> int:
     """``icecache eval``: run, print the table, write the JSON and the plot."""
     parsed = validate(args)
-    session_config = SessionConfig(args.dense_layers, args.seed, args.allow_extrapolation)
+    session_config = SessionConfig(
+        args.dense_layers, args.seed, args.allow_extrapolation, args.index_blocks
+    )
     session = open_session(args.model, args.device, session_config, args.prefill_cache)
     note = extrapolation_note(session, parsed.plan.context_lens)
     if note:

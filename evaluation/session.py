@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cache_service.settings import same_as
+from cache_service.settings import same_as, setting
 from cache_service.types import PrefixKeys, Selection, SequenceSpec, kv_bytes
 from evaluation.capture import Capture, PrefillStore
 from worker.engine import Engine, EngineConfig, PrefillRecord, Sequence
@@ -45,6 +45,11 @@ class SessionConfig:
     dense_layers: int = same_as(EngineConfig, "dense_layers")
     seed: int = same_as(EngineConfig, "seed")
     allow_extrapolation: bool = same_as(EngineConfig, "allow_extrapolation")
+    index_blocks: bool = setting(
+        False,
+        "Build the indexed policies' index as a worker does: over the prompt's whole "
+        "prefill blocks, the tokens after them inserted (default: over the whole prompt).",
+    )
 
 
 def _from_capture(ids: tuple[int, ...], capture: Capture) -> PrefillRecord:
@@ -194,7 +199,12 @@ class Session:
                     logits = record.logits.float().numpy()
                     capture = self.prefills.save(key, record.keys, record.values, logits)
             self._prefill = record if capture is None else _from_capture(key, capture)
-        return engine.start(ids, f"eval-{next(self._seq_ids)}", replay=self._prefill)
+        return engine.start(
+            ids,
+            f"eval-{next(self._seq_ids)}",
+            replay=self._prefill,
+            index_blocks=self.config.index_blocks,
+        )
 
     def prefill_keys(self, ids: list[int]) -> list[np.ndarray]:
         """Per-layer prefill keys ``[T, Hkv, D]`` float32 of ``ids`` (after a ``start`` of

@@ -201,13 +201,17 @@ class Engine:
         replay: PrefillRecord | None = None,
         spec: SequenceSpec | None = None,
         reuse_prefix: bool | None = None,
+        index_blocks: bool = False,
     ) -> tuple[Sequence, torch.Tensor]:
         """Create a sequence in the store and prefill its prompt (or replay ``replay``, a
         recorded prefill of the same ids, instead of computing it). ``spec``: the store's
         spec of the sequence, when a request asks for another policy or budget than the
         engine's (default ``config.spec``). ``reuse_prefix``: start from leading blocks the
         store keeps and offer this prompt's (default ``config.prefix_reuse``; the output is
-        the same either way). On failure the sequence is released.
+        the same either way). ``index_blocks``: with ``replay``, name the prompt's blocks
+        anyway (reuse off), so that the indexed policies build over its whole blocks as a
+        prefilled prompt's do (default: over the whole prompt, as the offline eval measured
+        the method). On failure the sequence is released.
 
         Returns:
             the sequence and the logits of its last prompt token ``[vocab]``.
@@ -227,7 +231,8 @@ class Engine:
         reuse = self.config.prefix_reuse if reuse_prefix is None else reuse_prefix
         # The blocks also fix where an indexed policy builds its index (``PrefixKeys``),
         # so they are named with reuse off too: the output does not depend on it.
-        blocks = self.prefix_keys(spec, prompt_ids, reuse) if replay is None else None
+        named = replay is None or index_blocks
+        blocks = self.prefix_keys(spec, prompt_ids, reuse and replay is None) if named else None
         started = time.perf_counter()
         seq.reused_tokens = self.kv.create(seq.seq_id, spec, _before_last(blocks, prompt_ids))
         try:
@@ -235,7 +240,7 @@ class Engine:
                 self.replay(seq.seq_id, replay, seq.dense)
                 return seq, replay.logits.clone()
             logits = self.prefill(seq.seq_id, prompt_ids, reused=seq.reused_tokens, dense=seq.dense)
-            if blocks is not None and reuse:
+            if blocks is not None and blocks.reuse:
                 self.kv.share_prefix(seq.seq_id, blocks)
         except BaseException:
             self.kv.release(seq.seq_id)

@@ -18,9 +18,10 @@ def _engine(smollm, policy, reuse, dtype="float32"):
     return Engine(smollm[0], kv, config)
 
 
-def _run(engine, prompt):
-    """(first logits, greedy tokens, tokens reused) of one prompt; the sequence is released."""
-    seq, logits = engine.start(prompt)
+def _run(engine, prompt, **start):
+    """(first logits, greedy tokens, tokens reused, last logits) of one prompt; the sequence
+    is released."""
+    seq, logits = engine.start(prompt, **start)
     first = logits.clone()
     tokens = [int(logits.argmax())]
     try:
@@ -29,7 +30,7 @@ def _run(engine, prompt):
             tokens.append(int(logits.argmax()))
     finally:
         engine.finish(seq)
-    return first, tokens, seq.reused_tokens
+    return first, tokens, seq.reused_tokens, logits
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,8 @@ def test_reuse_gives_the_full_prefills_output_bit_for_bit(smollm, prompts, polic
     again = _run(shared, prompts[0])  # the same prompt: all its blocks but the last token's
     assert again[2] == (len(prompts[0]) - 1) // BLOCK * BLOCK
     for got, prompt in ((second, prompts[1]), (again, prompts[0])):
-        logits, tokens, _ = _run(plain, prompt)
-        assert torch.equal(got[0], logits)
+        logits, tokens, _, last = _run(plain, prompt)
+        assert torch.equal(got[0], logits) and torch.equal(got[3], last)
         assert got[1] == tokens
     assert shared.timings.prefill_tokens == sum(len(p) for p in (*prompts, prompts[0])) - (
         second[2] + again[2]
@@ -68,8 +69,21 @@ def test_a_float16_store_gives_the_same_output_with_and_without_reuse(smollm, pr
     _run(shared, prompts[0])
     reused = _run(shared, prompts[1])
     assert reused[2] == 7 * BLOCK
-    logits, tokens, _ = _run(plain, prompts[1])
+    logits, tokens, _, _ = _run(plain, prompts[1])
     assert torch.equal(reused[0], logits) and reused[1] == tokens
+
+
+@pytest.mark.parametrize("policy", INDEXED_POLICIES)
+def test_a_replay_builds_the_index_where_a_prefill_does_when_asked(smollm, prompts, policy):
+    """The offline eval replays recorded prefills; with ``index_blocks`` its indexed
+    sequences are the ones a worker serves (built over the whole blocks, the rest
+    inserted), bit for bit."""
+    engine = _engine(smollm, policy, reuse=False)
+    record = engine.record_prefill(prompts[1])
+    served = _run(engine, prompts[1])
+    replayed = _run(engine, prompts[1], replay=record, index_blocks=True)
+    assert torch.equal(served[3], replayed[3]) and served[1] == replayed[1]
+    assert engine.kv.store.stats().prefix.blocks == 0  # reuse off: nothing kept
 
 
 def test_a_request_can_turn_reuse_off_and_a_bad_block_size_is_refused(smollm, prompts):
@@ -91,5 +105,5 @@ def test_the_block_prefill_matches_transformers_forward(smollm, smollm_dir, prom
     reference = AutoModelForCausalLM.from_pretrained(smollm_dir, torch_dtype=torch.float32)
     with torch.inference_mode():
         expected = reference(torch.tensor([prompts[1]])).logits[0, -1]
-    logits, _, _ = _run(_engine(smollm, "full", reuse=False), prompts[1])
+    logits, _, _, _ = _run(_engine(smollm, "full", reuse=False), prompts[1])
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-3)
