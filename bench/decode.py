@@ -33,7 +33,7 @@ from worker.model import LlamaModel
 from worker.page_cache import PageCacheStats
 
 OUT = Path(__file__).parent / "results" / "decode.md"
-STORE_BYTES = 2 * 2**30
+STORE_BYTES = 4 * 2**30  # pages and the indexes' own memory (the OS backs what is used)
 """Pool of each policy's in-process store; the OS backs only the pages written."""
 
 

@@ -136,7 +136,7 @@ def start_service(max_memory: str) -> tuple[subprocess.Popen, str]:
 
 def make_runs(model: LlamaModel, address: str, config: EngineConfig) -> list[Run]:
     head_dim = model.config.head_dim
-    local = LocalKVClient.with_capacity(2 * 2**30, 16, head_dim)
+    local = LocalKVClient.with_capacity(4 * 2**30, 16, head_dim)
     clients: list[tuple[str, KVClient]] = [
         ("in-process", local),
         ("remote shm", RemoteKVClient.connect(address, transport="shm")),

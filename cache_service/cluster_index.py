@@ -51,7 +51,7 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
-from cache_service.policies.base import fill_within
+from cache_service.policies.base import array_bytes, fill_within
 
 
 @dataclass(frozen=True)
@@ -335,6 +335,18 @@ class ClusterIndex:
     @property
     def num_leaves(self) -> int:
         return self.levels[0].n
+
+    def nbytes(self) -> int:
+        """Bytes of the index's arrays: its key copy and token maps, every level's sums,
+        centroids and child lists (a list counted as 64 bytes, a link in it as 8)."""
+        nodes = sum(level.n for level in self.levels)
+        links = nodes - self.levels[-1].n
+        return (
+            array_bytes(self)
+            + sum(array_bytes(level) for level in self.levels)
+            + 64 * nodes
+            + 8 * links
+        )
 
     def leaf_ids(self) -> np.ndarray:
         return np.arange(self.num_leaves, dtype=np.int64)

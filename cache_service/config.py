@@ -40,10 +40,12 @@ class CacheServiceConfig:
     port: int = setting(50061, "gRPC port; 0 picks a free one (logged at start).")
     max_memory: int = setting(
         2 * 2**30,
-        "Ceiling on bytes of K/V page data, e.g. 4G or 512M: the pool holds max_memory // "
-        "page_bytes pages (the OS backs only pages actually written). A request that needs "
-        "more pages than are free fails with RESOURCE_EXHAUSTED naming this limit; nothing "
-        "of a sequence is evicted (only prompt blocks kept for reuse that no sequence uses).",
+        "Ceiling on bytes of K/V page data and the indexes' own memory, e.g. 4G or 512M: the "
+        "pool holds max_memory // page_bytes pages (the OS backs only pages actually "
+        "written), and as many free pages as the indexes' key copies, sums and maps take "
+        "are held back. A request that needs more pages than that leaves fails with "
+        "RESOURCE_EXHAUSTED naming this limit; nothing of a sequence is evicted (only prompt "
+        "blocks kept for reuse that no sequence uses, with their indexes).",
         parse=_size,
     )
     max_sequences: int = setting(

@@ -41,7 +41,14 @@ class StoreCollector(Collector):
             "icecache_pages_total", "Pages in the pool", value=stats.pages_total
         )
         yield GaugeMetricFamily(
-            "icecache_memory_used_bytes", "K/V bytes in used pages", value=stats.bytes_used
+            "icecache_memory_used_bytes",
+            "K/V bytes in used pages and the indexes' own memory (what --max-memory bounds)",
+            value=stats.bytes_used,
+        )
+        yield GaugeMetricFamily(
+            "icecache_index_bytes",
+            "Memory outside the pool: the indexes' key copies, sums and centroids, page lists",
+            value=stats.index_bytes,
         )
         yield GaugeMetricFamily(
             "icecache_memory_capacity_bytes", "K/V bytes of the whole pool", value=pool_bytes

@@ -78,6 +78,8 @@ class PrefixStats:
     """Kept (layer, KV head) indexes."""
     index_reuses: int = 0
     """(layer, KV head) indexes sequences started from a kept one instead of building."""
+    index_bytes: int = 0
+    """Bytes of the kept indexes' own state, outside the pool (``Body.nbytes``)."""
 
 
 @dataclass
@@ -93,6 +95,7 @@ class PrefixCache:
     evicted_blocks: int = 0
     indexes: int = 0
     index_reuses: int = 0
+    index_bytes: int = 0
     pages_held: int = 0
     """Pages the blocks hold, kept as blocks come and go (``stats`` reads it without the
     store's lock, so it never walks ``_blocks`` while another thread changes it)."""
@@ -157,6 +160,7 @@ class PrefixCache:
         block.bodies[(layer, head)] = kept
         self.pages_held += len(kept.all_pages())
         self.indexes += 1
+        self.index_bytes += kept.nbytes()
         return True
 
     def evict(self, pages_wanted: int) -> int:
@@ -179,6 +183,7 @@ class PrefixCache:
         self._blocks.clear()
         self.pages_held = 0
         self.indexes = 0
+        self.index_bytes = 0
 
     def held_pages(self) -> np.ndarray:
         """Every page some block holds ``[n]`` (blocks never share a page: each id once)."""
@@ -200,6 +205,7 @@ class PrefixCache:
             self.evicted_blocks,
             self.indexes,
             self.index_reuses,
+            self.index_bytes,
         )
 
     def _victim(self) -> PrefixBlock | None:
@@ -230,6 +236,7 @@ class PrefixCache:
         held = block.held().size
         self.pool.free(block.pages.ravel())
         for body in block.bodies.values():
+            self.index_bytes -= body.nbytes()
             body.release()
         self.indexes -= len(block.bodies)
         block.bodies.clear()

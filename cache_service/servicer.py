@@ -355,4 +355,5 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             pages_shared=stats.pages_shared,
             prefix_indexes=stats.prefix.indexes,
             prefix_index_reuses=stats.prefix.index_reuses,
+            index_bytes=stats.index_bytes,
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
@@ -45,6 +45,8 @@ class _Sequence:
     blocks) and insert the later ones (``None``: build over all the prefill)."""
     index_key: bytes | None = None
     """The block under which the index built there is kept and found (``None``: not shared)."""
+    meta: list[int] = field(default_factory=list)
+    """[layer]: bytes of its bodies' own state outside the pool (``Body.nbytes``)."""
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,15 @@ class StoreStats:
     prefix: PrefixStats = PrefixStats()
     pages_shared: int = 0
     """Pages with more than one holder (shared prefix pages)."""
+    index_bytes: int = 0
+    """Memory outside the pool: the bodies' own state (an index's key copy, sums and
+    centroids; page lists), the sequences' and the kept prefixes'."""
 
     @property
     def bytes_used(self) -> int:
-        return self.pages_used * self.page_bytes
+        """K/V bytes of the pages in use and the index bytes: what counts against the
+        memory ceiling."""
+        return self.pages_used * self.page_bytes + self.index_bytes
 
 
 class Store:
@@ -76,6 +83,7 @@ class Store:
         """Shared prompt prefixes (``None``: prefix reuse is off in this store)."""
         self._seqs: dict[str, _Sequence] = {}
         self._lock = threading.RLock()
+        self._meta_bytes = 0  # every sequence's ``meta``, summed
 
     @property
     def lock(self) -> threading.RLock:
@@ -129,6 +137,9 @@ class Store:
                     blocks = self.prefixes.lookup(list(prefix.keys), spec, prefix.block_tokens)
             if blocks:
                 self._restore(seq, np.concatenate([b.pages for b in blocks], axis=2))
+            seq.meta = [0] * spec.num_layers
+            for layer in range(spec.num_layers):
+                self._measure(seq, layer)
             self._seqs[seq_id] = seq
             return len(blocks) * prefix.block_tokens if prefix is not None else 0
 
@@ -206,6 +217,7 @@ class Store:
                     seq.heads[layer][head].release()
                     self.pool.free(np.asarray(seq.pending[layer][head], dtype=np.int64))
                     seq.bodies[layer][head].release()
+            self._meta_bytes -= sum(seq.meta)
             del self._seqs[seq_id]
 
     def __contains__(self, seq_id: str) -> bool:
@@ -239,6 +251,7 @@ class Store:
             self._admit(self._append_pages(seq, layer, len(positions)), f"append to {seq_id!r}")
             with self._changing([seq]):
                 self._append(seq, layer, keys, values, positions)
+                self._measure(seq, layer)
 
     def _append(
         self,
@@ -268,7 +281,9 @@ class Store:
             self._check_retrieve(seq, layer, queries)
             self._admit(self._retrieve_pages(seq, layer), f"retrieve for {seq_id!r}")
             with self._changing([seq]):
-                return self._retrieve(seq, layer, queries)
+                selection = self._retrieve(seq, layer, queries)
+                self._measure(seq, layer)
+                return selection
 
     def _retrieve(self, seq: _Sequence, layer: int, queries: np.ndarray) -> Selection:
         spec = seq.spec
@@ -326,6 +341,7 @@ class Store:
                     rows = slice(b, b + 1)
                     self._append(seq, layer, keys[rows], values[rows], positions[rows])
                     out.append(self._retrieve(seq, layer, queries[b]))
+                    self._measure(seq, layer)
             return out
 
     def read_pages(self, pages: np.ndarray) -> np.ndarray:
@@ -342,7 +358,14 @@ class Store:
             self.pool.page_bytes,
             prefix,
             int(np.count_nonzero(self.pool.refs > 1)),
+            self._meta_bytes + prefix.index_bytes,
         )
+
+    def _measure(self, seq: _Sequence, layer: int) -> None:
+        """Count ``layer``'s bodies' own memory again (after a change to them)."""
+        now = sum(body.nbytes() for body in seq.bodies[layer])
+        self._meta_bytes += now - seq.meta[layer]
+        seq.meta[layer] = now
 
     # ---- admission and failure ---------------------------------------------------------
     def _append_pages(self, seq: _Sequence, layer: int, tokens: int) -> int:
@@ -365,6 +388,8 @@ class Store:
             for head, pending in enumerate(seq.pending[layer]):
                 built = self._built_pages(seq, layer, head, len(pending))
                 build += 3 * built + 2 * self.pool.page_size * (len(pending) - built)
+            tokens = sum(len(pending) for pending in seq.pending[layer]) * self.pool.page_size
+            build += -(-tokens * INDEX_BYTES_PER_KEY * seq.spec.head_dim // self.pool.page_bytes)
         scratch = 0
         if seq.spec.policy == "oracle" and layer >= seq.spec.dense_layers:
             budget = seq.spec.body_budget(self.pool.page_size) or 0
@@ -372,16 +397,26 @@ class Store:
         return build + scratch
 
     def _admit(self, pages: int, what: str) -> None:
-        """Refuse, before changing anything, an operation that would not fit in the pool
-        (once unused prefix blocks made what room they can)."""
-        if pages > self.pool.num_free and self.prefixes is not None:
-            self.prefixes.evict(pages - self.pool.num_free)
-        if pages > self.pool.num_free:
+        """Refuse, before changing anything, an operation that would not fit in the memory
+        ceiling (once unused prefix blocks made what room they can). The pool holds the
+        ceiling's worth of pages; the bodies' own memory outside it (``index_bytes``) takes
+        as many of the free ones out of use."""
+        if pages > self._room() and self.prefixes is not None:
+            self.prefixes.evict(pages - self._room())
+        room = self._room()
+        if pages > room:
+            left = max(room, 0)
             raise PoolExhausted(
-                f"{what} needs up to {pages} KV pages but only {self.pool.num_free} of "
-                f"{self.pool.num_pages} are free; release finished sequences or raise the "
+                f"{what} needs up to {pages} KV pages but only {left} of "
+                f"{self.pool.num_pages} are free ({self.pool.num_free - left} more held back "
+                "for the indexes' own memory); release finished sequences or raise the "
                 "memory limit"
             )
+
+    def _room(self) -> int:
+        """Free pages less those the bodies' memory outside the pool stands for."""
+        index = self._meta_bytes + (self.prefixes.index_bytes if self.prefixes is not None else 0)
+        return self.pool.num_free - -(-index // self.pool.page_bytes)
 
     @contextlib.contextmanager
     def _changing(self, seqs: list[_Sequence]) -> Iterator[None]:
@@ -556,6 +591,11 @@ class Store:
                     f"icecache-r layer {layer} reuses layer {leader}'s layout: append to layer "
                     f"{leader} first (it holds {lead} tokens, layer {layer} would hold {end})"
                 )
+
+
+INDEX_BYTES_PER_KEY = 20
+"""An index's memory per token and key coordinate, for admission (a float32 key copy in
+leaves about half full with room for splits, sums, centroids and maps: ~19 measured)."""
 
 
 def _leader(spec: SequenceSpec, layer: int) -> int | None:

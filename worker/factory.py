@@ -18,8 +18,10 @@ from worker.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STORE_MB = 4096
-"""Pool size of the in-process store; the OS backs only the pages actually written."""
+DEFAULT_STORE_MB = 8192
+"""Memory ceiling of the in-process store (pages and the indexes' own memory; the OS backs
+only the pages actually written): a 32k-token ``icecache`` sequence of the embedded model
+takes several GB of it."""
 
 
 @dataclass(frozen=True)

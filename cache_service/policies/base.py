@@ -45,6 +45,11 @@ class Body(ABC):
         """Free every page this body owns."""
         self.pool.free(self.all_pages())
 
+    def nbytes(self) -> int:
+        """Bytes of the body's own state outside the pool (page lists, summaries, an index):
+        counted with the pages against the memory ceiling."""
+        return array_bytes(self)
+
     def clone(self, links: dict[int, object] | None = None) -> Self:
         """A copy of this body's state holding the same pages (one more holder of each):
         the index a prefix keeps, and what a sequence starting from it gets. The copy writes
@@ -57,6 +62,11 @@ class Body(ABC):
         twin = copy.deepcopy(self, {id(self.pool): self.pool, **(links or {})})
         self.pool.share(twin.all_pages())
         return twin
+
+
+def array_bytes(obj: object) -> int:
+    """Bytes of the numpy arrays among ``obj``'s attributes."""
+    return sum(v.nbytes for v in vars(obj).values() if isinstance(v, np.ndarray))
 
 
 def take_within(pages: np.ndarray, fills: np.ndarray, max_tokens: int) -> np.ndarray:

@@ -24,6 +24,10 @@ class Placement(Protocol):
     def slots(self) -> np.ndarray: ...
 
 
+DICT_ENTRY_BYTES = 16
+"""What a leaf -> page entry is counted as (two ints)."""
+
+
 class LeafFills(Protocol):
     def leaf_fill(self, leaf: int) -> int: ...
 
@@ -34,6 +38,7 @@ class LeafIndex(LeafFills, Protocol):
     def build(self, keys: np.ndarray, token_ids: np.ndarray) -> Placement: ...
     def insert(self, keys: np.ndarray, token_ids: np.ndarray) -> Placement: ...
     def search(self, queries: np.ndarray, max_tokens: int) -> np.ndarray: ...
+    def nbytes(self) -> int: ...
 
 
 class Step(NamedTuple):
@@ -59,6 +64,9 @@ class LeafPages(Body):
 
     def all_pages(self) -> np.ndarray:
         return np.fromiter(self.leaf_page.values(), dtype=np.int64, count=len(self.leaf_page))
+
+    def nbytes(self) -> int:
+        return super().nbytes() + DICT_ENTRY_BYTES * len(self.leaf_page)
 
     def pages_of(self, leaves: np.ndarray) -> np.ndarray:
         return np.fromiter((self.leaf_page[int(x)] for x in leaves), np.int64, len(leaves))
@@ -133,6 +141,7 @@ class IndexedBody(LeafPages):
         self.index = index
         self.built = False
         self.placements: list[Step] = []  # replayed by icecache-r followers
+        self.steps_bytes = 0  # their arrays' bytes
         self.last_leaves = np.empty(0, dtype=np.int64)
 
     def add(self, pages: np.ndarray) -> None:
@@ -145,8 +154,14 @@ class IndexedBody(LeafPages):
         self.apply(placement, self.index)
         leaves = np.unique(placement.leaves)
         fills = np.fromiter(map(self.index.leaf_fill, leaves.tolist()), np.int64, len(leaves))
-        self.placements.append(Step(placement, leaves, fills))
+        step = Step(placement, leaves, fills)
+        self.placements.append(step)
+        arrays = (placement.token_ids, placement.leaves, placement.slots, leaves, fills)
+        self.steps_bytes += sum(a.nbytes for a in arrays)
         self.pool.free(pages)
+
+    def nbytes(self) -> int:
+        return super().nbytes() + self.index.nbytes() + self.steps_bytes
 
     def select(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
         if not self.built:

@@ -565,3 +565,26 @@ def test_search_scores_every_leaf_centroid_when_the_leaves_are_few(config):
         for q in rng.standard_normal((20, 2, DIM)).astype(np.float32)
     )
     assert differs > 0
+
+
+def test_nbytes_counts_what_the_index_allocates():
+    """``nbytes`` (what the memory ceiling counts) against what Python's allocator traced
+    while an index was built and took inserts, with only the index kept."""
+    import gc
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((4096, 64)).astype(np.float32)
+    more = rng.standard_normal((512, 64)).astype(np.float32)
+    ClusterIndex(64).build(keys[:256], np.arange(256))  # lazy imports before tracing
+    tracemalloc.start()
+    try:
+        index = ClusterIndex(64)
+        index.build(keys, np.arange(4096))
+        for start in range(0, 512, 16):
+            index.insert(more[start : start + 16], np.arange(4096 + start, 4112 + start))
+        gc.collect()
+        traced = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert 0.9 * traced <= index.nbytes() <= 1.1 * traced

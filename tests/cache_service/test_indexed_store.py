@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cache_service.page_pool import PagePool
+from cache_service.page_pool import PagePool, PoolExhausted
 from cache_service.store import Store
 from cache_service.types import OutOfOrder, SequenceSpec, UnknownSequence
 
@@ -364,7 +364,7 @@ def test_random_appends_and_decodes_keep_every_position_in_exactly_one_page(run)
     """Appends (the leader layers in two pieces, ``icecache-r`` followers in one, so they
     replay several placements at once), retrieves and batched decodes, in random order."""
     page, kv, q, dim = run["page"], 2, 4, 4
-    store = Store(PagePool(4096, page, dim))
+    store = Store(PagePool(65536, page, dim))  # tiny heads: their indexes outweigh their K/V
     total = store.pool.num_free
     spec = SequenceSpec(
         H_LAYERS,
@@ -422,3 +422,39 @@ def test_random_appends_and_decodes_keep_every_position_in_exactly_one_page(run)
     for seq in names:
         store.release(seq)
     assert store.pool.num_free == total
+
+
+def _bodies_bytes(store):
+    """The bodies' own memory, walked: every sequence's and every kept index's."""
+    live = sum(b.nbytes() for seq in store._seqs.values() for row in seq.bodies for b in row)
+    kept = [b for block in store.prefixes._blocks.values() for b in block.bodies.values()]
+    return live + sum(b.nbytes() for b in kept)
+
+
+@pytest.mark.parametrize("policy", INDEXED)
+def test_the_indexes_memory_is_counted_and_held_back_from_the_pool(policy):
+    """``index_bytes`` is what the bodies hold outside the pool, kept as they change; it
+    counts in ``bytes_used`` and takes its worth of free pages out of use: an append that
+    fits in the free pages but not beside the indexes is refused, saying so."""
+    store = Store(PagePool(3000, PAGE, DIM))
+    rng = np.random.default_rng(4)
+    keys = rng.standard_normal((LAYERS, 600, KV, DIM)).astype(np.float32)
+    store.create("s", _spec(policy))
+    _append_all(store, "s", keys[:, :500], keys[:, :500])
+    _retrieve_all(store, "s", rng.standard_normal((LAYERS, Q, DIM)).astype(np.float32))
+    _append_all(store, "s", keys[:, 500:], keys[:, 500:], start=500)  # inserts
+    stats = store.stats()
+    assert stats.index_bytes == _bodies_bytes(store) > 10 * stats.page_bytes
+    assert stats.bytes_used == stats.pages_used * stats.page_bytes + stats.index_bytes
+    held = -(-stats.index_bytes // stats.page_bytes)
+    room = store.pool.num_free - held
+    store.create("f", SequenceSpec(LAYERS, KV, Q, DIM, policy="full"))
+    fits = room // KV * PAGE  # tokens whose pages fill the room, KV heads at a time
+    big = np.zeros((fits + PAGE, KV, DIM), np.float32)
+    with pytest.raises(PoolExhausted, match="held back for the indexes"):
+        store.append("f", 0, big, big, np.arange(len(big)))
+    assert store.pool.num_free - held == room  # refused before changing anything
+    store.append("f", 0, big[:fits], big[:fits], np.arange(fits))
+    store.release("s")
+    store.release("f")
+    assert store.stats().index_bytes == _bodies_bytes(store) == 0

@@ -306,12 +306,15 @@ def test_many_tenants_on_a_small_pool_get_what_a_cache_free_store_gives(
         plain = Store(PagePool(4096, PAGE, DIM), prefix_cache=False)
         _start(plain, "p", spec, tokens)
         _same(seen, _decode(plain, "p", 3, len(tokens), seed=i))
+    live = [b for seq in store._seqs.values() for row in seq.bodies for b in row]
+    kept = [b for block in store.prefixes._blocks.values() for b in block.bodies.values()]
+    assert store.stats().index_bytes == sum(b.nbytes() for b in live + kept)
     for i in range(len(prompts)):
         if f"s{i}" in store:
             store.release(f"s{i}")
     assert store.pool.num_used == store.stats().prefix.pages
     store.prefixes.evict(store.pool.num_pages)
-    assert store.pool.num_used == 0
+    assert store.pool.num_used == 0 and store.stats().index_bytes == 0
 
 
 CHAINS, DEPTH, PAGES_PER_BLOCK = 2, 3, 2

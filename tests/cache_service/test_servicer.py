@@ -402,7 +402,8 @@ def test_stats_count_sequences_and_pages(shm_client, service):
     during = shm_client.stats()
     assert during.sequences == before.sequences + 1
     assert during.pages_used == service.store.stats().pages_used > before.pages_used
-    assert during.bytes_used == during.pages_used * during.page_bytes
+    assert during.index_bytes == service.store.stats().index_bytes  # over the wire
+    assert during.bytes_used == during.pages_used * during.page_bytes + during.index_bytes
     shm_client.release("stats")
     assert shm_client.stats() == before
 

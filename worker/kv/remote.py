@@ -280,8 +280,9 @@ class RemoteKVClient(KVClient):
             indexes=s.prefix_indexes, index_reuses=s.prefix_index_reuses,
         )  # fmt: skip
         return StoreStats(
-            s.sequences, s.pages_used, s.pages_total, s.page_bytes, prefix, s.pages_shared
-        )
+            s.sequences, s.pages_used, s.pages_total, s.page_bytes, prefix, s.pages_shared,
+            s.index_bytes,
+        )  # fmt: skip
 
     def close(self) -> None:
         """End the decode stream and the lease (releasing what it holds), unmap the segment
