@@ -5,6 +5,7 @@ import pydoc_data.topics
 import pytest
 import torch
 
+from cache_service.types import INDEXED_POLICIES
 from worker.engine import Engine, EngineConfig
 from worker.factory import build_engine
 
@@ -62,8 +63,12 @@ def test_sparse_decoding_attends_to_at_most_the_budget(smollm, policy):
         assert 16 < max(per_head) <= 64
     dense = [s for layer, s in seen if layer < 2]
     assert all(s.tokens() == 3 * (400 + i // 2 + 1) for i, s in enumerate(dense))
-    stats = engine.kv.store.stats()  # all released but the prompt's kept 256-token block
-    assert stats.pages_used == stats.prefix.pages == 30 * 3 * 256 // 16
+    store = engine.kv.store  # all released but the prompt's kept 256-token block and the
+    stats = store.stats()  # index built over it (for the indexed policies)
+    blocks = store.prefixes._blocks.values()
+    index_pages = sum(len(b.all_pages()) for block in blocks for b in block.bodies.values())
+    assert stats.pages_used == stats.prefix.pages == 30 * 3 * 256 // 16 + index_pages
+    assert (index_pages > 0) == (policy in INDEXED_POLICIES)
 
 
 @pytest.mark.parametrize("policy", ["icecache", "full"])  # dense copies of 2 and of 30 layers
