@@ -193,7 +193,7 @@ def _leaf_mass(
     scores = np.empty((queries.shape[1], int(ends[-1])), dtype=np.float32)  # [G, T]
     for h, index in enumerate(heads):
         rows = token_rows(leaves[h], fills[h], index.config.page_size)
-        keys = np.take(index.flat_keys(), rows, axis=0)
+        keys = np.take(index.flat_keys(), rows, axis=0).astype(np.float32)
         scores[:, ends[h] - tokens[h] : ends[h]] = queries[h] @ keys.T
     scales = np.array([index.softmax_scale for index in heads], dtype=np.float32)
     if (scales == scales[0]).all():

@@ -185,6 +185,12 @@ def two_means(x: np.ndarray, iters: int = 8) -> np.ndarray:
     return second
 
 
+KEY_DTYPE = np.float16
+"""The index's copy of the keys (scored exactly by search, re-clustered by splits): half of
+float32's bytes; keys on the wire are within float16's range already."""
+
+KEY_LIMIT = float(np.finfo(np.float16).max)
+
 CENTROID_LEVELS = 127
 """Quantized centroid coordinates lie in ``[-127, 127]`` (int8)."""
 
@@ -313,7 +319,7 @@ class ClusterIndex:
         self.norm_bound = 0.0  # M of the augmentation
         self.key_bound = np.zeros(head_dim)  # per dimension, above every |key|: quantization
         self.qscale = np.ones(head_dim)  # centroid quantization step per dimension
-        self.keys = np.zeros((0, size, head_dim), dtype=np.float32)  # [leaf, slot, D]
+        self.keys = np.zeros((0, size, head_dim), dtype=KEY_DTYPE)  # [leaf, slot, D]
         self.tokens = np.zeros((0, size), dtype=np.int64)  # [leaf, slot], -1 empty
         self.fill = np.zeros(0, dtype=np.int64)  # [leaf]
         self.token_leaf = np.zeros(0, dtype=np.int64)  # token id -> leaf, -1 absent
@@ -560,7 +566,8 @@ class ClusterIndex:
         """Attention mass ``[L]`` of each leaf's tokens: ``exp(scale × q·k - max)`` summed
         over the leaf, each query head normalised over these leaves, mean over the group."""
         fills = self.fill[leaves]
-        keys = np.take(self.flat_keys(), token_rows(leaves, fills, self.config.page_size), 0)
+        rows = token_rows(leaves, fills, self.config.page_size)
+        keys = np.take(self.flat_keys(), rows, 0).astype(np.float32)
         scores = (queries @ keys.T) * self.softmax_scale  # [G, T]
         weights = np.exp(scores - scores.max(axis=1, keepdims=True))
         per_leaf = np.add.reduceat(weights, np.cumsum(fills) - fills, axis=1)  # [G, L]
@@ -572,7 +579,7 @@ class ClusterIndex:
         return self.config.softmax_scale or self.dim**-0.5
 
     def flat_keys(self) -> np.ndarray:
-        """The key slots as rows ``[leaves × page_size, D]`` (a view)."""
+        """The key slots as rows ``[leaves × page_size, D]`` (a float16 view)."""
         return self.keys.reshape(-1, self.dim)
 
     def check_invariants(self) -> None:
@@ -635,7 +642,14 @@ class ClusterIndex:
             raise ValueError("some token ids are already in the index")
         if not np.isfinite(keys).all():
             raise ValueError("keys contain NaN or infinity")
-        return keys, token_ids
+        if len(keys) and np.abs(keys).max() > KEY_LIMIT:
+            raise ValueError(
+                f"keys must lie within +-{KEY_LIMIT:g} (the index keeps them as float16), "
+                f"got {np.abs(keys).max():g}"
+            )
+        # The index sees every key as its float16 copy holds it: sums, centroids and scores
+        # agree with the copy whatever the input precision.
+        return keys.astype(KEY_DTYPE).astype(np.float32), token_ids
 
     def _check_queries(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
         queries = np.asarray(queries, dtype=np.float32)
@@ -714,7 +728,7 @@ class ClusterIndex:
         if cap > len(self.fill):
             grow = cap - len(self.fill)
             size = self.config.page_size
-            self.keys = np.concatenate([self.keys, np.zeros((grow, size, self.dim), "f4")])
+            self.keys = np.concatenate([self.keys, np.zeros((grow, size, self.dim), KEY_DTYPE)])
             self.tokens = np.concatenate([self.tokens, np.full((grow, size), -1, np.int64)])
             self.fill = np.concatenate([self.fill, np.zeros(grow, np.int64)])
 

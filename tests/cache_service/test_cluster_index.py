@@ -367,7 +367,9 @@ def test_a_budget_covering_every_token_selects_every_leaf(config):
 
 def _mass_ranking(index, keys, q, max_tokens):
     """Brute force: every leaf's attention mass (each query head's softmax over all tokens,
-    mean over the group), best first; then each leaf taken while it still fits."""
+    mean over the group), best first; then each leaf taken while it still fits. The index
+    scores the keys as its float16 copy holds them."""
+    keys = keys.astype(np.float16).astype(np.float32)
     probs = np.exp((q @ keys.T) * index.dim**-0.5)  # [G, N]
     probs /= probs.sum(1, keepdims=True)
     leaves = index.leaf_ids()
@@ -445,6 +447,9 @@ def test_bad_arguments_raise_clear_errors():
         index.build(bad, np.arange(10))
     bad[3, 1] = np.inf
     with pytest.raises(ValueError, match="keys contain NaN or infinity"):
+        index.build(bad, np.arange(10))
+    bad[3, 1] = -70000.0  # finite, but past what the index's float16 copy holds
+    with pytest.raises(ValueError, match=r"keys must lie within \+-65504.*got 70000"):
         index.build(bad, np.arange(10))
     assert not index.built and index.num_tokens == 0  # nothing half-applied
 
