@@ -12,6 +12,7 @@ from cache_service.cluster_index import (
     ClusterIndex,
     IndexConfig,
     Placement,
+    capped_labels,
     kmeans_labels,
     two_means,
 )
@@ -135,8 +136,44 @@ def test_build_places_every_token_once_in_leaves_filled_at_most_build_fill(confi
     cap = int(config.build_fill * config.page_size)
     assert all(1 <= index.leaf_fill(leaf) <= cap for leaf in index.leaf_ids())
     assert index.num_tokens == len(keys)
-    assert len(index.levels) >= (2 if config is SHALLOW else 5)
+    assert len(index.levels) >= (2 if config is SHALLOW else 3)
     assert index.levels[-1].n <= config.top_nodes
+    assert index.num_tokens / index.num_leaves >= 0.6 * cap  # packed (measured ~0.65)
+
+
+def test_capped_labels_take_nearest_rows_first_and_report_the_cost():
+    # 1-D: centroids 0 and 10, two rows each. Row 2 (nearest 0, at distance 4) finds 0 full
+    # (rows 0 and 1 are nearer) and goes to 10 (distance 64): cost (64 - 4) / (0 + 1 + 4 + 0).
+    x = np.array([[0.0], [1.0], [2.0], [10.0]])
+    labels, cost = capped_labels(x, np.array([[0.0], [10.0]]), cap=2)
+    assert labels.tolist() == [0, 0, 1, 1]
+    assert cost == pytest.approx(60 / 5)
+    # Room for every row at its nearest centroid: the nearest, at no cost.
+    labels, cost = capped_labels(x, np.array([[0.0], [10.0]]), cap=3)
+    assert labels.tolist() == [0, 0, 0, 1] and cost == 0
+    with pytest.raises(ValueError, match="2 groups of 1 cannot hold 4 rows"):
+        capped_labels(x, np.array([[0.0], [10.0]]), cap=1)
+
+
+@given(st.integers(2, 200), st.integers(1, 8), st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_capped_labels_respect_the_capacity(rows, cap, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, 3))
+    k = -(-rows // cap)
+    labels, cost = capped_labels(x, x[rng.choice(rows, k, replace=False)], cap)
+    assert labels.min() >= 0 and np.bincount(labels, minlength=k).max() <= cap
+    assert cost >= 0
+
+
+def test_always_packing_one_cloud_uses_the_fewest_leaves():
+    keys = np.random.default_rng(4).standard_normal((150, DIM)).astype(np.float32)
+    index = ClusterIndex(DIM, IndexConfig(build_fill=1.0, pack_push=1e9))
+    index.build(keys, np.arange(150))
+    assert index.num_leaves == 10  # ceil(150 / 16): nine full leaves and one of 6
+    free = ClusterIndex(DIM, IndexConfig(build_fill=1.0, pack_push=None))
+    free.build(keys, np.arange(150))
+    assert free.num_leaves > 10
 
 
 @pytest.mark.parametrize("config", [SHALLOW, DEEP, DEEPEST], ids=["shallow", "deep", "deepest"])
@@ -205,7 +242,7 @@ def test_identical_keys_fill_leaves_and_split_in_order():
     index = ClusterIndex(3, config)
     keys = np.ones((50, 3), np.float32)
     index.build(keys, np.arange(50))
-    assert all(index.leaf_fill(leaf) <= 3 for leaf in index.leaf_ids())
+    assert all(index.leaf_fill(leaf) <= 4 for leaf in index.leaf_ids())
     index.insert(keys, np.arange(50, 100))
     index.check_invariants()
     assert sorted(_tokens_of(index, index.leaf_ids()).tolist()) == list(range(100))
@@ -270,7 +307,7 @@ def test_the_default_beam_finds_the_nearest_leaf_of_most_tokens():
     rng = np.random.default_rng(5)
     centres = 3.0 * rng.standard_normal((64, DIM))
     keys = (centres[rng.integers(0, 64, 6000)] + rng.standard_normal((6000, DIM))).astype("f4")
-    index = ClusterIndex(DIM, IndexConfig(page_size=16, fanout=8, top_nodes=8))
+    index = ClusterIndex(DIM, IndexConfig(page_size=16, fanout=6, top_nodes=6))
     index.build(keys[:5000], np.arange(5000))
     assert len(index.levels) >= 4
     x = _augmented(index, keys[5000:])
