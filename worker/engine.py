@@ -373,7 +373,8 @@ class Engine:
             host_positions = positions.cpu().numpy()
             rope = model.rope.cos_sin(positions)  # [t, D] x2, shared by every layer
             h = model.embed(ids[start:end])  # [t, hidden]
-            mask = causal_mask(end - start, end, self.dtype, self.device) if start else None
+            off_cpu = start and self.device.type != "cpu"  # CPU attends without a mask
+            mask = causal_mask(end - start, end, self.dtype, self.device) if off_cpu else None
             for layer in range(c.num_layers):
                 q, k, v = model.attention_inputs(layer, h, positions, rope)  # [t, H, D]
                 host_k, host_v = _np(k), _np(v)

@@ -390,22 +390,26 @@ def causal_attention(
 
     The heads go to SDPA as ``[1, H, T, D]``: a 4-D layout takes its fused (flash) kernels,
     a 3-D one falls back to the math path, which materialises every score. The first query
-    chunk (``T == S``) is causal by ``is_causal``; a later one needs a mask, as SDPA aligns
-    ``is_causal`` to the top left: an additive float mask (``causal_mask``), which the fused
-    CPU kernel takes (a boolean one sends SDPA down a path ~1.7x slower at 8k).
+    chunk (``T == S``) is causal by ``is_causal``. A later one on CPU attends in two fused
+    passes merged by their log-sum-exp (``_merged_causal``): the earlier keys without a
+    mask, its own last T keys with ``is_causal``; any mask costs SDPA's CPU kernel ~30% at
+    8k. Elsewhere it takes an additive float mask (``causal_mask``), as SDPA aligns
+    ``is_causal`` to the top left.
 
     Args:
         q: ``[T, Hq, D]`` queries of positions ``S - T .. S - 1``.
         k: ``[S, Hkv, D]`` keys of positions ``0 .. S - 1``.
         v: ``[S, Hkv, D]`` values.
         scale: softmax scale; None for ``D ** -0.5``.
-        mask: ``causal_mask(T, S, ...)`` made once for the layers of one chunk (``None``:
-            made here when ``T < S``).
+        mask: off CPU, ``causal_mask(T, S, ...)`` made once for the layers of one chunk
+            (``None``: made here when ``T < S``); unused on CPU.
 
     Returns:
-        ``[T, Hq, D]`` in q's dtype (a view of ``[Hq, T, D]``).
+        ``[T, Hq, D]`` in q's dtype.
     """
     t, s = q.shape[0], k.shape[0]
+    if t < s and q.device.type == "cpu":
+        return _merged_causal(q, k, v, scale)
     qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, T|S, D]
     if t == s:
         out = F.scaled_dot_product_attention(
@@ -418,6 +422,35 @@ def causal_attention(
             qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True
         )
     return out[0].transpose(0, 1)  # [T, Hq, D]
+
+
+def _merged_causal(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None
+) -> torch.Tensor:
+    """``causal_attention`` for ``T < S`` on CPU, without a mask: softmax over the earlier
+    ``S - T`` keys and over the chunk's own keys (causal), each by the CPU flash kernel,
+    which also returns the log-sum-exp ``l`` of each row's scores; the two outputs weighted
+    by ``exp(l_i - logaddexp(l_1, l_2))`` are the softmax over all visible keys.
+
+    The earlier keys are attended by every query head of a KV head at once (the group's
+    queries laid end to end, ``[1, Hkv, G × T, D]``: no mask, so row order is free and K/V
+    are not repeated); the chunk's own keys are repeated per query head (``T`` rows only).
+    """
+    t, s = q.shape[0], k.shape[0]
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    group = hq // hkv
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    grouped = q.permute(1, 0, 2).reshape(hkv, group * t, d)[None]  # [1, Hkv, G*T, D]
+    before, lse_before = flash(
+        grouped, k[: s - t].transpose(0, 1)[None], v[: s - t].transpose(0, 1)[None], scale=scale
+    )[:2]
+    own_k, own_v = (x[s - t :].transpose(0, 1).repeat_interleave(group, 0)[None] for x in (k, v))
+    own, lse_own = flash(q.transpose(0, 1)[None], own_k, own_v, is_causal=True, scale=scale)[:2]
+    lse_before = lse_before[0].reshape(hq, t)
+    total = torch.logaddexp(lse_before, lse_own[0])  # [Hq, T]
+    out = before[0].reshape(hq, t, d) * torch.exp(lse_before - total)[..., None]
+    out += own[0] * torch.exp(lse_own[0] - total)[..., None]
+    return out.transpose(0, 1).to(q.dtype)  # [T, Hq, D]
 
 
 def causal_mask(t: int, s: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -56,3 +56,14 @@ def test_the_default_scale_is_one_over_sqrt_head_dim():
     torch.testing.assert_close(
         causal_attention(q[4:], k, v).double(), reference(q[4:], k, v, 0.25), atol=1e-5, rtol=0
     )
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_last_rows_of_a_chunk_alone_see_every_earlier_key(rows):
+    """The engine's last layer takes only the prompt's last row(s) on to the logits."""
+    gen = torch.Generator().manual_seed(rows)
+    q = torch.randn(rows, 9, 64, generator=gen)
+    k, v = (torch.randn(300, 3, 64, generator=gen) for _ in range(2))
+    torch.testing.assert_close(
+        causal_attention(q, k, v).double(), reference(q, k, v, 64**-0.5), atol=1e-5, rtol=0
+    )
