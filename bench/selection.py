@@ -100,6 +100,8 @@ class Cell:
     pages: list[float] = field(default_factory=list)
     search_s: list[float] = field(default_factory=list)
     build_s: list[float] = field(default_factory=list)
+    fill: list[float] = field(default_factory=list)
+    index_bytes: list[float] = field(default_factory=list)
 
 
 Key = tuple[str, int, str, int]  # case, context length, policy, budget
@@ -281,26 +283,31 @@ class Bodies:
     quest_min: np.ndarray  # [pages, D]
     quest_max: np.ndarray
     build_s: dict[str, float]
+    memory: dict[str, tuple[float, float]]
+    """Per structure: (tokens per page / page size, its own bytes per token)."""
 
 
 def build_bodies(case: HeadCase, start: int, end: int, seed: int) -> Bodies:
     """Index the body ``keys[start:end]`` for every policy that needs a structure; timed."""
     body = case.keys[start:end]
     ids = np.arange(start, end)
-    indexes, build_s = {}, {}
+    indexes, build_s, memory = {}, {}, {}
     for name, kind in INDEXED.items():
         t0 = time.perf_counter()
         index = kind(body.shape[1], IndexConfig(seed=seed))
         index.build(body, ids)
         build_s[name] = time.perf_counter() - t0
         indexes[name] = index
+        fill = index.num_tokens / max(index.num_leaves, 1) / PAGE
+        memory[name] = (fill, index.nbytes() / max(len(body), 1))
     t0 = time.perf_counter()
     pad = -len(body) % PAGE
     padded = np.concatenate([body, np.repeat(body[-1:], pad, axis=0)])  # last page repeats
     pages = padded.reshape(-1, PAGE, body.shape[1])
     qmin, qmax = pages.min(axis=1), pages.max(axis=1)
     build_s["quest"] = time.perf_counter() - t0
-    return Bodies(start, end, indexes, qmin, qmax, build_s)
+    memory["quest"] = (len(body) / (len(pages) * PAGE), (qmin.nbytes + qmax.nbytes) / len(body))
+    return Bodies(start, end, indexes, qmin, qmax, build_s, memory)
 
 
 def leaf_positions(index: ClusterIndex, leaves: np.ndarray) -> np.ndarray:
@@ -380,6 +387,11 @@ class Measurer:
                 source = "icecache" if policy == "icecache-r" else policy
                 if policy != "icecache-r" or leader:
                     cell.build_s.append(bodies.build_s.get(source, 0.0))
+                fill, own = bodies.memory.get(source, (math.nan, 0.0))
+                if policy != "icecache-r":
+                    cell.fill.append(fill)
+                # icecache-r: the leader's index; its followers keep none.
+                cell.index_bytes.append(own if policy != "icecache-r" or leader else 0.0)
                 for s, q in enumerate(case.queries):
                     fixed = np.r_[0 : budget.sinks, bodies.end : case.context[s]]
                     pick_key = (case.head, budget.total, s, leader_of(case.layer))
@@ -609,6 +621,11 @@ class Row:
     build_s: float
     """Index build, all layers and heads (scaled)."""
     heads_measured: int
+    fill: float = math.nan
+    """Tokens per page of the body's structure / page size (leaves; quest's pages)."""
+    index_bytes: float = 0.0
+    """The structure's own bytes per body token and head (index arrays; quest's page
+    bounds), mean over the measured heads."""
 
 
 def summarize(cells: dict[Key, Cell], layers: int, kv_heads: int) -> list[Row]:
@@ -632,6 +649,8 @@ def summarize(cells: dict[Key, Cell], layers: int, kv_heads: int) -> list[Row]:
                 1e3 * heads * float(np.mean(c.search_s)),
                 heads * float(np.mean(c.build_s)) if c.build_s else 0.0,
                 len(c.build_s),
+                float(np.mean(c.fill)) if c.fill else math.nan,
+                float(np.mean(c.index_bytes)) if c.index_bytes else 0.0,
             )
         )
     return rows
@@ -641,12 +660,13 @@ def markdown(rows: list[Row], name: str, length: int) -> str:
     """A Markdown table of one (case, context)."""
     head = (
         "| policy | budget | mass recall | × oracle | top-k hit | body pages/head/step "
-        "| select ms/step (all layers) | build s (all layers) |\n"
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "| select ms/step (all layers) | build s (all layers) | leaf fill | index B/token |\n"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     )
     lines = [
         f"| {r.policy} | {r.budget} | {r.recall:.3f} | {r.vs_oracle:.3f} | {r.topk_hit:.3f} "
-        f"| {r.pages:.1f} | {r.select_ms:.1f} | {r.build_s:.1f} |"
+        f"| {r.pages:.1f} | {r.select_ms:.1f} | {r.build_s:.1f} "
+        f"| {'—' if math.isnan(r.fill) else f'{r.fill:.2f}'} | {r.index_bytes:.0f} |"
         for r in sorted(rows, key=lambda r: (r.budget, POLICIES.index(r.policy)))
         if r.case == name and r.context == length
     ]

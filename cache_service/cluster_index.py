@@ -190,6 +190,7 @@ def kmeans_centroids(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray
         x.shape[1], k, niter=niter, seed=seed, min_points_per_centroid=1, verbose=False
     )
     km.train(x)
+    assert km.centroids is not None
     return km.centroids.astype(np.float64)
 
 
@@ -787,16 +788,16 @@ class ClusterIndex:
         ``None``) each row's nearest centroid, groups over ``cap`` cut again: separate
         clouds are not filled up with each other."""
         fewest = -(-len(x) // cap)
-        packing = self.config.pack_push is not None
-        for k in range(fewest, min(fewest + (2 if packing else 1), len(x) + 1)):
+        push = self.config.pack_push
+        for k in range(fewest, min(fewest + (1 if push is None else 2), len(x) + 1)):
             if k == 2:  # cheaper than a FAISS call
                 second = two_means(x)
                 cent = np.stack([x[~second].mean(0), x[second].mean(0)])
             else:
                 cent = kmeans_centroids(x, k, seed, self.config.niter)
-            if packing:
+            if push is not None:
                 labels, pushed = capped_labels(x, cent, cap)
-                if pushed <= self.config.pack_push:
+                if pushed <= push:
                     return labels
         return np.argmin(_sq_dist(x.astype(np.float64), cent), axis=1)
 
