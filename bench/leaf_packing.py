@@ -31,10 +31,10 @@ from . import selection as sel
 
 OUT = Path(__file__).resolve().parent / "results" / "leaf_packing.md"
 VARIANTS = {
-    "free (before: build_fill 0.75, no packing)": IndexConfig(build_fill=0.75, pack_push=None),
+    "free (default: build_fill 0.75, no packing)": IndexConfig(),
     "packed, pack_push 0": IndexConfig(build_fill=1.0, pack_push=0.0),
     "packed, pack_push 0.05": IndexConfig(build_fill=1.0, pack_push=0.05),
-    "packed, pack_push 0.1 (default)": IndexConfig(),
+    "packed, pack_push 0.1": IndexConfig(build_fill=1.0, pack_push=0.1),
 }
 
 
@@ -131,7 +131,9 @@ def table(title: str, heads: int, results: dict[str, Variant], oracle: dict[int,
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--real", type=int, default=8192, help="real-key context (0: none)")
+    p.add_argument(
+        "--real", type=sel.int_tuple, default=(8192, 16384), help="real-key contexts (0: none)"
+    )
     p.add_argument("--synthetic", type=int, default=32768, help="synthetic context (0: none)")
     p.add_argument("--budgets", type=sel.int_tuple, default=(128, 256))
     p.add_argument("--steps", type=int, default=8, help="probed decode steps (real)")
@@ -139,10 +141,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
     budgets = [sel.Budget.of(b) for b in args.budgets]
+    reals = ",".join(map(str, args.real))
+    oracle: dict[int, list[float]]
     lines = [
         "# Leaf packing: fill against recall",
         "",
-        f"    OMP_NUM_THREADS=1 .venv/bin/python -m bench.leaf_packing --real {args.real} "
+        f"    OMP_NUM_THREADS=1 .venv/bin/python -m bench.leaf_packing --real {reals} "
         f"--synthetic {args.synthetic} --inserted {args.inserted}",
         "",
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
@@ -154,14 +158,15 @@ def main(argv: list[str] | None = None) -> None:
         "summed over heads and budgets (two builds per head), wall clock.",
         "",
     ]
-    if args.real:
-        cases, _ = sel.real_cases(args.real, args.steps, 0)
+    for context in (n for n in args.real if n):
+        cases, _ = sel.real_cases(context, args.steps, 0)
         cases = [c for c in cases if c.layer >= sel.DENSE_LAYERS]
         results = {name: Variant() for name in VARIANTS}
-        oracle: dict[int, list[float]] = {}
+        oracle = {}
         for case in cases:
             run_case(case, budgets, args.inserted, results, oracle)
-        lines += table(f"Real keys, SmolLM2-135M, {args.real}", len(cases), results, oracle)
+        lines += table(f"Real keys, SmolLM2-135M, {context}", len(cases), results, oracle)
+        del cases
         print("\n".join(lines), flush=True)
     if args.synthetic:
         cases = list(sel.synthetic_cases(args.synthetic, (2, 3, 4), (0, 1), 4, 0))

@@ -495,7 +495,9 @@ def measure_speed(n: int, store_steps: int, runs: int, repeats: int, seed: int) 
         dense_layers=0,
         seed=seed,
     )
-    pages = STORE_LAYERS * SPEED_HEADS * (3 * (n + decoded) // PAGE + 64)
+    # The build's admission: leaf pages (up to 3x the positional ones while both are held)
+    # and the index's own memory in pages (``INDEX_BYTES_PER_KEY``: ~3.5x at head_dim 128).
+    pages = STORE_LAYERS * SPEED_HEADS * (7 * (n + decoded) // PAGE + 64)
     store = Store(PagePool(pages, PAGE, 128, dtype="float16"))
     store.create("s", spec)
     keys = np.stack([c.keys for c in cases]).reshape(STORE_LAYERS, SPEED_HEADS, -1, 128)

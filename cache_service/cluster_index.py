@@ -18,15 +18,15 @@ augmented vectors of all tokens below it, so centroids stay exact under updates.
 
 Build (prefill): leaves by recursive FAISS k-means into ``fanout`` clusters while a
 cluster holds more than ``fanout`` leaves' worth of tokens (``cap = build_fill ×
-page_size`` each); the last cut is packed: k-means into the fewest ``k`` leaves that hold
-the cluster, each token taken by the nearest centroid that has room, where that costs at
-most ``pack_push`` of the clustering's squared error (tried with one leaf more; else the
-cut is free and repeated). On the model's real keys at 8k leaves hold ~11.3 of 16 tokens
-instead of ~7.4 when every cluster was cut freely (a third fewer pages held), recalling the
-same attention mass within 0.05%; ``bench/results/leaf_packing.md``. Upper levels by FAISS
-k-means over the centroids
-below (weighted by token counts), ``fanout`` children per node, until at most
-``top_nodes`` remain.
+page_size`` each), then cut freely (k-means into the fewest leaves that could hold it,
+parts over ``cap`` cut again), leaving room for inserts: leaves ~45% full. Opt-in packing
+(``pack_push``, with ``build_fill`` 1.0) gives the last cut the fewest leaves that hold it,
+each token taken by the nearest centroid with room, where that costs at most
+``pack_push`` of the cut's squared error: leaves ~70% full on the model's real keys (a third
+fewer pages, a third less index) at the same recall at 8k but 2.4% less at 16k
+(``bench/results/leaf_packing.md``), so it is off by default. Upper levels by FAISS
+k-means over the centroids below (weighted by token counts), ``fanout`` children per node,
+until at most ``top_nodes`` remain.
 
 Insert (decode), a page of tokens at a time: each token descends the hierarchy (at every
 level it keeps its ``insert_beam`` nearest nodes; the children of the nodes kept by any
@@ -70,12 +70,12 @@ class IndexConfig:
         seed: k-means seed; an index is deterministic for a fixed seed and input.
         build_fill: leaves are built at most this full (room left for decoded tokens
             goes unused by the tokens a selection moves; full leaves split on insert).
-        pack_push: the last cut of a build packs leaves to ``cap`` where that raises its
-            squared error by at most this share (tried with the fewest leaves that hold the
-            tokens and one more; else tokens go to their nearest centroid and are cut
-            again). 0: pack only where k-means already fits; ``None``: never pack (each
-            cluster cut freely, leaves ~45% full at ``build_fill`` 0.75, the index before
-            packing).
+        pack_push: ``None`` (default): the last cut of a build is free (each token to its
+            nearest centroid, parts over ``cap`` cut again). A number: the last cut packs
+            leaves to ``cap`` where that raises its squared error by at most this share
+            (tried with the fewest leaves that hold the tokens and one more; else free).
+            Measured with ``build_fill`` 1.0 and 0.1: leaves 0.46 -> 0.70 full on real
+            keys, same recall at 8k, 2.4% less at 16k.
         fanout: children per inner node at build; a node with more than twice this many
             splits.
         top_nodes: upper levels are added until the top has at most this many nodes.
@@ -96,7 +96,7 @@ class IndexConfig:
 
     page_size: int = 16
     seed: int = 0
-    build_fill: float = 1.0
+    build_fill: float = 0.75
     fanout: int = 16
     top_nodes: int = 64
     probe: float = 4.0
@@ -107,7 +107,7 @@ class IndexConfig:
     softmax_scale: float | None = None
     niter: int = 10
     insert_beam: int = 4
-    pack_push: float | None = 0.1
+    pack_push: float | None = None
 
     def __post_init__(self) -> None:
         if self.page_size < 2:

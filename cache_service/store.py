@@ -593,11 +593,10 @@ class Store:
                 )
 
 
-INDEX_BYTES_PER_KEY = 10
+INDEX_BYTES_PER_KEY = 14
 """An index's memory per token and key coordinate, for admission (a float16 key copy in
-leaves ~70% full with room for splits, sums, centroids and maps: ~6.8 measured on the
-model's keys and on Gaussian keys at head_dim 64; 20 covered the float32 copy in
-half-full leaves)."""
+leaves about half full with room for splits, sums, centroids and maps: ~10.4 measured on
+the model's keys, ~11.6 on Gaussian keys at head_dim 64; ~6.8 with packed leaves)."""
 
 
 def _leader(spec: SequenceSpec, layer: int) -> int | None:
