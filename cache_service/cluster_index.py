@@ -158,6 +158,19 @@ class Placement(NamedTuple):
     slots: np.ndarray  # [n] int64
 
 
+def _trained_kmeans(
+    x: np.ndarray, k: int, seed: int, niter: int, weights: np.ndarray | None, plus_plus: bool
+) -> faiss.Kmeans:
+    """A FAISS k-means of ``x [n, d]`` (float32, contiguous) into ``k`` clusters, trained."""
+    km = faiss.Kmeans(
+        x.shape[1], k, niter=niter, seed=seed, min_points_per_centroid=1, verbose=False
+    )
+    if plus_plus:
+        km.cp.init_method = faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS
+    km.train(x, weights=None if weights is None else np.ascontiguousarray(weights, np.float32))
+    return km
+
+
 def kmeans_labels(
     x: np.ndarray,
     k: int,
@@ -173,25 +186,16 @@ def kmeans_labels(
     splits a merged cluster again anyway).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
-    km = faiss.Kmeans(
-        x.shape[1], k, niter=niter, seed=seed, min_points_per_centroid=1, verbose=False
-    )
-    if plus_plus:
-        km.cp.init_method = faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS
-    km.train(x, weights=None if weights is None else np.ascontiguousarray(weights, np.float32))
-    _, labels = km.index.search(x, 1)
+    _, labels = _trained_kmeans(x, k, seed, niter, weights, plus_plus).index.search(x, 1)
     return labels[:, 0].astype(np.int64)
 
 
 def kmeans_centroids(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
     """FAISS k-means centroids ``[k, d]`` of ``x [n, d]`` (random rows as seeds)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    km = faiss.Kmeans(
-        x.shape[1], k, niter=niter, seed=seed, min_points_per_centroid=1, verbose=False
-    )
-    km.train(x)
-    assert km.centroids is not None
-    return km.centroids.astype(np.float64)
+    centroids = _trained_kmeans(x, k, seed, niter, None, False).centroids
+    assert centroids is not None
+    return centroids.astype(np.float64)
 
 
 def capped_labels(x: np.ndarray, cent: np.ndarray, cap: int) -> tuple[np.ndarray, float]:
