@@ -41,6 +41,7 @@ import numpy as np
 
 from cache_service.cluster_index import ClusterIndex, IndexConfig
 from cache_service.kmeans_index import FlatKMeansIndex
+from cache_service.policies.indexed import search_layout
 from cache_service.types import SequenceSpec
 
 log = logging.getLogger("bench.selection")
@@ -365,7 +366,8 @@ class Measurer:
         self.budgets = [Budget.of(b) for b in budgets]
         self.seed = seed
         self.cells: dict[Key, Cell] = {}
-        self.leader_pick: dict[tuple[int, int, int, int], tuple[np.ndarray, int]] = {}
+        self.leaders: dict[tuple[int, int, int, int], ClusterIndex] = {}
+        """icecache-r: the leader layer's index by (head, body start, body end, layer)."""
 
     def cell(self, key: Key) -> Cell:
         return self.cells.setdefault(key, Cell())
@@ -382,31 +384,73 @@ class Measurer:
         ]
         for budget in self.budgets:
             bodies = built[(budget.sinks, case.body_end - budget.window)]
+            leader_key = (case.head, bodies.start, bodies.end, leader_of(case.layer))
+            if leader:
+                self.leaders[leader_key] = bodies.indexes["icecache"]
+            follower = None
+            if not leader:
+                t0 = time.perf_counter()
+                follower = Follower.of(self.leaders[leader_key], case.keys)
+                follower_s = time.perf_counter() - t0
             for policy in POLICIES:
                 cell = self.cell((name, length, policy, budget.total))
                 source = "icecache" if policy == "icecache-r" else policy
-                if policy != "icecache-r" or leader:
-                    cell.build_s.append(bodies.build_s.get(source, 0.0))
                 fill, own = bodies.memory.get(source, (math.nan, 0.0))
+                if policy == "icecache-r" and follower is not None:
+                    # a follower keeps no index: its own centroids on the leader's leaves
+                    cell.build_s.append(follower_s)
+                    cell.index_bytes.append(follower.nbytes() / (bodies.end - bodies.start))
+                else:
+                    cell.build_s.append(bodies.build_s.get(source, 0.0))
+                    cell.index_bytes.append(own)
                 if policy != "icecache-r":
                     cell.fill.append(fill)
-                # icecache-r: the leader's index; its followers keep none.
-                cell.index_bytes.append(own if policy != "icecache-r" or leader else 0.0)
                 for s, q in enumerate(case.queries):
                     fixed = np.r_[0 : budget.sinks, bodies.end : case.context[s]]
-                    pick_key = (case.head, budget.total, s, leader_of(case.layer))
-                    if policy == "icecache-r" and not leader:
-                        pos, pages = self.leader_pick[pick_key]
+                    t0 = time.perf_counter()
+                    if policy == "icecache-r" and follower is not None:
+                        pos, pages = follower.select(q, budget.body)
                     else:
-                        t0 = time.perf_counter()
                         pos, pages = select(source, bodies, case, q, budget.body)
-                        cell.search_s.append(time.perf_counter() - t0)
-                        if policy == "icecache-r":
-                            self.leader_pick[pick_key] = (pos, pages)
+                    cell.search_s.append(time.perf_counter() - t0)
                     mass, hit = quality(probs[s], np.concatenate([fixed, pos]), budget.body)
                     cell.mass.append(mass)
                     cell.hit.append(hit)
                     cell.pages.append(pages)
+
+
+@dataclass
+class Follower:
+    """An ``icecache-r`` follower head (``MirroredBody``'s arithmetic on plain arrays): the
+    leader's leaves, the centroid of the follower's own keys in each."""
+
+    index: ClusterIndex
+    keys: np.ndarray  # [N, D] the follower's keys by position
+    centroids: np.ndarray  # [leaves, D]
+    fills: np.ndarray  # [leaves]
+
+    @staticmethod
+    def of(index: ClusterIndex, keys: np.ndarray) -> Follower:
+        fills = index.fill[: index.num_leaves]
+        rows = leaf_positions(index, np.arange(index.num_leaves))  # leaf by leaf
+        sums = np.add.reduceat(keys[rows], np.cumsum(fills) - fills, axis=0)
+        return Follower(index, keys, (sums / fills[:, None]).astype(np.float32), fills)
+
+    def nbytes(self) -> int:
+        return self.centroids.nbytes + self.fills.nbytes
+
+    def select(self, q: np.ndarray, body_budget: int) -> tuple[np.ndarray, int]:
+        leaves = search_layout(
+            q,
+            np.arange(len(self.fills)),
+            self.centroids,
+            self.fills,
+            lambda picked: self.keys[leaf_positions(self.index, picked)],
+            body_budget,
+            self.index.config,
+            self.index.dim,
+        )
+        return leaf_positions(self.index, leaves), len(leaves)
 
 
 def leader_of(layer: int) -> int:
@@ -632,12 +676,11 @@ class Row:
 
 def summarize(cells: dict[Key, Cell], layers: int, kv_heads: int) -> list[Row]:
     """Rows of all cells; per-head times scaled to ``layers x kv_heads`` (``icecache-r``:
-    one search and one build per cycle of ``REUSE_GROUP`` layers)."""
+    its leaders' and followers' times averaged in the measured proportion)."""
     rows = []
     for (name, length, policy, budget), c in cells.items():
         oracle = cells[(name, length, "oracle", budget)]
-        searched = layers if policy != "icecache-r" else math.ceil(layers / REUSE_GROUP)
-        heads = searched * kv_heads
+        heads = layers * kv_heads
         rows.append(
             Row(
                 name,

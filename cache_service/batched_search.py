@@ -26,6 +26,7 @@ import numpy as np
 from cache_service.cluster_index import (
     ClusterIndex,
     SearchEffort,
+    best_covering,
     quantize_queries,
     token_rows,
 )
@@ -149,7 +150,7 @@ def _unpacked(keys: np.ndarray, segments: int) -> list[np.ndarray]:
 def _best(
     nodes: list[np.ndarray], scores: np.ndarray, counts: list[np.ndarray], needs: list[float]
 ) -> list[np.ndarray]:
-    """``ClusterIndex._best`` of every head: its best nodes until their counts reach its
+    """``best_covering`` of every head: its best nodes until their counts reach its
     need; ``scores`` laid end to end, ``counts`` indexed by node id.
 
     Only the likely best of each head are sorted (a partition per head), all of a head
@@ -160,7 +161,7 @@ def _best(
     if keys is None:
         cuts = np.split(scores, np.cumsum(sizes)[:-1])
         return [
-            ClusterIndex._best(n, s, c[n], need)
+            best_covering(n, s, c[n], need)
             for n, s, c, need in zip(nodes, cuts, counts, needs, strict=True)
         ]
     limit = np.full(len(nodes), np.iinfo(np.int64).max)

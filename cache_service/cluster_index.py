@@ -58,7 +58,7 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
-from cache_service.policies.base import array_bytes, fill_within
+from cache_service.policies.base import array_bytes, best_covering, fill_within, leaf_mass
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,10 @@ class IndexConfig:
     niter: int = 10
     insert_beam: int = 4
     pack_push: float | None = None
+
+    def exact_quota(self, max_tokens: int, num_tokens: int) -> float:
+        """Tokens a search of ``num_tokens`` scores exactly for a budget of ``max_tokens``."""
+        return max(self.probe * max_tokens, self.probe_fraction * num_tokens)
 
     def __post_init__(self) -> None:
         if self.page_size < 2:
@@ -577,7 +581,7 @@ class ClusterIndex:
         qhat, step = quantize_queries(queries, self.qscale)
         nodes_scored, leaves = self._field_of_view(qhat, step, view)
         scores = centroid_scores(qhat, step, self.levels[0].qcent[leaves])
-        probed = self._best(leaves, scores, self.fill[leaves], exact)
+        probed = best_covering(leaves, scores, self.fill[leaves], exact)
         mass = self._leaf_mass(queries, probed)
         ranked = probed[np.lexsort((probed, -mass))]
         self.last_effort = SearchEffort(nodes_scored, len(leaves), int(self.fill[probed].sum()))
@@ -588,7 +592,7 @@ class ClusterIndex:
         tokens it scores exactly; both at least a share of the sequence."""
         c, top = self.config, self.levels[-1]
         n = int(top.counts[: top.n].sum())
-        exact = max(c.probe * max_tokens, c.probe_fraction * n)
+        exact = c.exact_quota(max_tokens, n)
         return max(c.view * exact, c.view_fraction * n), exact
 
     def start_depth(self) -> int:
@@ -612,29 +616,15 @@ class ClusterIndex:
             level = self.levels[depth]
             scored += len(nodes)
             scores = centroid_scores(qhat, step, level.qcent[nodes])
-            best = self._best(nodes, scores, level.counts[nodes], view * 2 ** (depth - 1))
+            best = best_covering(nodes, scores, level.counts[nodes], view * 2 ** (depth - 1))
             nodes = level.children_of(best)
         return scored, nodes
 
-    @staticmethod
-    def _best(nodes: np.ndarray, scores: np.ndarray, counts: np.ndarray, need: float) -> np.ndarray:
-        """The best-scoring ``nodes`` (best first, ties by node id) until their ``counts``
-        reach ``need``."""
-        order = np.lexsort((nodes, -scores))
-        covered = np.cumsum(counts[order])
-        return nodes[order[: int(np.searchsorted(covered, need, side="left")) + 1]]
-
     def _leaf_mass(self, queries: np.ndarray, leaves: np.ndarray) -> np.ndarray:
-        """Attention mass ``[L]`` of each leaf's tokens: ``exp(scale × q·k - max)`` summed
-        over the leaf, each query head normalised over these leaves, mean over the group."""
         fills = self.fill[leaves]
         rows = token_rows(leaves, fills, self.config.page_size)
         keys = np.take(self.flat_keys(), rows, 0).astype(np.float32)
-        scores = (queries @ keys.T) * self.softmax_scale  # [G, T]
-        weights = np.exp(scores - scores.max(axis=1, keepdims=True))
-        per_leaf = np.add.reduceat(weights, np.cumsum(fills) - fills, axis=1)  # [G, L]
-        total = np.add.reduceat(per_leaf, [0], axis=1)  # [G, 1]
-        return (per_leaf / total).mean(axis=0)
+        return leaf_mass(queries, keys, fills, self.softmax_scale)
 
     @property
     def softmax_scale(self) -> float:

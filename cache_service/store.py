@@ -476,7 +476,7 @@ class Store:
             lead = seq.heads[leader][0].length
             if not seq.flushed[leader] or length != lead:
                 raise OutOfOrder(
-                    f"icecache-r layer {layer} reuses layer {leader}'s selection: decode or "
+                    f"icecache-r layer {layer} reuses layer {leader}'s layout: decode or "
                     f"retrieve layer {leader} first, with the same tokens ({lead} there, "
                     f"{length} here)"
                 )
@@ -497,15 +497,13 @@ class Store:
         is deterministic)."""
         if seq.flushed[layer]:
             return
-        shared = seq.build_at is not None and _clustered(seq.spec, layer)
+        boundary = seq.build_at is not None and _clustered(seq.spec, layer)
         for head in range(seq.spec.num_kv_heads):
             pages = np.asarray(seq.pending[layer][head], dtype=np.int64)
             seq.pending[layer][head] = []
-            built = self._built_pages(seq, layer, head, len(pages))
-            if built and shared:
+            built = self._built_pages(seq, layer, head, len(pages)) if boundary else 0
+            if built:
                 self._build(seq, layer, head, pages[:built])
-            elif built:
-                seq.bodies[layer][head].add(pages[:built])
             if built < len(pages):
                 seq.bodies[layer][head].add(pages[built:])
         seq.flushed[layer] = True

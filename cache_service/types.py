@@ -98,7 +98,7 @@ class SequenceSpec:
     dense_layers: int = 2
     """The first layers attend to every token under every policy."""
     reuse_group: int = 3
-    """``icecache-r``: layers per group that share the first layer's selection and layout."""
+    """``icecache-r``: layers per group that share the first layer's leaf layout."""
     seed: int = 0
     """Seed of the clustering, so selection is reproducible."""
 

@@ -62,7 +62,7 @@ class EngineConfig:
     recent_pages: int | None = setting(
         None, "Always-attended recent-window pages (none: as many as sink pages)."
     )
-    reuse_group: int = setting(3, "icecache-r: layers sharing one selection.")
+    reuse_group: int = setting(3, "icecache-r: layers sharing one leaf layout.")
     prefill_chunk: int = setting(
         256,
         "Prompt tokens per prefill block (a multiple of the page size): the prompt goes "

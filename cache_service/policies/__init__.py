@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from cache_service.page_pool import PagePool
 from cache_service.policies.base import Body
 from cache_service.policies.indexed import IndexedBody, MirroredBody
@@ -13,12 +15,21 @@ from cache_service.policies.positional import (
 )
 from cache_service.types import INDEXED_POLICIES, SequenceSpec
 
+if TYPE_CHECKING:
+    from cache_service.cluster_index import IndexConfig
+
+
+def _index_config(spec: SequenceSpec, pool: PagePool, layer: int, head: int) -> IndexConfig:
+    from cache_service.cluster_index import IndexConfig
+
+    return IndexConfig(page_size=pool.page_size, seed=spec.seed + 1000 * layer + head)
+
 
 def _index_body(spec: SequenceSpec, pool: PagePool, layer: int, head: int) -> IndexedBody:
-    from cache_service.cluster_index import ClusterIndex, IndexConfig
+    from cache_service.cluster_index import ClusterIndex
     from cache_service.kmeans_index import FlatKMeansIndex
 
-    config = IndexConfig(page_size=pool.page_size, seed=spec.seed + 1000 * layer + head)
+    config = _index_config(spec, pool, layer, head)
     cls = FlatKMeansIndex if spec.policy == "kmeans" else ClusterIndex
     return IndexedBody(pool, cls(pool.head_dim, config))
 
@@ -28,7 +39,7 @@ def make_bodies(spec: SequenceSpec, pool: PagePool) -> list[list[Body]]:
 
     The first ``spec.dense_layers`` layers keep plain positional bodies (they attend fully).
     With ``icecache-r`` each group of ``spec.reuse_group`` layers after them mirrors the
-    group's first layer.
+    group's first layer's leaf layout (and selects on its own).
     """
     simple = {
         "full": PositionalBody,
@@ -47,7 +58,7 @@ def make_bodies(spec: SequenceSpec, pool: PagePool) -> list[list[Body]]:
             elif spec.policy == "icecache-r" and (layer - spec.dense_layers) % spec.reuse_group:
                 leader = bodies[layer - (layer - spec.dense_layers) % spec.reuse_group][head]
                 assert isinstance(leader, IndexedBody)
-                row.append(MirroredBody(pool, leader))
+                row.append(MirroredBody(pool, leader, _index_config(spec, pool, layer, head)))
             elif spec.policy in INDEXED_POLICIES:
                 row.append(_index_body(spec, pool, layer, head))
             else:

@@ -89,3 +89,25 @@ def fill_within(pages: np.ndarray, fills: np.ndarray, max_tokens: int) -> np.nda
             taken.append(np.array([page], dtype=pages.dtype))
             left -= fill
     return np.concatenate(taken)
+
+
+def leaf_mass(queries: np.ndarray, keys: np.ndarray, fills: np.ndarray, scale: float) -> np.ndarray:
+    """Attention mass ``[L]`` of leaves whose tokens' keys are ``keys [sum(fills), D]``, leaf
+    by leaf (``fills [L]``, each at least 1): ``exp(scale × q·k - max)`` summed over the
+    leaf, each query head of ``queries [G, D]`` normalised over these leaves, mean over the
+    group."""
+    scores = (queries @ keys.T) * scale  # [G, T]
+    weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+    per_leaf = np.add.reduceat(weights, np.cumsum(fills) - fills, axis=1)  # [G, L]
+    total = np.add.reduceat(per_leaf, [0], axis=1)  # [G, 1]
+    return (per_leaf / total).mean(axis=0)
+
+
+def best_covering(
+    nodes: np.ndarray, scores: np.ndarray, counts: np.ndarray, need: float
+) -> np.ndarray:
+    """The best-scoring ``nodes`` (best first, ties by node id) until their ``counts``
+    reach ``need``."""
+    order = np.lexsort((nodes, -scores))
+    covered = np.cumsum(counts[order])
+    return nodes[order[: int(np.searchsorted(covered, need, side="left")) + 1]]

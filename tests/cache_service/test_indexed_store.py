@@ -1,6 +1,7 @@
 """The index facts at the Store level: ``icecache``, ``icecache-r`` and ``kmeans`` bodies.
 
-Layers 0 is dense; with ``icecache-r`` layers 2 and 3 mirror layer 1 (``reuse_group`` 3).
+Layers 0 is dense; with ``icecache-r`` layers 2 and 3 mirror layer 1's leaf layout
+(``reuse_group`` 3) and select on their own.
 """
 
 import numpy as np
@@ -110,23 +111,56 @@ def test_a_query_near_one_cluster_selects_exactly_its_positions_plus_sinks_and_w
                 _assert_kv_in_place(store, sel, head, keys, values, layer)
 
 
-def test_icecache_r_followers_reuse_the_leaders_positions_on_their_own_pages():
+def test_icecache_r_followers_select_their_own_tokens_on_the_leaders_layout():
+    """The blobs of layers 2 and 3 lie along other directions than layer 1's: the same
+    query picks another blob there, on the follower's own pages (the leader's selection
+    would be the wrong blob)."""
+    num_blobs, per_blob = 4, BODY // 4
     store = Store(PagePool(1024, PAGE, DIM))
-    store.create("s", _spec("icecache-r", budget=80, sink_tokens=16, recent_pages=1))
-    rng = np.random.default_rng(1)
-    keys = rng.standard_normal((LAYERS, 300, KV, DIM)).astype(np.float32)
-    values = rng.standard_normal((LAYERS, 300, KV, DIM)).astype(np.float32)
+    store.create(
+        "s", _spec("icecache-r", budget=SINKS + PAGE + per_blob, sink_tokens=SINKS, recent_pages=1)
+    )
+    keys, values, blob = _planted(num_blobs)
+    shift = {1: 0, 2: 1, 3: 3}  # layer -> blob b lies along direction (b + shift) % 4
+    body = SINKS + np.arange(BODY)
+    rng = np.random.default_rng(2)
+    for layer, k in shift.items():
+        for head in range(KV):
+            keys[layer, body, head] = 0.3 * rng.standard_normal((BODY, DIM))
+            keys[layer, body, head, 4 * head + (blob + k) % num_blobs] += 10.0
     _append_all(store, "s", keys, values)
-    for _ in range(3):
-        queries = rng.standard_normal((LAYERS, Q, DIM)).astype(np.float32)
+    fixed = set(range(SINKS)) | set(range(SINKS + BODY, keys.shape[1]))
+    for d in range(num_blobs):
+        queries = np.zeros((LAYERS, Q, DIM), np.float32)
+        for head in range(KV):
+            queries[:, head * GROUP : (head + 1) * GROUP, 4 * head + d] = 1
         selections = _retrieve_all(store, "s", queries)
         for head in range(KV):
-            lead, lead_pages, _ = _head(store, selections[1], head)
-            for layer in (2, 3):
+            lead_pages = set(_head(store, selections[1], head)[1].tolist())
+            for layer, k in shift.items():
                 got, pages, _ = _head(store, selections[layer], head)
-                assert got.tolist() == lead.tolist()
-                assert not set(pages.tolist()) & set(lead_pages.tolist())
+                wanted = SINKS + np.flatnonzero((blob + k) % num_blobs == d)
+                assert sorted(got.tolist()) == sorted(fixed | set(wanted.tolist()))
                 _assert_kv_in_place(store, selections[layer], head, keys, values, layer)
+                if layer != 1:
+                    assert not set(pages.tolist()) & lead_pages
+
+
+def _mass_ranked_within(leaf_keys, queries, max_tokens):
+    """Reference of a follower's choice when every leaf is scored exactly: leaves by
+    attention mass (each query head's softmax over all their tokens, mean over the group)
+    in float64, each taken while it fits ``max_tokens``."""
+    q = queries.astype(np.float64)
+    logits = [q @ k.astype(np.float64).T / np.sqrt(q.shape[1]) for k in leaf_keys]
+    top = max(x.max() for x in logits)
+    mass = np.array([np.exp(x - top).sum(axis=1) for x in logits])  # [leaves, G]
+    mass = (mass / mass.sum(axis=0)).mean(axis=1)
+    taken, left = [], max_tokens
+    for i in np.lexsort((np.arange(len(mass)), -mass)):
+        if len(leaf_keys[i]) <= left:
+            taken.append(int(i))
+            left -= len(leaf_keys[i])
+    return taken
 
 
 def test_icecache_r_followers_catch_up_on_several_leader_inserts_at_once():
@@ -148,11 +182,20 @@ def test_icecache_r_followers_catch_up_on_several_leader_inserts_at_once():
     queries = rng.standard_normal((LAYERS, Q, DIM)).astype(np.float32)
     selections = _retrieve_all(store, "s", queries)
     for head in range(KV):
-        lead = _head(store, selections[1], head)[0].tolist()
         for layer in (2, 3):
-            assert _head(store, selections[layer], head)[0].tolist() == lead
             _assert_kv_in_place(store, selections[layer], head, keys, values, layer)
     body = store._seqs["s"].bodies
+    for layer in (2, 3):  # every token scored exactly (quota >= 4 x 80 >= the body): by mass
+        for head in range(KV):
+            follower = body[layer][head]
+            leaves = sorted(follower.leaf_page)
+            pages = [follower.leaf_page[leaf] for leaf in leaves]
+            held = [store.pool.positions[p, : store.pool.fill[p]] for p in pages]
+            group = queries[layer, head * GROUP : (head + 1) * GROUP]
+            leaf_keys = [keys[layer, pos, head] for pos in held]
+            assert 4 * 80 >= sum(map(len, held))
+            want = [pages[i] for i in _mass_ranked_within(leaf_keys, group, 80)]
+            assert follower.select(group, 80).tolist() == want
     for layer in (2, 3):  # every follower leaf page holds the same positions as the leader's
         for head in range(KV):
             leader, follower = body[1][head], body[layer][head]
@@ -285,7 +328,10 @@ def test_icecache_r_follower_before_its_leader_is_refused():
         store.append("s", 2, k, k, np.arange(40))
     store.append("s", 1, k, k, np.arange(40))
     store.append("s", 2, k, k, np.arange(40))
-    with pytest.raises(OutOfOrder, match="icecache-r layer 2 reuses layer 1's selection"):
+    with pytest.raises(
+        OutOfOrder,
+        match="icecache-r layer 2 reuses layer 1's layout: decode or retrieve layer 1 first",
+    ):
         store.retrieve("s", 2, np.ones((Q, DIM), np.float32))
 
 
