@@ -141,6 +141,13 @@ class Journal:
             [by_pair[pair] for pair in pairs],
         )
 
+    def outcomes(
+        self, signature: str, task: str, variant: str, context_len: int, seed: int
+    ) -> dict[Pair, Outcome]:
+        """The outcomes a sample has so far, by (policy, budget) (empty when none)."""
+        record = self._records.get((signature, task, variant, context_len, seed))
+        return {} if record is None else {(o.policy, o.budget): o for o in record.outcomes}
+
     def add(self, signature: str, record: SampleRecord) -> None:
         """Keep ``record`` (replacing an earlier one of the same sample) and append it."""
         key = self.key(signature, record)

@@ -134,19 +134,26 @@ def run_cell(
     records = []
     max_len = max(len(p.ids) + p.max_new_tokens + 1 for p in prompts)
     for prompt in prompts:
+        kept: dict[Key, Outcome] = {}
         if resume is not None:
-            done = resume.journal.get(
-                resume.signature, task.name, variant, context_len, prompt.seed, pairs
-            )
+            key = (resume.signature, task.name, variant, context_len, prompt.seed)
+            done = resume.journal.get(*key, pairs)
             if done is not None:
                 records.append(done)
                 bar.update(len(pairs))
                 continue
+            kept = resume.journal.outcomes(*key)
         outcomes: list[Outcome] = []
         for policy, budget in pairs:
-            engine = session.engine(policy, budget, max_len)
-            outcomes.append(task.run(session, engine, prompt, outcomes[0] if outcomes else None))
-            bar.set_postfix_str(f"{policy}@{budget or 'all'}")
+            # A sample finished under fewer pairs (a policy added or dropped to be run
+            # again) runs only the rest, and full, the reference of the others.
+            if (policy, budget) in kept and outcomes:
+                outcomes.append(kept[(policy, budget)])
+            else:
+                engine = session.engine(policy, budget, max_len)
+                reference = outcomes[0] if outcomes else None
+                outcomes.append(task.run(session, engine, prompt, reference))
+                bar.set_postfix_str(f"{policy}@{budget or 'all'}")
             bar.update()
         session.forget()
         record = SampleRecord(

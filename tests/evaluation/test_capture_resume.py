@@ -125,10 +125,10 @@ def test_every_policy_decodes_over_the_same_rounded_prefill(smollm, tmp_path):
 
 
 # ---- resumable runs -----------------------------------------------------------------------
-def _passkey_run(session, journal_path, samples):
+def _passkey_run(session, journal_path, samples, policies=("full", "streaming")):
     corpus = Corpus(default_text(), session.tokenizer)
     task = make_task("passkey", corpus, TaskOptions(samples=samples))
-    plan = EvalPlan(("single",), (300,), ("full", "streaming"), (64,))
+    plan = EvalPlan(("single",), (300,), policies, (64,))
     return run_plan(session, task, plan, Resume(Journal(journal_path), "pydoc"))
 
 
@@ -173,6 +173,24 @@ def test_a_sample_missing_a_requested_policy_is_not_done(smollm, tmp_path):
     assert journal.get("other-corpus", "passkey", "single", 300, record.seed, pairs) is None
     saved = json.loads(path.read_text())
     assert saved["signature"] == "pydoc" and saved["sample"]["task"] == "passkey"
+
+
+def test_a_sample_missing_a_policy_runs_it_and_full_again_and_keeps_the_rest(smollm, tmp_path):
+    path = tmp_path / "journal.jsonl"
+    session = _session(smollm)
+    first = _passkey_run(session, path, 1).samples[0]
+    grown = _passkey_run(session, path, 1, ("full", "streaming", "quest")).samples[0]
+    assert [(o.policy, o.budget) for o in grown.outcomes] == [
+        ("full", None),
+        ("streaming", 64),
+        ("quest", 64),
+    ]
+    assert grown.outcomes[1] == first.outcomes[1]  # kept: the same run time, not run again
+    again = grown.outcomes[0]  # full ran again, as the reference, with the same answer
+    assert (again.output, again.score) == (first.outcomes[0].output, first.outcomes[0].score)
+    assert again.seconds != first.outcomes[0].seconds
+    pairs = [("full", None), ("streaming", 64), ("quest", 64)]
+    assert Journal(path).get("pydoc", "passkey", "single", 300, first.seed, pairs) == grown
 
 
 # ---- past the trained context ---------------------------------------------------------------
