@@ -50,7 +50,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PAGE = 16
 DENSE_LAYERS = 2
 REUSE_GROUP = 3
-POLICIES = ("icecache", "icecache-r", "kmeans", "quest", "oracle", "streaming")
+POLICIES = ("icecache", "icecache-r", "icecache-tokens", "kmeans", "quest", "oracle", "streaming")
 INDEXED = {"icecache": ClusterIndex, "kmeans": FlatKMeansIndex}
 
 
@@ -321,8 +321,12 @@ def select(
     policy: str, bodies: Bodies, case: HeadCase, q: np.ndarray, body_budget: int
 ) -> tuple[np.ndarray, int]:
     """Body positions attended by ``policy`` for query group ``q [G, D]`` and the pages they
-    occupy (leaves, positional pages or, for the oracle, the source pages it gathers from)."""
+    occupy (leaves, positional pages, the scratch pages ``icecache-tokens`` gathers into or,
+    for the oracle, the source pages it gathers from)."""
     start, end = bodies.start, bodies.end
+    if policy == "icecache-tokens":
+        pos = bodies.indexes["icecache"].search_tokens(q, body_budget)
+        return pos, math.ceil(len(pos) / PAGE)
     if policy in INDEXED:
         index = bodies.indexes[policy]
         leaves = index.search(q, body_budget)
@@ -395,13 +399,14 @@ class Measurer:
             for policy in POLICIES:
                 cell = self.cell((name, length, policy, budget.total))
                 source = "icecache" if policy == "icecache-r" else policy
-                fill, own = bodies.memory.get(source, (math.nan, 0.0))
+                index_of = "icecache" if policy == "icecache-tokens" else source
+                fill, own = bodies.memory.get(index_of, (math.nan, 0.0))
                 if policy == "icecache-r" and follower is not None:
                     # a follower keeps no index: its own centroids on the leader's leaves
                     cell.build_s.append(follower_s)
                     cell.index_bytes.append(follower.nbytes() / (bodies.end - bodies.start))
                 else:
-                    cell.build_s.append(bodies.build_s.get(source, 0.0))
+                    cell.build_s.append(bodies.build_s.get(index_of, 0.0))
                     cell.index_bytes.append(own)
                 if policy != "icecache-r":
                     cell.fill.append(fill)
@@ -741,7 +746,7 @@ def plot(
         ax.set_xscale("log", base=2)
         ax.legend(fontsize=7)
     ax = axes[-1]
-    for policy in ("icecache", "icecache-r", "kmeans", "quest", "oracle"):
+    for policy in ("icecache", "icecache-r", "icecache-tokens", "kmeans", "quest", "oracle"):
         mine = sorted(
             (r for r in rows if r.case == "synthetic" and r.policy == policy and r.budget == 256),
             key=lambda r: r.context,

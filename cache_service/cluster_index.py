@@ -58,7 +58,13 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
-from cache_service.policies.base import array_bytes, best_covering, fill_within, leaf_mass
+from cache_service.policies.base import (
+    array_bytes,
+    best_covering,
+    fill_within,
+    leaf_mass,
+    token_mass,
+)
 
 
 @dataclass(frozen=True)
@@ -574,6 +580,35 @@ class ClusterIndex:
         for all heads of a layer, with exactly this result.
         """
         queries = self._check_queries(queries, max_tokens)
+        probed = self._probe(queries, max_tokens)
+        if len(probed) == 0:
+            return probed
+        mass = self._leaf_mass(queries, probed)
+        ranked = probed[np.lexsort((probed, -mass))]
+        return fill_within(ranked, self.fill[ranked], max_tokens)
+
+    def search_tokens(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
+        """Token ids ``[k]`` (ascending) for a query group ``[G, D]``: of the tokens ``search``
+        scores exactly, the ``max_tokens`` that carry the most attention mass (each query
+        head's softmax over them, mean over the group; ties: the lower id).
+
+        Single tokens instead of whole leaves: a leaf's low-scoring tokens no longer take
+        the budget (``icecache-tokens`` gathers them into scratch pages, as the oracle does).
+        """
+        queries = self._check_queries(queries, max_tokens)
+        probed = self._probe(queries, max_tokens)
+        if len(probed) == 0:
+            return probed
+        fills = self.fill[probed]
+        rows = token_rows(probed, fills, self.config.page_size)
+        keys = np.take(self.flat_keys(), rows, 0).astype(np.float32)
+        mass = token_mass(queries, keys, self.softmax_scale)
+        ids = self.tokens.reshape(-1)[rows]
+        take = min(max_tokens, len(ids))
+        return np.sort(ids[np.lexsort((ids, -mass))[:take]])
+
+    def _probe(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
+        """The leaves a search scores token by token (sets ``last_effort``)."""
         if self.num_leaves == 0 or max_tokens == 0:
             self.last_effort = SearchEffort(0, 0, 0)
             return np.empty(0, dtype=np.int64)
@@ -582,10 +617,8 @@ class ClusterIndex:
         nodes_scored, leaves = self._field_of_view(qhat, step, view)
         scores = centroid_scores(qhat, step, self.levels[0].qcent[leaves])
         probed = best_covering(leaves, scores, self.fill[leaves], exact)
-        mass = self._leaf_mass(queries, probed)
-        ranked = probed[np.lexsort((probed, -mass))]
         self.last_effort = SearchEffort(nodes_scored, len(leaves), int(self.fill[probed].sum()))
-        return fill_within(ranked, self.fill[ranked], max_tokens)
+        return probed
 
     def effort(self, max_tokens: int) -> tuple[float, float]:
         """Tokens under the leaves whose centroids a search scores (its field of view), and

@@ -20,6 +20,7 @@ from cache_service.policies import Body, make_bodies
 from cache_service.policies.indexed import IndexedBody, MirroredBody, select_layer
 from cache_service.prefix_cache import PrefixCache, PrefixStats
 from cache_service.types import (
+    GATHERING_POLICIES,
     INDEXED_POLICIES,
     OutOfOrder,
     PrefixKeys,
@@ -382,7 +383,7 @@ class Store:
         prefill out into leaf pages (leaves about half full: up to three times its pages
         while the positional ones are still held, by a kept prefix or until the build
         ends), inserting the pages after the build boundary takes what appending them
-        would; the oracle copies its picks to scratch pages."""
+        would; the oracle and icecache-tokens copy their picks to scratch pages."""
         build = 0
         if _clustered(seq.spec, layer) and not seq.flushed[layer]:
             for head, pending in enumerate(seq.pending[layer]):
@@ -391,7 +392,7 @@ class Store:
             tokens = sum(len(pending) for pending in seq.pending[layer]) * self.pool.page_size
             build += -(-tokens * INDEX_BYTES_PER_KEY * seq.spec.head_dim // self.pool.page_bytes)
         scratch = 0
-        if seq.spec.policy == "oracle" and layer >= seq.spec.dense_layers:
+        if seq.spec.policy in GATHERING_POLICIES and layer >= seq.spec.dense_layers:
             budget = seq.spec.body_budget(self.pool.page_size) or 0
             scratch = seq.spec.num_kv_heads * -(-budget // self.pool.page_size)
         return build + scratch
@@ -445,7 +446,7 @@ class Store:
                     held += [lay.sink_pages(), lay.window_pages_now(), lay.leaving_pages()]
                     held.append(body.all_pages())
                     held.append(np.asarray(seq.pending[layer][head], dtype=np.int64))
-                    held.append(np.asarray(getattr(body, "scratch", ()), dtype=np.int64))
+                    held.append(body.scratch_pages())
         return np.concatenate(held)
 
     # ---- helpers ---------------------------------------------------------------------

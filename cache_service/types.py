@@ -7,11 +7,23 @@ from typing import NamedTuple
 
 import numpy as np
 
-POLICIES = ("full", "oracle", "icecache", "icecache-r", "quest", "kmeans", "streaming")
+POLICIES = (
+    "full",
+    "oracle",
+    "icecache",
+    "icecache-r",
+    "icecache-tokens",
+    "quest",
+    "kmeans",
+    "streaming",
+)
 """Every attention policy by name; the bodies each one lays out are ``cache_service.policies``'."""
-INDEXED_POLICIES = ("icecache", "icecache-r", "kmeans")
+INDEXED_POLICIES = ("icecache", "icecache-r", "icecache-tokens", "kmeans")
 """The policies whose bodies re-lay tokens into the leaf pages of a cluster index (they
 allocate pages when their body takes tokens)."""
+GATHERING_POLICIES = ("oracle", "icecache-tokens")
+"""The policies whose bodies copy the single tokens they select into scratch pages at every
+decode step (freed at the next)."""
 
 
 def check_policy(name: str) -> str:

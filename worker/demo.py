@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         "Dense prefill once (about a minute on 2 CPU cores) ...\n",
         flush=True,
     )
-    print(f"{'policy':<11} {'answer':<26} {'correct':<8} {'decode ms/token':>16}")
+    print(f"{'policy':<15} {'answer':<26} {'correct':<8} {'decode ms/token':>16}")
     max_len = len(prompt.ids) + MAX_NEW_TOKENS
     for policy in POLICIES:
         engine = session.engine(policy, args.budget, max_len)
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         answer = " ".join(tokenizer.decode(out, skip_special_tokens=True).split())
         ok = "yes" if score_passkey(answer, prompt.key) else "no"
         ms = engine.timings.decode_ms_per_step
-        print(f"{policy:<11} {answer[:26]:<26} {ok:<8} {ms:>16.1f}", flush=True)
+        print(f"{policy:<15} {answer[:26]:<26} {ok:<8} {ms:>16.1f}", flush=True)
     return 0
 
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from cache_service.page_pool import PagePool
 from cache_service.policies.base import Body
-from cache_service.policies.indexed import IndexedBody, MirroredBody
+from cache_service.policies.indexed import GatheringBody, IndexedBody, MirroredBody
 from cache_service.policies.positional import (
     OracleBody,
     PositionalBody,
@@ -30,8 +30,11 @@ def _index_body(spec: SequenceSpec, pool: PagePool, layer: int, head: int) -> In
     from cache_service.kmeans_index import FlatKMeansIndex
 
     config = _index_config(spec, pool, layer, head)
-    cls = FlatKMeansIndex if spec.policy == "kmeans" else ClusterIndex
-    return IndexedBody(pool, cls(pool.head_dim, config))
+    if spec.policy == "kmeans":
+        return IndexedBody(pool, FlatKMeansIndex(pool.head_dim, config))
+    if spec.policy == "icecache-tokens":
+        return GatheringBody(pool, ClusterIndex(pool.head_dim, config))
+    return IndexedBody(pool, ClusterIndex(pool.head_dim, config))
 
 
 def make_bodies(spec: SequenceSpec, pool: PagePool) -> list[list[Body]]:

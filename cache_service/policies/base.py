@@ -41,6 +41,11 @@ class Body(ABC):
     def all_pages(self) -> np.ndarray:
         """Every page holding this body's tokens ``[n]`` (dense layers, ``full``)."""
 
+    def scratch_pages(self) -> np.ndarray:
+        """Pages holding copies of the last selection's tokens ``[n]``, freed at the next
+        selection (``oracle``, ``icecache-tokens``); not among ``all_pages``."""
+        return np.empty(0, dtype=np.int64)
+
     def release(self) -> None:
         """Free every page this body owns."""
         self.pool.free(self.all_pages())
@@ -111,3 +116,41 @@ def best_covering(
     order = np.lexsort((nodes, -scores))
     covered = np.cumsum(counts[order])
     return nodes[order[: int(np.searchsorted(covered, need, side="left")) + 1]]
+
+
+def token_mass(queries: np.ndarray, keys: np.ndarray, scale: float) -> np.ndarray:
+    """Attention mass ``[T]`` of each token of ``keys [T, D]``: each query head's softmax of
+    ``scale × q·k`` over these tokens, mean over the group ``queries [G, D]``."""
+    scores = (queries @ keys.T) * scale  # [G, T]
+    weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return (weights / weights.sum(axis=1, keepdims=True)).mean(axis=0)
+
+
+class Scratch:
+    """Pages a body copies single tokens into for one step, freed at its next selection
+    (the oracle's and ``icecache-tokens``' gathers). A copy of a body starts without any."""
+
+    def __init__(self, pool: PagePool) -> None:
+        self.pool = pool
+        self.pages = np.empty(0, dtype=np.int64)
+
+    def gather(self, pages: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Copy the tokens at ``(pages[i], slots[i])`` in that order into new pages."""
+        self.free()
+        kv = self.pool.read_slots(pages, slots)  # [k, 2, D]
+        positions = self.pool.positions[pages, slots]
+        size = self.pool.page_size
+        self.pages = self.pool.alloc(-(-len(slots) // size))
+        for i, page in enumerate(self.pages.tolist()):
+            part = slice(i * size, (i + 1) * size)
+            self.pool.append(page, kv[part, 0], kv[part, 1], positions[part])
+        return self.pages
+
+    def free(self) -> None:
+        self.pool.free(self.pages)
+        self.pages = np.empty(0, dtype=np.int64)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Scratch:
+        pool = memo.get(id(self.pool), self.pool)
+        assert isinstance(pool, PagePool)
+        return Scratch(pool)

@@ -13,7 +13,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from cache_service.page_pool import PagePool
-from cache_service.policies.base import Body, best_covering, fill_within, leaf_mass
+from cache_service.policies.base import Body, Scratch, best_covering, fill_within, leaf_mass
 
 
 class Placement(Protocol):
@@ -48,6 +48,12 @@ class LeafIndex(LeafFills, Protocol):
     def insert(self, keys: np.ndarray, token_ids: np.ndarray) -> Placement: ...
     def search(self, queries: np.ndarray, max_tokens: int) -> np.ndarray: ...
     def nbytes(self) -> int: ...
+
+
+class TokenIndex(LeafIndex, Protocol):
+    """An index that also picks single tokens (``ClusterIndex``)."""
+
+    def search_tokens(self, queries: np.ndarray, max_tokens: int) -> np.ndarray: ...
 
 
 class Step(NamedTuple):
@@ -180,6 +186,36 @@ class IndexedBody(LeafPages):
         return self.pages_of(self.last_leaves)
 
 
+class GatheringBody(IndexedBody):
+    """``icecache-tokens``: the same index and search, but of the tokens the search scores
+    exactly it takes the ``max_tokens`` with the most attention mass one by one, copied into
+    scratch pages for the step (as the oracle does), instead of whole leaves.
+
+    A leaf's weaker tokens no longer take the budget and the pages moved are full
+    (``bench/results/selection.md`` measures both); the price is a copy per step and pages
+    that are new at every step (a device page cache keeps leaf pages between steps, not
+    these)."""
+
+    def __init__(self, pool: PagePool, index: TokenIndex) -> None:
+        super().__init__(pool, index)
+        self.tokens_of = index.search_tokens
+        self.scratch = Scratch(pool)
+
+    def select(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
+        self.scratch.free()
+        if not self.built or max_tokens < 1:
+            return self.scratch.pages
+        positions = self.tokens_of(queries.astype(np.float32), max_tokens)
+        return self.scratch.gather(self.token_page[positions], self.token_slot[positions])
+
+    def scratch_pages(self) -> np.ndarray:
+        return self.scratch.pages
+
+    def release(self) -> None:
+        self.scratch.free()
+        super().release()
+
+
 def select_layer(
     bodies: list[Body], queries: np.ndarray, max_tokens: list[int]
 ) -> list[np.ndarray]:
@@ -187,7 +223,8 @@ def select_layer(
 
     The heads laid out by a ``ClusterIndex`` are searched in one call
     (``cache_service.batched_search.search_heads``, exactly the per-head result); the others
-    (``kmeans``, ``icecache-r`` followers, positional bodies) one by one.
+    (``kmeans``, ``icecache-r`` followers, ``icecache-tokens``, positional bodies) one by
+    one.
 
     Args:
         bodies: ``[H]`` bodies of the layer's KV heads.
@@ -199,7 +236,7 @@ def select_layer(
 
     together: list[tuple[int, IndexedBody, ClusterIndex]] = []
     for h, body in enumerate(bodies):
-        if isinstance(body, IndexedBody) and body.built and type(body.index) is ClusterIndex:
+        if type(body) is IndexedBody and body.built and type(body.index) is ClusterIndex:
             together.append((h, body, body.index))
     pages: dict[int, np.ndarray] = {}
     if together:

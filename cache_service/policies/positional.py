@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from cache_service.page_pool import PagePool
-from cache_service.policies.base import Body, take_within
+from cache_service.policies.base import Body, Scratch, take_within
 
 
 class PositionalBody(Body):
@@ -69,30 +69,22 @@ class OracleBody(PositionalBody):
 
     def __init__(self, pool: PagePool) -> None:
         super().__init__(pool)
-        self.scratch = np.empty(0, dtype=np.int64)
+        self.scratch = Scratch(pool)
 
     def select(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
-        self._free_scratch()
+        self.scratch.free()
         if self.pages.size == 0 or max_tokens < 1:
-            return self.scratch
+            return self.scratch.pages
         keys = self.pool.data[self.pages, 0].reshape(-1, self.pool.head_dim)  # [T, D]
         scores = (queries.astype(np.float32) @ keys.astype(np.float32).T).max(axis=0)  # [T]
         take = min(max_tokens, scores.size)
         top = np.sort(np.argpartition(-scores, take - 1)[:take])
         page_of, slot = np.divmod(top, self.pool.page_size)
-        kv = self.pool.read_slots(self.pages[page_of], slot)  # [k, 2, D]
-        positions = self.pool.positions[self.pages[page_of], slot]
-        size = self.pool.page_size
-        self.scratch = self.pool.alloc(-(-take // size))
-        for i, page in enumerate(self.scratch):
-            part = slice(i * size, (i + 1) * size)
-            self.pool.append(int(page), kv[part, 0], kv[part, 1], positions[part])
-        return self.scratch
+        return self.scratch.gather(self.pages[page_of], slot)
 
-    def _free_scratch(self) -> None:
-        self.pool.free(self.scratch)
-        self.scratch = np.empty(0, dtype=np.int64)
+    def scratch_pages(self) -> np.ndarray:
+        return self.scratch.pages
 
     def release(self) -> None:
-        self._free_scratch()
+        self.scratch.free()
         super().release()

@@ -459,6 +459,47 @@ def test_a_large_probe_is_the_brute_force_mass_ranking():
         assert index.search(q, 16).tolist() == _mass_ranking(index, keys, q, 16)[0]
 
 
+def _token_mass(index, keys, q):
+    """Brute force in float64: each token's attention mass (each query head's softmax over
+    all tokens, the keys as the index's float16 copy holds them; mean over the group)."""
+    keys = keys.astype(np.float16).astype(np.float64)
+    logits = (q.astype(np.float64) @ keys.T) * index.dim**-0.5  # [G, N]
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    return (probs / probs.sum(1, keepdims=True)).mean(0)
+
+
+@pytest.mark.parametrize("config", [DEEP, DEEPEST], ids=["deep", "deepest"])
+def test_search_tokens_with_every_leaf_probed_is_the_exact_top_by_attention_mass(config):
+    exact = dataclasses.replace(config, probe_fraction=1.0, view_fraction=1.0)
+    index, keys = _built(exact)
+    rng = np.random.default_rng(14)
+    for max_tokens in [1, 7, 50, 128, 600, 10_000]:
+        for _ in range(5):
+            q = rng.standard_normal((3, DIM)).astype(np.float32)
+            got = index.search_tokens(q, max_tokens)
+            heaviest = np.argsort(-_token_mass(index, keys, q), kind="stable")[:max_tokens]
+            assert got.dtype == np.int64
+            assert got.tolist() == sorted(heaviest.tolist())
+
+
+def test_search_tokens_carry_at_least_the_mass_of_the_leaves_search_takes():
+    """Default effort: the same leaves are scored exactly; taking their heaviest tokens one
+    by one fills the budget (as far as they hold it) and never carries less mass than the
+    whole leaves ``search`` takes out of them."""
+    index, keys = _built(DEEP, n=1000, inserted=200)
+    rng = np.random.default_rng(15)
+    for max_tokens in [5, 16, 37, 64]:
+        for _ in range(10):
+            q = rng.standard_normal((2, DIM)).astype(np.float32)
+            got = index.search_tokens(q, max_tokens)
+            scored = index.last_effort.tokens
+            leaves = index.search(q, max_tokens)
+            assert index.last_effort.tokens == scored  # the same leaves probed
+            assert len(got) == len(set(got.tolist())) == min(max_tokens, scored)
+            mass = _token_mass(index, keys, q)
+            assert mass[got].sum() >= mass[_tokens_of(index, leaves)].sum() - 1e-9
+
+
 def test_default_probe_finds_most_top_tokens_on_clustered_keys():
     """A sanity floor, not a benchmark: measured 0.80 at this seed."""
     rng = np.random.default_rng(0)

@@ -33,7 +33,9 @@ from proto.icecache.v1 import cache_service_pb2 as pb
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
 
 DIM, PAGE, PAGES = 8, 4, 200  # small: the fuzz must reach the ceiling
-POLICIES = ("full", "oracle", "icecache", "icecache-r", "quest", "kmeans", "streaming")
+POLICIES = (
+    "full", "oracle", "icecache", "icecache-r", "icecache-tokens", "quest", "kmeans", "streaming",
+)  # fmt: skip
 OK, BAD, MISSING, EXISTS, ORDER, FULL = (
     grpc.StatusCode.OK,
     grpc.StatusCode.INVALID_ARGUMENT,

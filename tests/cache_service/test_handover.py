@@ -121,7 +121,7 @@ def test_icecache_r_followers_keep_their_leaders_delay():
     assert delays[1] == delays[2] == delays[3] == [2, 3]
 
 
-@pytest.mark.parametrize("policy", ["icecache", "icecache-r", "kmeans"])
+@pytest.mark.parametrize("policy", ["icecache", "icecache-r", "icecache-tokens", "kmeans"])
 def test_a_sequence_selects_the_same_alone_or_decoded_with_others(policy):
     """Handover steps depend on positions only: same selections whatever else is in the
     batch (another sequence, at another length)."""

@@ -1,4 +1,5 @@
-"""The index facts at the Store level: ``icecache``, ``icecache-r`` and ``kmeans`` bodies.
+"""The index facts at the Store level: ``icecache``, ``icecache-r``, ``icecache-tokens`` and
+``kmeans`` bodies.
 
 Layers 0 is dense; with ``icecache-r`` layers 2 and 3 mirror layer 1's leaf layout
 (``reuse_group`` 3) and select on their own.
@@ -15,7 +16,7 @@ from cache_service.types import OutOfOrder, SequenceSpec, UnknownSequence
 
 LAYERS, KV, Q, DIM, PAGE = 4, 2, 4, 16, 16
 GROUP = Q // KV
-INDEXED = ["icecache", "icecache-r", "kmeans"]
+INDEXED = ["icecache", "icecache-r", "icecache-tokens", "kmeans"]
 
 
 def _spec(policy, budget=64, **kw):
@@ -81,7 +82,7 @@ def _planted(num_blobs, seed=0):
 @pytest.mark.parametrize(
     ("policy", "num_blobs"),
     # kmeans clusters hold 4 pages (64 tokens): blobs of 128 tokens are two clusters each.
-    [("icecache", 4), ("icecache-r", 4), ("kmeans", 2)],
+    [("icecache", 4), ("icecache-r", 4), ("icecache-tokens", 4), ("kmeans", 2)],
 )
 def test_a_query_near_one_cluster_selects_exactly_its_positions_plus_sinks_and_window(
     policy, num_blobs
@@ -319,6 +320,42 @@ def test_bad_requests_raise_clear_errors(policy):
     assert store.length("s", 1) == 0
 
 
+def test_icecache_tokens_takes_the_heaviest_body_tokens_into_scratch_pages_each_step():
+    """With a budget whose search scores every body token (4 × 112 ≥ 272), the body part of
+    an ``icecache-tokens`` selection is the exact top by attention mass (float64 brute
+    force); the tokens are copied with their K/V into fresh pages, freed at the next step."""
+    store = Store(PagePool(2048, PAGE, DIM))
+    spec = _spec("icecache-tokens", budget=144, sink_tokens=SINKS, recent_pages=1)
+    store.create("s", spec)
+    rng = np.random.default_rng(11)
+    length = 304
+    keys = rng.standard_normal((LAYERS, length, KV, DIM)).astype(np.float32)
+    values = rng.standard_normal((LAYERS, length, KV, DIM)).astype(np.float32)
+    _append_all(store, "s", keys, values)
+    window = _window(spec, length)
+    body = np.array(sorted(set(range(length)) - window))
+    free = None
+    for _ in range(3):
+        queries = rng.standard_normal((LAYERS, Q, DIM)).astype(np.float32)
+        selections = _retrieve_all(store, "s", queries)
+        free = store.pool.num_free if free is None else free
+        assert store.pool.num_free == free  # the last step's scratch pages came back
+        for layer, sel in enumerate(selections[1:], start=1):
+            for head in range(KV):
+                got = _head(store, sel, head)[0].tolist()
+                group = queries[layer, head * GROUP : (head + 1) * GROUP].astype(np.float64)
+                held = keys[layer, body, head].astype(np.float16).astype(np.float64)
+                logits = group @ held.T / np.sqrt(DIM)
+                probs = np.exp(logits - logits.max(1, keepdims=True))
+                mass = (probs / probs.sum(1, keepdims=True)).mean(0)
+                heaviest = body[np.argsort(-mass, kind="stable")[: spec.body_budget(PAGE)]]
+                assert sorted(set(got) - window) == sorted(heaviest.tolist())
+                assert window <= set(got) and len(got) == len(set(got)) == 144
+                _assert_kv_in_place(store, sel, head, keys, values, layer)
+    store.release("s")
+    assert store.pool.num_free == 2048
+
+
 def test_icecache_r_follower_before_its_leader_is_refused():
     store = Store(PagePool(256, PAGE, DIM))
     store.create("s", _spec("icecache-r"))
@@ -357,7 +394,8 @@ def _assert_every_position_in_exactly_one_page(store, seqs):
             length = store.length(seq, layer)
             for head in range(keys.shape[2]):
                 pages = _held(store, seq, layer, head)
-                for page in pages.tolist():
+                scratch = store._seqs[seq].bodies[layer][head].scratch_pages().tolist()
+                for page in pages.tolist() + scratch:  # scratch: copies of the last pick
                     assert page not in owner, f"page {page} shared by {owner[page]}"
                     owner[page] = (seq, layer, head)
                 fills = pool.fill[pages]

@@ -190,7 +190,7 @@ class FailingPool(PagePool):
         return super().alloc(n)
 
 
-@pytest.mark.parametrize("policy", ["quest", "icecache", "oracle"])
+@pytest.mark.parametrize("policy", ["quest", "icecache", "icecache-tokens", "oracle"])
 def test_a_request_failing_half_way_marks_its_sequence_and_leaks_nothing(policy):
     pool = FailingPool(512, PAGE, DIM)
     store = Store(pool)

@@ -7,7 +7,7 @@ from cache_service.cluster_index import ClusterIndex
 from cache_service.kmeans_index import FlatKMeansIndex
 from cache_service.page_pool import PagePool
 from cache_service.policies import make_bodies
-from cache_service.policies.indexed import IndexedBody, MirroredBody
+from cache_service.policies.indexed import GatheringBody, IndexedBody, MirroredBody
 from cache_service.policies.positional import (
     OracleBody,
     PositionalBody,
@@ -26,6 +26,7 @@ EXPECTED = {
     "icecache": ["cluster"] * 5,
     "kmeans": ["kmeans"] * 5,
     "icecache-r": ["cluster", "mirror of 1", "cluster", "mirror of 3", "cluster"],
+    "icecache-tokens": ["gathering cluster"] * 5,
 }
 
 
@@ -33,6 +34,8 @@ def _kind(body, bodies, head):
     if isinstance(body, MirroredBody):
         (leader,) = [i for i, row in enumerate(bodies) if row[head] is body.leader]
         return f"mirror of {leader}"
+    if isinstance(body, GatheringBody):
+        return {ClusterIndex: "gathering cluster"}[type(body.index)]
     if isinstance(body, IndexedBody):
         return {ClusterIndex: "cluster", FlatKMeansIndex: "kmeans"}[type(body.index)]
     kinds = {StreamingBody: "streaming", QuestBody: "quest", OracleBody: "oracle"}

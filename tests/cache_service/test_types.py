@@ -23,6 +23,6 @@ def test_check_policy_names_every_policy_when_it_refuses():
     with pytest.raises(ValueError) as refused:
         check_policy("best")
     assert str(refused.value) == (
-        "unknown policy 'best'; choose one of full, oracle, icecache, icecache-r, quest, "
-        "kmeans, streaming"
+        "unknown policy 'best'; choose one of full, oracle, icecache, icecache-r, "
+        "icecache-tokens, quest, kmeans, streaming"
     )

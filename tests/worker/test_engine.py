@@ -9,7 +9,7 @@ from cache_service.types import INDEXED_POLICIES
 from worker.engine import Engine, EngineConfig
 from worker.factory import build_engine
 
-SPARSE = ["oracle", "quest", "streaming", "kmeans", "icecache", "icecache-r"]
+SPARSE = ["oracle", "quest", "streaming", "kmeans", "icecache", "icecache-r", "icecache-tokens"]
 
 
 def _text_ids(tokenizer, tokens: int) -> list[int]:
