@@ -248,8 +248,9 @@ def _gap(row: Row) -> float:
     return 1.0 - row.score if row.higher_is_better else row.score
 
 
-def fidelity_goals(rows: list[Row]) -> list[str]:
-    """icecache's gap to full within 1.25x oracle's, and below every non-oracle policy's."""
+def fidelity_goals(rows: list[Row], policy: str = "icecache") -> list[str]:
+    """``policy``'s gap to full within 1.25x oracle's, and below every non-oracle
+    baseline's."""
     fid = [r for r in rows if r.task == "fidelity" and r.budget is not None]
     keys = sorted({(r.context_len, r.budget, r.measure) for r in fid})
     within, ahead, total = [], [], 0
@@ -257,23 +258,24 @@ def fidelity_goals(rows: list[Row]) -> list[str]:
         cell = {
             r.policy: r for r in fid if (r.context_len, r.budget, r.measure) == (n, budget, measure)
         }
-        if "icecache" not in cell or "oracle" not in cell:
+        if policy not in cell or "oracle" not in cell:
             continue
         total += 1
-        ice, oracle = _gap(cell["icecache"]), _gap(cell["oracle"])
+        ours, oracle = _gap(cell[policy]), _gap(cell["oracle"])
         where = f"{measure} @{n} b{budget}"
-        if ice > 1.25 * oracle + 1e-12:
-            within.append(f"{where}: icecache {ice:.3g} vs oracle {oracle:.3g}")
+        if ours > 1.25 * oracle + 1e-12:
+            within.append(f"{where}: {policy} {ours:.3g} vs oracle {oracle:.3g}")
         for other in ("quest", "kmeans", "streaming"):
-            if other in cell and _gap(cell[other]) <= ice:
-                ahead.append(f"{where}: {other} {_gap(cell[other]):.3g} <= icecache {ice:.3g}")
+            if other in cell and _gap(cell[other]) <= ours:
+                ahead.append(f"{where}: {other} {_gap(cell[other]):.3g} <= {policy} {ours:.3g}")
     if not total:
         return [
-            "- MISS: fidelity goals — not measured (no fidelity cells with icecache and oracle)"
+            f"- MISS: {policy}'s fidelity goals — not measured (no fidelity cells with "
+            f"{policy} and oracle)"
         ]
     return [
-        _line("icecache's fidelity gap ≤ 1.25× oracle's", within, total),
-        _line("icecache's fidelity gap below quest's, kmeans' and streaming's", ahead, total),
+        _line(f"{policy}'s fidelity gap ≤ 1.25× oracle's", within, total),
+        _line(f"{policy}'s fidelity gap below quest's, kmeans' and streaming's", ahead, total),
     ]
 
 
@@ -310,18 +312,19 @@ def retrieval_goals(rows: list[Row]) -> list[str]:
     return out
 
 
-def recall_goals(rows: list[Row]) -> list[str]:
-    """Recall at budget 256 ≥ 0.97× oracle on real keys at 8k, 16k and 32k."""
+def recall_goals(rows: list[Row], policy: str = "icecache") -> list[str]:
+    """``policy``'s recall at budget 256 ≥ 0.97× oracle on real keys at 8k, 16k and 32k."""
     rec = [r for r in rows if r.task == "recall" and r.measure == "attention mass recall"]
     misses, total = [], 0
     for n in sorted({r.context_len for r in rec if r.context_len >= 8192}):
         cell = {r.policy: r for r in rec if r.context_len == n and r.budget == 256}
-        if "icecache" in cell and "oracle" in cell:
+        if policy in cell and "oracle" in cell:
             total += 1
-            ratio = cell["icecache"].score / cell["oracle"].score
+            ratio = cell[policy].score / cell["oracle"].score
             if ratio < 0.97:
                 misses.append(f"@{n}: {ratio:.3f}× oracle")
-    return [_line("recall@256 ≥ 0.97× oracle on real keys at 8k/16k/32k", misses, total)]
+    name = f"{policy} recall@256 ≥ 0.97× oracle on real keys at 8k/16k/32k"
+    return [_line(name, misses, total)]
 
 
 def _line(name: str, misses: list[str], total: int) -> str:
@@ -413,7 +416,9 @@ Produced by `.venv/bin/python bench/accuracy.py` (resumable: every finished samp
     out = [head]
     for corpus, rows in by_corpus.items():
         out.append(f"\n### {corpus}\n")
-        out += fidelity_goals(rows) + recall_goals(rows) + retrieval_goals(rows)
+        for policy in ("icecache", "icecache-tokens"):
+            out += fidelity_goals(rows, policy) + recall_goals(rows, policy)
+        out += retrieval_goals(rows)
     for corpus, rows in by_corpus.items():
         out.append(f"\n## Results: {corpus}\n\n![{corpus}](accuracy-{corpus}.png)\n")
         out.append(markdown_tables(rows))
