@@ -133,9 +133,9 @@ def doc_outputs(
 
     Over a minute of CPU, mostly the interpreter's (a second thread gains ~10%): where a core
     is spare (one torch thread per core, as ``make test`` runs), another Python process
-    computes the last three policies (the same engine code, weights and prompts, with this
-    process's number of torch threads) while this one computes the first four; loading the
-    model there takes about what a fourth policy takes here.
+    computes the policies after the first four (the same engine code, weights and prompts,
+    with this process's number of torch threads) while this one computes those four; loading
+    the model there takes about what a policy takes here.
     """
     policies = list(POLICIES)
     here = policies[:4] if _core_to_spare() else policies
