@@ -49,9 +49,42 @@ def search_heads(
     Returns:
         ``[H]`` arrays of leaf ids, most attention mass first; sets each ``last_effort``.
     """
+    queries, budgets, live, probed = _probe_heads(indexes, queries, max_tokens)
+    out = [np.empty(0, dtype=np.int64) for _ in indexes]
+    if not live:
+        return out
+    heads = [indexes[h] for h in live]
+    fills = [index.fill[nodes] for index, nodes in zip(heads, probed, strict=True)]
+    ranked = _ranked(probed, _leaf_mass(heads, queries[live], probed, fills))
+    for i, h in enumerate(live):
+        out[h] = fill_within(ranked[i], heads[i].fill[ranked[i]], budgets[h])
+    return out
+
+
+def search_heads_tokens(
+    indexes: Sequence[ClusterIndex], queries: np.ndarray, max_tokens: int | Sequence[int]
+) -> list[np.ndarray]:
+    """Token ids of each index for its query group, as ``ClusterIndex.search_tokens``
+    returns them (``icecache-tokens``): the probe runs once for the layer as in
+    ``search_heads``, each head then ranks the tokens of its probed leaves itself
+    (``ClusterIndex.heaviest_tokens``, the per-head code)."""
+    queries, budgets, live, probed = _probe_heads(indexes, queries, max_tokens)
+    out = [np.empty(0, dtype=np.int64) for _ in indexes]
+    for i, h in enumerate(live):
+        out[h] = indexes[h].heaviest_tokens(queries[h], probed[i], budgets[h])
+    return out
+
+
+def _probe_heads(
+    indexes: Sequence[ClusterIndex], queries: np.ndarray, max_tokens: int | Sequence[int]
+) -> tuple[np.ndarray, list[int], list[int], list[np.ndarray]]:
+    """Checks the arguments; the heads with leaves and budget (``live``) and, for each, the
+    leaves its search scores token by token (``ClusterIndex._probe``); sets every head's
+    ``last_effort``. Returns the queries as float32, every head's budget, ``live``, and the
+    probed leaves of each live head."""
     queries = np.asarray(queries, dtype=np.float32)
     if len(indexes) == 0:
-        return []
+        return queries, [], [], []
     dim = indexes[0].dim
     if queries.ndim != 3 or queries.shape[0] != len(indexes) or queries.shape[1] == 0:
         raise ValueError(
@@ -62,12 +95,11 @@ def search_heads(
     budgets = [int(b) for b in np.broadcast_to(np.asarray(max_tokens), (len(indexes),))]
     if min(budgets) < 0:
         raise ValueError(f"max_tokens must be non-negative, got {min(budgets)}")
-    out = [np.empty(0, dtype=np.int64) for _ in indexes]
     live = [h for h, index in enumerate(indexes) if index.num_leaves and budgets[h]]
     for h in range(len(indexes)):
         indexes[h].last_effort = SearchEffort(0, 0, 0)
     if not live:
-        return out
+        return queries, budgets, live, []
     heads = [indexes[h] for h in live]
     group = queries[live]  # [H', G, D]
     quotas = [index.effort(budgets[h]) for h, index in zip(live, heads, strict=True)]
@@ -76,14 +108,10 @@ def search_heads(
     scores = _centroid_scores([index.levels[0].qcent for index in heads], leaves, qhat, step)
     fills = [index.fill for index in heads]
     probed = _best(leaves, scores, fills, [exact for _, exact in quotas])
-    probed_fills = [index.fill[nodes] for index, nodes in zip(heads, probed, strict=True)]
-    mass = _leaf_mass(heads, group, probed, probed_fills)
-    ranked = _ranked(probed, mass)
-    for i, h in enumerate(live):
-        index = heads[i]
-        index.last_effort = SearchEffort(scored[i], len(leaves[i]), int(probed_fills[i].sum()))
-        out[h] = fill_within(ranked[i], index.fill[ranked[i]], budgets[h])
-    return out
+    for i, index in enumerate(heads):
+        tokens = int(index.fill[probed[i]].sum())
+        index.last_effort = SearchEffort(scored[i], len(leaves[i]), tokens)
+    return queries, budgets, live, probed
 
 
 def _fields_of_view(

@@ -596,11 +596,16 @@ class ClusterIndex:
         the budget (``icecache-tokens`` gathers them into scratch pages, as the oracle does).
         """
         queries = self._check_queries(queries, max_tokens)
-        probed = self._probe(queries, max_tokens)
-        if len(probed) == 0:
-            return probed
-        fills = self.fill[probed]
-        rows = token_rows(probed, fills, self.config.page_size)
+        return self.heaviest_tokens(queries, self._probe(queries, max_tokens), max_tokens)
+
+    def heaviest_tokens(
+        self, queries: np.ndarray, leaves: np.ndarray, max_tokens: int
+    ) -> np.ndarray:
+        """Token ids ``[k]`` (ascending): the ``max_tokens`` tokens of ``leaves`` that carry
+        the most attention mass for ``queries [G, D]`` (float32), ties to the lower id."""
+        if len(leaves) == 0:
+            return np.empty(0, dtype=np.int64)
+        rows = token_rows(leaves, self.fill[leaves], self.config.page_size)
         keys = np.take(self.flat_keys(), rows, 0).astype(np.float32)
         mass = token_mass(queries, keys, self.softmax_scale)
         ids = self.tokens.reshape(-1)[rows]

@@ -202,10 +202,14 @@ class GatheringBody(IndexedBody):
         self.scratch = Scratch(pool)
 
     def select(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
-        self.scratch.free()
         if not self.built or max_tokens < 1:
+            self.scratch.free()
             return self.scratch.pages
-        positions = self.tokens_of(queries.astype(np.float32), max_tokens)
+        return self.take(self.tokens_of(queries.astype(np.float32), max_tokens))
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """Copy the tokens at ``positions`` into this step's scratch pages (the last step's
+        are freed); returns them."""
         return self.scratch.gather(self.token_page[positions], self.token_slot[positions])
 
     def scratch_pages(self) -> np.ndarray:
@@ -222,23 +226,34 @@ def select_layer(
     """Pages of every KV head of one layer, as each body's ``select`` would choose them.
 
     The heads laid out by a ``ClusterIndex`` are searched in one call
-    (``cache_service.batched_search.search_heads``, exactly the per-head result); the others
-    (``kmeans``, ``icecache-r`` followers, ``icecache-tokens``, positional bodies) one by
-    one.
+    (``cache_service.batched_search.search_heads``, or ``search_heads_tokens`` for
+    ``icecache-tokens``: exactly the per-head result); the others (``kmeans``,
+    ``icecache-r`` followers, positional bodies) one by one.
 
     Args:
         bodies: ``[H]`` bodies of the layer's KV heads.
         queries: ``[H, G, head_dim]`` float32, each KV head's query group.
         max_tokens: ``[H]`` at most this many valid tokens in each head's pages.
     """
-    from cache_service.batched_search import search_heads
+    from cache_service.batched_search import search_heads, search_heads_tokens
     from cache_service.cluster_index import ClusterIndex
 
     together: list[tuple[int, IndexedBody, ClusterIndex]] = []
+    gathering: list[tuple[int, GatheringBody, ClusterIndex]] = []
     for h, body in enumerate(bodies):
-        if type(body) is IndexedBody and body.built and type(body.index) is ClusterIndex:
+        if not isinstance(body, IndexedBody) or not body.built:
+            continue
+        if type(body) is IndexedBody and type(body.index) is ClusterIndex:
             together.append((h, body, body.index))
+        elif type(body) is GatheringBody and type(body.index) is ClusterIndex and max_tokens[h]:
+            gathering.append((h, body, body.index))  # a zero budget: select frees its scratch
     pages: dict[int, np.ndarray] = {}
+    if gathering:
+        heads = [h for h, _, _ in gathering]
+        budgets = [max_tokens[h] for h in heads]
+        picked = search_heads_tokens([i for _, _, i in gathering], queries[heads], budgets)
+        for (h, body, _), positions in zip(gathering, picked, strict=True):
+            pages[h] = body.take(positions)
     if together:
         heads = [h for h, _, _ in together]
         budgets = [max_tokens[h] for h in heads]

@@ -1,5 +1,6 @@
 """``search_heads`` (one call for a layer's KV heads) returns exactly what
-``ClusterIndex.search`` returns head by head: same leaves, same order, same effort."""
+``ClusterIndex.search`` returns head by head: same leaves, same order, same effort; and
+``search_heads_tokens`` exactly what ``ClusterIndex.search_tokens`` returns."""
 
 import dataclasses
 
@@ -9,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cache_service import batched_search
-from cache_service.batched_search import search_heads
+from cache_service.batched_search import search_heads, search_heads_tokens
 from cache_service.cluster_index import ClusterIndex, IndexConfig
 
 
@@ -96,6 +97,11 @@ def _assert_same_as_per_head(indexes, queries, budget):
         assert leaves.dtype == np.int64
         assert leaves.tolist() == want.tolist()
         assert index.last_effort == effort
+    tokens = [index.search_tokens(q, budget) for index, q in zip(indexes, queries, strict=True)]
+    got = search_heads_tokens(indexes, queries, budget)
+    assert [t.tolist() for t in got] == [t.tolist() for t in tokens]
+    assert all(t.dtype == np.int64 for t in got)
+    assert [index.last_effort for index in indexes] == efforts
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -146,7 +152,10 @@ def test_bad_arguments_raise_clear_errors():
         search_heads(indexes, np.ones((2, 1, 5)), 8)
     with pytest.raises(ValueError, match="max_tokens must be non-negative, got -1"):
         search_heads(indexes, np.ones((2, 1, 4)), -1)
+    with pytest.raises(ValueError, match="max_tokens must be non-negative, got -1"):
+        search_heads_tokens(indexes, np.ones((2, 1, 4)), -1)
     assert search_heads([], np.ones((0, 1, 4)), 8) == []
+    assert search_heads_tokens([], np.ones((0, 1, 4)), 8) == []
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -158,4 +167,8 @@ def test_each_head_may_have_its_own_budget(s, data):
     budgets = data.draw(st.lists(st.integers(0, 300), min_size=len(indexes), max_size=len(indexes)))
     expected = [index.search(q, b) for index, q, b in zip(indexes, queries, budgets, strict=True)]
     got = search_heads(indexes, queries, budgets)
+    assert [g.tolist() for g in got] == [e.tolist() for e in expected]
+    zipped = zip(indexes, queries, budgets, strict=True)
+    expected = [index.search_tokens(q, b) for index, q, b in zipped]
+    got = search_heads_tokens(indexes, queries, budgets)
     assert [g.tolist() for g in got] == [e.tolist() for e in expected]
