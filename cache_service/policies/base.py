@@ -139,11 +139,11 @@ class Scratch:
         self.free()
         kv = self.pool.read_slots(pages, slots)  # [k, 2, D]
         positions = self.pool.positions[pages, slots]
-        size = self.pool.page_size
-        self.pages = self.pool.alloc(-(-len(slots) // size))
-        for i, page in enumerate(self.pages.tolist()):
-            part = slice(i * size, (i + 1) * size)
-            self.pool.append(page, kv[part, 0], kv[part, 1], positions[part])
+        size, count = self.pool.page_size, len(slots)
+        self.pages = self.pool.alloc(-(-count // size))
+        if count:  # token i to slot i % size of page i // size, in one scatter
+            order = np.arange(count)
+            self.pool.write_slots(self.pages[order // size], order % size, kv, positions)
         return self.pages
 
     def free(self) -> None:
