@@ -91,7 +91,9 @@ def test_a_client_outlasts_a_worker_that_starts_late(smollm):
     timer = threading.Timer(1.0, lambda: started.append(serve(config, loaded=smollm, kv=kv)))
     timer.start()
     try:
-        backoff = Backoff(attempts=10, base_s=0.2, cap_s=1.0)
+        # Waits are drawn from [0, bound] (full jitter): 10 attempts gave ~3.7 s on average,
+        # which a loaded CI machine's worker start-up outlasted; 40 give ~19 s.
+        backoff = Backoff(attempts=40, base_s=0.2, cap_s=1.0)
         with WorkerClient(f"127.0.0.1:{port}", timeout=60, backoff=backoff) as client:
             result = client.complete("Say hi.", 2)
             assert len(result.token_ids) == 2
