@@ -44,7 +44,7 @@ from .offload import start_service
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "memory.md"
-POLICIES = ("full", "quest", "streaming", "icecache", "icecache-r", "kmeans")
+POLICIES = ("full", "quest", "streaming", "icecache", "icecache-r", "icecache-tokens", "kmeans")
 
 
 @dataclass

@@ -295,7 +295,8 @@ def build_bodies(case: HeadCase, start: int, end: int, seed: int) -> Bodies:
     indexes, build_s, memory = {}, {}, {}
     for name, kind in INDEXED.items():
         t0 = time.perf_counter()
-        index = kind(body.shape[1], IndexConfig(seed=seed))
+        # Keys read from where the body keeps them, as the cache service's indexes do.
+        index = kind(body.shape[1], IndexConfig(seed=seed), key_source=case.keys.__getitem__)
         index.build(body, ids)
         build_s[name] = time.perf_counter() - t0
         indexes[name] = index
@@ -408,7 +409,9 @@ class Measurer:
                 else:
                     cell.build_s.append(bodies.build_s.get(index_of, 0.0))
                     cell.index_bytes.append(own)
-                if policy != "icecache-r":
+                if policy == "icecache-tokens":  # its tokens stay in positional pages
+                    cell.fill.append(bodies.memory["quest"][0])
+                elif policy != "icecache-r":
                     cell.fill.append(fill)
                 for s, q in enumerate(case.queries):
                     fixed = np.r_[0 : budget.sinks, bodies.end : case.context[s]]

@@ -28,7 +28,6 @@ from cache_service.cluster_index import (
     SearchEffort,
     best_covering,
     quantize_queries,
-    token_rows,
 )
 from cache_service.policies.base import fill_within
 
@@ -221,8 +220,7 @@ def _leaf_mass(
     ends = np.cumsum(tokens)
     scores = np.empty((queries.shape[1], int(ends[-1])), dtype=np.float32)  # [G, T]
     for h, index in enumerate(heads):
-        rows = token_rows(leaves[h], fills[h], index.config.page_size)
-        keys = np.take(index.flat_keys(), rows, axis=0).astype(np.float32)
+        keys = index.leaf_keys(leaves[h])
         scores[:, ends[h] - tokens[h] : ends[h]] = queries[h] @ keys.T
     scales = np.array([index.softmax_scale for index in heads], dtype=np.float32)
     if (scales == scales[0]).all():

@@ -2,7 +2,10 @@
 
 One index serves one (sequence, layer, KV head). It knows keys, token ids, leaves and
 slots; which physical page a leaf is, and the K/V bytes, belong to the caller
-(``cache_service.policies.indexed``), which applies the returned ``Placement``\\ s.
+(``cache_service.policies.indexed``), which applies the returned ``Placement``\\ s (or,
+for ``icecache-tokens``, leaves its tokens in their positional pages). The cache service's
+indexes read the keys they score from the caller's pages (a ``KeySource``); a standalone
+index keeps its own float16 copy.
 
 Geometry. Attention ranks keys by inner product with the query, so maximum inner product
 search is turned into nearest-neighbour search: each key ``k`` is augmented with
@@ -52,6 +55,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -258,8 +262,13 @@ def two_means(x: np.ndarray, iters: int = 8) -> np.ndarray:
 
 
 KEY_DTYPE = np.float16
-"""The index's copy of the keys (scored exactly by search, re-clustered by splits): half of
-float32's bytes; keys on the wire are within float16's range already."""
+"""The index's own copy of the keys, when it keeps one (scored exactly by search,
+re-clustered by splits): half of float32's bytes; keys on the wire are within float16's
+range already. An index given a ``KeySource`` keeps none."""
+
+KeySource = Callable[[np.ndarray], np.ndarray]
+"""Keys ``[n, D]`` float32 of token ids ``[n]``, exactly as they were given to ``build`` or
+``insert`` (the caller's own storage: the pool's pages)."""
 
 KEY_LIMIT = float(np.finfo(np.float16).max)
 
@@ -299,8 +308,8 @@ def _sq_dist(x: np.ndarray, cent: np.ndarray) -> np.ndarray:
 
 
 def token_rows(leaves: np.ndarray, fills: np.ndarray, page_size: int) -> np.ndarray:
-    """Rows of ``flat_keys`` holding the tokens of ``leaves`` (``fills`` of each), leaf by
-    leaf ``[sum(fills)]``."""
+    """Leaf slots (``leaf × page_size + slot``) holding the tokens of ``leaves`` (``fills``
+    of each), leaf by leaf ``[sum(fills)]``."""
     starts = leaves * page_size - (np.cumsum(fills) - fills)
     return np.repeat(starts, fills) + np.arange(int(fills.sum()))
 
@@ -382,7 +391,16 @@ class _Level:
 class ClusterIndex:
     """Hierarchical semantic index over the keys of one (sequence, layer, KV head)."""
 
-    def __init__(self, head_dim: int, config: IndexConfig | None = None) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        config: IndexConfig | None = None,
+        key_source: KeySource | None = None,
+    ) -> None:
+        """Args:
+        key_source: where the index reads the keys of tokens it holds (exact scoring,
+            splits), e.g. the pool pages of the body it lays out; ``None``: it keeps its
+            own float16 copy (``KEY_DTYPE``, 2 bytes per coordinate per leaf slot)."""
         if head_dim < 1:
             raise ValueError(f"head_dim must be positive, got {head_dim}")
         self.dim = head_dim
@@ -391,7 +409,10 @@ class ClusterIndex:
         self.norm_bound = 0.0  # M of the augmentation
         self.key_bound = np.zeros(head_dim)  # per dimension, above every |key|: quantization
         self.qscale = np.ones(head_dim)  # centroid quantization step per dimension
-        self.keys = np.zeros((0, size, head_dim), dtype=KEY_DTYPE)  # [leaf, slot, D]
+        self.key_source = key_source
+        self.keys: np.ndarray | None = None  # [leaf, slot, D], the own copy (no source)
+        if key_source is None:
+            self.keys = np.zeros((0, size, head_dim), dtype=KEY_DTYPE)
         self.tokens = np.zeros((0, size), dtype=np.int64)  # [leaf, slot], -1 empty
         self.fill = np.zeros(0, dtype=np.int64)  # [leaf]
         self.token_leaf = np.zeros(0, dtype=np.int64)  # token id -> leaf, -1 absent
@@ -415,7 +436,7 @@ class ClusterIndex:
         return self.levels[0].n
 
     def nbytes(self) -> int:
-        """Bytes of the index's arrays: its key copy and token maps, every level's sums,
+        """Bytes of the index's arrays: its key copy (if any) and token maps, every level's sums,
         centroids and child lists (a list counted as 64 bytes, a link in it as 8)."""
         nodes = sum(level.n for level in self.levels)
         links = nodes - self.levels[-1].n
@@ -509,7 +530,8 @@ class ClusterIndex:
             leaf_of = target[order]
             group_start = np.searchsorted(leaf_of, leaf_of, side="left")
             slots = self.fill[leaf_of] + np.arange(len(order)) - group_start
-            self.keys[leaf_of, slots] = keys[order]
+            if self.keys is not None:
+                self.keys[leaf_of, slots] = keys[order]
             self.tokens[leaf_of, slots] = token_ids[order]
             self._track(token_ids[order], leaf_of, slots)
             level = self.levels[0]
@@ -521,7 +543,7 @@ class ClusterIndex:
         for leaf in leaves[~fits].tolist():
             rows = np.flatnonzero(target == leaf)
             f = int(self.fill[leaf])
-            all_keys = np.concatenate([self.keys[leaf, :f], keys[rows]])
+            all_keys = np.concatenate([self.leaf_keys(np.array([leaf])), keys[rows]])
             all_ids = np.concatenate([self.tokens[leaf, :f], token_ids[rows]])
             moved.append(all_ids)
             touched.append(np.asarray(self._split_into(leaf, all_keys, all_ids), np.int64))
@@ -606,9 +628,8 @@ class ClusterIndex:
         if len(leaves) == 0:
             return np.empty(0, dtype=np.int64)
         rows = token_rows(leaves, self.fill[leaves], self.config.page_size)
-        keys = np.take(self.flat_keys(), rows, 0).astype(np.float32)
-        mass = token_mass(queries, keys, self.softmax_scale)
         ids = self.tokens.reshape(-1)[rows]
+        mass = token_mass(queries, self._keys_at(rows, ids), self.softmax_scale)
         take = min(max_tokens, len(ids))
         return np.sort(ids[np.lexsort((ids, -mass))[:take]])
 
@@ -659,18 +680,27 @@ class ClusterIndex:
         return scored, nodes
 
     def _leaf_mass(self, queries: np.ndarray, leaves: np.ndarray) -> np.ndarray:
-        fills = self.fill[leaves]
-        rows = token_rows(leaves, fills, self.config.page_size)
-        keys = np.take(self.flat_keys(), rows, 0).astype(np.float32)
-        return leaf_mass(queries, keys, fills, self.softmax_scale)
+        return leaf_mass(queries, self.leaf_keys(leaves), self.fill[leaves], self.softmax_scale)
 
     @property
     def softmax_scale(self) -> float:
         return self.config.softmax_scale or self.dim**-0.5
 
-    def flat_keys(self) -> np.ndarray:
-        """The key slots as rows ``[leaves × page_size, D]`` (a float16 view)."""
-        return self.keys.reshape(-1, self.dim)
+    def leaf_keys(self, leaves: np.ndarray) -> np.ndarray:
+        """Keys ``[sum of fills, D]`` float32 of the tokens of ``leaves``, leaf by leaf in
+        slot order."""
+        rows = token_rows(leaves, self.fill[leaves], self.config.page_size)
+        return self._keys_at(rows, None)
+
+    def _keys_at(self, rows: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
+        """Keys float32 of the leaf slots ``rows`` (``leaf × page_size + slot``), whose
+        token ids are ``ids`` if the caller has them."""
+        if self.keys is not None:
+            return np.take(self.keys.reshape(-1, self.dim), rows, 0).astype(np.float32)
+        assert self.key_source is not None
+        if ids is None:
+            ids = self.tokens.reshape(-1)[rows]
+        return np.asarray(self.key_source(ids), dtype=np.float32)
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the structure is inconsistent (for tests and debugging)."""
@@ -687,10 +717,10 @@ class ClusterIndex:
             assert (self.token_slot[toks] == np.arange(f)).all()
         leaves = self.levels[0]
         assert np.array_equal(leaves.counts[:n], self.fill[:n]), "leaf counts"
-        x = self._augment(self.keys[:n].reshape(-1, self.dim))
-        x = x.reshape(n, self.config.page_size, self.dim + 1)
-        x[np.arange(self.config.page_size)[None, :] >= self.fill[:n, None]] = 0
-        assert np.allclose(leaves.sums[:n], x.sum(1), rtol=1e-4, atol=1e-3), "leaf sums"
+        keys = self.leaf_keys(np.arange(n))
+        if n:
+            sums = np.add.reduceat(self._augment(keys), self._leaf_starts(n), axis=0)
+            assert np.allclose(leaves.sums[:n], sums, rtol=1e-4, atol=1e-3), "leaf sums"
         for depth in range(1, len(self.levels)):
             below, level = self.levels[depth - 1], self.levels[depth]
             listed = sorted(c for node in range(level.n) for c in level.children[node])
@@ -708,7 +738,7 @@ class ClusterIndex:
             assert np.allclose(level.cent[:m], cent, rtol=1e-4, atol=1e-4), "centroids"
             q = np.clip(np.rint(level.cent[:m, :-1] / self.qscale), -127, 127)
             assert np.array_equal(level.qcent[:m], q), "quantized centroids"
-        assert (np.abs(self.keys[:n]) <= self.key_bound).all(), "quantization bound"
+        assert (np.abs(keys) <= self.key_bound).all(), "quantization bound"
 
     # ---------------------------------------------------------------- internals
 
@@ -732,6 +762,8 @@ class ClusterIndex:
             raise ValueError("some token ids are already in the index")
         if not np.isfinite(keys).all():
             raise ValueError("keys contain NaN or infinity")
+        if self.keys is None:  # scored from the source, as given
+            return keys, token_ids
         if len(keys) and np.abs(keys).max() > KEY_LIMIT:
             raise ValueError(
                 f"keys must lie within +-{KEY_LIMIT:g} (the index keeps them as float16), "
@@ -762,9 +794,8 @@ class ClusterIndex:
         n = self.num_leaves
         if n == 0:
             return
-        x = self._augment(self.keys[:n].reshape(-1, self.dim))[:, -1].reshape(n, -1)
-        x[np.arange(self.config.page_size)[None, :] >= self.fill[:n, None]] = 0
-        self.levels[0].sums[:n, -1] = x.sum(1)
+        extra = self._augment(self.leaf_keys(np.arange(n)))[:, -1]
+        self.levels[0].sums[:n, -1] = np.add.reduceat(extra, self._leaf_starts(n))
         self.levels[0].refresh(np.arange(n))
         for depth in range(1, len(self.levels)):
             below, level = self.levels[depth - 1], self.levels[depth]
@@ -833,12 +864,18 @@ class ClusterIndex:
                     return labels
         return np.argmin(_sq_dist(x.astype(np.float64), cent), axis=1)
 
+    def _leaf_starts(self, n: int) -> np.ndarray:
+        """Where each of the first ``n`` leaves' tokens start in ``leaf_keys`` of them."""
+        return np.cumsum(self.fill[:n]) - self.fill[:n]
+
     def _grow_leaf_arrays(self) -> None:
         cap = len(self.levels[0].counts)
         if cap > len(self.fill):
             grow = cap - len(self.fill)
             size = self.config.page_size
-            self.keys = np.concatenate([self.keys, np.zeros((grow, size, self.dim), KEY_DTYPE)])
+            if self.keys is not None:
+                zeros = np.zeros((grow, size, self.dim), KEY_DTYPE)
+                self.keys = np.concatenate([self.keys, zeros])
             self.tokens = np.concatenate([self.tokens, np.full((grow, size), -1, np.int64)])
             self.fill = np.concatenate([self.fill, np.zeros(grow, np.int64)])
 
@@ -862,7 +899,8 @@ class ClusterIndex:
         rows = np.concatenate(groups)
         leaf_of = np.repeat(leaves, sizes)
         slots = np.arange(len(rows)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        self.keys[leaf_of, slots] = keys[rows]
+        if self.keys is not None:
+            self.keys[leaf_of, slots] = keys[rows]
         self.tokens[leaf_of, slots] = token_ids[rows]
         self.fill[leaves] = sizes
         self._track(token_ids[rows], leaf_of, slots)
@@ -873,8 +911,9 @@ class ClusterIndex:
     def _set_leaf(self, leaf: int, keys: np.ndarray, token_ids: np.ndarray) -> None:
         """Make ``leaf`` hold exactly these tokens in slots ``0..n-1`` (sums of the leaf only)."""
         n = len(keys)
-        self.keys[leaf, :n] = keys
-        self.keys[leaf, n:] = 0
+        if self.keys is not None:
+            self.keys[leaf, :n] = keys
+            self.keys[leaf, n:] = 0
         self.tokens[leaf, :n] = token_ids
         self.tokens[leaf, n:] = -1
         self.fill[leaf] = n
@@ -886,7 +925,8 @@ class ClusterIndex:
 
     def _append_token(self, leaf: int, key: np.ndarray, x: np.ndarray, token: int) -> None:
         slot = int(self.fill[leaf])
-        self.keys[leaf, slot] = key
+        if self.keys is not None:
+            self.keys[leaf, slot] = key
         self.tokens[leaf, slot] = token
         self.fill[leaf] = slot + 1
         self._track(np.array([token]), leaf, np.array([slot]))

@@ -18,6 +18,7 @@ import numpy as np
 from cache_service.cluster_index import (
     ClusterIndex,
     IndexConfig,
+    KeySource,
     Placement,
     _empty_placement,
     kmeans_labels,
@@ -28,9 +29,13 @@ class FlatKMeansIndex(ClusterIndex):
     """``levels[0]`` are pages (leaves), ``levels[1]`` the k-means clusters that own them."""
 
     def __init__(
-        self, head_dim: int, config: IndexConfig | None = None, cluster_pages: int = 4
+        self,
+        head_dim: int,
+        config: IndexConfig | None = None,
+        key_source: KeySource | None = None,
+        cluster_pages: int = 4,
     ) -> None:
-        super().__init__(head_dim, config)
+        super().__init__(head_dim, config, key_source)
         if cluster_pages < 1:
             raise ValueError(f"cluster_pages must be at least 1, got {cluster_pages}")
         self.cluster_tokens = cluster_pages * self.config.page_size

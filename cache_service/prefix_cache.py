@@ -15,13 +15,15 @@ window pages, leaf pages, scratch pages).
 
 A block also keeps the index that the indexed policies build over the prompt's whole
 blocks, when it is the last of them (``Store._flush``): per (layer, KV head) a copy of the
-body, holding its leaf pages by reference. A sequence on the same blocks starts from a copy
-of it instead of building its own; inserting its later tokens copies a leaf page before
-writing it (``LeafPages._own``), so the kept index never changes.
+body, holding its leaf pages by reference (``icecache-tokens``: the positional pages of the
+blocks up to it, which those blocks hold too). A sequence on the same blocks starts from a
+copy of it instead of building its own; inserting its later tokens copies a leaf page
+before writing it (``LeafPages._own``), so the kept index never changes.
 
 Blocks are kept until the pool needs their pages: ``evict`` drops least recently used
 blocks with no cached child (a chain is dropped from its end) whose pages no sequence
-holds. A block some live sequence still uses frees nothing when dropped, so it stays.
+holds (every reference on them is the cache's own). A block some live sequence still uses
+frees nothing when dropped, so it stays.
 
 Pure bookkeeping over ids; the store holds the lock.
 """
@@ -97,8 +99,14 @@ class PrefixCache:
     index_reuses: int = 0
     index_bytes: int = 0
     pages_held: int = 0
-    """Pages the blocks hold, kept as blocks come and go (``stats`` reads it without the
-    store's lock, so it never walks ``_blocks`` while another thread changes it)."""
+    """Pages the blocks hold (each once), kept as blocks come and go (``stats`` reads it
+    without the store's lock, so it never walks ``_blocks`` while another thread changes
+    it)."""
+    _holds: np.ndarray = field(init=False)
+    """``[num_pages]``: the cache's references on each page (a block's, its kept indexes')."""
+
+    def __post_init__(self) -> None:
+        self._holds = np.zeros(self.pool.num_pages, dtype=np.int64)
 
     def lookup(self, keys: list[bytes], spec: SequenceSpec, block_tokens: int) -> list[PrefixBlock]:
         """The longest run of cached blocks from the first of ``keys`` (a sequence's chain)
@@ -134,8 +142,8 @@ class PrefixCache:
         if parent is not None and parent not in self._blocks:
             return False
         self.pool.share(pages.ravel())
+        self._hold(pages.ravel())
         self._blocks[key] = PrefixBlock(key, parent, spec, block_tokens, pages, last_used=tick)
-        self.pages_held += pages.size
         if parent is not None:
             self._blocks[parent].children += 1
         return True
@@ -158,7 +166,7 @@ class PrefixCache:
             return False
         kept = body.clone()
         block.bodies[(layer, head)] = kept
-        self.pages_held += len(kept.all_pages())
+        self._hold(kept.all_pages())
         self.indexes += 1
         self.index_bytes += kept.nbytes()
         return True
@@ -181,12 +189,12 @@ class PrefixCache:
         for block in list(self._blocks.values()):
             self._free(block)
         self._blocks.clear()
-        self.pages_held = 0
         self.indexes = 0
         self.index_bytes = 0
 
     def held_pages(self) -> np.ndarray:
-        """Every page some block holds ``[n]`` (blocks never share a page: each id once)."""
+        """Every page some block holds ``[n]`` (the pages of an ``icecache-tokens`` index
+        kept with a block are among its blocks' pages too: listed twice)."""
         if not self._blocks:
             return np.empty(0, dtype=np.int64)
         return np.concatenate([b.held() for b in self._blocks.values()])
@@ -216,7 +224,8 @@ class PrefixCache:
         usual call stops at the first end; only ends that live sequences still use are
         passed over at the cost of their pages."""
         for block in self._blocks.values():
-            if block.children == 0 and bool(np.all(self.pool.refs[block.held()] == 1)):
+            held = block.held()
+            if block.children == 0 and bool(np.all(self.pool.refs[held] == self._holds[held])):
                 return block
         return None
 
@@ -228,16 +237,25 @@ class PrefixCache:
         del self._blocks[block.key]
         if block.parent is not None:
             self._blocks[block.parent].children -= 1
-        self.pages_held -= self._free(block)
+        self._free(block)
         self.evicted_blocks += 1
 
-    def _free(self, block: PrefixBlock) -> int:
-        """Let go of a block's pages and its indexes; the pages it held."""
-        held = block.held().size
+    def _free(self, block: PrefixBlock) -> None:
+        """Let go of a block's pages and its indexes."""
+        self._unhold(block.held())
         self.pool.free(block.pages.ravel())
         for body in block.bodies.values():
             self.index_bytes -= body.nbytes()
             body.release()
         self.indexes -= len(block.bodies)
         block.bodies.clear()
-        return held
+
+    def _hold(self, pages: np.ndarray) -> None:
+        """Count one more reference of the cache's on each of ``pages`` (distinct ids)."""
+        self.pages_held += int(np.count_nonzero(self._holds[pages] == 0))
+        self._holds[pages] += 1
+
+    def _unhold(self, pages: np.ndarray) -> None:
+        """Count one reference less on each of ``pages`` (an id may repeat)."""
+        np.subtract.at(self._holds, pages, 1)
+        self.pages_held -= int(np.count_nonzero(self._holds[np.unique(pages)] == 0))

@@ -371,24 +371,26 @@ class Store:
     # ---- admission and failure ---------------------------------------------------------
     def _append_pages(self, seq: _Sequence, layer: int, tokens: int) -> int:
         """Most pages appending ``tokens`` to ``layer`` can take: new positional pages, and
-        once a clustered body is built, two leaf pages per token leaving the window (at
-        worst a copy of a shared leaf page and a leaf split per inserted token)."""
+        once a body laid out in leaf pages is built, two leaf pages per token leaving the
+        window (at worst a copy of a shared leaf page and a leaf split per inserted token)."""
         size = self.pool.page_size
         layout = -(-tokens // size)
-        body = 2 * layout * size if seq.flushed[layer] and _clustered(seq.spec, layer) else 0
+        body = 2 * layout * size if seq.flushed[layer] and _leaf_paged(seq.spec, layer) else 0
         return seq.spec.num_kv_heads * (layout + body)
 
     def _retrieve_pages(self, seq: _Sequence, layer: int) -> int:
-        """Pages a retrieval is expected to take: building a clustered body re-lays the
-        prefill out into leaf pages (leaves about half full: up to three times its pages
-        while the positional ones are still held, by a kept prefix or until the build
-        ends), inserting the pages after the build boundary takes what appending them
-        would; the oracle and icecache-tokens copy their picks to scratch pages."""
+        """Pages a retrieval is expected to take: building an index takes its own memory;
+        a body laid out in leaf pages re-lays the prefill out into them (leaves about half
+        full: up to three times its pages while the positional ones are still held, by a
+        kept prefix or until the build ends), inserting the pages after the build boundary
+        takes what appending them would; the oracle and icecache-tokens copy their picks
+        to scratch pages."""
         build = 0
         if _clustered(seq.spec, layer) and not seq.flushed[layer]:
             for head, pending in enumerate(seq.pending[layer]):
-                built = self._built_pages(seq, layer, head, len(pending))
-                build += 3 * built + 2 * self.pool.page_size * (len(pending) - built)
+                if _leaf_paged(seq.spec, layer):
+                    built = self._built_pages(seq, layer, head, len(pending))
+                    build += 3 * built + 2 * self.pool.page_size * (len(pending) - built)
             tokens = sum(len(pending) for pending in seq.pending[layer]) * self.pool.page_size
             build += -(-tokens * INDEX_BYTES_PER_KEY * seq.spec.head_dim // self.pool.page_bytes)
         scratch = 0
@@ -592,10 +594,11 @@ class Store:
                 )
 
 
-INDEX_BYTES_PER_KEY = 14
-"""An index's memory per token and key coordinate, for admission (a float16 key copy in
-leaves about half full with room for splits, sums, centroids and maps: ~10.4 measured on
-the model's keys, ~11.6 on Gaussian keys at head_dim 64; ~6.8 with packed leaves)."""
+INDEX_BYTES_PER_KEY = 6
+"""An index's memory per token and key coordinate, for admission: per leaf (about half full,
+with room for splits) sums, centroids and slots, and the token maps; the keys themselves are
+read from the pool (``ClusterIndex`` key source). ~4.0 measured on Gaussian keys at head_dim
+64 (~10.6 when the index kept a float16 copy of the keys)."""
 
 
 def _leader(spec: SequenceSpec, layer: int) -> int | None:
@@ -620,5 +623,11 @@ def _handover_delay(spec: SequenceSpec, layer: int, head: int, page_size: int) -
 
 
 def _clustered(spec: SequenceSpec, layer: int) -> bool:
-    """Whether ``layer``'s bodies re-lay tokens out into leaf pages (they allocate)."""
+    """Whether ``layer``'s bodies cluster their tokens in an index."""
     return spec.policy in INDEXED_POLICIES and layer >= spec.dense_layers
+
+
+def _leaf_paged(spec: SequenceSpec, layer: int) -> bool:
+    """Whether ``layer``'s bodies re-lay tokens out into leaf pages (they allocate);
+    ``icecache-tokens`` leaves its tokens in their positional pages."""
+    return _clustered(spec, layer) and spec.policy != "icecache-tokens"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 from cache_service.page_pool import PagePool
@@ -31,10 +32,16 @@ def _index_body(spec: SequenceSpec, pool: PagePool, layer: int, head: int) -> In
 
     config = _index_config(spec, pool, layer, head)
     if spec.policy == "kmeans":
-        return IndexedBody(pool, FlatKMeansIndex(pool.head_dim, config))
-    if spec.policy == "icecache-tokens":
-        return GatheringBody(pool, ClusterIndex(pool.head_dim, config))
-    return IndexedBody(pool, ClusterIndex(pool.head_dim, config))
+        return IndexedBody(pool, partial(FlatKMeansIndex, pool.head_dim, config))
+    leads = spec.policy == "icecache-r"  # the first layer of each group (followers mirror)
+    return IndexedBody(pool, partial(ClusterIndex, pool.head_dim, config), leads)
+
+
+def _gathering_body(spec: SequenceSpec, pool: PagePool, layer: int, head: int) -> GatheringBody:
+    from cache_service.cluster_index import ClusterIndex
+
+    config = _index_config(spec, pool, layer, head)
+    return GatheringBody(pool, partial(ClusterIndex, pool.head_dim, config))
 
 
 def make_bodies(spec: SequenceSpec, pool: PagePool) -> list[list[Body]]:
@@ -62,6 +69,8 @@ def make_bodies(spec: SequenceSpec, pool: PagePool) -> list[list[Body]]:
                 leader = bodies[layer - (layer - spec.dense_layers) % spec.reuse_group][head]
                 assert isinstance(leader, IndexedBody)
                 row.append(MirroredBody(pool, leader, _index_config(spec, pool, layer, head)))
+            elif spec.policy == "icecache-tokens":
+                row.append(_gathering_body(spec, pool, layer, head))
             elif spec.policy in INDEXED_POLICIES:
                 row.append(_index_body(spec, pool, layer, head))
             else:

@@ -1,19 +1,25 @@
-"""Bodies laid out by a cluster index: ``icecache``, ``icecache-r`` followers and ``kmeans``.
+"""Bodies laid out by a cluster index: ``icecache``, ``icecache-r`` followers, ``kmeans``
+and ``icecache-tokens``.
 
-The index deals in token ids (here: positions), leaves and slots; this module gives each
-leaf one physical page and moves K/V so that page ``leaf_page[leaf]`` slot ``s`` holds the
-token the index placed at ``(leaf, s)``.
+The index deals in token ids (here: positions), leaves and slots; for the first three this
+module gives each leaf one physical page and moves K/V so that page ``leaf_page[leaf]``
+slot ``s`` holds the token the index placed at ``(leaf, s)``. ``icecache-tokens`` leaves
+its tokens in their positional pages and gathers a step's picks into scratch pages. Every
+index reads the keys it scores from these pages (``TokenPlaces.keys_of``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 
 from cache_service.page_pool import PagePool
 from cache_service.policies.base import Body, Scratch, best_covering, fill_within, leaf_mass
+
+if TYPE_CHECKING:
+    from cache_service.cluster_index import ClusterIndex, KeySource
 
 
 class Placement(Protocol):
@@ -50,12 +56,6 @@ class LeafIndex(LeafFills, Protocol):
     def nbytes(self) -> int: ...
 
 
-class TokenIndex(LeafIndex, Protocol):
-    """An index that also picks single tokens (``ClusterIndex``)."""
-
-    def search_tokens(self, queries: np.ndarray, max_tokens: int) -> np.ndarray: ...
-
-
 class Step(NamedTuple):
     """A placement and the fill it left in each leaf it touched: what an ``icecache-r``
     follower replays (the leader's index may be past it by then)."""
@@ -68,23 +68,26 @@ class Step(NamedTuple):
         return int(self.fills[np.searchsorted(self.leaves, leaf)])
 
 
-class LeafPages(Body):
-    """Leaf → page map plus where each token lives; applies placements by moving K/V."""
+class TokenPlaces(Body):
+    """Where each token (by position) lives now: page and slot."""
 
     def __init__(self, pool: PagePool) -> None:
         super().__init__(pool)
-        self.leaf_page: dict[int, int] = {}
-        self.token_page = np.full(0, -1, dtype=np.int64)  # position -> page
-        self.token_slot = np.full(0, -1, dtype=np.int64)  # position -> slot
+        self.token_page = np.full(0, -1, dtype=np.int32)  # position -> page
+        self.token_slot = np.full(0, -1, dtype=np.int32)  # position -> slot
 
-    def all_pages(self) -> np.ndarray:
-        return np.fromiter(self.leaf_page.values(), dtype=np.int64, count=len(self.leaf_page))
+    def keys_of(self, positions: np.ndarray) -> np.ndarray:
+        """Keys ``[n, D]`` float32 of the tokens at ``positions`` from the pool pages they
+        are in now (an index's key source: it keeps no copy of its own)."""
+        pages, slots = self.token_page[positions], self.token_slot[positions]
+        return self.pool.data[pages, 0, slots].astype(np.float32, copy=False)
 
-    def nbytes(self) -> int:
-        return super().nbytes() + DICT_ENTRY_BYTES * len(self.leaf_page)
-
-    def pages_of(self, leaves: np.ndarray) -> np.ndarray:
-        return np.fromiter((self.leaf_page[int(x)] for x in leaves), np.int64, len(leaves))
+    def stage(self, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Record where the tokens of incoming window pages are now; returns keys, positions."""
+        keys, positions = self.pool.keys_of(pages)
+        slots = np.tile(np.arange(self.pool.page_size), len(pages))
+        self._track(positions, np.repeat(pages, self.pool.page_size), slots)
+        return keys, positions
 
     def _track(self, positions: np.ndarray, pages: np.ndarray, slots: np.ndarray) -> None:
         need = int(positions.max()) + 1
@@ -98,6 +101,23 @@ class LeafPages(Body):
             )
         self.token_page[positions] = pages
         self.token_slot[positions] = slots
+
+
+class LeafPages(TokenPlaces):
+    """Leaf → page map; applies an index's placements by moving K/V."""
+
+    def __init__(self, pool: PagePool) -> None:
+        super().__init__(pool)
+        self.leaf_page: dict[int, int] = {}
+
+    def all_pages(self) -> np.ndarray:
+        return np.fromiter(self.leaf_page.values(), dtype=np.int64, count=len(self.leaf_page))
+
+    def nbytes(self) -> int:
+        return super().nbytes() + DICT_ENTRY_BYTES * len(self.leaf_page)
+
+    def pages_of(self, leaves: np.ndarray) -> np.ndarray:
+        return np.fromiter((self.leaf_page[int(x)] for x in leaves), np.int64, len(leaves))
 
     def apply(self, placement: Placement, index: LeafFills) -> None:
         """Move the placed tokens' K/V to their leaves' pages (new leaves get new pages, a
@@ -140,21 +160,24 @@ class LeafPages(Body):
         self.token_page[held[valid]] = np.repeat(new, fills)
         self.pool.free(old)
 
-    def stage(self, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Record where the tokens of incoming window pages are now; returns keys, positions."""
-        keys, positions = self.pool.keys_of(pages)
-        slots = np.tile(np.arange(self.pool.page_size), len(pages))
-        self._track(positions, np.repeat(pages, self.pool.page_size), slots)
-        return keys, positions
-
 
 class IndexedBody(LeafPages):
     """Tokens clustered by their keys; a query's most relevant leaves are its pages."""
 
-    def __init__(self, pool: PagePool, index: LeafIndex) -> None:
+    def __init__(
+        self,
+        pool: PagePool,
+        index_of: Callable[[KeySource], LeafIndex],
+        leads: bool = False,
+    ) -> None:
+        """Args:
+        index_of: makes the body's index, given where it reads keys (``keys_of``).
+        leads: ``icecache-r`` follower layers replay this body's layout: keep every
+            placement for them (``placements``)."""
         super().__init__(pool)
-        self.index = index
+        self.index = index_of(self.keys_of)
         self.built = False
+        self.leads = leads
         self.placements: list[Step] = []  # replayed by icecache-r followers
         self.steps_bytes = 0  # their arrays' bytes
         self.last_leaves = np.empty(0, dtype=np.int64)
@@ -167,13 +190,15 @@ class IndexedBody(LeafPages):
             placement = self.index.build(keys, positions)
             self.built = True
         self.apply(placement, self.index)
+        self.pool.free(pages)
+        if not self.leads:
+            return
         leaves = np.unique(placement.leaves)
         fills = np.fromiter(map(self.index.leaf_fill, leaves.tolist()), np.int64, len(leaves))
         step = Step(placement, leaves, fills)
         self.placements.append(step)
         arrays = (placement.token_ids, placement.leaves, placement.slots, leaves, fills)
         self.steps_bytes += sum(a.nbytes for a in arrays)
-        self.pool.free(pages)
 
     def nbytes(self) -> int:
         return super().nbytes() + self.index.nbytes() + self.steps_bytes
@@ -186,26 +211,48 @@ class IndexedBody(LeafPages):
         return self.pages_of(self.last_leaves)
 
 
-class GatheringBody(IndexedBody):
-    """``icecache-tokens``: the same index and search, but of the tokens the search scores
-    exactly it takes the ``max_tokens`` with the most attention mass one by one, copied into
-    scratch pages for the step (as the oracle does), instead of whole leaves.
+class GatheringBody(TokenPlaces):
+    """``icecache-tokens``: ``icecache``'s index and search over tokens that stay in their
+    positional pages; of the tokens the search scores exactly it takes the ``max_tokens``
+    with the most attention mass one by one, copied into scratch pages for the step (as the
+    oracle does), instead of whole leaves.
 
-    A leaf's weaker tokens no longer take the budget and the pages moved are full
-    (``bench/results/selection.md`` measures both); the price is a copy per step and pages
-    that are new at every step (a device page cache keeps leaf pages between steps, not
+    Leaves are the index's alone (groups of token ids, no pages), so the pool holds what
+    ``full`` holds (plus the step's scratch), the index reads keys from those pages
+    (``keys_of``), a leaf's weaker tokens do not take the budget and the pages moved are
+    full (``bench/results/selection.md``, ``memory.md``). The price: a copy per step, and
+    pages new at every step (a device page cache keeps leaf pages between steps, not
     these)."""
 
-    def __init__(self, pool: PagePool, index: TokenIndex) -> None:
-        super().__init__(pool, index)
-        self.tokens_of = index.search_tokens
+    def __init__(self, pool: PagePool, index_of: Callable[[KeySource], ClusterIndex]) -> None:
+        """Args:
+        index_of: makes the body's index, given where it reads keys (``keys_of``)."""
+        super().__init__(pool)
+        self.index = index_of(self.keys_of)
+        self.built = False
+        self.pages = np.empty(0, dtype=np.int64)
         self.scratch = Scratch(pool)
+
+    def add(self, pages: np.ndarray) -> None:
+        keys, positions = self.stage(pages)
+        if self.built:
+            self.index.insert(keys, positions)
+        else:
+            self.index.build(keys, positions)
+            self.built = True
+        self.pages = np.concatenate([self.pages, pages])
+
+    def all_pages(self) -> np.ndarray:
+        return self.pages
+
+    def nbytes(self) -> int:
+        return super().nbytes() + self.index.nbytes()
 
     def select(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
         if not self.built or max_tokens < 1:
             self.scratch.free()
             return self.scratch.pages
-        return self.take(self.tokens_of(queries.astype(np.float32), max_tokens))
+        return self.take(self.index.search_tokens(queries.astype(np.float32), max_tokens))
 
     def take(self, positions: np.ndarray) -> np.ndarray:
         """Copy the tokens at ``positions`` into this step's scratch pages (the last step's
@@ -241,11 +288,9 @@ def select_layer(
     together: list[tuple[int, IndexedBody, ClusterIndex]] = []
     gathering: list[tuple[int, GatheringBody, ClusterIndex]] = []
     for h, body in enumerate(bodies):
-        if not isinstance(body, IndexedBody) or not body.built:
-            continue
-        if type(body) is IndexedBody and type(body.index) is ClusterIndex:
+        if type(body) is IndexedBody and body.built and type(body.index) is ClusterIndex:
             together.append((h, body, body.index))
-        elif type(body) is GatheringBody and type(body.index) is ClusterIndex and max_tokens[h]:
+        elif type(body) is GatheringBody and body.built and max_tokens[h]:
             gathering.append((h, body, body.index))  # a zero budget: select frees its scratch
     pages: dict[int, np.ndarray] = {}
     if gathering:

@@ -685,3 +685,45 @@ def test_nbytes_counts_what_the_index_allocates():
     finally:
         tracemalloc.stop()
     assert 0.9 * traced <= index.nbytes() <= 1.1 * traced
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_scenarios())
+def test_an_index_reading_keys_from_a_source_keeps_no_copy_and_decides_the_same(s):
+    """Given where to read keys (a body's pool pages), an index keeps no key copy and
+    places, splits and searches exactly as one keeping its float16 copy does, for keys that
+    float16 holds exactly."""
+    config = IndexConfig(
+        page_size=s["page_size"],
+        fanout=s["fanout"],
+        top_nodes=s["top_nodes"],
+        build_fill=s["build_fill"],
+        insert_beam=s["insert_beam"],
+    )
+    batches = [(k.astype(np.float16).astype(np.float32), i) for k, i in _scenario_data(s)]
+    ids_end = max((int(i.max()) + 1 for _, i in batches if len(i)), default=0)
+    store = np.zeros((ids_end, s["dim"]), np.float32)
+    reads = []
+
+    def source(ids):
+        reads.append(len(ids))
+        return store[ids]
+
+    own, sourced = ClusterIndex(s["dim"], config), ClusterIndex(s["dim"], config, source)
+    assert sourced.keys is None
+    rng = np.random.default_rng(s["seed"] + 2)
+    for step, (keys, ids) in enumerate(batches):
+        store[ids] = keys  # the caller stores a token's key before the index sees it
+        a = (own.build if step == 0 else own.insert)(keys, ids)
+        b = (sourced.build if step == 0 else sourced.insert)(keys, ids)
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+        sourced.check_invariants()
+        q = rng.standard_normal((2, s["dim"])).astype(np.float32)
+        budget = int(rng.integers(1, 3 * s["page_size"] + 20))
+        np.testing.assert_array_equal(own.search(q, budget), sourced.search(q, budget))
+        np.testing.assert_array_equal(
+            own.search_tokens(q, budget), sourced.search_tokens(q, budget)
+        )
+    assert own.keys is not None
+    assert sourced.nbytes() == own.nbytes() - own.keys.nbytes

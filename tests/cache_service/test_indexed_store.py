@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cache_service.page_pool import PagePool, PoolExhausted
+from cache_service.policies.indexed import GatheringBody
 from cache_service.store import Store
 from cache_service.types import OutOfOrder, SequenceSpec, UnknownSequence
 
@@ -344,7 +345,7 @@ def test_icecache_tokens_takes_the_heaviest_body_tokens_into_scratch_pages_each_
             for head in range(KV):
                 got = _head(store, sel, head)[0].tolist()
                 group = queries[layer, head * GROUP : (head + 1) * GROUP].astype(np.float64)
-                held = keys[layer, body, head].astype(np.float16).astype(np.float64)
+                held = keys[layer, body, head].astype(np.float64)  # as the pool holds them
                 logits = group @ held.T / np.sqrt(DIM)
                 probs = np.exp(logits - logits.max(1, keepdims=True))
                 mass = (probs / probs.sum(1, keepdims=True)).mean(0)
@@ -354,6 +355,34 @@ def test_icecache_tokens_takes_the_heaviest_body_tokens_into_scratch_pages_each_
                 _assert_kv_in_place(store, sel, head, keys, values, layer)
     store.release("s")
     assert store.pool.num_free == 2048
+
+
+def test_icecache_tokens_leaves_every_token_in_its_positional_page():
+    """``icecache-tokens`` indexes tokens where they arrived: its bodies hold exactly the
+    positional pages ``full`` holds for the same tokens (the index reads keys from them and
+    keeps no copy), and a step adds only its scratch pages."""
+    rng = np.random.default_rng(12)
+    length = 304
+    keys = rng.standard_normal((LAYERS, length, KV, DIM)).astype(np.float32)
+    used = {}
+    for policy in ("full", "icecache-tokens"):
+        store = Store(PagePool(2048, PAGE, DIM))
+        spec = _spec(policy, budget=144, sink_tokens=SINKS, recent_pages=1)
+        store.create("s", spec)
+        _append_all(store, "s", keys, keys)
+        queries = rng.standard_normal((LAYERS, Q, DIM)).astype(np.float32)
+        _retrieve_all(store, "s", queries)
+        bodies = store._seqs["s"].bodies
+        scratch = sum(len(b.scratch_pages()) for row in bodies for b in row)
+        used[policy] = store.pool.num_used - scratch
+        if policy == "icecache-tokens":
+            for row in bodies[1:]:
+                for body in row:
+                    assert isinstance(body, GatheringBody) and body.index.keys is None
+                    positions = store.pool.positions[body.all_pages()].ravel()
+                    np.testing.assert_array_equal(positions, np.sort(positions))
+            assert scratch == (LAYERS - 1) * KV * -(-spec.body_budget(PAGE) // PAGE)
+    assert used["icecache-tokens"] == used["full"]
 
 
 def test_icecache_r_follower_before_its_leader_is_refused():

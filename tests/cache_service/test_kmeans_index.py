@@ -235,7 +235,9 @@ def test_random_batches_keep_every_token_in_one_page_of_one_cluster(
     else:
         keys = np.tile(rng.standard_normal(dim), (n, 1))
     ids = rng.permutation(n) * 3
-    index = FlatKMeansIndex(dim, IndexConfig(page_size=page, seed=seed), cluster_pages)
+    index = FlatKMeansIndex(
+        dim, IndexConfig(page_size=page, seed=seed), cluster_pages=cluster_pages
+    )
     present: list[int] = []
     cuts = np.cumsum(batches)[:-1]
     for step, (k, t) in enumerate(zip(np.split(keys, cuts), np.split(ids, cuts), strict=True)):
