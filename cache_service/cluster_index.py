@@ -272,6 +272,10 @@ KeySource = Callable[[np.ndarray], np.ndarray]
 
 KEY_LIMIT = float(np.finfo(np.float16).max)
 
+TOKEN_DTYPE = np.int32
+"""Token ids, leaves and slots in the index's maps (ids and leaves below 2**31; the public
+results are int64)."""
+
 CENTROID_LEVELS = 127
 """Quantized centroid coordinates lie in ``[-127, 127]`` (int8)."""
 
@@ -319,16 +323,16 @@ class _Level:
 
     ``qcent`` are the centroids' first ``dim - 1`` (key) coordinates quantized per dimension
     to int8 by ``scale`` (the index's, shared and updated in place): ``round(cent / scale)``.
+    The centroids themselves are not kept (``centroids``: from the sums where needed).
     """
 
-    def __init__(self, dim: int, scale: np.ndarray) -> None:
+    def __init__(self, dim: int, scale: np.ndarray, sums_dtype: type = np.float64) -> None:
         self.n = 0
         self.scale = scale  # [dim - 1] float64, owned by the index
         self.qcent = np.zeros((0, dim - 1), dtype=np.int8)
-        self.sums = np.zeros((0, dim), dtype=np.float64)
+        self.sums: np.ndarray = np.zeros((0, dim), dtype=sums_dtype)
         self.counts = np.zeros(0, dtype=np.int64)
         self.parent = np.zeros(0, dtype=np.int64)
-        self.cent = np.zeros((0, dim), dtype=np.float32)  # sums / counts
         self.children: list[list[int]] = []
         self.changed()
 
@@ -336,7 +340,7 @@ class _Level:
         """Append ``count`` empty nodes; their ids."""
         need = self.n + count
         if need > len(self.counts):
-            self.reserve(max(need, 2 * len(self.counts), 16))
+            self.reserve(max(need, len(self.counts) + len(self.counts) // 4, 16))
         ids = np.arange(self.n, need)
         self.children.extend([] for _ in range(count))
         self.n = need
@@ -347,10 +351,10 @@ class _Level:
         """Room for ``cap`` nodes without copying the arrays again."""
         if cap > len(self.counts):
             grow = cap - len(self.counts)
-            self.sums = np.concatenate([self.sums, np.zeros((grow, self.sums.shape[1]))])
+            zeros = np.zeros((grow, self.sums.shape[1]), self.sums.dtype)
+            self.sums = np.concatenate([self.sums, zeros])
             self.counts = np.concatenate([self.counts, np.zeros(grow, np.int64)])
             self.parent = np.concatenate([self.parent, np.full(grow, -1, np.int64)])
-            self.cent = np.concatenate([self.cent, np.zeros((grow, self.cent.shape[1]), "f4")])
             self.qcent = np.concatenate([self.qcent, np.zeros((grow, self.qcent.shape[1]), "i1")])
 
     def changed(self) -> None:
@@ -377,14 +381,17 @@ class _Level:
             self._flat = (np.concatenate([[0], np.cumsum(lens)]), flat)
         return self._flat
 
+    def centroids(self, nodes: np.ndarray | slice) -> np.ndarray:
+        """Augmented centroids ``[len(nodes), dim]`` float32 of ``nodes``: sums / counts."""
+        return (self.sums[nodes] / np.maximum(self.counts[nodes], 1)[:, None]).astype(np.float32)
+
     def refresh(self, nodes: np.ndarray | list[int]) -> None:
-        nodes = np.asarray(nodes, dtype=np.int64)
-        self.cent[nodes] = self.sums[nodes] / np.maximum(self.counts[nodes], 1)[:, None]
-        self.quantize(nodes)
+        """Call after changing the sums of ``nodes``: quantizes their centroids again."""
+        self.quantize(np.asarray(nodes, dtype=np.int64))
 
     def quantize(self, nodes: np.ndarray) -> None:
         """Recompute ``qcent`` of ``nodes`` from their centroids."""
-        q = np.rint(self.cent[nodes, :-1] / self.scale)
+        q = np.rint(self.centroids(nodes)[:, :-1] / self.scale)
         self.qcent[nodes] = np.clip(q, -CENTROID_LEVELS, CENTROID_LEVELS)
 
 
@@ -413,19 +420,20 @@ class ClusterIndex:
         self.keys: np.ndarray | None = None  # [leaf, slot, D], the own copy (no source)
         if key_source is None:
             self.keys = np.zeros((0, size, head_dim), dtype=KEY_DTYPE)
-        self.tokens = np.zeros((0, size), dtype=np.int64)  # [leaf, slot], -1 empty
+        self.tokens = np.zeros((0, size), dtype=TOKEN_DTYPE)  # [leaf, slot], -1 empty
         self.fill = np.zeros(0, dtype=np.int64)  # [leaf]
-        self.token_leaf = np.zeros(0, dtype=np.int64)  # token id -> leaf, -1 absent
-        self.token_slot = np.zeros(0, dtype=np.int64)
-        self.levels: list[_Level] = [self.new_level()]
+        self.token_leaf = np.zeros(0, dtype=TOKEN_DTYPE)  # token id -> leaf, -1 absent
+        self.token_slot = np.zeros(0, dtype=TOKEN_DTYPE)
+        # A leaf sums at most a page of tokens (float32 holds that); upper levels float64.
+        self.levels: list[_Level] = [self.new_level(np.float32)]
         self.built = False
         self.last_effort = SearchEffort(0, 0, 0)
 
     # ---------------------------------------------------------------- public API
 
-    def new_level(self) -> _Level:
+    def new_level(self, sums_dtype: type = np.float64) -> _Level:
         """An empty level whose centroids quantize with this index's ``qscale``."""
-        return _Level(self.dim + 1, self.qscale)
+        return _Level(self.dim + 1, self.qscale, sums_dtype)
 
     @property
     def num_tokens(self) -> int:
@@ -436,8 +444,9 @@ class ClusterIndex:
         return self.levels[0].n
 
     def nbytes(self) -> int:
-        """Bytes of the index's arrays: its key copy (if any) and token maps, every level's sums,
-        centroids and child lists (a list counted as 64 bytes, a link in it as 8)."""
+        """Bytes of the index's arrays: its key copy (if any) and token maps, every level's
+        sums, quantized centroids and child lists (a list counted as 64 bytes, a link in it
+        as 8)."""
         nodes = sum(level.n for level in self.levels)
         links = nodes - self.levels[-1].n
         return (
@@ -454,7 +463,7 @@ class ClusterIndex:
         return int(self.fill[leaf])
 
     def leaf_tokens(self, leaf: int) -> np.ndarray:
-        return self.tokens[leaf, : self.fill[leaf]].copy()
+        return self.tokens[leaf, : self.fill[leaf]].astype(np.int64)
 
     def build(self, keys: np.ndarray, token_ids: np.ndarray) -> Placement:
         """Index the prefill keys ``[n, D]`` of tokens ``token_ids [n]`` (once)."""
@@ -471,9 +480,9 @@ class ClusterIndex:
     def _lay_out(self, keys: np.ndarray, x: np.ndarray, token_ids: np.ndarray) -> None:
         """Build the structure over the first tokens (augmented ``x``)."""
         groups = self._leaf_groups(x, np.arange(len(keys)), self.config.seed)
-        # Room for the leaves inserts will split off (+50%), so that decoding does not pay
-        # for copying every leaf's keys soon after the build.
-        self.levels[0].reserve(len(groups) + len(groups) // 2 + 16)
+        # Room for some leaves inserts will split off (+1/8), so that decoding does not copy
+        # the leaf arrays soon after the build (later they grow by a quarter at a time).
+        self.levels[0].reserve(len(groups) + len(groups) // 8 + 16)
         self._fill_new_leaves(groups, keys, x, token_ids)
         self._build_upper_levels()
 
@@ -507,14 +516,14 @@ class ClusterIndex:
         cand = np.arange(self.levels[-1].n, dtype=np.int64)
         for depth in range(len(self.levels) - 1, 0, -1):
             level = self.levels[depth]
-            dist = _sq_dist(x, level.cent[cand])
+            dist = _sq_dist(x, level.centroids(cand))
             beam = min(self.config.insert_beam, len(cand))
             if beam < len(cand):
                 kept = np.unique(np.argpartition(dist, beam - 1, axis=1)[:, :beam])
             else:
                 kept = np.arange(len(cand))
             cand = np.sort(level.children_of(cand[kept]))
-        return cand[np.argmin(_sq_dist(x, self.levels[0].cent[cand]), axis=1)]
+        return cand[np.argmin(_sq_dist(x, self.levels[0].centroids(cand)), axis=1)]
 
     def _insert_page(self, keys: np.ndarray, x: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
         """Insert up to a page of tokens; the ids of every token whose place changed."""
@@ -586,7 +595,7 @@ class ClusterIndex:
                 return
             lens = np.fromiter((len(level.children[i]) for i in nodes.tolist()), np.int64)
             kids, starts = level.children_of(nodes), np.cumsum(lens) - lens
-            level.sums[nodes] = np.add.reduceat(below.sums[kids], starts, axis=0)
+            level.sums[nodes] = np.add.reduceat(below.sums[kids], starts, axis=0, dtype=np.float64)
             level.counts[nodes] = np.add.reduceat(below.counts[kids], starts)
             level.refresh(nodes)
 
@@ -631,7 +640,7 @@ class ClusterIndex:
         ids = self.tokens.reshape(-1)[rows]
         mass = token_mass(queries, self._keys_at(rows, ids), self.softmax_scale)
         take = min(max_tokens, len(ids))
-        return np.sort(ids[np.lexsort((ids, -mass))[:take]])
+        return np.sort(ids[np.lexsort((ids, -mass))[:take]]).astype(np.int64)
 
     def _probe(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
         """The leaves a search scores token by token (sets ``last_effort``)."""
@@ -734,9 +743,7 @@ class ClusterIndex:
         assert (self.levels[-1].parent[: self.levels[-1].n] == -1).all()
         for level in self.levels:
             m = level.n
-            cent = level.sums[:m] / np.maximum(level.counts[:m], 1)[:, None]
-            assert np.allclose(level.cent[:m], cent, rtol=1e-4, atol=1e-4), "centroids"
-            q = np.clip(np.rint(level.cent[:m, :-1] / self.qscale), -127, 127)
+            q = np.clip(np.rint(level.centroids(slice(0, m))[:, :-1] / self.qscale), -127, 127)
             assert np.array_equal(level.qcent[:m], q), "quantized centroids"
         assert (np.abs(keys) <= self.key_bound).all(), "quantization bound"
 
@@ -755,6 +762,8 @@ class ClusterIndex:
         token_ids = token_ids.astype(np.int64)
         if len(token_ids) and token_ids.min() < 0:
             raise ValueError("token ids must be non-negative")
+        if len(token_ids) and token_ids.max() > np.iinfo(TOKEN_DTYPE).max:
+            raise ValueError(f"token ids must be below 2**31, got {token_ids.max()}")
         if len(np.unique(token_ids)) != len(token_ids):
             raise ValueError("token ids repeat within one call")
         known = token_ids[token_ids < len(self.token_leaf)]
@@ -876,15 +885,15 @@ class ClusterIndex:
             if self.keys is not None:
                 zeros = np.zeros((grow, size, self.dim), KEY_DTYPE)
                 self.keys = np.concatenate([self.keys, zeros])
-            self.tokens = np.concatenate([self.tokens, np.full((grow, size), -1, np.int64)])
+            self.tokens = np.concatenate([self.tokens, np.full((grow, size), -1, TOKEN_DTYPE)])
             self.fill = np.concatenate([self.fill, np.zeros(grow, np.int64)])
 
     def _track(self, token_ids: np.ndarray, leaf: int | np.ndarray, slots: np.ndarray) -> None:
         need = int(token_ids.max()) + 1
         if need > len(self.token_leaf):
             grow = max(need, 2 * len(self.token_leaf)) - len(self.token_leaf)
-            self.token_leaf = np.concatenate([self.token_leaf, np.full(grow, -1, np.int64)])
-            self.token_slot = np.concatenate([self.token_slot, np.full(grow, -1, np.int64)])
+            self.token_leaf = np.concatenate([self.token_leaf, np.full(grow, -1, TOKEN_DTYPE)])
+            self.token_slot = np.concatenate([self.token_slot, np.full(grow, -1, TOKEN_DTYPE)])
         self.token_leaf[token_ids] = leaf
         self.token_slot[token_ids] = slots
 
@@ -956,12 +965,12 @@ class ClusterIndex:
     def _split_node(self, depth: int, node: int) -> None:
         level, below = self.levels[depth], self.levels[depth - 1]
         kids = np.array(level.children[node], dtype=np.int64)
-        second = two_means(below.cent[kids].astype(np.float64))
+        second = two_means(below.centroids(kids).astype(np.float64))
         new = int(level.add()[0])
         for target, part in ((node, kids[~second]), (new, kids[second])):
             level.children[target] = [int(k) for k in part]
             below.parent[part] = target
-            level.sums[target] = below.sums[part].sum(0)
+            level.sums[target] = below.sums[part].sum(0, dtype=np.float64)
             level.counts[target] = below.counts[part].sum()
         level.changed()
         level.refresh([node, new])
@@ -981,7 +990,7 @@ class ClusterIndex:
         n = below.n
         k = math.ceil(n / self.config.fanout)
         labels = kmeans_labels(
-            below.cent[:n],
+            below.centroids(slice(0, n)),
             k,
             self.config.seed + 7919 * len(self.levels),
             self.config.niter,
@@ -1001,7 +1010,8 @@ class ClusterIndex:
 
     def _placement(self, token_ids: np.ndarray) -> Placement:
         token_ids = np.asarray(token_ids, dtype=np.int64)
-        return Placement(token_ids, self.token_leaf[token_ids], self.token_slot[token_ids])
+        leaves, slots = self.token_leaf[token_ids], self.token_slot[token_ids]
+        return Placement(token_ids, leaves.astype(np.int64), slots.astype(np.int64))
 
 
 def _empty_placement() -> Placement:

@@ -67,7 +67,7 @@ class FlatKMeansIndex(ClusterIndex):
         x = self._augment(keys)
         clusters = self.levels[1]
         for i in range(len(keys)):
-            cent = clusters.cent[: clusters.n].astype(np.float64)
+            cent = clusters.centroids(slice(0, clusters.n)).astype(np.float64)
             cluster = int(np.argmin(((cent - x[i]) ** 2).sum(1)))
             last = clusters.children[cluster][-1]
             if self.fill[last] == self.config.page_size:
@@ -82,7 +82,7 @@ class FlatKMeansIndex(ClusterIndex):
         clusters = self.levels[1]
         if clusters.n == 0 or max_tokens == 0:
             return np.empty(0, dtype=np.int64)
-        scores = (queries @ clusters.cent[: clusters.n, : self.dim].T).max(axis=0)
+        scores = (queries @ clusters.centroids(slice(0, clusters.n))[:, : self.dim].T).max(axis=0)
         order = np.argsort(-scores, kind="stable")
         take = int(np.searchsorted(np.cumsum(clusters.counts[order]), max_tokens, "right"))
         return clusters.children_of(order[:take])

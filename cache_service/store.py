@@ -594,11 +594,12 @@ class Store:
                 )
 
 
-INDEX_BYTES_PER_KEY = 6
+INDEX_BYTES_PER_KEY = 3
 """An index's memory per token and key coordinate, for admission: per leaf (about half full,
-with room for splits) sums, centroids and slots, and the token maps; the keys themselves are
-read from the pool (``ClusterIndex`` key source). ~4.0 measured on Gaussian keys at head_dim
-64 (~10.6 when the index kept a float16 copy of the keys)."""
+with room for splits) sums, quantized centroids and slots, and the token maps; the keys
+themselves are read from the pool (``ClusterIndex`` key source). ~1.6 measured on Gaussian
+keys at head_dim 64 (~10.6 while the index kept a float16 copy of the keys, float64 leaf
+sums and float32 centroids)."""
 
 
 def _leader(spec: SequenceSpec, layer: int) -> int | None:

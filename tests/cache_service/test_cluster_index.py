@@ -326,7 +326,7 @@ def test_the_default_beam_finds_the_nearest_leaf_of_most_tokens():
     assert len(index.levels) >= 4
     x = _augmented(index, keys[5000:])
     found = np.concatenate([index.nearest_leaves(x[i : i + 16]) for i in range(0, 1000, 16)])
-    cent = index.levels[0].cent[: index.num_leaves].astype(np.float64)
+    cent = index.levels[0].centroids(slice(0, index.num_leaves)).astype(np.float64)
     exact = np.argmin(((x[:, None, :] - cent[None]) ** 2).sum(-1), axis=1)
     assert (found == exact).mean() >= 0.98
 
@@ -533,6 +533,8 @@ def test_bad_arguments_raise_clear_errors():
         index.build(keys, np.arange(-1, 9))
     with pytest.raises(ValueError, match="token ids repeat within one call"):
         index.build(keys, np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 8]))
+    with pytest.raises(ValueError, match=r"token ids must be below 2\*\*31, got 2147483648"):
+        index.build(keys, np.arange(2**31 - 9, 2**31 + 1))
     bad = keys.copy()
     bad[3, 1] = np.nan
     with pytest.raises(ValueError, match="keys contain NaN or infinity"):
