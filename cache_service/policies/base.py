@@ -20,6 +20,7 @@ class Body(ABC):
 
     def __init__(self, pool: PagePool) -> None:
         self.pool = pool
+        self.scratch: Scratch | None = None  # bodies that gather single tokens set one
 
     @abstractmethod
     def add(self, pages: np.ndarray) -> None:
@@ -44,10 +45,12 @@ class Body(ABC):
     def scratch_pages(self) -> np.ndarray:
         """Pages holding copies of the last selection's tokens ``[n]``, freed at the next
         selection (``oracle``, ``icecache-tokens``); not among ``all_pages``."""
-        return np.empty(0, dtype=np.int64)
+        return np.empty(0, dtype=np.int64) if self.scratch is None else self.scratch.pages
 
     def release(self) -> None:
         """Free every page this body owns."""
+        if self.scratch is not None:
+            self.scratch.free()
         self.pool.free(self.all_pages())
 
     def nbytes(self) -> int:

@@ -231,7 +231,7 @@ class GatheringBody(TokenPlaces):
         self.index = index_of(self.keys_of)
         self.built = False
         self.pages = np.empty(0, dtype=np.int64)
-        self.scratch = Scratch(pool)
+        self.scratch: Scratch = Scratch(pool)
 
     def add(self, pages: np.ndarray) -> None:
         keys, positions = self.stage(pages)
@@ -259,12 +259,6 @@ class GatheringBody(TokenPlaces):
         are freed); returns them."""
         return self.scratch.gather(self.token_page[positions], self.token_slot[positions])
 
-    def scratch_pages(self) -> np.ndarray:
-        return self.scratch.pages
-
-    def release(self) -> None:
-        self.scratch.free()
-        super().release()
 
 
 def select_layer(

@@ -69,7 +69,7 @@ class OracleBody(PositionalBody):
 
     def __init__(self, pool: PagePool) -> None:
         super().__init__(pool)
-        self.scratch = Scratch(pool)
+        self.scratch: Scratch = Scratch(pool)
 
     def select(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
         self.scratch.free()
@@ -82,9 +82,3 @@ class OracleBody(PositionalBody):
         page_of, slot = np.divmod(top, self.pool.page_size)
         return self.scratch.gather(self.pages[page_of], slot)
 
-    def scratch_pages(self) -> np.ndarray:
-        return self.scratch.pages
-
-    def release(self) -> None:
-        self.scratch.free()
-        super().release()
