@@ -260,7 +260,6 @@ class GatheringBody(TokenPlaces):
         return self.scratch.gather(self.token_page[positions], self.token_slot[positions])
 
 
-
 def select_layer(
     bodies: list[Body], queries: np.ndarray, max_tokens: list[int]
 ) -> list[np.ndarray]:

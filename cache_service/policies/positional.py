@@ -81,4 +81,3 @@ class OracleBody(PositionalBody):
         top = np.sort(np.argpartition(-scores, take - 1)[:take])
         page_of, slot = np.divmod(top, self.pool.page_size)
         return self.scratch.gather(self.pages[page_of], slot)
-
