@@ -587,6 +587,16 @@ def _scenarios(draw):
     }
 
 
+def _scenario_config(s):
+    return IndexConfig(
+        page_size=s["page_size"],
+        fanout=s["fanout"],
+        top_nodes=s["top_nodes"],
+        build_fill=s["build_fill"],
+        insert_beam=s["insert_beam"],
+    )
+
+
 def _scenario_data(s):
     """Keys ``[n, dim]`` and token ids ``[n]`` for a scenario, cut into its batches."""
     rng = np.random.default_rng(s["seed"])
@@ -611,13 +621,7 @@ def _scenario_data(s):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_scenarios())
 def test_random_build_and_insert_batches_keep_every_token_in_exactly_one_slot(s):
-    config = IndexConfig(
-        page_size=s["page_size"],
-        fanout=s["fanout"],
-        top_nodes=s["top_nodes"],
-        build_fill=s["build_fill"],
-        insert_beam=s["insert_beam"],
-    )
+    config = _scenario_config(s)
     index = ClusterIndex(s["dim"], config)
     present: list[int] = []
     rng = np.random.default_rng(s["seed"] + 1)
@@ -695,13 +699,7 @@ def test_an_index_reading_keys_from_a_source_keeps_no_copy_and_decides_the_same(
     """Given where to read keys (a body's pool pages), an index keeps no key copy and
     places, splits and searches exactly as one keeping its float16 copy does, for keys that
     float16 holds exactly."""
-    config = IndexConfig(
-        page_size=s["page_size"],
-        fanout=s["fanout"],
-        top_nodes=s["top_nodes"],
-        build_fill=s["build_fill"],
-        insert_beam=s["insert_beam"],
-    )
+    config = _scenario_config(s)
     batches = [(k.astype(np.float16).astype(np.float32), i) for k, i in _scenario_data(s)]
     ids_end = max((int(i.max()) + 1 for _, i in batches if len(i)), default=0)
     store = np.zeros((ids_end, s["dim"]), np.float32)
