@@ -32,7 +32,7 @@ from cache_service.types import SequenceSpec
 from proto.icecache.v1 import cache_service_pb2 as pb
 from proto.icecache.v1 import cache_service_pb2_grpc as pb_grpc
 
-DIM, PAGE, PAGES = 8, 4, 200  # small: the fuzz must reach the ceiling
+DIM, PAGE, PAGES = 8, 4, 160  # small: the fuzz must reach the ceiling
 POLICIES = (
     "full", "oracle", "icecache", "icecache-r", "icecache-tokens", "quest", "kmeans", "streaming",
 )  # fmt: skip
