@@ -54,6 +54,8 @@ class LeafIndex(LeafFills, Protocol):
     def insert(self, keys: np.ndarray, token_ids: np.ndarray) -> Placement: ...
     def search(self, queries: np.ndarray, max_tokens: int) -> np.ndarray: ...
     def nbytes(self) -> int: ...
+    @property
+    def built(self) -> bool: ...
 
 
 class Step(NamedTuple):
@@ -176,19 +178,17 @@ class IndexedBody(LeafPages):
             placement for them (``placements``)."""
         super().__init__(pool)
         self.index = index_of(self.keys_of)
-        self.built = False
         self.leads = leads
         self.placements: list[Step] = []  # replayed by icecache-r followers
         self.steps_bytes = 0  # their arrays' bytes
         self.last_leaves = np.empty(0, dtype=np.int64)
 
+    @property
+    def built(self) -> bool:
+        return self.index.built
+
     def add(self, pages: np.ndarray) -> None:
-        keys, positions = self.stage(pages)
-        if self.built:
-            placement = self.index.insert(keys, positions)
-        else:
-            placement = self.index.build(keys, positions)
-            self.built = True
+        placement = self.index.insert(*self.stage(pages))  # the first builds
         self.apply(placement, self.index)
         self.pool.free(pages)
         if not self.leads:
@@ -229,17 +229,15 @@ class GatheringBody(TokenPlaces):
         index_of: makes the body's index, given where it reads keys (``keys_of``)."""
         super().__init__(pool)
         self.index = index_of(self.keys_of)
-        self.built = False
         self.pages = np.empty(0, dtype=np.int64)
         self.scratch: Scratch = Scratch(pool)
 
+    @property
+    def built(self) -> bool:
+        return self.index.built
+
     def add(self, pages: np.ndarray) -> None:
-        keys, positions = self.stage(pages)
-        if self.built:
-            self.index.insert(keys, positions)
-        else:
-            self.index.build(keys, positions)
-            self.built = True
+        self.index.insert(*self.stage(pages))  # the first builds
         self.pages = np.concatenate([self.pages, pages])
 
     def all_pages(self) -> np.ndarray:
