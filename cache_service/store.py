@@ -22,6 +22,7 @@ from cache_service.prefix_cache import PrefixCache, PrefixStats
 from cache_service.types import (
     GATHERING_POLICIES,
     INDEXED_POLICIES,
+    LEAF_PAGE_POLICIES,
     OutOfOrder,
     PrefixKeys,
     Selection,
@@ -629,6 +630,5 @@ def _clustered(spec: SequenceSpec, layer: int) -> bool:
 
 
 def _leaf_paged(spec: SequenceSpec, layer: int) -> bool:
-    """Whether ``layer``'s bodies re-lay tokens out into leaf pages (they allocate);
-    ``icecache-tokens`` leaves its tokens in their positional pages."""
-    return _clustered(spec, layer) and spec.policy != "icecache-tokens"
+    """Whether ``layer``'s bodies re-lay tokens out into leaf pages (they allocate)."""
+    return spec.policy in LEAF_PAGE_POLICIES and layer >= spec.dense_layers

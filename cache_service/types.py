@@ -18,9 +18,17 @@ POLICIES = (
     "streaming",
 )
 """Every attention policy by name; the bodies each one lays out are ``cache_service.policies``'."""
+DEFAULT_POLICY = "icecache-tokens"
+"""The policy a sequence, the engine and the compose cluster get unless told otherwise: of
+the index's variants, the one with the highest attention recall and fidelity, and the
+smallest memory (``bench/results/selection.md``, ``accuracy.md``, ``memory.md``); its price
+is more bytes moved per step than whole leaves (its scratch pages are new at every step)."""
 INDEXED_POLICIES = ("icecache", "icecache-r", "icecache-tokens", "kmeans")
-"""The policies whose bodies re-lay tokens into the leaf pages of a cluster index (they
-allocate pages when their body takes tokens)."""
+"""The policies whose bodies cluster their tokens in an index."""
+LEAF_PAGE_POLICIES = ("icecache", "icecache-r", "kmeans")
+"""The indexed policies whose bodies re-lay tokens out into the leaf pages of their index
+(they allocate pages when their body takes tokens); ``icecache-tokens`` leaves its tokens in
+their positional pages."""
 GATHERING_POLICIES = ("oracle", "icecache-tokens")
 """The policies whose bodies copy the single tokens they select into scratch pages at every
 decode step (freed at the next)."""
@@ -96,7 +104,7 @@ class SequenceSpec:
     """Query heads per layer; a multiple of ``num_kv_heads`` (GQA)."""
     head_dim: int
     """Dimension of one key or value vector."""
-    policy: str = "icecache"
+    policy: str = DEFAULT_POLICY
     """Which tokens decode attends to; one of ``POLICIES``."""
     budget: int | None = 256
     """Tokens attended per (layer, KV head) and step, sinks and recent window included.

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from cache_service.settings import positive_int, setting
 from cache_service.types import (
+    DEFAULT_POLICY,
     POLICIES,
     PrefixKeys,
     Selection,
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     """How the engine keeps and selects KV for the sequences it runs."""
 
-    policy: str = setting("icecache", "Attention policy.", choices=POLICIES)
+    policy: str = setting(DEFAULT_POLICY, "Attention policy.", choices=POLICIES)
     budget: int | None = setting(
         256,
         "KV tokens attended per layer and KV head at a decode step (sinks and window "

@@ -122,7 +122,7 @@ def test_the_worker_reads_the_compose_environment(compose):
     config = parse_config(["--port", "0"], env)
     assert config.cache_services == ("127.0.0.1:50061", "127.0.0.1:50062")
     assert (config.engine.policy, config.engine.budget, config.metrics_port, config.port) == (
-        "icecache",
+        "icecache-tokens",
         256,
         9100,
         0,
