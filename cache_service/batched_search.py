@@ -29,7 +29,7 @@ from cache_service.cluster_index import (
     best_covering,
     quantize_queries,
 )
-from cache_service.policies.base import fill_within
+from cache_service.policies.base import fill_within, group_scores
 
 _ID_BITS = 20  # node ids below 2**20 fit the packed sort key (else: lexsort)
 _HEAD_BITS = 11
@@ -150,7 +150,7 @@ def _centroid_scores(
     flat = cents.astype(np.float32)
     scores = np.empty((qhat.shape[1], len(flat)), dtype=np.float32)  # [G, N]
     for h, (a, b) in enumerate(zip(ends - sizes, ends, strict=True)):
-        scores[:, a:b] = qhat[h] @ flat[a:b].T
+        scores[:, a:b] = group_scores(qhat[h], flat[a:b])
     scores *= np.repeat(step[:, :, 0].T, sizes, axis=1)
     return scores.max(axis=0) + np.float32(0)
 
@@ -221,7 +221,7 @@ def _leaf_mass(
     scores = np.empty((queries.shape[1], int(ends[-1])), dtype=np.float32)  # [G, T]
     for h, index in enumerate(heads):
         keys = index.leaf_keys(leaves[h])
-        scores[:, ends[h] - tokens[h] : ends[h]] = queries[h] @ keys.T
+        scores[:, ends[h] - tokens[h] : ends[h]] = group_scores(queries[h], keys)
     scales = np.array([index.softmax_scale for index in heads], dtype=np.float32)
     if (scales == scales[0]).all():
         scores *= heads[0].softmax_scale

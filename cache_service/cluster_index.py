@@ -66,6 +66,7 @@ from cache_service.policies.base import (
     array_bytes,
     best_covering,
     fill_within,
+    group_scores,
     leaf_mass,
     token_mass,
 )
@@ -301,7 +302,7 @@ def quantize_queries(queries: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray
 def centroid_scores(qhat: np.ndarray, step: np.ndarray, qcent: np.ndarray) -> np.ndarray:
     """Group score ``max_g step_g × (q̂_g·ĉ)`` ``[n]`` of int8 centroids ``qcent [n, D]`` for
     quantized queries ``qhat [G, D]``, ``step [G, 1]``. The products are exact integers."""
-    return (step * (qhat @ qcent.astype(np.float32).T)).max(axis=0) + np.float32(0)
+    return (step * group_scores(qhat, qcent.astype(np.float32))).max(axis=0) + np.float32(0)
 
 
 def _sq_dist(x: np.ndarray, cent: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ from cache_service.cluster_index import (
     _empty_placement,
     kmeans_labels,
 )
+from cache_service.policies.base import group_scores
 
 
 class FlatKMeansIndex(ClusterIndex):
@@ -82,7 +83,8 @@ class FlatKMeansIndex(ClusterIndex):
         clusters = self.levels[1]
         if clusters.n == 0 or max_tokens == 0:
             return np.empty(0, dtype=np.int64)
-        scores = (queries @ clusters.centroids(slice(0, clusters.n))[:, : self.dim].T).max(axis=0)
+        scores = group_scores(queries, clusters.centroids(slice(0, clusters.n))[:, : self.dim])
+        scores = scores.max(axis=0)
         order = np.argsort(-scores, kind="stable")
         take = int(np.searchsorted(np.cumsum(clusters.counts[order]), max_tokens, "right"))
         return clusters.children_of(order[:take])

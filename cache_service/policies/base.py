@@ -99,12 +99,21 @@ def fill_within(pages: np.ndarray, fills: np.ndarray, max_tokens: int) -> np.nda
     return np.concatenate(taken)
 
 
+def group_scores(queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """``queries [G, D] · keys [T, D]`` as ``[G, T]`` (C order), computed as ``keys @
+    queries.T``: OpenBLAS's kernel for a few query rows against transposed keys is ~2.3x
+    slower on this project's CPU than the transposed product (4 x 128 against 770 keys: 72
+    against 31 us). Every selection scores through it, so a batched and a per-head search
+    multiply the same operands the same way."""
+    return np.ascontiguousarray((keys @ queries.T).T)
+
+
 def leaf_mass(queries: np.ndarray, keys: np.ndarray, fills: np.ndarray, scale: float) -> np.ndarray:
     """Attention mass ``[L]`` of leaves whose tokens' keys are ``keys [sum(fills), D]``, leaf
     by leaf (``fills [L]``, each at least 1): ``exp(scale × q·k - max)`` summed over the
     leaf, each query head of ``queries [G, D]`` normalised over these leaves, mean over the
     group."""
-    scores = (queries @ keys.T) * scale  # [G, T]
+    scores = group_scores(queries, keys) * scale  # [G, T]
     weights = np.exp(scores - scores.max(axis=1, keepdims=True))
     per_leaf = np.add.reduceat(weights, np.cumsum(fills) - fills, axis=1)  # [G, L]
     total = np.add.reduceat(per_leaf, [0], axis=1)  # [G, 1]
@@ -124,7 +133,7 @@ def best_covering(
 def token_mass(queries: np.ndarray, keys: np.ndarray, scale: float) -> np.ndarray:
     """Attention mass ``[T]`` of each token of ``keys [T, D]``: each query head's softmax of
     ``scale × q·k`` over these tokens, mean over the group ``queries [G, D]``."""
-    scores = (queries @ keys.T) * scale  # [G, T]
+    scores = group_scores(queries, keys) * scale  # [G, T]
     weights = np.exp(scores - scores.max(axis=1, keepdims=True))
     return (weights / weights.sum(axis=1, keepdims=True)).mean(axis=0)
 

@@ -15,8 +15,15 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 
-from cache_service.page_pool import PagePool
-from cache_service.policies.base import Body, Scratch, best_covering, fill_within, leaf_mass
+from cache_service.page_pool import PagePool, as_float32
+from cache_service.policies.base import (
+    Body,
+    Scratch,
+    best_covering,
+    fill_within,
+    group_scores,
+    leaf_mass,
+)
 
 if TYPE_CHECKING:
     from cache_service.cluster_index import ClusterIndex, KeySource
@@ -81,8 +88,7 @@ class TokenPlaces(Body):
     def keys_of(self, positions: np.ndarray) -> np.ndarray:
         """Keys ``[n, D]`` float32 of the tokens at ``positions`` from the pool pages they
         are in now (an index's key source: it keeps no copy of its own)."""
-        pages, slots = self.token_page[positions], self.token_slot[positions]
-        return self.pool.data[pages, 0, slots].astype(np.float32, copy=False)
+        return self.pool.keys_at(self.token_page[positions], self.token_slot[positions])
 
     def stage(self, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Record where the tokens of incoming window pages are now; returns keys, positions."""
@@ -367,7 +373,7 @@ class MirroredBody(LeafPages):
         pages = self.pages_of(leaves)
         fills = self.pool.fill[pages]
         valid = np.arange(self.pool.page_size)[None, :] < fills[:, None]
-        return self.pool.data[pages, 0][valid].astype(np.float32), fills
+        return as_float32(self.pool.data[pages, 0][valid]), fills
 
     def select(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
         leaves = np.flatnonzero(self.fills)
@@ -408,7 +414,7 @@ def search_layout(
     ``[sum(fills), D]`` leaf by leaf)."""
     if len(leaves) == 0 or max_tokens == 0:
         return np.empty(0, dtype=np.int64)
-    scores = (queries @ centroids.T).max(axis=0)
+    scores = group_scores(queries, centroids).max(axis=0)
     quota = FOLLOWER_PROBE * config.exact_quota(max_tokens, int(fills.sum()))
     picked = np.sort(best_covering(np.arange(len(leaves)), scores, fills, quota))
     scale = config.softmax_scale or head_dim**-0.5

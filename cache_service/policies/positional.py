@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cache_service.page_pool import PagePool
-from cache_service.policies.base import Body, Scratch, take_within
+from cache_service.page_pool import PagePool, as_float32
+from cache_service.policies.base import Body, Scratch, group_scores, take_within
 
 
 class PositionalBody(Body):
@@ -44,7 +44,7 @@ class QuestBody(PositionalBody):
 
     def add(self, pages: np.ndarray) -> None:
         super().add(pages)
-        keys = self.pool.data[pages, 0].astype(np.float32)  # [n, P, D]; pages are full
+        keys = as_float32(self.pool.data[pages, 0])  # [n, P, D]; pages are full
         self.mins = np.concatenate([self.mins, keys.min(axis=1)])
         self.maxs = np.concatenate([self.maxs, keys.max(axis=1)])
 
@@ -76,7 +76,7 @@ class OracleBody(PositionalBody):
         if self.pages.size == 0 or max_tokens < 1:
             return self.scratch.pages
         keys = self.pool.data[self.pages, 0].reshape(-1, self.pool.head_dim)  # [T, D]
-        scores = (queries.astype(np.float32) @ keys.astype(np.float32).T).max(axis=0)  # [T]
+        scores = group_scores(queries.astype(np.float32), as_float32(keys)).max(axis=0)  # [T]
         take = min(max_tokens, scores.size)
         top = np.sort(np.argpartition(-scores, take - 1)[:take])
         page_of, slot = np.divmod(top, self.pool.page_size)

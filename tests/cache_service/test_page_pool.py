@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from cache_service.page_pool import PagePool, PoolExhausted
+from cache_service.page_pool import PagePool, PoolExhausted, as_float32
 
 
 def test_alloc_hands_out_distinct_pages_and_free_returns_them():
@@ -70,3 +70,33 @@ def test_shared_segment_is_mapped_and_unlinked_on_close():
     view.close()
     pool.close()
     assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_as_float32_is_numpys_cast_for_every_half():
+    """The bit conversion against NumPy's own cast, bit for bit, on all 65536 float16
+    values (zeros of both signs, subnormals, the largest, infinities, NaNs) and any shape."""
+    halves = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    finite = halves[np.isfinite(halves)]
+    got = as_float32(finite.reshape(-1, 8))
+    assert got.dtype == np.float32 and got.shape == (len(finite) // 8, 8)
+    assert np.array_equal(got.view(np.uint32).ravel(), finite.astype(np.float32).view(np.uint32))
+    special = np.array([np.inf, -np.inf, 1.5, -0.0], dtype=np.float16)
+    assert np.array_equal(as_float32(special), special.astype(np.float32))
+    assert np.isnan(as_float32(np.array([np.nan, 1], dtype=np.float16))[0])
+    assert as_float32(np.empty((0, 4), dtype=np.float16)).shape == (0, 4)
+    same = np.ones(3, dtype=np.float32)
+    assert as_float32(same) is same
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_keys_at_reads_single_tokens_as_float32(dtype):
+    pool = PagePool(4, 4, 8, dtype=dtype)
+    pages = pool.alloc(3)
+    rng = np.random.default_rng(0)
+    for page in pages:
+        kv = rng.standard_normal((2, 4, 8)).astype(np.float32)
+        pool.append(page, kv[0], kv[1], np.arange(4) + 4 * int(page))
+    at, slot = np.array([pages[2], pages[0], pages[2]]), np.array([3, 0, 1])
+    got = pool.keys_at(at, slot)
+    assert got.dtype == np.float32
+    assert np.array_equal(got, pool.data[at, 0, slot].astype(np.float32))
