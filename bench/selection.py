@@ -41,6 +41,7 @@ import numpy as np
 
 from cache_service.cluster_index import ClusterIndex, IndexConfig
 from cache_service.kmeans_index import FlatKMeansIndex
+from cache_service.policies.base import group_scores
 from cache_service.policies.indexed import search_layout
 from cache_service.types import SequenceSpec
 
@@ -339,7 +340,7 @@ def select(
         pos = (start + take[:, None] * PAGE + np.arange(PAGE)[None]).ravel()
         return pos[pos < end], len(take)
     if policy == "oracle":
-        scores = (q @ case.keys[start:end].T).max(axis=0)
+        scores = group_scores(q, case.keys[start:end]).max(axis=0)
         count = min(body_budget, len(scores))
         pos = start + np.argpartition(-scores, count - 1)[:count]
         return pos, len(np.unique((pos - start) // PAGE))
@@ -475,7 +476,8 @@ def is_leader(layer: int) -> bool:
 # ---------------------------------------------------------------------------- speed
 @dataclass(frozen=True)
 class SpeedRow:
-    """Whole-layer timings at one context length, scaled to ``SPEED_LAYERS`` layers.
+    """Whole-layer timings of one policy at one context length, scaled to ``SPEED_LAYERS``
+    layers.
 
     Selection times are medians over steps and repeats of one layer's 8 KV heads (the same
     indexes and queries for all three ways), x32; the store step is ``Store.decode`` of one
@@ -483,12 +485,14 @@ class SpeedRow:
     bookkeeping), x(32 / STORE_LAYERS).
     """
 
+    policy: str
+    """``icecache`` (whole leaves) or ``icecache-tokens`` (single tokens)."""
     context: int
     batched_ms: float
-    """``search_heads``: one call per layer (wall)."""
+    """``search_heads`` (``search_heads_tokens``): one call per layer (wall)."""
     batched_cpu_ms: float
     per_head_ms: float
-    """``ClusterIndex.search`` head by head (the reference path)."""
+    """``ClusterIndex.search`` (``search_tokens``) head by head (the reference path)."""
     oracle_ms: float
     """Exact scan of every body key by the group (``OracleBody``'s selection)."""
     insert_ms: float
@@ -524,13 +528,15 @@ def speed_case(n: int, steps: int, seed: int) -> list[HeadCase]:
     ]
 
 
-def measure_speed(n: int, store_steps: int, runs: int, repeats: int, seed: int) -> SpeedRow:
-    """Build a two-layer ``Store`` over ``n`` synthetic tokens (budget 256), time whole-layer
-    selection three ways on its first layer, page inserts, then ``runs`` x ``store_steps``
-    decode steps."""
+def measure_speed(
+    policy: str, n: int, store_steps: int, runs: int, repeats: int, seed: int
+) -> SpeedRow:
+    """Build a two-layer ``Store`` of ``policy`` over ``n`` synthetic tokens (budget 256),
+    time whole-layer selection three ways on its first layer, page inserts, then ``runs`` x
+    ``store_steps`` decode steps."""
     import copy
 
-    from cache_service.batched_search import search_heads
+    from cache_service.batched_search import search_heads, search_heads_tokens
     from cache_service.page_pool import PagePool
     from cache_service.store import Store
 
@@ -542,7 +548,7 @@ def measure_speed(n: int, store_steps: int, runs: int, repeats: int, seed: int) 
         SPEED_HEADS,
         SPEED_HEADS * group,
         128,
-        policy="icecache",
+        policy=policy,
         budget=256,
         dense_layers=0,
         seed=seed,
@@ -567,21 +573,23 @@ def measure_speed(n: int, store_steps: int, runs: int, repeats: int, seed: int) 
     lay = store._seqs["s"].heads[0][0]
     end = n - len(lay.window_pages_now()) * PAGE  # body span [sinks, end)
     sinks = spec.sinks(PAGE)
+    single = policy == "icecache-tokens"
+    batched = search_heads_tokens if single else search_heads
     times: dict[str, list[float]] = {"batched": [], "cpu": [], "per_head": [], "oracle": []}
     for _ in range(repeats):
         for q in queries:
             c0 = time.process_time()  # wall excludes the CPU clock's own call
             t0 = time.perf_counter()
-            search_heads(indexes, q, body)
+            batched(indexes, q, body)
             times["batched"].append(time.perf_counter() - t0)
             times["cpu"].append(time.process_time() - c0)
             t0 = time.perf_counter()
             for index, qh in zip(indexes, q, strict=True):
-                index.search(qh, body)
+                index.search_tokens(qh, body) if single else index.search(qh, body)
             times["per_head"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             for case, qh in zip(cases, q, strict=False):
-                scores = (qh @ case.keys[sinks:end].T).max(axis=0)
+                scores = group_scores(qh, case.keys[sinks:end]).max(axis=0)
                 np.argpartition(-scores, body - 1)[:body]
             times["oracle"].append(time.perf_counter() - t0)
     efforts = [index.last_effort for index in indexes]
@@ -617,6 +625,7 @@ def measure_speed(n: int, store_steps: int, runs: int, repeats: int, seed: int) 
         for r in per_run
     )
     return SpeedRow(
+        policy,
         n,
         ms * float(np.median(times["batched"])),
         ms * float(np.median(times["cpu"])),
@@ -637,15 +646,16 @@ def measure_speed(n: int, store_steps: int, runs: int, repeats: int, seed: int) 
 
 def speed_markdown(rows: list[SpeedRow]) -> str:
     head = (
-        "| context | batched ms/step | (CPU) | per-head ms/step | oracle ms/step "
+        "| policy | context | batched ms/step | (CPU) | per-head ms/step | oracle ms/step "
         "| batched / oracle | insert ms/step | store step p50 / p99 ms (wall) "
         "| p50 / p99 (CPU) | p99 / p50 "
         "| runs p50 / p99 | MB read/step (oracle) | centroids + tokens scored/head |\n"
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- "
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- "
         "| ---: | ---: |\n"
     )
     lines = [
-        f"| {r.context} | {r.batched_ms:.1f} | {r.batched_cpu_ms:.1f} | {r.per_head_ms:.1f} "
+        f"| {r.policy} | {r.context} | {r.batched_ms:.1f} | {r.batched_cpu_ms:.1f} "
+        f"| {r.per_head_ms:.1f} "
         f"| {r.oracle_ms:.1f} | {r.batched_ms / r.oracle_ms:.3f} | {r.insert_ms:.1f} "
         f"| {r.step_p50_ms:.1f} / {r.step_p99_ms:.1f} "
         f"| {r.step_cpu_p50_ms:.1f} / {r.step_cpu_p99_ms:.1f} "
@@ -755,14 +765,15 @@ def plot(
             key=lambda r: r.context,
         )
         ax.plot([r.context for r in mine], [r.select_ms for r in mine], "o-", label=policy)
-    if speed:
-        layers = sorted(speed, key=lambda r: r.context)
-        ax.plot(
-            [r.context for r in layers],
-            [r.batched_ms for r in layers],
-            "s-k",
-            label="icecache, batched",
-        )
+    for policy, style in (("icecache", "s-k"), ("icecache-tokens", "D--k")):
+        layers = sorted((r for r in speed or [] if r.policy == policy), key=lambda r: r.context)
+        if layers:
+            ax.plot(
+                [r.context for r in layers],
+                [r.batched_ms for r in layers],
+                style,
+                label=f"{policy}, batched",
+            )
     ax.axhline(10, color="grey", ls="--", lw=1, label="target 10 ms @32k")
     ax.set(
         title="selection, 8B shape, budget 256",
@@ -797,6 +808,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--speed-sizes", type=int_tuple, default=(8192, 32768), help="whole-layer timing"
+    )
+    p.add_argument(
+        "--speed-policies",
+        type=lambda text: tuple(x for x in text.split(",") if x),
+        default=("icecache-tokens", "icecache"),
+        help="policies timed (single tokens: the default policy; whole leaves)",
     )
     p.add_argument("--store-steps", type=int, default=256, help="decode steps per store run")
     p.add_argument("--store-runs", type=int, default=2)
@@ -839,11 +856,14 @@ def main(argv: list[str] | None = None) -> None:
     rows += summarize(measurer.cells, layers=32, kv_heads=8)
     speed = []
     for n in args.speed_sizes:
-        started = time.perf_counter()
-        speed.append(
-            measure_speed(n, args.store_steps, args.store_runs, args.speed_repeats, args.seed)
-        )
-        log.info("speed %d done in %.1f s", n, time.perf_counter() - started)
+        for policy in args.speed_policies:
+            started = time.perf_counter()
+            speed.append(
+                measure_speed(
+                    policy, n, args.store_steps, args.store_runs, args.speed_repeats, args.seed
+                )
+            )
+            log.info("speed %s %d done in %.1f s", policy, n, time.perf_counter() - started)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     meta.update(
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
