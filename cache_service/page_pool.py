@@ -34,9 +34,10 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def as_float32(values: np.ndarray) -> np.ndarray:
-    """``values`` as float32, exactly (float16 through its bits: NumPy's own float16 cast is
-    scalar code, ~3x slower than these five vector passes on this project's CPU, and the
-    selection reads every scored key through it)."""
+    """``values`` as float32, exactly. Float16 goes through its bits: NumPy's own float16
+    cast is scalar code, ~3x slower on this project's CPU than these few integer passes
+    (770 keys of 128 dims: ~180 against ~55 us), and selection reads every key it scores
+    through here."""
     if values.dtype != np.float16:
         return values.astype(np.float32, copy=False)
     bits = values.view(np.uint16).astype(np.uint32)
