@@ -101,5 +101,8 @@ class DenseKV:
         return out.reshape(q.shape).to(q.dtype)
 
     def _empty(self, heads: int, tokens: int, dim: int) -> torch.Tensor:
+        """Room for ``tokens`` rounded up to ``GROWTH_TOKENS``, left unset: rows past a
+        layer's length are never read (zeroing them took 0.5 of 15 s in a profiled 2k
+        prefill)."""
         capacity = -(-tokens // GROWTH_TOKENS) * GROWTH_TOKENS
-        return torch.zeros((heads, capacity, dim), dtype=torch.float32, device=self.device)
+        return torch.empty((heads, capacity, dim), dtype=torch.float32, device=self.device)
