@@ -45,8 +45,12 @@ class HeadLayout:
             keys, values: ``[T, head_dim]``.
             positions: ``[T]``, continuing ``self.length``.
         """
-        start = 0
+        start, size = 0, self.pool.page_size
         while start < len(positions):
+            whole = (len(positions) - start) // size
+            if whole and self.length >= self.sink_tokens and not self._room_in_window():
+                start = self._append_whole_pages(keys, values, positions, start, whole)
+                continue
             page, room = self._open_page()
             end = min(len(positions), start + room)
             self.pool.append(page, keys[start:end], values[start:end], positions[start:end])
@@ -56,6 +60,25 @@ class HeadLayout:
         while self.leaving and self.leaving[0][1] <= self.length:
             handed.append(self.leaving.popleft()[0])
         return handed
+
+    def _append_whole_pages(
+        self, keys: np.ndarray, values: np.ndarray, positions: np.ndarray, start: int, whole: int
+    ) -> int:
+        """Tokens ``start ..`` into ``whole`` new window pages, allocated and written at once
+        (a prefill block's pages: one call each instead of one per page); the pages, the
+        ring and the hand-over lengths are what ``_open_page`` page by page would give.
+        Returns where the tokens not written start."""
+        size = self.pool.page_size
+        pages = self.pool.alloc(whole)  # the ids alloc(1) would give one by one, in order
+        for page in pages.tolist():
+            if len(self.window) == self.window_pages:
+                due = self.length + 1 + self.handover_delay  # as in _open_page
+                self.leaving.append((self.window.popleft(), due))
+            self.window.append(page)
+            self.length += size
+        end = start + whole * size
+        self.pool.fill_pages(pages, keys[start:end], values[start:end], positions[start:end])
+        return end
 
     def restore(self, pages: np.ndarray, length: int) -> list[int]:
         """Take over the positional pages of a prefix another head stored: the state that
@@ -94,6 +117,10 @@ class HeadLayout:
         when page ``j + window_pages`` opened (see ``_open_page``), then waits its delay."""
         size = self.pool.page_size
         return self.sink_tokens + (j + self.window_pages) * size + 1 + self.handover_delay
+
+    def _room_in_window(self) -> bool:
+        """Whether the window's newest page has free slots."""
+        return bool(self.window) and self.pool.fill[self.window[-1]] < self.pool.page_size
 
     def _open_page(self) -> tuple[int, int]:
         """The page the next token goes to and how many tokens fit there."""

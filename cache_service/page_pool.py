@@ -196,6 +196,26 @@ class PagePool:
         self.fill[page] = end
         self.version[page] += 1
 
+    def fill_pages(
+        self, pages: np.ndarray, keys: np.ndarray, values: np.ndarray, positions: np.ndarray
+    ) -> None:
+        """Write ``len(pages) × page_size`` tokens in order into empty pages, page by page:
+        what one ``append`` per page does.
+
+        Args:
+            pages: ``[k]`` empty page ids, held only by the caller.
+            keys, values: ``[k × page_size, head_dim]``.
+            positions: ``[k × page_size]``.
+        """
+        k, size = len(pages), self.page_size
+        assert np.all(self.fill[pages] == 0), "filling a page that holds tokens"
+        assert np.all(self.refs[pages] == 1), "writing a shared page"
+        self.data[pages, 0] = keys.reshape(k, size, self.head_dim)
+        self.data[pages, 1] = values.reshape(k, size, self.head_dim)
+        self.positions[pages] = positions.reshape(k, size)
+        self.fill[pages] = size
+        self.version[pages] += 1
+
     def write_slots(
         self, pages: np.ndarray, slots: np.ndarray, kv: np.ndarray, positions: np.ndarray
     ) -> None:

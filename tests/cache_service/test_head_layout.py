@@ -1,4 +1,6 @@
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cache_service.head_layout import HeadLayout
 from cache_service.page_pool import PagePool
@@ -38,3 +40,42 @@ def test_release_frees_every_page():
     pool.free(np.asarray(evicted))
     lay.release()
     assert pool.num_free == 16
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    chunks=st.lists(st.integers(1, 70), min_size=1, max_size=12),
+    sinks=st.integers(0, 11),
+    window_pages=st.integers(1, 3),
+    delay=st.integers(0, 3),
+)
+def test_appending_in_chunks_is_appending_token_by_token(chunks, sinks, window_pages, delay):
+    """Chunks take the whole-page path (pages allocated and written at once); single tokens
+    never do: both hand over the same pages by the same lengths and leave the same layout
+    and pool, sinks a whole number of pages or not."""
+    size, total = 4, sum(chunks)
+
+    def layout():
+        pool = PagePool(2 * (total // size + 2), page_size=size, head_dim=2)
+        lay = HeadLayout(pool, sink_tokens=sinks, window_pages=window_pages,
+                         handover_delay=delay)  # fmt: skip
+        return pool, lay
+
+    pool_b, b = layout()
+    handed_by = [[]]  # token by token: pages handed over once the head holds i tokens
+    for i in range(total):
+        handed_by.append(handed_by[-1] + b.append(*_tokens(i, i + 1)))
+    pool_a, a = layout()
+    handed, start = [], 0
+    for n in chunks:
+        handed += a.append(*_tokens(start, start + n))
+        start += n
+        assert handed == handed_by[start]
+    assert (a.sink, list(a.window), list(a.leaving), a.length) == (
+        b.sink,
+        list(b.window),
+        list(b.leaving),
+        b.length,
+    )
+    for name in ("data", "positions", "fill", "refs"):  # versions count write calls
+        assert np.array_equal(getattr(pool_a, name), getattr(pool_b, name)), name
