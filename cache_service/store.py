@@ -20,7 +20,6 @@ from cache_service.policies import Body, make_bodies
 from cache_service.policies.indexed import IndexedBody, MirroredBody, select_layer
 from cache_service.prefix_cache import PrefixCache, PrefixStats
 from cache_service.types import (
-    GATHERING_POLICIES,
     INDEXED_POLICIES,
     LEAF_PAGE_POLICIES,
     OutOfOrder,
@@ -384,8 +383,8 @@ class Store:
         a body laid out in leaf pages re-lays the prefill out into them (leaves about half
         full: up to three times its pages while the positional ones are still held, by a
         kept prefix or until the build ends), inserting the pages after the build boundary
-        takes what appending them would; the oracle and icecache-tokens copy their picks
-        to scratch pages."""
+        takes what appending them would; bodies that gather single tokens (they hold a
+        ``Scratch``: the oracle, icecache-tokens) copy their picks to scratch pages."""
         build = 0
         if _clustered(seq.spec, layer) and not seq.flushed[layer]:
             for head, pending in enumerate(seq.pending[layer]):
@@ -394,11 +393,9 @@ class Store:
                     build += 3 * built + 2 * self.pool.page_size * (len(pending) - built)
             tokens = sum(len(pending) for pending in seq.pending[layer]) * self.pool.page_size
             build += -(-tokens * INDEX_BYTES_PER_KEY * seq.spec.head_dim // self.pool.page_bytes)
-        scratch = 0
-        if seq.spec.policy in GATHERING_POLICIES and layer >= seq.spec.dense_layers:
-            budget = seq.spec.body_budget(self.pool.page_size) or 0
-            scratch = seq.spec.num_kv_heads * -(-budget // self.pool.page_size)
-        return build + scratch
+        gathering = sum(body.scratch is not None for body in seq.bodies[layer])
+        budget = seq.spec.body_budget(self.pool.page_size) or 0
+        return build + gathering * -(-budget // self.pool.page_size)
 
     def _admit(self, pages: int, what: str) -> None:
         """Refuse, before changing anything, an operation that would not fit in the memory

@@ -29,9 +29,6 @@ LEAF_PAGE_POLICIES = ("icecache", "icecache-r", "kmeans")
 """The indexed policies whose bodies re-lay tokens out into the leaf pages of their index
 (they allocate pages when their body takes tokens); ``icecache-tokens`` leaves its tokens in
 their positional pages."""
-GATHERING_POLICIES = ("oracle", "icecache-tokens")
-"""The policies whose bodies copy the single tokens they select into scratch pages at every
-decode step (freed at the next)."""
 
 
 def check_policy(name: str) -> str:
