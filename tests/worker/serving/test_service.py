@@ -230,7 +230,14 @@ def test_health_reflection_and_metrics(server, client):
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
     client.complete("Say hi.", 2)
     scrape = functools.partial(urllib.request.urlopen, timeout=5)
-    text = scrape(f"http://127.0.0.1:{server.http_port}/metrics").read().decode()
+    url = f"http://127.0.0.1:{server.http_port}/metrics"
+    # The server lets go of a call just after its last response goes out, so the client
+    # may read the answer before the in-flight count drops: wait for it (10 s at most).
+    deadline = time.monotonic() + 10
+    text = scrape(url).read().decode()
+    while "icecache_worker_inflight_requests 0.0" not in text and time.monotonic() < deadline:
+        time.sleep(0.05)
+        text = scrape(url).read().decode()
     assert 'icecache_worker_requests_total{code="OK"}' in text
     assert 'icecache_worker_requests_total{code="INVALID_ARGUMENT"}' in text
     assert "icecache_worker_generated_tokens_total" in text
