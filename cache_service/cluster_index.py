@@ -312,6 +312,25 @@ def _sq_dist(x: np.ndarray, cent: np.ndarray) -> np.ndarray:
     return (c * c).sum(axis=1)[None, :] - 2.0 * (x @ c.T)
 
 
+def add_rows(out: np.ndarray, targets: np.ndarray, values: np.ndarray) -> None:
+    """``np.add.at(out, targets, values)``, bit for bit, in a few vectorized rounds: round
+    ``r`` adds every target's ``r``-th value (in the order given), so each row of ``out``
+    sums its values in the same order as ``np.add.at``, whose unbuffered loop over rows of
+    ``values`` was most of an index build (~30-70 of ~200 ms for 8k keys)."""
+    if len(targets) == 0:
+        return
+    order = np.argsort(targets, kind="stable")
+    ranked = targets[order]
+    rank = np.arange(len(order)) - np.searchsorted(ranked, ranked, side="left")
+    by_rank = np.argsort(rank, kind="stable")
+    ends = np.searchsorted(rank[by_rank], np.arange(1, int(rank.max()) + 2))
+    start = 0
+    for end in ends.tolist():
+        rows = order[by_rank[start:end]]  # distinct targets: a plain indexed add is exact
+        out[targets[rows]] += values[rows]
+        start = end
+
+
 def token_rows(leaves: np.ndarray, fills: np.ndarray, page_size: int) -> np.ndarray:
     """Leaf slots (``leaf × page_size + slot``) holding the tokens of ``leaves`` (``fills``
     of each), leaf by leaf ``[sum(fills)]``."""
@@ -914,7 +933,7 @@ class ClusterIndex:
         self.tokens[leaf_of, slots] = token_ids[rows]
         self.fill[leaves] = sizes
         self._track(token_ids[rows], leaf_of, slots)
-        np.add.at(level.sums, leaf_of, x[rows])
+        add_rows(level.sums, leaf_of, x[rows])
         level.counts[leaves] = sizes
         level.refresh(leaves)
 
@@ -1004,7 +1023,7 @@ class ClusterIndex:
         for child, parent in enumerate(labels):
             level.children[int(parent)].append(child)
         level.changed()
-        np.add.at(level.sums, labels, below.sums[:n])
+        add_rows(level.sums, labels, below.sums[:n])
         np.add.at(level.counts, labels, below.counts[:n])
         level.refresh(np.arange(level.n))
         self.levels.append(level)

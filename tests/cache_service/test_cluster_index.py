@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cache_service.cluster_index import (
+    add_rows,
     ClusterIndex,
     IndexConfig,
     Placement,
@@ -83,6 +84,28 @@ def test_two_means_separates_two_distant_groups():
 def test_two_means_halves_identical_points_in_order(n):
     second = two_means(np.ones((n, 4)))
     assert second.tolist() == [i >= n // 2 for i in range(n)]
+
+
+@given(
+    st.integers(0, 300),
+    st.integers(1, 40),
+    st.sampled_from([(), (3,), (65,)]),
+    st.integers(0, 2**16),
+)
+@settings(max_examples=60, deadline=None)
+def test_add_rows_equals_numpy_add_at_bit_for_bit(rows, targets, tail, seed):
+    # Sums whose order matters (magnitudes 1e-8..1e8, many repeats of few targets) into
+    # rows that do not start at zero: the same bits as np.add.at's sequential loop.
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal((rows, *tail)) * 10.0 ** rng.integers(
+        -8, 9, (rows,) + (1,) * len(tail)
+    )
+    index = rng.integers(0, targets, rows)
+    start = rng.standard_normal((targets, *tail))
+    expected, got = start.copy(), start.copy()
+    np.add.at(expected, index, values)
+    add_rows(got, index, values)
+    assert np.array_equal(got, expected)
 
 
 def test_kmeans_labels_recovers_two_blobs_and_is_deterministic():
