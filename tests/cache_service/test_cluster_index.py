@@ -9,10 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cache_service.cluster_index import (
-    add_rows,
     ClusterIndex,
     IndexConfig,
     Placement,
+    add_rows,
     capped_labels,
     kmeans_labels,
     two_means,
