@@ -316,7 +316,7 @@ def add_rows(out: np.ndarray, targets: np.ndarray, values: np.ndarray) -> None:
     """``np.add.at(out, targets, values)``, bit for bit, in a few vectorized rounds: round
     ``r`` adds every target's ``r``-th value (in the order given), so each row of ``out``
     sums its values in the same order as ``np.add.at``, whose unbuffered loop over rows of
-    ``values`` was most of an index build (~30-70 of ~200 ms for 8k keys)."""
+    ``values`` took a quarter of an index build (30-70 of ~200 ms for 8k keys)."""
     if len(targets) == 0:
         return
     order = np.argsort(targets, kind="stable")
