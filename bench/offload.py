@@ -92,6 +92,13 @@ class Probe(KVClient):
         self._layer = layer
         return sels
 
+    def append_step(self, layer, seq_ids, keys, values, positions) -> None:  # noqa: ANN001
+        started = time.perf_counter()
+        self.kv.append_step(layer, seq_ids, keys, values, positions)
+        if self.timing:
+            self.decode_s.append(time.perf_counter() - started)
+        self._layer = layer
+
     def retrieve(self, seq_id: str, layer: int, queries: np.ndarray) -> Selection:
         return self.kv.retrieve(seq_id, layer, queries)
 

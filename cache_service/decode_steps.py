@@ -54,18 +54,22 @@ class DecodeSteps:
         seq_ids = list(request.seq_ids)
         keys, values = floats(request.keys, "keys"), floats(request.values, "values")
         positions = ints(request.positions, "positions")
-        queries = floats(request.queries, "queries")
-        arrays = (keys, values, positions, queries)
+        queries = None if request.append_only else floats(request.queries, "queries")
+        arrays = [keys, values, positions] + ([] if queries is None else [queries])
         for array in arrays:
             if array.ndim == 0 or len(array) != len(seq_ids):
+                names = ["key", "value", "position", "query"][: len(arrays)]
                 raise ValueError(
-                    f"Decode needs one key, value, position and query per sequence "
+                    f"Decode needs one {', '.join(names[:-1])} and {names[-1]} per sequence "
                     f"({len(seq_ids)} ids): shapes {[tuple(a.shape) for a in arrays]}"
                 )
         with self.store.lock:
             check_deadline(context)
             if self.leases is not None:
                 self.leases.check(lease_of(context), seq_ids)
+            if queries is None:
+                self.store.append_step(request.layer, seq_ids, keys, values, positions)
+                return response
             sels = self.store.decode(request.layer, seq_ids, keys, values, positions, queries)
             if carried is not None and request.push_pages:
                 self._push(sels, carried, response.pushed)

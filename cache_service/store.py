@@ -345,6 +345,48 @@ class Store:
                     self._measure(seq, layer)
             return out
 
+    def append_step(
+        self,
+        layer: int,
+        seq_ids: list[str],
+        keys: np.ndarray,
+        values: np.ndarray,
+        positions: np.ndarray,
+    ) -> None:
+        """A decode step of one layer for a batch that stores each new token and selects
+        nothing: for a layer that attends to every token (below each sequence's
+        ``full_layers``) when the caller keeps that layer's K/V itself. Leaves every sequence
+        as ``decode`` of the same tokens would (the pages handed over by the prefill join the
+        body at the first step either way).
+
+        Args:
+            keys, values: ``[B, num_kv_heads, head_dim]``.
+            positions: ``[B]``.
+        """
+        with self._lock:
+            if len(set(seq_ids)) != len(seq_ids):
+                raise ValueError("Decode lists a sequence more than once; send one token each")
+            seqs = [self._usable(seq_id) for seq_id in seq_ids]
+            need = 0
+            for b, seq in enumerate(seqs):
+                rows = slice(b, b + 1)
+                self._check_append(seq, layer, keys[rows], values[rows], positions[rows])
+                if layer >= seq.spec.full_layers:
+                    raise ValueError(
+                        f"layer {layer} of {seq_ids[b]!r} selects what it attends to (its "
+                        f"first {seq.spec.full_layers} layers attend to every token under "
+                        f"policy {seq.spec.policy!r}): store its tokens with a plain decode "
+                        "step, not an append-only one"
+                    )
+                need += self._append_pages(seq, layer, 1)
+            self._admit(need, f"append-only decode of {len(seqs)} sequences")
+            with self._changing(seqs):
+                for b, seq in enumerate(seqs):
+                    rows = slice(b, b + 1)
+                    self._append(seq, layer, keys[rows], values[rows], positions[rows])
+                    self._flush(seq, layer)
+                    self._measure(seq, layer)
+
     def read_pages(self, pages: np.ndarray) -> np.ndarray:
         """Copy of page data ``[n, 2, page_size, head_dim]`` (the RPC data path)."""
         return self.pool.data[np.asarray(pages, dtype=np.int64)]

@@ -108,6 +108,18 @@ class TapKV(KVClient):
             self.observer(layer, keys, queries, sels)
         return sels
 
+    def append_step(
+        self,
+        layer: int,
+        seq_ids: list[str],
+        keys: np.ndarray,
+        values: np.ndarray,
+        positions: np.ndarray,
+    ) -> None:
+        """Not watched: the session's engines keep no contiguous copy (``dense_copy``), so
+        each of their layers decodes, and an observer sees every layer."""
+        self.inner.append_step(layer, seq_ids, keys, values, positions)
+
     def retrieve(self, seq_id: str, layer: int, queries: np.ndarray) -> Selection:
         return self.inner.retrieve(seq_id, layer, queries)
 

@@ -442,7 +442,11 @@ class Engine:
         for layer in range(model.config.num_layers):
             q, k, v = model.attention_inputs(layer, h, positions, rope)  # [B, H, D]
             t0 = time.perf_counter()
-            sels = self._select(layer, seqs, _np(k), _np(v), host_positions, _np(q))
+            if self._copied(layer, seqs):
+                self.kv.append_step(layer, [s.seq_id for s in seqs], _np(k), _np(v), host_positions)
+                sels = None
+            else:
+                sels = self._select(layer, seqs, _np(k), _np(v), host_positions, _np(q))
             t1 = time.perf_counter()
             loading = self.timings.load
             attn = self._attend(layer, seqs, q, k, v, sels)
@@ -455,6 +459,18 @@ class Engine:
         self.timings.total += time.perf_counter() - started
         self.timings.steps += 1
         return logits
+
+    @staticmethod
+    def _copied(layer: int, seqs: list[Sequence]) -> bool:
+        """Whether every sequence attends to ``layer`` over its contiguous copy, which holds
+        the layer already: the store then only stores the step's token (no selection)."""
+        return all(
+            s.dense is not None
+            and s.dense.covers(layer)
+            and s.dense.holds(layer)
+            and layer >= s.stored_ahead
+            for s in seqs
+        )
 
     def _select(
         self,
@@ -489,17 +505,24 @@ class Engine:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        sels: list[Selection],
+        sels: list[Selection] | None,
     ) -> torch.Tensor:
         """Attention of one layer's queries ``[B, Hq, D]``: a sequence whose contiguous copy
         covers the layer over that copy, the others over their selected pages (rows are
-        independent, so the split does not change any row)."""
+        independent, so the split does not change any row). ``sels`` is ``None`` when every
+        sequence's copy holds the layer (``_copied``)."""
         started = time.perf_counter()
         dense = [i for i, s in enumerate(seqs) if s.dense is not None and s.dense.covers(layer)]
-        copies = [self._to_dense(seqs[i], layer, k[i], v[i], sels[i]) for i in dense]
-        self.timings.kv_tokens += sum(int(sels[i].lens.sum()) for i in dense)
+        copies = [
+            self._to_dense(seqs[i], layer, k[i], v[i], None if sels is None else sels[i])
+            for i in dense
+        ]
+        self.timings.kv_tokens += sum(copy.length(layer) * k.shape[1] for copy in copies)
         paged = [i for i in range(len(seqs)) if i not in dense]
-        table = self._page_table([sels[i] for i in paged]) if paged else None
+        table = None
+        if paged:
+            assert sels is not None, "a sequence attending over pages needs its selection"
+            table = self._page_table([sels[i] for i in paged])
         self.timings.load += time.perf_counter() - started
         if not dense:
             assert table is not None
@@ -512,7 +535,7 @@ class Engine:
         return attn
 
     def _to_dense(
-        self, seq: Sequence, layer: int, k: torch.Tensor, v: torch.Tensor, sel: Selection
+        self, seq: Sequence, layer: int, k: torch.Tensor, v: torch.Tensor, sel: Selection | None
     ) -> DenseKV:
         """Put this step's token (``k``, ``v`` ``[kv_heads, head_dim]``) into the sequence's
         contiguous copy of ``layer``; a copy not filled yet (a sequence taken over from
@@ -521,6 +544,7 @@ class Engine:
         dense = seq.dense
         assert dense is not None
         if not dense.holds(layer):
+            assert sel is not None, "a copy not filled yet needs the store's selection"
             dense.fill_from_pages(layer, self.kv.read_pages(sel.pages, sel.versions), sel)
         elif dense.length(layer) < seq.length:
             dense.append(layer, self._as_stored(k), self._as_stored(v))

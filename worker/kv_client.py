@@ -101,6 +101,21 @@ class KVClient(Protocol):
         selection for a sequence it lost (see ``take_lost``).
         """
 
+    def append_step(
+        self,
+        layer: int,
+        seq_ids: list[str],
+        keys: np.ndarray,
+        values: np.ndarray,
+        positions: np.ndarray,
+    ) -> None:
+        """``decode`` without the selection, for a layer that attends to every token
+        (below each sequence's ``full_layers``) whose K/V the caller keeps itself.
+
+        keys, values ``[B, kv_heads, head_dim]``; positions ``[B]``. A client with
+        failover skips a sequence it lost (see ``take_lost``).
+        """
+
     def retrieve(self, seq_id: str, layer: int, queries: np.ndarray) -> Selection:
         """The pages one layer's query ``[q_heads, head_dim]`` attends, nothing stored (what
         ``decode`` selects once the token is stored)."""
@@ -197,6 +212,16 @@ class LocalKVClient(KVClient):
         queries: np.ndarray,
     ) -> list[Selection]:
         return self.store.decode(layer, seq_ids, keys, values, positions, queries)
+
+    def append_step(
+        self,
+        layer: int,
+        seq_ids: list[str],
+        keys: np.ndarray,
+        values: np.ndarray,
+        positions: np.ndarray,
+    ) -> None:
+        self.store.append_step(layer, seq_ids, keys, values, positions)
 
     def retrieve(self, seq_id: str, layer: int, queries: np.ndarray) -> Selection:
         return self.store.retrieve(seq_id, layer, queries)

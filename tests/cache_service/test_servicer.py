@@ -52,8 +52,9 @@ def _kv(rng, tokens):
     return rng.standard_normal(shape, np.float32), rng.standard_normal(shape, np.float32)
 
 
-def _replay(kv, seq, seed=0, prompt=100, steps=20):
-    """Prefill and decode steps on any store client; returns every decode selection."""
+def _replay(kv, seq, seed=0, prompt=100, steps=20, append_only=False):
+    """Prefill and decode steps on any store client; returns every decode selection.
+    ``append_only``: the dense layer 0 stores its token without selecting every other step."""
     rng = np.random.default_rng(seed)
     kv.create(seq, _spec())
     for layer in range(LAYERS):
@@ -64,7 +65,10 @@ def _replay(kv, seq, seed=0, prompt=100, steps=20):
             keys, values = _kv(rng, 1)
             queries = rng.standard_normal((1, Q, DIM), np.float32)
             pos = np.array([prompt + step])
-            sels.append(kv.decode(layer, [seq], keys, values, pos, queries)[0])
+            if append_only and layer == 0 and step % 2 == 0:
+                kv.append_step(layer, [seq], keys, values, pos)
+            else:
+                sels.append(kv.decode(layer, [seq], keys, values, pos, queries)[0])
     return sels
 
 
@@ -171,15 +175,22 @@ service's host, ``auto`` takes a local stream)."""
 STREAM_TYPES = {"auto": LocalDecodeStream, "stream": DecodeStream}
 
 
-def test_local_stream_grpc_stream_and_unary_decodes_select_the_same_pages(address, service):
+@pytest.mark.parametrize("append_only", [False, True], ids=["decode", "append-only"])
+def test_local_stream_grpc_stream_and_unary_decodes_select_the_same_pages(
+    address, service, append_only
+):
+    """Every path selects what the in-process store does, append-only steps among them
+    (``DecodeRequest.append_only``: stored, nothing selected, the next selections the same)."""
     local = Store(PagePool(2048, PAGE, DIM))
-    want = _replay(local, "all")
+    want = _replay(local, "all", append_only=append_only)
+    steps = 20 * LAYERS
     open_before = {kind: _open_streams(service, kind) for kind in ("local", "grpc")}
     for decode, method in DECODE_PATHS.items():
         before = _decodes(service, method)
         with RemoteKVClient.connect(address, decode=decode) as client:
-            got = _replay(client, decode)
-            assert _counted(service, method, before + len(want))
+            got = _replay(client, decode, append_only=append_only)
+            assert _counted(service, method, before + steps)
+            assert len(got) == len(want) == steps - (10 if append_only else 0)
             if decode in STREAM_TYPES:
                 assert type(client._stream) is STREAM_TYPES[decode]
             for a, c in zip(got, want, strict=True):
@@ -420,6 +431,8 @@ def test_errors_come_back_as_the_store_exceptions_with_its_messages(shm_client):
          ValueError),
         (lambda kv: kv.append("dup", 9, *_kv(np.random.default_rng(), 1), np.array([0])),
          ValueError),
+        (lambda kv: kv.append_step(1, ["dup"], *_kv(np.random.default_rng(), 1), np.array([0])),
+         ValueError),  # a layer that selects: no append-only steps
     ]  # fmt: skip
     for kv in (local, shm_client):
         kv.create("dup", _spec())
@@ -459,6 +472,15 @@ def test_malformed_tensors_are_invalid_arguments(address, shm_client):
         with pytest.raises(grpc.RpcError) as err:
             stub.Decode(pb.DecodeRequest(layer=1, seq_ids=["raw", "raw"]))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        two = codec.to_tensor(np.zeros((2, KV, DIM), np.float32))  # for one sequence
+        at = codec.to_tensor(np.array([0]))
+        request = pb.DecodeRequest(
+            layer=0, seq_ids=["raw"], keys=two, values=two, positions=at, append_only=True
+        )
+        with pytest.raises(grpc.RpcError) as err:  # append-only: no queries asked for
+            stub.Decode(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "one key, value and position per sequence (1 ids)" in err.value.details()
         ids = codec.to_tensor(np.array([10**9]))
         with pytest.raises(grpc.RpcError) as err:
             stub.ReadPages(pb.ReadPagesRequest(pages=ids))

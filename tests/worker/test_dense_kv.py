@@ -9,6 +9,7 @@ from cache_service.types import Selection
 from worker.dense_kv import GROWTH_TOKENS, DenseKV
 from worker.engine import EngineConfig
 from worker.factory import build_engine
+from worker.kv_client import LocalKVClient
 
 CPU = torch.device("cpu")
 
@@ -86,3 +87,60 @@ def test_a_copy_filled_from_the_store_mid_generation_changes_no_logit(smollm, po
             assert all(map(torch.equal, stored.held(0), dense.held(layer)))
         engine.finish(seq)
     assert torch.equal(logits["kept"], logits["refilled"])
+
+
+class CountingKV(LocalKVClient):
+    """The in-process store, counting which layers each decode step selected for."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.selected: list[int] = []
+        self.stored_only: list[int] = []
+
+    def decode(self, layer, seq_ids, keys, values, positions, queries):
+        self.selected.append(layer)
+        return super().decode(layer, seq_ids, keys, values, positions, queries)
+
+    def append_step(self, layer, seq_ids, keys, values, positions):
+        self.stored_only.append(layer)
+        super().append_step(layer, seq_ids, keys, values, positions)
+
+
+def test_layers_the_copies_hold_are_stored_without_a_selection(smollm):
+    """A batch whose copies all hold a layer has the store only store its tokens; a batch
+    with a copy still to fill (a sequence taken over) selects for it. Logits equal, bit for
+    bit, those of a batch that never lost a copy, and the store ends holding what the
+    copies hold."""
+    model, tokenizer = smollm
+    config = EngineConfig(policy="icecache", budget=64)
+    kv = CountingKV(LocalKVClient.with_capacity(2**27, 16, model.config.head_dim).store)
+    engine, _ = build_engine(config, loaded=smollm, kv=kv)
+    kept, _ = build_engine(config, loaded=smollm)
+    prompt = tokenizer.encode("A short history of maps and of those who drew them. " * 8)[:100]
+    dense = list(range(config.dense_layers))
+    every = list(range(model.config.num_layers))
+    (a, out), (b, _) = engine.start(prompt), engine.start(prompt[:90])
+    (ka, _), (kb, _) = kept.start(prompt), kept.start(prompt[:90])
+    tokens = [int(torch.argmax(out))] * 2
+    for step in range(4):
+        if step == 2:
+            b.dense = DenseKV(CPU, b.dense.layers)  # taken over: fills from the store
+        kv.selected.clear()
+        kv.stored_only.clear()
+        got = engine.decode_step([a, b], tokens)
+        assert torch.equal(got, kept.decode_step([ka, kb], tokens))
+        if step == 2:
+            assert (kv.stored_only, kv.selected) == ([], every)
+        else:
+            assert (kv.stored_only, kv.selected) == (dense, every[len(dense) :])
+        tokens = [int(t) for t in torch.argmax(got, dim=-1)]
+    q = np.zeros((model.config.num_heads, model.config.head_dim), np.float32)
+    for seq in (a, b):
+        for layer in dense:
+            sel = kv.retrieve(seq.seq_id, layer, q)
+            stored = DenseKV(CPU, 1)
+            stored.fill_from_pages(0, kv.read_pages(sel.pages), sel)
+            assert all(map(torch.equal, stored.held(0), seq.dense.held(layer)))
+        engine.finish(seq)
+    for seq in (ka, kb):
+        kept.finish(seq)

@@ -222,6 +222,23 @@ class RemoteKVClient(KVClient):
             self._pushed.data = codec.from_tensor(pushed.data, "pushed.data")
         return [codec.selection_from_proto(s) for s in response.selections]
 
+    def append_step(
+        self,
+        layer: int,
+        seq_ids: list[str],
+        keys: np.ndarray,
+        values: np.ndarray,
+        positions: np.ndarray,
+    ) -> None:
+        """One layer's step for a batch that stores each new token and selects nothing
+        (``append_only``, for a layer the worker attends to from its own copy): the same
+        stream as ``decode``, without the queries out or a selection back."""
+        request = pb.DecodeRequest(layer=layer, seq_ids=seq_ids, append_only=True)
+        codec.to_tensor(keys, request.keys)
+        codec.to_tensor(values, request.values)
+        codec.to_tensor(np.asarray(positions, dtype=np.int64), request.positions)
+        self._decode(request)
+
     def retrieve(self, seq_id: str, layer: int, queries: np.ndarray) -> Selection:
         """queries ``[q_heads, head_dim]`` -> the pages they attend, nothing stored."""
         request = pb.RetrieveRequest(seq_id=seq_id, layer=layer, queries=codec.to_tensor(queries))

@@ -33,7 +33,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -53,6 +53,8 @@ from worker.kv_client import KVClient, ReplicaState, Traffic
 from worker.placement import bounded, placement_key
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -228,35 +230,63 @@ class ShardedKVClient(KVClient):
         A lost sequence (its replica failed, now or earlier in this step) gets an empty
         selection; see ``take_lost``.
         """
+
+        def step(shard: Shard, ids: list[str], rows: list[int]) -> list[Selection]:
+            sels = shard.client.decode(
+                layer, ids, keys[rows], values[rows], positions[rows], queries[rows]
+            )
+            return [s._replace(pages=s.pages + shard.base) for s in sels]
+
+        empty = _empty_selection(keys.shape[1])
+        out = [empty] * len(seq_ids)
+        for rows, sels in self._per_replica(seq_ids, step):
+            for row, sel in zip(rows, sels, strict=True):
+                out[row] = sel
+        self.traffic.selected(seq_ids, out)
+        return out
+
+    def append_step(
+        self,
+        layer: int,
+        seq_ids: list[str],
+        keys: np.ndarray,
+        values: np.ndarray,
+        positions: np.ndarray,
+    ) -> None:
+        """``decode`` that stores and selects nothing; a lost sequence is skipped."""
+
+        def step(shard: Shard, ids: list[str], rows: list[int]) -> None:
+            shard.client.append_step(layer, ids, keys[rows], values[rows], positions[rows])
+
+        self._per_replica(seq_ids, step)
+
+    def _per_replica(
+        self, seq_ids: list[str], step: Callable[[Shard, list[str], list[int]], _T]
+    ) -> list[tuple[list[int], _T]]:
+        """``step(shard, ids, rows)`` once per replica holding some of ``seq_ids`` (lost ones
+        left out; in parallel where there are several): (rows, answer) of each that answered.
+        A replica that fails is marked failed, its sequences lost (see ``take_lost``)."""
         groups: dict[str, list[int]] = {}
         for row, seq_id in enumerate(seq_ids):
             if seq_id not in self.lost:
                 groups.setdefault(self._shard(seq_id).address, []).append(row)
 
-        def call(address: str, rows: list[int]) -> list[Selection] | Exception:
-            shard = self.shards[address]
-            ids = [seq_ids[r] for r in rows]
+        def call(address: str, rows: list[int]) -> _T | Exception:
             try:
-                sels = shard.client.decode(
-                    layer, ids, keys[rows], values[rows], positions[rows], queries[rows]
-                )
+                return step(self.shards[address], [seq_ids[r] for r in rows], rows)
             except (ConnectionError, UnknownSequence) as err:
                 return err
-            return [s._replace(pages=s.pages + shard.base) for s in sels]
 
         if self._pool is None or len(groups) <= 1:
             answers = [call(a, rows) for a, rows in groups.items()]
         else:
             answers = list(self._pool.map(call, groups.keys(), groups.values()))
-        empty = _empty_selection(keys.shape[1])
-        out = [empty] * len(seq_ids)
-        for (address, rows), sels in zip(groups.items(), answers, strict=True):
-            if isinstance(sels, Exception):
-                self._fail(self.shards[address], sels)
-                continue
-            for row, sel in zip(rows, sels, strict=True):
-                out[row] = sel
-        self.traffic.selected(seq_ids, out)
+        out = []
+        for (address, rows), answer in zip(groups.items(), answers, strict=True):
+            if isinstance(answer, Exception):
+                self._fail(self.shards[address], answer)
+            else:
+                out.append((rows, answer))
         return out
 
     def read_pages(self, pages: np.ndarray, versions: np.ndarray | None = None) -> np.ndarray:

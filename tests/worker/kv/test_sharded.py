@@ -144,6 +144,24 @@ def test_page_ids_are_disjoint_per_replica_and_read_back_from_their_owner():
     assert not set(on_b.pages) & set(on_a.pages)
 
 
+def test_append_only_steps_reach_each_owner_and_skip_lost_sequences():
+    kv = _sharded([A, B])
+    _fill(kv, "req-0", seed=1)  # on B
+    _fill(kv, "req-2", seed=2)  # on A
+    rng = np.random.default_rng(5)
+    keys, values = rng.standard_normal((2, 2, 3, 64), np.float32)
+    kv.append_step(0, ["req-0", "req-2"], keys, values, np.array([100, 100]))
+    assert (_store(kv, B).length("req-0", 0), _store(kv, A).length("req-2", 0)) == (101, 101)
+    assert not kv.take_lost()
+    _store(kv, B).release("req-0")  # B forgets it (as after a restart): the step loses it
+    kv.append_step(0, ["req-0", "req-2"], keys, values, np.array([101, 101]))
+    assert _store(kv, A).length("req-2", 0) == 102  # A's sequence took its token
+    assert kv.shards[B].stale
+    kv.append_step(0, ["req-0", "req-2"], keys, values, np.array([102, 102]))  # req-0 skipped
+    assert _store(kv, A).length("req-2", 0) == 103
+    assert kv.take_lost() == {"req-0"}
+
+
 def test_traffic_counts_pages_selected_and_read_per_sequence():
     kv = _sharded([A, B])
     _fill(kv, "req-0", seed=1)
