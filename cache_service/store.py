@@ -325,25 +325,7 @@ class Store:
             positions: ``[B]``.
             queries: ``[B, num_q_heads, head_dim]``.
         """
-        with self._lock:
-            if len(set(seq_ids)) != len(seq_ids):
-                raise ValueError("Decode lists a sequence more than once; send one token each")
-            seqs = [self._usable(seq_id) for seq_id in seq_ids]
-            need = 0
-            for b, seq in enumerate(seqs):
-                rows = slice(b, b + 1)
-                self._check_append(seq, layer, keys[rows], values[rows], positions[rows])
-                self._check_retrieve(seq, layer, queries[b], appending=1)
-                need += self._append_pages(seq, layer, 1) + self._retrieve_pages(seq, layer)
-            self._admit(need, f"decode of {len(seqs)} sequences")
-            out = []
-            with self._changing(seqs):
-                for b, seq in enumerate(seqs):
-                    rows = slice(b, b + 1)
-                    self._append(seq, layer, keys[rows], values[rows], positions[rows])
-                    out.append(self._retrieve(seq, layer, queries[b]))
-                    self._measure(seq, layer)
-            return out
+        return self._step(layer, seq_ids, keys, values, positions, queries)
 
     def append_step(
         self,
@@ -363,6 +345,18 @@ class Store:
             keys, values: ``[B, num_kv_heads, head_dim]``.
             positions: ``[B]``.
         """
+        self._step(layer, seq_ids, keys, values, positions, None)
+
+    def _step(
+        self,
+        layer: int,
+        seq_ids: list[str],
+        keys: np.ndarray,
+        values: np.ndarray,
+        positions: np.ndarray,
+        queries: np.ndarray | None,
+    ) -> list[Selection]:
+        """``decode``, or with ``queries`` ``None`` ``append_step`` (no selections)."""
         with self._lock:
             if len(set(seq_ids)) != len(seq_ids):
                 raise ValueError("Decode lists a sequence more than once; send one token each")
@@ -371,21 +365,25 @@ class Store:
             for b, seq in enumerate(seqs):
                 rows = slice(b, b + 1)
                 self._check_append(seq, layer, keys[rows], values[rows], positions[rows])
-                if layer >= seq.spec.full_layers:
-                    raise ValueError(
-                        f"layer {layer} of {seq_ids[b]!r} selects what it attends to (its "
-                        f"first {seq.spec.full_layers} layers attend to every token under "
-                        f"policy {seq.spec.policy!r}): store its tokens with a plain decode "
-                        "step, not an append-only one"
-                    )
+                if queries is None:
+                    self._check_stored_only(seq, layer, seq_ids[b])
+                else:
+                    self._check_retrieve(seq, layer, queries[b], appending=1)
+                    need += self._retrieve_pages(seq, layer)
                 need += self._append_pages(seq, layer, 1)
-            self._admit(need, f"append-only decode of {len(seqs)} sequences")
+            what = "decode" if queries is not None else "append-only decode"
+            self._admit(need, f"{what} of {len(seqs)} sequences")
+            out = []
             with self._changing(seqs):
                 for b, seq in enumerate(seqs):
                     rows = slice(b, b + 1)
                     self._append(seq, layer, keys[rows], values[rows], positions[rows])
-                    self._flush(seq, layer)
+                    if queries is None:
+                        self._flush(seq, layer)  # as the selection would
+                    else:
+                        out.append(self._retrieve(seq, layer, queries[b]))
                     self._measure(seq, layer)
+            return out
 
     def read_pages(self, pages: np.ndarray) -> np.ndarray:
         """Copy of page data ``[n, 2, page_size, head_dim]`` (the RPC data path)."""
@@ -594,6 +592,17 @@ class Store:
         return Selection(
             indptr, pages, self.pool.fill[pages].copy(), self.pool.version[pages].copy()
         )
+
+    @staticmethod
+    def _check_stored_only(seq: _Sequence, layer: int, seq_id: str) -> None:
+        """An append-only step is for a layer that attends to every token."""
+        if layer >= seq.spec.full_layers:
+            raise ValueError(
+                f"layer {layer} of {seq_id!r} selects what it attends to (its first "
+                f"{seq.spec.full_layers} layers attend to every token under policy "
+                f"{seq.spec.policy!r}): store its tokens with a plain decode step, not an "
+                "append-only one"
+            )
 
     @staticmethod
     def _check_layer(seq: _Sequence, layer: int) -> None:
