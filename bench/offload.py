@@ -264,7 +264,9 @@ def main() -> None:
     model, tokenizer = load_model()
     corpus = Corpus(default_text(), tokenizer)
     config = EngineConfig(policy=args.policy, budget=args.budget)
-    proc, address = start_service("3G")
+    # four remote sequences at once: under icecache each holds its prefill about twice
+    # (leaf pages about half full) and, while it builds, up to three times
+    proc, address = start_service("6G")
     lines = _header(args)
     try:
         lines += round_trip_floor(address)
