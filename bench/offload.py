@@ -312,7 +312,10 @@ def _header(args: argparse.Namespace) -> list[str]:
         "responses also carry the pages it lacks), "
         "or as a unary `Decode` RPC (*unary*). *Moved* is what the device page cache loaded; "
         "*without page cache* is "
-        "every selected page, every step. The first step (index build) is excluded. The "
+        "every selected page, every step. On this CPU the 2 dense layers attend over the "
+        "worker's contiguous copy and select nothing (append-only steps, whose calls are "
+        "among the decode calls), so both byte columns are the sparse layers'. The first "
+        "step (index build) is excluded. The "
         "prompt is `context - new_tokens - 1` tokens, so decoding ends at the context length.",
         "",
     ]
