@@ -65,12 +65,16 @@ def search_heads_tokens(
 ) -> list[np.ndarray]:
     """Token ids of each index for its query group, as ``ClusterIndex.search_tokens``
     returns them (``icecache-tokens``): the probe runs once for the layer as in
-    ``search_heads``, each head then ranks the tokens of its probed leaves itself
-    (``ClusterIndex.heaviest_tokens``, the per-head code)."""
+    ``search_heads``, and so does the ranking of the probed leaves' tokens
+    (``ClusterIndex.heaviest_tokens`` of every head)."""
     queries, budgets, live, probed = _probe_heads(indexes, queries, max_tokens)
     out = [np.empty(0, dtype=np.int64) for _ in indexes]
-    for i, h in enumerate(live):
-        out[h] = indexes[h].heaviest_tokens(queries[h], probed[i], budgets[h])
+    if not live:
+        return out
+    heads = [indexes[h] for h in live]
+    found = _heaviest_tokens(heads, queries[live], probed, [budgets[h] for h in live])
+    for h, tokens in zip(live, found, strict=True):
+        out[h] = tokens
     return out
 
 
@@ -222,14 +226,7 @@ def _leaf_mass(
     for h, index in enumerate(heads):
         keys = index.leaf_keys(leaves[h])
         scores[:, ends[h] - tokens[h] : ends[h]] = group_scores(queries[h], keys)
-    scales = np.array([index.softmax_scale for index in heads], dtype=np.float32)
-    if (scales == scales[0]).all():
-        scores *= heads[0].softmax_scale
-    else:
-        scores *= np.repeat(scales, tokens)[None, :]
-    top = np.maximum.reduceat(scores, ends - tokens, axis=1)  # [G, H]
-    scores -= np.repeat(top, tokens, axis=1)
-    weights = np.exp(scores, out=scores)
+    weights = _exp_scores(scores, heads, tokens)
     flat_fills = np.concatenate(fills)
     per_leaf = np.add.reduceat(weights, np.cumsum(flat_fills) - flat_fills, axis=1)  # [G, L]
     sizes = np.array([len(n) for n in leaves])
@@ -238,10 +235,47 @@ def _leaf_mass(
     return np.split(mass, np.cumsum(sizes)[:-1])
 
 
-def _ranked(leaves: list[np.ndarray], mass: list[np.ndarray]) -> list[np.ndarray]:
-    """Each head's leaves by mass descending, then leaf id."""
-    sizes = np.array([len(n) for n in leaves])
-    keys = _packed(sizes, np.concatenate(mass), np.concatenate(leaves))
+def _heaviest_tokens(
+    heads: list[ClusterIndex],
+    queries: np.ndarray,
+    leaves: list[np.ndarray],
+    budgets: list[int],
+) -> list[np.ndarray]:
+    """``ClusterIndex.heaviest_tokens`` of every head (``leaves`` each non-empty): tokens of
+    all heads end to end, one matmul per head, the softmax and the ranking once for the
+    layer."""
+    found = [index.tokens_of(probed) for index, probed in zip(heads, leaves, strict=True)]
+    ids, keys = [i for i, _ in found], [k for _, k in found]
+    tokens = np.array([len(i) for i in ids])
+    starts = np.cumsum(tokens) - tokens
+    scores = np.empty((queries.shape[1], int(tokens.sum())), dtype=np.float32)  # [G, T]
+    for h, (a, n) in enumerate(zip(starts, tokens, strict=True)):
+        scores[:, a : a + n] = group_scores(queries[h], keys[h])
+    weights = _exp_scores(scores, heads, tokens)
+    total = np.add.reduceat(weights, starts, axis=1)  # [G, H]
+    mass = (weights / np.repeat(total, tokens, axis=1)).mean(axis=0)
+    ranked = _ranked(ids, np.split(mass, starts[1:]))
+    return [np.sort(r[:budget]).astype(np.int64) for r, budget in zip(ranked, budgets, strict=True)]
+
+
+def _exp_scores(scores: np.ndarray, heads: list[ClusterIndex], tokens: np.ndarray) -> np.ndarray:
+    """``exp(scale × q·k - max)`` in place of the scores ``[G, T]`` of every head's
+    ``tokens`` laid end to end, the max per query head and head (as ``leaf_mass`` and
+    ``token_mass`` take it head by head)."""
+    scales = np.array([index.softmax_scale for index in heads], dtype=np.float32)
+    if (scales == scales[0]).all():
+        scores *= heads[0].softmax_scale
+    else:
+        scores *= np.repeat(scales, tokens)[None, :]
+    top = np.maximum.reduceat(scores, np.cumsum(tokens) - tokens, axis=1)  # [G, H]
+    scores -= np.repeat(top, tokens, axis=1)
+    return np.exp(scores, out=scores)
+
+
+def _ranked(ids: list[np.ndarray], mass: list[np.ndarray]) -> list[np.ndarray]:
+    """Each head's ids (leaves or tokens) by mass descending, then id."""
+    sizes = np.array([len(n) for n in ids])
+    keys = _packed(sizes, np.concatenate(mass), np.concatenate(ids))
     if keys is None:
-        return [n[np.lexsort((n, -m))] for n, m in zip(leaves, mass, strict=True)]
-    return _unpacked(np.sort(keys), len(leaves))
+        return [n[np.lexsort((n, -m))] for n, m in zip(ids, mass, strict=True)]
+    return _unpacked(np.sort(keys), len(ids))

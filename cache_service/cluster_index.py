@@ -656,11 +656,17 @@ class ClusterIndex:
         the most attention mass for ``queries [G, D]`` (float32), ties to the lower id."""
         if len(leaves) == 0:
             return np.empty(0, dtype=np.int64)
-        rows = token_rows(leaves, self.fill[leaves], self.config.page_size)
-        ids = self.tokens.reshape(-1)[rows]
-        mass = token_mass(queries, self._keys_at(rows, ids), self.softmax_scale)
+        ids, keys = self.tokens_of(leaves)
+        mass = token_mass(queries, keys, self.softmax_scale)
         take = min(max_tokens, len(ids))
         return np.sort(ids[np.lexsort((ids, -mass))[:take]]).astype(np.int64)
+
+    def tokens_of(self, leaves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids ``[T]`` and keys ``[T, D]`` float32 of the tokens of ``leaves``, leaf by
+        leaf in slot order."""
+        rows = token_rows(leaves, self.fill[leaves], self.config.page_size)
+        ids = self.tokens.reshape(-1)[rows]
+        return ids, self._keys_at(rows, ids)
 
     def _probe(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
         """The leaves a search scores token by token (sets ``last_effort``)."""

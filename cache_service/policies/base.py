@@ -135,7 +135,8 @@ def token_mass(queries: np.ndarray, keys: np.ndarray, scale: float) -> np.ndarra
     ``scale × q·k`` over these tokens, mean over the group ``queries [G, D]``."""
     scores = group_scores(queries, keys) * scale  # [G, T]
     weights = np.exp(scores - scores.max(axis=1, keepdims=True))
-    return (weights / weights.sum(axis=1, keepdims=True)).mean(axis=0)
+    total = np.add.reduceat(weights, [0], axis=1)  # [G, 1], as a batched search sums
+    return (weights / total).mean(axis=0)
 
 
 class Scratch:
@@ -148,15 +149,31 @@ class Scratch:
 
     def gather(self, pages: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Copy the tokens at ``(pages[i], slots[i])`` in that order into new pages."""
-        self.free()
-        kv = self.pool.read_slots(pages, slots)  # [k, 2, D]
-        positions = self.pool.positions[pages, slots]
-        size, count = self.pool.page_size, len(slots)
-        self.pages = self.pool.alloc(-(-count // size))
-        if count:  # token i to slot i % size of page i // size, in one scatter
-            order = np.arange(count)
-            self.pool.write_slots(self.pages[order // size], order % size, kv, positions)
-        return self.pages
+        return Scratch.gather_all([self], [pages], [slots])[0]
+
+    @staticmethod
+    def gather_all(
+        scratches: list[Scratch], pages: list[np.ndarray], slots: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        """``gather`` of every scratch (all of one pool, e.g. a layer's KV heads) in one
+        read, one allocation and one scatter: its tokens at ``(pages[i], slots[i])``."""
+        pool = scratches[0].pool
+        pool.free(np.concatenate([s.pages for s in scratches]))
+        counts = np.array([len(s) for s in slots])
+        size = pool.page_size
+        needs = -(-counts // size)
+        new = pool.alloc(int(needs.sum()))
+        firsts = np.cumsum(needs) - needs
+        for scratch, first, need in zip(scratches, firsts, needs, strict=True):
+            scratch.pages = new[first : first + need]
+        if counts.sum():  # token i of a scratch to slot i % size of its page i // size
+            src_pages, src_slots = np.concatenate(pages), np.concatenate(slots)
+            kv = pool.read_slots(src_pages, src_slots)  # [k, 2, D]
+            positions = pool.positions[src_pages, src_slots]
+            order = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+            dest = new[np.repeat(firsts, counts) + order // size]
+            pool.write_slots(dest, order % size, kv, positions)
+        return [scratch.pages for scratch in scratches]
 
     def free(self) -> None:
         self.pool.free(self.pages)

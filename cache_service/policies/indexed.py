@@ -88,7 +88,11 @@ class TokenPlaces(Body):
     def keys_of(self, positions: np.ndarray) -> np.ndarray:
         """Keys ``[n, D]`` float32 of the tokens at ``positions`` from the pool pages they
         are in now (an index's key source: it keeps no copy of its own)."""
-        return self.pool.keys_at(self.token_page[positions], self.token_slot[positions])
+        return self.pool.keys_at(*self.places(positions))
+
+    def places(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pages and slots ``[n]`` of the tokens at ``positions``."""
+        return self.token_page[positions], self.token_slot[positions]
 
     def stage(self, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Record where the tokens of incoming window pages are now; returns keys, positions."""
@@ -261,7 +265,7 @@ class GatheringBody(TokenPlaces):
     def take(self, positions: np.ndarray) -> np.ndarray:
         """Copy the tokens at ``positions`` into this step's scratch pages (the last step's
         are freed); returns them."""
-        return self.scratch.gather(self.token_page[positions], self.token_slot[positions])
+        return self.scratch.gather(*self.places(positions))
 
 
 def select_layer(
@@ -294,8 +298,10 @@ def select_layer(
         heads = [h for h, _, _ in gathering]
         budgets = [max_tokens[h] for h in heads]
         picked = search_heads_tokens([i for _, _, i in gathering], queries[heads], budgets)
-        for (h, body, _), positions in zip(gathering, picked, strict=True):
-            pages[h] = body.take(positions)
+        scratches = [body.scratch for _, body, _ in gathering]
+        places = [body.places(p) for (_, body, _), p in zip(gathering, picked, strict=True)]
+        taken = Scratch.gather_all(scratches, [pg for pg, _ in places], [sl for _, sl in places])
+        pages.update(zip(heads, taken, strict=True))
     if together:
         heads = [h for h, _, _ in together]
         budgets = [max_tokens[h] for h in heads]
