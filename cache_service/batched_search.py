@@ -18,15 +18,14 @@ The result is exactly ``[index.search(q, max_tokens) for index, q in zip(indexes
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 
+from cache_service import compiled
 from cache_service.cluster_index import (
     ClusterIndex,
     SearchEffort,
-    best_covering,
     quantize_queries,
 )
 from cache_service.policies.base import fill_within, group_scores
@@ -145,18 +144,13 @@ def _centroid_scores(
     qcents: list[np.ndarray], nodes: list[np.ndarray], qhat: np.ndarray, step: np.ndarray
 ) -> np.ndarray:
     """``centroid_scores`` of each head's ``nodes`` (rows of its int8 ``qcents``), laid end
-    to end ``[sum of lens]``; ``qhat [H, G, D]``, ``step [H, G, 1]``."""
-    sizes = np.array([len(n) for n in nodes])
-    ends = np.cumsum(sizes)
-    cents = np.empty((int(ends[-1]), qhat.shape[2]), dtype=np.int8)
-    for qcent, rows, a, b in zip(qcents, nodes, ends - sizes, ends, strict=True):
-        np.take(qcent, rows, axis=0, out=cents[a:b], mode="clip")  # unbuffered
-    flat = cents.astype(np.float32)
-    scores = np.empty((qhat.shape[1], len(flat)), dtype=np.float32)  # [G, N]
-    for h, (a, b) in enumerate(zip(ends - sizes, ends, strict=True)):
-        scores[:, a:b] = group_scores(qhat[h], flat[a:b])
-    scores *= np.repeat(step[:, :, 0].T, sizes, axis=1)
-    return scores.max(axis=0) + np.float32(0)
+    to end ``[sum of lens]``; ``qhat [H, G, D]``, ``step [H, G, 1]``. One compiled call per
+    head, no gathered copy of the centroids."""
+    ends = np.cumsum([len(n) for n in nodes])
+    scores = np.empty(int(ends[-1]), dtype=np.float32)
+    for h, (qcent, rows, end) in enumerate(zip(qcents, nodes, ends, strict=True)):
+        compiled.node_scores(qcent, rows, qhat[h], step[h, :, 0], scores[end - len(rows) : end])
+    return scores
 
 
 def _packed(sizes: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
@@ -182,34 +176,13 @@ def _best(
     nodes: list[np.ndarray], scores: np.ndarray, counts: list[np.ndarray], needs: list[float]
 ) -> list[np.ndarray]:
     """``best_covering`` of every head: its best nodes until their counts reach its
-    need; ``scores`` laid end to end, ``counts`` indexed by node id.
-
-    Only the likely best of each head are sorted (a partition per head), all of a head
-    when they fall short."""
-    sizes = np.array([len(n) for n in nodes])
-    starts = np.cumsum(sizes) - sizes
-    keys = _packed(sizes, scores, np.concatenate(nodes))
-    if keys is None:
-        cuts = np.split(scores, np.cumsum(sizes)[:-1])
-        return [
-            best_covering(n, s, c[n], need)
-            for n, s, c, need in zip(nodes, cuts, counts, needs, strict=True)
-        ]
-    limit = np.full(len(nodes), np.iinfo(np.int64).max)
-    for h, (n, c, need) in enumerate(zip(nodes, counts, needs, strict=True)):
-        k = 2 * math.ceil(need * len(n) / max(int(c[n].sum()), 1)) + 1
-        if k < len(n):
-            limit[h] = np.partition(keys[starts[h] : starts[h] + len(n)], k)[k]
-    chosen = _unpacked(np.sort(keys[keys < np.repeat(limit, sizes)]), len(nodes))
-    out = []
-    for h, (ids, c, need) in enumerate(zip(chosen, counts, needs, strict=True)):
-        covered = np.cumsum(c[ids])
-        if covered[-1] < need and len(ids) < sizes[h]:
-            seg = np.sort(keys[starts[h] : starts[h] + sizes[h]])
-            ids = seg & ((1 << _ID_BITS) - 1)
-            covered = np.cumsum(c[ids])
-        out.append(ids[: int(np.searchsorted(covered, need, side="left")) + 1])
-    return out
+    need; ``scores`` laid end to end, ``counts`` indexed by node id. One compiled call per
+    head (a partition, then a sort of the likely best)."""
+    ends = np.cumsum([len(n) for n in nodes])
+    return [
+        compiled.best_covering(n, scores[end - len(n) : end], c, float(need))
+        for n, c, need, end in zip(nodes, counts, needs, ends, strict=True)
+    ]
 
 
 def _leaf_mass(

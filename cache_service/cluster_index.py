@@ -62,11 +62,11 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
+from cache_service.compiled import node_scores
 from cache_service.policies.base import (
     array_bytes,
     best_covering,
     fill_within,
-    group_scores,
     leaf_mass,
     token_mass,
 )
@@ -299,10 +299,15 @@ def quantize_queries(queries: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray
     return np.clip(np.rint(q / step), -levels, levels).astype(np.float32), step
 
 
-def centroid_scores(qhat: np.ndarray, step: np.ndarray, qcent: np.ndarray) -> np.ndarray:
-    """Group score ``max_g step_g × (q̂_g·ĉ)`` ``[n]`` of int8 centroids ``qcent [n, D]`` for
-    quantized queries ``qhat [G, D]``, ``step [G, 1]``. The products are exact integers."""
-    return (step * group_scores(qhat, qcent.astype(np.float32))).max(axis=0) + np.float32(0)
+def centroid_scores(
+    qhat: np.ndarray, step: np.ndarray, qcent: np.ndarray, rows: np.ndarray
+) -> np.ndarray:
+    """Group score ``max_g step_g × (q̂_g·ĉ)`` ``[m]`` of the int8 centroids ``qcent[rows]``
+    (``qcent [n, D]``, ``rows [m]``) for quantized queries ``qhat [G, D]``, ``step [G, 1]``.
+    The products are exact integers."""
+    out = np.empty(len(rows), dtype=np.float32)
+    node_scores(qcent, np.asarray(rows, dtype=np.int64), qhat, step[:, 0], out)
+    return out
 
 
 def _sq_dist(x: np.ndarray, cent: np.ndarray) -> np.ndarray:
@@ -676,7 +681,7 @@ class ClusterIndex:
         view, exact = self.effort(max_tokens)
         qhat, step = quantize_queries(queries, self.qscale)
         nodes_scored, leaves = self._field_of_view(qhat, step, view)
-        scores = centroid_scores(qhat, step, self.levels[0].qcent[leaves])
+        scores = centroid_scores(qhat, step, self.levels[0].qcent, leaves)
         probed = best_covering(leaves, scores, self.fill[leaves], exact)
         self.last_effort = SearchEffort(nodes_scored, len(leaves), int(self.fill[probed].sum()))
         return probed
@@ -709,7 +714,7 @@ class ClusterIndex:
         for depth in range(start, 0, -1):
             level = self.levels[depth]
             scored += len(nodes)
-            scores = centroid_scores(qhat, step, level.qcent[nodes])
+            scores = centroid_scores(qhat, step, level.qcent, nodes)
             best = best_covering(nodes, scores, level.counts[nodes], view * 2 ** (depth - 1))
             nodes = level.children_of(best)
         return scored, nodes

@@ -1,0 +1,97 @@
+"""Inner loops of the index search compiled with numba: work that NumPy runs as a gather, a
+cast, a matmul and a reduction per KV head, on arrays of a few thousand rows, where the calls
+cost more than the arithmetic.
+
+Each function computes exactly what its NumPy formulation computes (the tests compare them
+bit for bit). Compiled code is cached next to this file (``__pycache__``), so a process
+compiles only what no earlier one did.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_EXACT = {"reassoc", "contract"}
+"""Float flags for sums of integers below 2**24 in magnitude: float32 holds every partial
+sum exactly, so reordering (which lets the loop vectorize) and fused multiply-adds cannot
+change a bit."""
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=_EXACT)
+def node_scores(
+    qcent: np.ndarray, rows: np.ndarray, qhat: np.ndarray, step: np.ndarray, out: np.ndarray
+) -> None:  # pragma: no cover - compiled (its Python source runs only uncompiled)
+    """``out[i] = max_g step[g] × (qhat[g] · qcent[rows[i]]) + 0`` in float32.
+
+    Args:
+        qcent: ``[n, D]`` int8 quantized centroids.
+        rows: ``[m]`` int64 rows of ``qcent`` to score.
+        qhat: ``[G, D]`` float32 integers in ``[-L, L]`` (``query_levels``): every dot
+            product and partial sum is an integer below 2**24, exact in float32.
+        step: ``[G]`` float32 step of each query.
+        out: ``[m]`` float32, written.
+    """
+    groups, dim = qhat.shape
+    for i in range(rows.shape[0]):
+        row = rows[i]
+        best = np.float32(-np.inf)
+        for g in range(groups):
+            acc = np.float32(0)
+            for d in range(dim):
+                acc += np.float32(qcent[row, d]) * qhat[g, d]
+            score = acc * step[g]
+            if score > best:
+                best = score
+        out[i] = best + np.float32(0)  # -0.0 -> 0.0, as NumPy's max(...) + 0
+
+
+_LOW = np.uint64(0xFFFFFFFF)
+_SIGN = np.uint64(0x80000000)
+_SHIFT = np.uint64(32)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def best_covering(
+    nodes: np.ndarray, scores: np.ndarray, counts: np.ndarray, need: float
+) -> np.ndarray:  # pragma: no cover - compiled
+    """``policies.base.best_covering``: the best-scoring ``nodes`` (score descending, then
+    node id) until their ``counts`` (indexed by node id) reach ``need``; all of them if
+    they never do.
+
+    Each node's rank is one ``uint64`` (score's bits ordered descending, then the id), so
+    the order is total; only the likely best are sorted (a partition first), all of them
+    when those fall short.
+    """
+    m = nodes.shape[0]
+    keys = np.empty(m, dtype=np.uint64)
+    bits = scores.view(np.uint32)
+    total = 0
+    for i in range(m):
+        b = np.uint64(bits[i])
+        ascending = (_LOW - b) if b & _SIGN else (b | _SIGN)
+        keys[i] = ((_LOW - ascending) << _SHIFT) | np.uint64(nodes[i])
+        total += counts[nodes[i]]
+    likely = 2 * int(np.ceil(need * m / max(total, 1))) + 1
+    if likely < m:
+        limit = np.partition(keys, likely)[likely]
+        taken = _covering(np.sort(keys[keys < limit]), counts, need)
+        if taken.shape[0] > 0:
+            return taken
+    return _covering(np.sort(keys), counts, need, True)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _covering(
+    ranked: np.ndarray, counts: np.ndarray, need: float, whole: bool = False
+) -> np.ndarray:  # pragma: no cover - compiled
+    """Ids of the sorted ``ranked`` keys up to the first whose counts reach ``need``; if
+    none does, all of them when ``whole`` (else none)."""
+    covered = 0
+    for i in range(ranked.shape[0]):
+        covered += counts[np.int64(ranked[i] & _LOW)]
+        if covered >= need:
+            return (ranked[: i + 1] & _LOW).astype(np.int64)
+    if whole:
+        return (ranked & _LOW).astype(np.int64)
+    return np.empty(0, dtype=np.int64)

@@ -1,0 +1,87 @@
+"""The compiled search loops (``cache_service.compiled``) against plain NumPy formulations
+of what they must return, bit for bit."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cache_service import compiled
+from cache_service.cluster_index import CENTROID_LEVELS, quantize_queries, query_levels
+from cache_service.policies.base import best_covering
+
+
+def _exact_scores(qcent, rows, qhat, step):
+    """Integer dot products in int64, then float32 as the search computes them."""
+    dots = qhat.astype(np.int64) @ qcent[rows].astype(np.int64).T  # [G, m], exact
+    scaled = dots.astype(np.float32) * step[:, None]  # exact cast: |dot| < 2**24
+    return scaled.max(axis=0) + np.float32(0)
+
+
+@pytest.mark.parametrize("dim", [1, 7, 63, 64, 128, 129, 256])
+@pytest.mark.parametrize("groups", [1, 3, 4])
+def test_node_scores_are_the_exact_integer_scores(dim, groups):
+    rng = np.random.default_rng(dim * 10 + groups)
+    n = 300
+    qcent = rng.integers(-CENTROID_LEVELS, CENTROID_LEVELS + 1, (n, dim)).astype(np.int8)
+    qcent[0] = CENTROID_LEVELS  # the largest sums the levels allow
+    qcent[1] = -CENTROID_LEVELS
+    levels = query_levels(dim)
+    qhat = rng.integers(-levels, levels + 1, (groups, dim)).astype(np.float32)
+    qhat[0] = levels
+    step = rng.uniform(1e-4, 10, groups).astype(np.float32)
+    rows = rng.integers(0, n, 500).astype(np.int64)  # repeats and any order
+    rows[:2] = [0, 1]
+    out = np.empty(len(rows), dtype=np.float32)
+    compiled.node_scores(qcent, rows, qhat, step, out)
+    np.testing.assert_array_equal(out, _exact_scores(qcent, rows, qhat, step))
+
+
+def test_node_scores_of_quantized_queries_and_no_rows():
+    rng = np.random.default_rng(3)
+    queries = rng.standard_normal((4, 32)).astype(np.float32)
+    qhat, step = quantize_queries(queries, rng.uniform(0.5, 2, 32))
+    qcent = rng.integers(-127, 128, (50, 32)).astype(np.int8)
+    rows = np.arange(50, dtype=np.int64)
+    out = np.empty(50, dtype=np.float32)
+    compiled.node_scores(qcent, rows, qhat, step[:, 0], out)
+    np.testing.assert_array_equal(out, _exact_scores(qcent, rows, qhat, step[:, 0]))
+    zero = np.zeros((2, 32), dtype=np.float32)  # scores 0.0, never -0.0
+    compiled.node_scores(qcent, rows, zero, -np.ones(2, dtype=np.float32), out)
+    assert np.signbit(out).sum() == 0
+    empty = np.empty(0, dtype=np.float32)
+    compiled.node_scores(qcent, np.empty(0, dtype=np.int64), qhat, step[:, 0], empty)
+
+
+@st.composite
+def _candidates(draw):
+    n = draw(st.integers(1, 400))
+    m = draw(st.integers(0, n))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    nodes = rng.choice(n, m, replace=False).astype(np.int64)
+    kind = draw(st.sampled_from(["normal", "few values", "all equal", "huge ids"]))
+    if kind == "normal":
+        scores = rng.standard_normal(m)
+    elif kind == "few values":  # many ties: the lower id first
+        scores = rng.integers(-2, 3, m).astype(float)
+    elif kind == "all equal":
+        scores = np.full(m, draw(st.sampled_from([0.0, -1.5, 3e38])))
+    else:  # ids far above any packed-key budget of 20 bits
+        nodes += 2**21
+        scores = rng.standard_normal(m)
+    counts = np.zeros(int(nodes.max(initial=0)) + 1, dtype=np.int64)
+    counts[nodes] = rng.integers(1, 20, m)
+    total = int(counts.sum())
+    need = draw(st.one_of(st.just(0.0), st.floats(0, 1.3 * total + 1)))
+    return nodes, scores.astype(np.float32), counts, need
+
+
+@settings(max_examples=300, deadline=None)
+@given(_candidates())
+def test_best_covering_is_the_lexsorted_prefix(case):
+    nodes, scores, counts, need = case
+    got = compiled.best_covering(nodes, scores, counts, need)
+    want = best_covering(nodes, scores, counts[nodes], need)
+    assert got.dtype == np.int64
+    assert got.tolist() == want.tolist()
