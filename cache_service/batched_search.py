@@ -215,8 +215,8 @@ def _heaviest_tokens(
     budgets: list[int],
 ) -> list[np.ndarray]:
     """``ClusterIndex.heaviest_tokens`` of every head (``leaves`` each non-empty): tokens of
-    all heads end to end, one matmul per head, the softmax and the ranking once for the
-    layer."""
+    all heads end to end, one matmul per head, the softmax once for the layer, the mass and
+    the ranking in one compiled call per head."""
     found = [index.tokens_of(probed) for index, probed in zip(heads, leaves, strict=True)]
     ids, keys = [i for i, _ in found], [k for _, k in found]
     tokens = np.array([len(i) for i in ids])
@@ -225,10 +225,11 @@ def _heaviest_tokens(
     for h, (a, n) in enumerate(zip(starts, tokens, strict=True)):
         scores[:, a : a + n] = group_scores(queries[h], keys[h])
     weights = _exp_scores(scores, heads, tokens)
-    total = np.add.reduceat(weights, starts, axis=1)  # [G, H]
-    mass = (weights / np.repeat(total, tokens, axis=1)).mean(axis=0)
-    ranked = _ranked(ids, np.split(mass, starts[1:]))
-    return [np.sort(r[:budget]).astype(np.int64) for r, budget in zip(ranked, budgets, strict=True)]
+    totals = np.add.reduceat(weights, starts, axis=1).T.copy()  # [H, G]
+    return [
+        compiled.heaviest(weights[:, a : a + n], totals[h], ids[h], budget)
+        for h, (a, n, budget) in enumerate(zip(starts, tokens, budgets, strict=True))
+    ]
 
 
 def _exp_scores(scores: np.ndarray, heads: list[ClusterIndex], tokens: np.ndarray) -> np.ndarray:

@@ -95,3 +95,37 @@ def _covering(
     if whole:
         return (ranked & _LOW).astype(np.int64)
     return np.empty(0, dtype=np.int64)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def heaviest(
+    weights: np.ndarray, totals: np.ndarray, ids: np.ndarray, take: int
+) -> np.ndarray:  # pragma: no cover - compiled
+    """Ids (ascending, int64) of the ``take`` tokens with the most attention mass, ties to
+    the lower id: ``mass = (weights / totals[:, None]).mean(axis=0)`` in float32, as NumPy
+    computes it (each quotient rounded, summed over the group in order, divided by ``G``).
+
+    Args:
+        weights: ``[G, T]`` float32 ``exp`` of each query's scores of the tokens.
+        totals: ``[G]`` float32 sums of each query's weights.
+        ids: ``[T]`` token ids, distinct, below 2**32.
+        take: at least 1.
+    """
+    groups, count = weights.shape
+    mass = np.empty(count, dtype=np.float32)
+    for i in range(count):
+        m = weights[0, i] / totals[0]
+        for g in range(1, groups):
+            m += weights[g, i] / totals[g]
+        mass[i] = m / np.float32(groups)
+    bits = mass.view(np.uint32)
+    keys = np.empty(count, dtype=np.uint64)
+    for i in range(count):
+        b = np.uint64(bits[i])
+        ascending = (_LOW - b) if b & _SIGN else (b | _SIGN)
+        keys[i] = ((_LOW - ascending) << _SHIFT) | np.uint64(ids[i])
+    if take < count:
+        keys = np.partition(keys, take - 1)[:take]
+    out = (keys & _LOW).astype(np.int64)
+    out.sort()
+    return out

@@ -85,3 +85,35 @@ def test_best_covering_is_the_lexsorted_prefix(case):
     want = best_covering(nodes, scores, counts[nodes], need)
     assert got.dtype == np.int64
     assert got.tolist() == want.tolist()
+
+
+@st.composite
+def _weights(draw):
+    groups, count = draw(st.integers(1, 8)), draw(st.integers(1, 300))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["softmax", "ties", "underflow"]))
+    scores = rng.standard_normal((groups, count)) * draw(st.sampled_from([0.1, 3.0, 30.0]))
+    if kind == "ties":  # equal masses: the lower id first
+        scores = np.round(scores)
+    weights = np.exp(scores - scores.max(axis=1, keepdims=True)).astype(np.float32)
+    if kind == "underflow":  # exp(score - max) is 0 far below the max (which is 1)
+        weights[(weights < 1) & (rng.random((groups, count)) < 0.5)] = 0
+    ids = rng.choice(10 * count + 2**20 * draw(st.integers(0, 3)), count, replace=False)
+    take = draw(st.integers(1, count + 5))
+    return weights, ids.astype(np.int64), take
+
+
+@settings(max_examples=300, deadline=None)
+@given(_weights(), st.booleans())
+def test_heaviest_is_the_lexsorted_top_by_numpys_mass(case, strided):
+    weights, ids, take = case
+    totals = np.add.reduceat(weights, [0], axis=1)[:, 0]
+    mass = (weights / totals[:, None]).mean(axis=0)
+    want = np.sort(ids[np.lexsort((ids, -mass))[:take]])
+    if strided:  # a head's columns of the layer's weights, as the batched search passes
+        wide = np.zeros((weights.shape[0], weights.shape[1] + 3), dtype=np.float32)
+        wide[:, 2:-1] = weights
+        weights = wide[:, 2:-1]
+    got = compiled.heaviest(weights, totals, ids, take)
+    assert got.dtype == np.int64
+    assert got.tolist() == want.tolist()
