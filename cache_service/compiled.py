@@ -21,7 +21,7 @@ change a bit."""
 @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=_EXACT)
 def node_scores(
     qcent: np.ndarray, rows: np.ndarray, qhat: np.ndarray, step: np.ndarray, out: np.ndarray
-) -> None:  # pragma: no cover - compiled (its Python source runs only uncompiled)
+) -> None:
     """``out[i] = max_g step[g] × (qhat[g] · qcent[rows[i]]) + 0`` in float32.
 
     Args:
@@ -52,55 +52,56 @@ _SHIFT = np.uint64(32)
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def best_covering(
-    nodes: np.ndarray, scores: np.ndarray, counts: np.ndarray, need: float
-) -> np.ndarray:  # pragma: no cover - compiled
-    """``policies.base.best_covering``: the best-scoring ``nodes`` (score descending, then
-    node id) until their ``counts`` (indexed by node id) reach ``need``; all of them if
-    they never do.
-
-    Each node's rank is one ``uint64`` (score's bits ordered descending, then the id), so
-    the order is total; only the likely best are sorted (a partition first), all of them
-    when those fall short.
-    """
-    m = nodes.shape[0]
-    keys = np.empty(m, dtype=np.uint64)
-    bits = scores.view(np.uint32)
-    total = 0
-    for i in range(m):
+def _ranks(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """One ``uint64`` per entry whose ascending order is ``values`` (float32) descending,
+    then ``ids`` (below 2**32) ascending: ``np.lexsort((ids, -values))`` as one key."""
+    bits = values.view(np.uint32)
+    keys = np.empty(values.shape[0], dtype=np.uint64)
+    for i in range(values.shape[0]):
         b = np.uint64(bits[i])
         ascending = (_LOW - b) if b & _SIGN else (b | _SIGN)
-        keys[i] = ((_LOW - ascending) << _SHIFT) | np.uint64(nodes[i])
-        total += counts[nodes[i]]
-    likely = 2 * int(np.ceil(need * m / max(total, 1))) + 1
-    if likely < m:
-        limit = np.partition(keys, likely)[likely]
-        taken = _covering(np.sort(keys[keys < limit]), counts, need)
-        if taken.shape[0] > 0:
-            return taken
-    return _covering(np.sort(keys), counts, need, True)
+        keys[i] = ((_LOW - ascending) << _SHIFT) | np.uint64(ids[i])
+    return keys
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _covering(
-    ranked: np.ndarray, counts: np.ndarray, need: float, whole: bool = False
-) -> np.ndarray:  # pragma: no cover - compiled
-    """Ids of the sorted ``ranked`` keys up to the first whose counts reach ``need``; if
-    none does, all of them when ``whole`` (else none)."""
+def _covering(ranked: np.ndarray, counts: np.ndarray, need: float) -> int:
+    """How many of the sorted ``ranked`` keys it takes for their ids' ``counts`` to reach
+    ``need`` (0 if they never do)."""
     covered = 0
     for i in range(ranked.shape[0]):
         covered += counts[np.int64(ranked[i] & _LOW)]
         if covered >= need:
-            return (ranked[: i + 1] & _LOW).astype(np.int64)
-    if whole:
-        return (ranked & _LOW).astype(np.int64)
-    return np.empty(0, dtype=np.int64)
+            return i + 1
+    return 0
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def best_covering(
+    nodes: np.ndarray, scores: np.ndarray, counts: np.ndarray, need: float
+) -> np.ndarray:
+    """``policies.base.best_covering``: the best-scoring ``nodes`` (score descending, then
+    node id) until their ``counts`` (indexed by node id) reach ``need``; all of them if
+    they never do. Only the likely best are sorted (a partition first), all of them when
+    those fall short."""
+    m = nodes.shape[0]
+    keys = _ranks(scores, nodes)
+    total = 0
+    for i in range(m):
+        total += counts[nodes[i]]
+    likely = 2 * int(np.ceil(need * m / max(total, 1))) + 1
+    if likely < m:
+        best = np.sort(keys[keys < np.partition(keys, likely)[likely]])
+        taken = _covering(best, counts, need)
+        if taken:
+            return (best[:taken] & _LOW).astype(np.int64)
+    ranked = np.sort(keys)
+    taken = _covering(ranked, counts, need) or m
+    return (ranked[:taken] & _LOW).astype(np.int64)
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-def heaviest(
-    weights: np.ndarray, totals: np.ndarray, ids: np.ndarray, take: int
-) -> np.ndarray:  # pragma: no cover - compiled
+def heaviest(weights: np.ndarray, totals: np.ndarray, ids: np.ndarray, take: int) -> np.ndarray:
     """Ids (ascending, int64) of the ``take`` tokens with the most attention mass, ties to
     the lower id: ``mass = (weights / totals[:, None]).mean(axis=0)`` in float32, as NumPy
     computes it (each quotient rounded, summed over the group in order, divided by ``G``).
@@ -118,12 +119,7 @@ def heaviest(
         for g in range(1, groups):
             m += weights[g, i] / totals[g]
         mass[i] = m / np.float32(groups)
-    bits = mass.view(np.uint32)
-    keys = np.empty(count, dtype=np.uint64)
-    for i in range(count):
-        b = np.uint64(bits[i])
-        ascending = (_LOW - b) if b & _SIGN else (b | _SIGN)
-        keys[i] = ((_LOW - ascending) << _SHIFT) | np.uint64(ids[i])
+    keys = _ranks(mass, ids)
     if take < count:
         keys = np.partition(keys, take - 1)[:take]
     out = (keys & _LOW).astype(np.int64)
