@@ -62,6 +62,7 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
+from cache_service import compiled
 from cache_service.compiled import node_scores
 from cache_service.policies.base import (
     array_bytes,
@@ -175,15 +176,22 @@ class Placement(NamedTuple):
 
 def _trained_kmeans(
     x: np.ndarray, k: int, seed: int, niter: int, weights: np.ndarray | None, plus_plus: bool
-) -> faiss.Kmeans:
-    """A FAISS k-means of ``x [n, d]`` (float32, contiguous) into ``k`` clusters, trained."""
-    km = faiss.Kmeans(
-        x.shape[1], k, niter=niter, seed=seed, min_points_per_centroid=1, verbose=False
-    )
+) -> tuple[np.ndarray, faiss.IndexFlatL2]:
+    """A FAISS k-means of ``x [n, d]`` (float32, contiguous) into ``k`` clusters: the
+    centroids ``[k, d]`` float32 and the flat index it trained with (holding them).
+
+    What ``faiss.Kmeans(d, k, niter=, seed=, min_points_per_centroid=1).train`` does, without
+    its Python bookkeeping (parameters set by name through ``getattr``, every iteration's
+    statistics copied out): a build makes hundreds of these calls on a few hundred rows, where
+    that bookkeeping cost a tenth of the build."""
+    params = faiss.ClusteringParameters()
+    params.niter, params.seed, params.min_points_per_centroid = niter, seed, 1
     if plus_plus:
-        km.cp.init_method = faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS
-    km.train(x, weights=None if weights is None else np.ascontiguousarray(weights, np.float32))
-    return km
+        params.init_method = faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS
+    clustering = faiss.Clustering(x.shape[1], k, params)
+    index = faiss.IndexFlatL2(x.shape[1])
+    clustering.train(x, index, None if weights is None else np.ascontiguousarray(weights, "f4"))
+    return faiss.vector_float_to_array(clustering.centroids).reshape(k, x.shape[1]), index
 
 
 def kmeans_labels(
@@ -201,16 +209,14 @@ def kmeans_labels(
     splits a merged cluster again anyway).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
-    _, labels = _trained_kmeans(x, k, seed, niter, weights, plus_plus).index.search(x, 1)
+    _, labels = _trained_kmeans(x, k, seed, niter, weights, plus_plus)[1].search(x, 1)
     return labels[:, 0].astype(np.int64)
 
 
 def kmeans_centroids(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
     """FAISS k-means centroids ``[k, d]`` of ``x [n, d]`` (random rows as seeds)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    centroids = _trained_kmeans(x, k, seed, niter, None, False).centroids
-    assert centroids is not None
-    return centroids.astype(np.float64)
+    return _trained_kmeans(x, k, seed, niter, None, False)[0].astype(np.float64)
 
 
 def capped_labels(x: np.ndarray, cent: np.ndarray, cap: int) -> tuple[np.ndarray, float]:
@@ -244,8 +250,18 @@ def capped_labels(x: np.ndarray, cent: np.ndarray, cap: int) -> tuple[np.ndarray
 
 
 def two_means(x: np.ndarray, iters: int = 8) -> np.ndarray:
-    """Deterministic 2-means of ``x [n >= 2, d]``; boolean mask of the second group, both
-    groups non-empty. Seeds: the point farthest from the mean, then the farthest from it."""
+    """Deterministic 2-means of ``x [n >= 2, d]`` (float64); boolean mask of the second
+    group, both groups non-empty. Seeds: the point farthest from the mean, then the farthest
+    from it. Compiled (``compiled.two_means``, the same bits) for ``d >= 2``: a build makes
+    hundreds of these calls on a few dozen rows."""
+    if x.ndim == 2 and x.shape[1] >= 2 and x.dtype == np.float64:
+        return compiled.two_means(np.ascontiguousarray(x), iters)
+    return numpy_two_means(x, iters)
+
+
+def numpy_two_means(x: np.ndarray, iters: int = 8) -> np.ndarray:
+    """``two_means`` in NumPy (the reference of the compiled one, and its path for ``d``
+    of 1, where NumPy sums a column pairwise)."""
     a = x[np.argmax(((x - x.mean(0)) ** 2).sum(1))]
     b = x[np.argmax(((x - a) ** 2).sum(1))]
     second = ((x - b) ** 2).sum(1) < ((x - a) ** 2).sum(1)

@@ -125,3 +125,111 @@ def heaviest(weights: np.ndarray, totals: np.ndarray, ids: np.ndarray, take: int
     out = (keys & _LOW).astype(np.int64)
     out.sort()
     return out
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _block_sum(a: np.ndarray, start: int, n: int) -> float:
+    """NumPy's ``pairwise_sum`` of at most 128 values: eight accumulators, then the rest."""
+    if n < 8:
+        res = 0.0
+        for i in range(n):
+            res += a[start + i]
+        return res
+    r = a[start : start + 8].copy()
+    i = 8
+    while i < n - n % 8:
+        for j in range(8):
+            r[j] += a[start + i + j]
+        i += 8
+    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    while i < n:
+        res += a[start + i]
+        i += 1
+    return res
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _pairwise_sum(a: np.ndarray, start: int, n: int) -> float:
+    """NumPy's float64 ``add.reduce`` over ``a[start : start + n]`` (``pairwise_sum``: blocks
+    of up to 128 values, larger runs split in halves of a multiple of 8, left + right), bit
+    for bit. Iterative: numba's cache does not reload recursive functions safely."""
+    if n <= 128:
+        return _block_sum(a, start, n)
+    starts, sizes = np.empty(128, np.int64), np.empty(128, np.int64)
+    phases, values = np.zeros(128, np.int64), np.empty(128)
+    starts[0], sizes[0], top, held = start, n, 1, 0
+    while top:
+        s, m = starts[top - 1], sizes[top - 1]
+        half = m // 2 - (m // 2) % 8
+        if m <= 128:
+            values[held] = _block_sum(a, s, m)
+            held += 1
+            top -= 1
+        elif phases[top - 1] == 0:  # the left half first
+            phases[top - 1] = 1
+            starts[top], sizes[top], phases[top] = s, half, 0
+            top += 1
+        elif phases[top - 1] == 1:  # then the right half
+            phases[top - 1] = 2
+            starts[top], sizes[top], phases[top] = s + half, m - half, 0
+            top += 1
+        else:  # both summed: left + right
+            values[held - 2] = values[held - 2] + values[held - 1]
+            held -= 1
+            top -= 1
+    return values[0]
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _sq_dists(x: np.ndarray, c: np.ndarray, out: np.ndarray) -> None:
+    """``out = ((x - c) ** 2).sum(1)`` as NumPy computes it (rows ``[n, d]`` contiguous)."""
+    dim = x.shape[1]
+    diff = np.empty(dim)
+    for i in range(x.shape[0]):
+        for j in range(dim):
+            t = x[i, j] - c[j]
+            diff[j] = t * t
+        out[i] = 0.0 + _pairwise_sum(diff, 0, dim)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _mean_rows(x: np.ndarray, take: np.ndarray, want: bool) -> np.ndarray:
+    """``x[take == want].mean(0)`` as NumPy computes it for ``d >= 2`` (each column summed
+    row by row, then divided by the count)."""
+    out = np.zeros(x.shape[1])
+    count = 0
+    for i in range(x.shape[0]):
+        if take[i] == want:
+            count += 1
+            for j in range(x.shape[1]):
+                out[j] += x[i, j]
+    return out / count
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def two_means(x: np.ndarray, iters: int) -> np.ndarray:
+    """``cluster_index.two_means`` of ``x [n >= 2, d >= 2]`` (float64, C order), exactly:
+    the same seeds, the same float64 arithmetic in NumPy's order, the same stopping rule."""
+    n = x.shape[0]
+    da, db = np.empty(n), np.empty(n)
+    _sq_dists(x, _mean_rows(x, np.ones(n, dtype=np.bool_), True), da)
+    a = x[np.argmax(da)].copy()
+    _sq_dists(x, a, da)
+    b = x[np.argmax(da)].copy()
+    _sq_dists(x, b, db)
+    second = db < da
+    for _ in range(iters):
+        count = second.sum()
+        if not 0 < count < n:
+            break
+        a, b = _mean_rows(x, second, False), _mean_rows(x, second, True)
+        _sq_dists(x, a, da)
+        _sq_dists(x, b, db)
+        new = db < da
+        if (new == second).all():
+            break
+        second = new
+    count = second.sum()
+    if not 0 < count < n:  # identical points: halve in order
+        second = np.arange(n) >= n // 2
+    return second

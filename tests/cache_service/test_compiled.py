@@ -6,8 +6,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache_service import compiled
-from cache_service.cluster_index import CENTROID_LEVELS, quantize_queries, query_levels
+from cache_service import cluster_index, compiled
+from cache_service.cluster_index import (
+    CENTROID_LEVELS,
+    ClusterIndex,
+    IndexConfig,
+    numpy_two_means,
+    quantize_queries,
+    query_levels,
+)
 from cache_service.policies.base import best_covering
 
 
@@ -117,3 +124,61 @@ def test_heaviest_is_the_lexsorted_top_by_numpys_mass(case, strided):
     got = compiled.heaviest(weights, totals, ids, take)
     assert got.dtype == np.int64
     assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("dim", [2, 3, 7, 8, 9, 65, 127, 128, 129, 200, 257, 1031, 4099])
+def test_squared_distances_sum_as_numpy_does(dim):
+    """Row sums of squares in NumPy's pairwise order (blocks of 128, halves above), bit for
+    bit, on values of very different magnitudes (where the order shows)."""
+    rng = np.random.default_rng(dim)
+    x = rng.standard_normal((40, dim)) * rng.lognormal(0, 3, (40, dim))
+    centre = rng.standard_normal(dim)
+    out = np.empty(40)
+    compiled._sq_dists(x, centre, out)
+    np.testing.assert_array_equal(out, ((x - centre) ** 2).sum(1))
+
+
+@st.composite
+def _points(draw):
+    n, dim = draw(st.integers(2, 150)), draw(st.integers(2, 140))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["normal", "lattice", "identical", "clusters", "scaled"]))
+    if kind == "normal":
+        return rng.standard_normal((n, dim))
+    if kind == "lattice":  # many equal distances
+        return rng.integers(-1, 2, (n, dim)).astype(np.float64)
+    if kind == "identical":
+        return np.tile(rng.standard_normal(dim), (n, 1))
+    if kind == "clusters":
+        centres = 3 * rng.standard_normal((4, dim))
+        return centres[rng.integers(0, 4, n)] + 1e-3 * rng.standard_normal((n, dim))
+    return rng.standard_normal((n, dim)) * rng.lognormal(0, 4, dim)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_points(), st.sampled_from([0, 1, 8]))
+def test_two_means_is_numpys(x, iters):
+    got = compiled.two_means(x, iters)
+    want = numpy_two_means(x, iters)
+    assert got.dtype == np.bool_ and 0 < got.sum() < len(x)
+    assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("dim", [8, 64])
+def test_an_index_lays_out_the_same_leaves_with_numpys_two_means(dim, monkeypatch):
+    """A build and inserts (whose splits call ``two_means`` too) give the same layout,
+    compiled or not."""
+    rng = np.random.default_rng(dim)
+    centres = 2 * rng.standard_normal((24, dim))
+    keys = (centres[rng.integers(0, 24, 3000)] + rng.standard_normal((3000, dim))).astype("f4")
+
+    def layout():
+        index = ClusterIndex(dim, IndexConfig(seed=3))
+        index.build(keys[:2500], np.arange(2500))
+        index.insert(keys[2500:], np.arange(2500, 3000))
+        leaves = index.num_leaves
+        return index.tokens[:leaves].tolist(), index.fill[:leaves].tolist()
+
+    compiled_layout = layout()
+    monkeypatch.setattr(cluster_index, "two_means", numpy_two_means)
+    assert layout() == compiled_layout
