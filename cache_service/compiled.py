@@ -1,6 +1,6 @@
-"""Inner loops of the index search compiled with numba: work that NumPy runs as a gather, a
-cast, a matmul and a reduction per KV head, on arrays of a few thousand rows, where the calls
-cost more than the arithmetic.
+"""Inner loops of the index search and build compiled with numba: work that NumPy runs as
+tens of calls per KV head (a gather, a cast, a matmul, a reduction, a sort) on arrays of a
+few dozen to a few thousand rows, where the calls cost more than the arithmetic.
 
 Each function computes exactly what its NumPy formulation computes (the tests compare them
 bit for bit). Compiled code is cached next to this file (``__pycache__``), so a process
@@ -233,3 +233,19 @@ def two_means(x: np.ndarray, iters: int) -> np.ndarray:
     if not 0 < count < n:  # identical points: halve in order
         second = np.arange(n) >= n // 2
     return second
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) every function here for the argument types the
+    index passes, so that no request pays for it: a first compile takes ~15 s on this
+    project's 2-core machine, a load from the cache well under a second. ``make setup`` and
+    the container build run it; a cache service runs it when it starts."""
+    qcent = np.zeros((3, 4), dtype=np.int8)
+    rows = np.arange(3, dtype=np.int64)
+    node_scores(
+        qcent, rows, np.ones((2, 4), np.float32), np.ones(2, np.float32), np.empty(3, np.float32)
+    )
+    best_covering(rows, np.ones(3, np.float32), np.ones(3, np.int64), 2.0)
+    weights = np.ones((2, 5), dtype=np.float32)[:, 1:4]  # a head's columns of the layer's
+    heaviest(weights, np.ones(2, np.float32), np.arange(3, dtype=np.int32), 2)
+    two_means(np.arange(8, dtype=np.float64).reshape(4, 2), 8)

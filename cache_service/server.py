@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cache_service import channel_options, host, security
+from cache_service import channel_options, compiled, host, security
 from cache_service.config import CacheServiceConfig
 from cache_service.decode_steps import DecodeSteps
 from cache_service.leases import LeaseTable
@@ -131,7 +131,10 @@ def make_store(config: CacheServiceConfig, port: int) -> Store:
 
 
 def serve(config: CacheServiceConfig) -> CacheServer:
-    """Start a cache service as ``config`` says; it runs until ``stop``."""
+    """Start a cache service as ``config`` says; it runs until ``stop``. The index's compiled
+    loops are loaded (compiled, if no cache holds them) before it listens, so that no
+    request waits for them."""
+    compiled.warm_up()
     server = grpc.server(
         # an open DecodeStream holds its thread: room for every stream besides the workers
         futures.ThreadPoolExecutor(

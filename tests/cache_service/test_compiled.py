@@ -1,5 +1,9 @@
-"""The compiled search loops (``cache_service.compiled``) against plain NumPy formulations
-of what they must return, bit for bit."""
+"""The compiled loops of the index (``cache_service.compiled``) against plain NumPy
+formulations of what they must return, bit for bit."""
+
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -182,3 +186,40 @@ def test_an_index_lays_out_the_same_leaves_with_numpys_two_means(dim, monkeypatc
     compiled_layout = layout()
     monkeypatch.setattr(cluster_index, "two_means", numpy_two_means)
     assert layout() == compiled_layout
+
+
+_SEARCH_AFTER_WARM_UP = """
+import json
+
+import numpy as np
+from cache_service import compiled
+from cache_service.batched_search import search_heads, search_heads_tokens
+from cache_service.cluster_index import ClusterIndex, IndexConfig
+functions = [compiled.node_scores, compiled.best_covering, compiled.heaviest, compiled.two_means]
+compiled.warm_up()
+warm = [len(f.signatures) for f in functions]
+rng = np.random.default_rng(0)
+indexes = []
+for seed in range(2):
+    index = ClusterIndex(8, IndexConfig(seed=seed, scan_nodes=16))
+    index.build(rng.standard_normal((2000, 8)).astype(np.float32), np.arange(2000))
+    index.insert(rng.standard_normal((40, 8)).astype(np.float32), np.arange(2000, 2040))
+    indexes.append(index)
+queries = rng.standard_normal((2, 3, 8)).astype(np.float32)
+search_heads(indexes, queries, 64)
+search_heads_tokens(indexes, queries, 64)
+indexes[0].search(queries[0], 64)
+indexes[0].search_tokens(queries[0], 64)
+print(json.dumps([warm, [len(f.signatures) for f in functions]]))
+"""
+
+
+def test_warm_up_compiles_every_signature_a_build_and_a_search_use():
+    """A fresh process: after ``warm_up`` no build, insert or search compiles anything more
+    (a call site passing other dtypes would compile at its first request)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _SEARCH_AFTER_WARM_UP],
+        capture_output=True, text=True, check=True, timeout=600,
+    )  # fmt: skip
+    warm, used = json.loads(out.stdout)
+    assert used == warm and min(warm) >= 1
