@@ -63,7 +63,6 @@ import faiss
 import numpy as np
 
 from cache_service import compiled
-from cache_service.compiled import node_scores
 from cache_service.policies.base import (
     array_bytes,
     best_covering,
@@ -322,7 +321,7 @@ def centroid_scores(
     (``qcent [n, D]``, ``rows [m]``) for quantized queries ``qhat [G, D]``, ``step [G, 1]``.
     The products are exact integers."""
     out = np.empty(len(rows), dtype=np.float32)
-    node_scores(qcent, np.asarray(rows, dtype=np.int64), qhat, step[:, 0], out)
+    compiled.node_scores(qcent, np.asarray(rows, dtype=np.int64), qhat, step[:, 0], out)
     return out
 
 

@@ -247,7 +247,7 @@ class PagePool:
 
     def _kv_rows(self, pages: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Rows of ``_rows()`` ``[n, 2]`` holding the key and the value at ``(pages[i],
-        slots[i])``: a flat gather, ~4x faster than ``data[pages, :, slots]``."""
+        slots[i])``: a flat gather, ~1.3x faster than ``data[pages, :, slots]``."""
         first = (pages.astype(np.int64) * 2)[:, None] + np.arange(2)
         return first * self.page_size + np.asarray(slots)[:, None]
 
