@@ -1,19 +1,22 @@
 """One search for all KV heads of a layer: ``ClusterIndex.search`` over many indexes at once.
 
 Decoding asks, per layer, which leaves each of its KV heads attends. Searching head by head
-costs ~30 NumPy calls per head, most of them on small arrays; here each stage runs once
-for the layer over the heads' candidates laid end to end (ragged, no padding), and only
-the gathers and the exact stage's matmul stay per head (each head owns its arrays).
+costs ~30 NumPy calls per head, most of them on small arrays. Here the NumPy stages (the
+softmax over scored tokens, the leaf masses, the leaf ranking) run once for the layer over
+the heads' candidates laid end to end (ragged, no padding); what stays per head is one call
+each to the compiled loops (``cache_service.compiled``: centroid scores, the covering cut,
+the token top-k), the key gathers and the exact stage's matmul (each head owns its arrays).
 
 The result is exactly ``[index.search(q, max_tokens) for index, q in zip(indexes, queries)]``
 (same leaves, same order), by construction rather than by tolerance:
 
 - centroid scores are integer dot products of int8 centroids and quantized queries, exact
-  in float32 whatever the batching (``query_levels``);
+  in float32 whatever the batching or summation order (``query_levels``);
 - the exact stage's matmul is per head with the same operands as the per-head search;
   ``exp``, products and quotients are elementwise; sums over a leaf or a head go through
   ``np.add.reduceat`` over the same contiguous segments; maxima are exact;
-- every ranking is a total order: score descending, then node id (``_order``).
+- every ranking is a total order: score descending, then node id (``_packed``,
+  ``compiled._ranks``).
 """
 
 from __future__ import annotations
@@ -247,7 +250,7 @@ def _exp_scores(scores: np.ndarray, heads: list[ClusterIndex], tokens: np.ndarra
 
 
 def _ranked(ids: list[np.ndarray], mass: list[np.ndarray]) -> list[np.ndarray]:
-    """Each head's ids (leaves or tokens) by mass descending, then id."""
+    """Each head's leaf ids by mass descending, then id."""
     sizes = np.array([len(n) for n in ids])
     keys = _packed(sizes, np.concatenate(mass), np.concatenate(ids))
     if keys is None:
