@@ -1,11 +1,11 @@
 """The engine: prefill and batched decode of a Llama-family model over a paged KV store.
 
-Prefill is dense and block-major: the prompt goes through the model in blocks of
-``prefill_chunk`` tokens at fixed positions (0, B, 2B, ...); each block passes every layer,
-its K/V go to the store, and it attends causally to itself and to the earlier blocks' K/V as
-the store holds them. A prompt whose leading blocks the store keeps from an earlier prompt
-(prefix reuse, ``cache_service.prefix_cache``) starts after them: their K/V are read back, and
-every later block computes exactly what it would have computed after prefilling them.
+Prefill is dense and cut into blocks of ``prefill_chunk`` tokens at fixed positions (0, B,
+2B, ...): the prompt goes through the model a layer at a time; each block's K/V go to the
+store, and it attends causally to itself and to the earlier blocks' K/V as the store holds
+them. A prompt whose leading blocks the store keeps from an earlier prompt (prefix reuse,
+``cache_service.prefix_cache``) starts after them: their K/V are read back, and every later
+block computes exactly what it would have computed after prefilling them.
 Decode is one token per sequence per step, batched across sequences: per layer the store
 takes the new K/V and answers which pages each KV head attends to; the device page cache
 makes them resident; paged sparse attention runs over them.
@@ -38,11 +38,15 @@ from cache_service.types import (
 from kernels.dispatch import decode_attention
 from worker.dense_kv import DenseKV
 from worker.kv_client import KVClient
-from worker.model import LlamaModel, causal_attention, causal_mask
+from worker.model import LlamaModel, causal_attention
 from worker.page_cache import DevicePageCache
 from worker.sampling import GREEDY, SamplingParams, choose
 
 log = logging.getLogger(__name__)
+
+PREFILL_SPAN = 2048
+"""Most prompt rows per linear-layer call in a CPU prefill (whole blocks): larger calls read
+each weight once for more rows, and hold ``rows x intermediate`` activations."""
 
 
 @dataclass(frozen=True)
@@ -66,8 +70,8 @@ class EngineConfig:
     reuse_group: int = setting(3, "icecache-r: layers sharing one leaf layout.")
     prefill_chunk: int = setting(
         256,
-        "Prompt tokens per prefill block (a multiple of the page size): the prompt goes "
-        "through the model a block at a time, and prompts share whole leading blocks.",
+        "Prompt tokens per prefill block (a multiple of the page size): the prompt's K/V go "
+        "to the store and attend a block at a time, and prompts share whole leading blocks.",
         parse=positive_int,
     )
     prefix_reuse: bool = setting(
@@ -339,15 +343,17 @@ class Engine:
         reused: int = 0,
         dense: DenseKV | None = None,
     ) -> torch.Tensor:
-        """Dense causal prefill in blocks of ``prefill_chunk`` tokens; every layer's K/V go
-        to the store (and, with ``record``, a copy of each layer's to its key and value
-        lists). The first ``reused`` tokens (whole blocks) are in the store already: their
-        K/V are read back instead. ``dense``: the sequence's contiguous copy, filled with the
-        layers it covers. Returns the last token's logits ``[vocab]``.
+        """Dense causal prefill, one layer at a time over the whole prompt; each layer's K/V
+        go to the store a block of ``prefill_chunk`` tokens at a time (and, with ``record``,
+        a copy to its key and value lists). The first ``reused`` tokens (whole blocks) are in
+        the store already: their K/V are read back instead. ``dense``: the sequence's
+        contiguous copy, filled with the layers it covers. Returns the last token's logits
+        ``[vocab]``.
 
-        A block attends to the earlier blocks' K/V as the store holds them (rounded to its
-        dtype, as a prefix read back is), so its output does not depend on whether they
-        were computed now or reused.
+        Each block attends to itself and to the earlier blocks' K/V as the store holds them
+        (rounded to its dtype, as a prefix read back is), so its output does not depend on
+        whether they were computed now or reused. The linear layers run over spans of whole
+        blocks (``_spans``).
         """
         model, block = self.model, self.config.prefill_chunk
         c, n = model.config, len(token_ids)
@@ -359,49 +365,73 @@ class Engine:
         values = [torch.empty_like(k) for k in keys]
         if reused:
             self._read_prefix(seq_id, reused, keys, values)
-        host: tuple[list[list[np.ndarray]], list[list[np.ndarray]]] = (
-            [[] for _ in range(c.num_layers)], [[] for _ in range(c.num_layers)],
-        )  # fmt: skip
-        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        # Rows are the prompt's positions from ``reused`` on: row r is position reused + r.
+        ids = torch.tensor(token_ids[reused:], dtype=torch.long, device=self.device)
+        positions = torch.arange(reused, n, device=self.device)
+        host_positions = positions.cpu().numpy()
+        cos, sin = model.rope.cos_sin(positions)  # [rows, D], shared by every layer
+        h = model.embed(ids)  # [rows, hidden]
+        spans = self._spans(n - reused)
         last = c.num_layers - 1
         bar = tqdm(
-            total=c.num_layers * -(-(n - reused) // block), desc="prefill", unit="layer",
+            total=c.num_layers, desc="prefill", unit="layer",
             disable=not sys.stderr.isatty(), leave=False,
         )  # fmt: skip
-        for start in range(reused, n, block):
-            end = min(start + block, n)
-            positions = torch.arange(start, end, device=self.device)
-            host_positions = positions.cpu().numpy()
-            rope = model.rope.cos_sin(positions)  # [t, D] x2, shared by every layer
-            h = model.embed(ids[start:end])  # [t, hidden]
-            off_cpu = start and self.device.type != "cpu"  # CPU attends without a mask
-            mask = causal_mask(end - start, end, self.dtype, self.device) if off_cpu else None
-            for layer in range(c.num_layers):
-                q, k, v = model.attention_inputs(layer, h, positions, rope)  # [t, H, D]
+        for layer in range(c.num_layers):
+            layer_k, layer_v = keys[layer], values[layer]
+            host: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+            for s, e in spans:
+                q, k, v = model.attention_inputs(
+                    layer, h[s:e], positions[s:e], (cos[s:e], sin[s:e])
+                )
                 host_k, host_v = _np(k), _np(v)
-                self.kv.append(seq_id, layer, host_k, host_v, host_positions)
+                blocks = [(b, min(b + block, e)) for b in range(s, e, block)]
+                for b, f in blocks:
+                    rows = slice(b - s, f - s)
+                    self.kv.append(seq_id, layer, host_k[rows], host_v[rows], host_positions[b:f])
                 if record is not None:
-                    host[0][layer].append(host_k.copy())
-                    host[1][layer].append(host_v.copy())
-                keys[layer][start:end] = self._as_stored(k)
-                values[layer][start:end] = self._as_stored(v)
-                bar.update()
-                if layer == last:  # only the prompt's last row goes on, to the logits
-                    if end < n:
-                        break
-                    q, h = q[-1:], h[-1:]
-                    mask = None if mask is None else mask[-1:]
-                attn = causal_attention(q, keys[layer][:end], values[layer][:end], self.scale, mask)
-                h = model.attention_output(layer, h, attn)
+                    host[0].append(host_k.copy())
+                    host[1].append(host_v.copy())
+                layer_k[reused + s : reused + e] = self._as_stored(k)
+                layer_v[reused + s : reused + e] = self._as_stored(v)
+                if layer < last:
+                    attn = torch.empty_like(q)
+                    for b, f in blocks:
+                        rows, end = slice(b - s, f - s), reused + f
+                        attn[rows] = causal_attention(
+                            q[rows], layer_k[:end], layer_v[:end], self.scale
+                        )
+                    h[s:e] = model.attention_output(layer, h[s:e], attn)
+                elif e == n - reused:  # only the prompt's last row goes on, to the logits
+                    attn = causal_attention(q[-1:], layer_k, layer_v, self.scale)
+                    h = model.attention_output(layer, h[-1:], attn)
+            if record is not None:
+                record[0].append(np.concatenate(host[0]))
+                record[1].append(np.concatenate(host[1]))
+            bar.update()
         bar.close()
         if dense is not None:
             for layer in range(dense.layers):
                 dense.fill(layer, keys[layer], values[layer])
-        if record is not None:
-            for layer in range(c.num_layers):
-                record[0].append(np.concatenate(host[0][layer]))
-                record[1].append(np.concatenate(host[1][layer]))
-        return model.logits(h[-1:])[0]
+        return model.logits(h)[0]
+
+    def _spans(self, rows: int) -> list[tuple[int, int]]:
+        """The prefill's row ranges for its linear layers (``rows`` from a block boundary):
+        runs of whole blocks up to ``PREFILL_SPAN`` rows, then the last partial block
+        alone. Each run reads every weight matrix once instead of once per block.
+
+        A row's product must not depend on the span it runs in, or a prompt started from
+        kept blocks would differ from its whole prefill. The last partial block is always
+        computed alone, so its shape is the same either way. Whole blocks rely on the CPU
+        BLAS giving a row the same bits in any call of whole blocks (MKL's blocked kernels
+        do: ``tests/worker/test_prefill_spans.py`` checks it for the model's shapes);
+        another device's BLAS may pick kernels by shape, so there a span is one block.
+        """
+        block = self.config.prefill_chunk
+        width = max(block, PREFILL_SPAN // block * block) if self.device.type == "cpu" else block
+        whole = rows - rows % block
+        spans = [(s, min(s + width, whole)) for s in range(0, whole, width)]
+        return spans + [(whole, rows)] if whole < rows else spans
 
     def _read_prefix(
         self, seq_id: str, tokens: int, keys: list[torch.Tensor], values: list[torch.Tensor]
