@@ -389,9 +389,9 @@ class Engine:
                 for b, f in blocks:
                     rows = slice(b - s, f - s)
                     self.kv.append(seq_id, layer, host_k[rows], host_v[rows], host_positions[b:f])
-                if record is not None:
-                    host[0].append(host_k.copy())
-                    host[1].append(host_v.copy())
+                if record is not None:  # views of k and v, copied by the concatenation below
+                    host[0].append(host_k)
+                    host[1].append(host_v)
                 layer_k[reused + s : reused + e] = self._as_stored(k)
                 layer_v[reused + s : reused + e] = self._as_stored(v)
                 if layer < last:
