@@ -384,7 +384,6 @@ def causal_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float | None = None,
-    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Full causal GQA attention of the last T positions of one sequence over all S.
 
@@ -401,8 +400,6 @@ def causal_attention(
         k: ``[S, Hkv, D]`` keys of positions ``0 .. S - 1``.
         v: ``[S, Hkv, D]`` values.
         scale: softmax scale; None for ``D ** -0.5``.
-        mask: off CPU, ``causal_mask(T, S, ...)`` made once for the layers of one chunk
-            (``None``: made here when ``T < S``); unused on CPU.
 
     Returns:
         ``[T, Hq, D]`` in q's dtype.
@@ -416,8 +413,7 @@ def causal_attention(
             qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True
         )
     else:
-        if mask is None:
-            mask = causal_mask(t, s, q.dtype, q.device)
+        mask = causal_mask(t, s, q.dtype, q.device)
         out = F.scaled_dot_product_attention(
             qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True
         )
