@@ -15,8 +15,7 @@ The result is exactly ``[index.search(q, max_tokens) for index, q in zip(indexes
 - the exact stage's matmul is per head with the same operands as the per-head search;
   ``exp``, products and quotients are elementwise; sums over a leaf or a head go through
   ``np.add.reduceat`` over the same contiguous segments; maxima are exact;
-- every ranking is a total order: score descending, then node id (``_packed``,
-  ``compiled._ranks``).
+- every ranking is a total order: score descending, then node id (``compiled._ranks``).
 """
 
 from __future__ import annotations
@@ -32,9 +31,6 @@ from cache_service.cluster_index import (
     quantize_queries,
 )
 from cache_service.policies.base import fill_within, group_scores
-
-_ID_BITS = 20  # node ids below 2**20 fit the packed sort key (else: lexsort)
-_HEAD_BITS = 11
 
 
 def search_heads(
@@ -156,25 +152,6 @@ def _centroid_scores(
     return scores
 
 
-def _packed(sizes: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
-    """One int64 per candidate whose ascending order is: segment (``sizes`` laid end to
-    end), score descending, id ascending, i.e. per segment ``np.lexsort((ids, -scores))``;
-    ``None`` if segment or id do not fit their bits."""
-    if len(sizes) >> _HEAD_BITS or (len(ids) and int(ids.max()) >> _ID_BITS):
-        return None
-    head = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
-    bits = scores.astype(np.float32).view(np.uint32).astype(np.int64)
-    ascending = np.where(bits >> 31, 0xFFFFFFFF - bits, bits | 0x80000000)
-    return (head << (32 + _ID_BITS)) | ((0xFFFFFFFF - ascending) << _ID_BITS) | ids
-
-
-def _unpacked(keys: np.ndarray, segments: int) -> list[np.ndarray]:
-    """Ids of sorted packed keys, split by segment."""
-    head = keys >> (32 + _ID_BITS)
-    ids = keys & ((1 << _ID_BITS) - 1)
-    return np.split(ids, np.searchsorted(head, np.arange(1, segments)))
-
-
 def _best(
     nodes: list[np.ndarray], scores: np.ndarray, counts: list[np.ndarray], needs: list[float]
 ) -> list[np.ndarray]:
@@ -251,8 +228,4 @@ def _exp_scores(scores: np.ndarray, heads: list[ClusterIndex], tokens: np.ndarra
 
 def _ranked(ids: list[np.ndarray], mass: list[np.ndarray]) -> list[np.ndarray]:
     """Each head's leaf ids by mass descending, then id."""
-    sizes = np.array([len(n) for n in ids])
-    keys = _packed(sizes, np.concatenate(mass), np.concatenate(ids))
-    if keys is None:
-        return [n[np.lexsort((n, -m))] for n, m in zip(ids, mass, strict=True)]
-    return _unpacked(np.sort(keys), len(ids))
+    return [compiled.ranked(m, n) for n, m in zip(ids, mass, strict=True)]

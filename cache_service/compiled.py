@@ -65,6 +65,13 @@ def _ranks(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
+def ranked(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``ids`` (int64) by ``values`` (float32, no NaN) descending, then id ascending:
+    ``ids[np.lexsort((ids, -values))]``."""
+    return (np.sort(_ranks(values, ids)) & _LOW).astype(np.int64)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
 def _covering(ranked: np.ndarray, counts: np.ndarray, need: float) -> int:
     """How many of the sorted ``ranked`` keys it takes for their ids' ``counts`` to reach
     ``need`` (0 if they never do)."""
@@ -246,6 +253,7 @@ def warm_up() -> None:
         qcent, rows, np.ones((2, 4), np.float32), np.ones(2, np.float32), np.empty(3, np.float32)
     )
     best_covering(rows, np.ones(3, np.float32), np.ones(3, np.int64), 2.0)
+    ranked(np.ones(3, np.float32), rows)
     weights = np.ones((2, 5), dtype=np.float32)[:, 1:4]  # a head's columns of the layer's
     heaviest(weights, np.ones(2, np.float32), np.arange(3, dtype=np.int32), 2)
     two_means(np.arange(8, dtype=np.float64).reshape(4, 2), 8)

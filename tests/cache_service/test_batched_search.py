@@ -9,7 +9,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cache_service import batched_search
 from cache_service.batched_search import search_heads, search_heads_tokens
 from cache_service.cluster_index import ClusterIndex, IndexConfig
 
@@ -110,17 +109,6 @@ def test_batched_search_returns_exactly_the_per_head_leaves(s):
     indexes, rng = _heads(s)
     for budget in s["budgets"]:
         _assert_same_as_per_head(indexes, _queries(s, rng, len(indexes)), budget)
-
-
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_layers())
-def test_batched_search_without_packed_sort_keys_is_the_same(s):
-    """Ids too large for the packed sort key fall back to ``lexsort``: same result."""
-    indexes, rng = _heads(s)
-    queries = _queries(s, rng, len(indexes))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(batched_search, "_ID_BITS", 1)
-        _assert_same_as_per_head(indexes, queries, s["budgets"][0])
 
 
 @pytest.mark.parametrize("n", [2000, 20000])

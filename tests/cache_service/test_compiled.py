@@ -78,7 +78,7 @@ def _candidates(draw):
         scores = rng.integers(-2, 3, m).astype(float)
     elif kind == "all equal":
         scores = np.full(m, draw(st.sampled_from([0.0, -1.5, 3e38])))
-    else:  # ids far above any packed-key budget of 20 bits
+    else:  # ids far above 2**20
         nodes += 2**21
         scores = rng.standard_normal(m)
     counts = np.zeros(int(nodes.max(initial=0)) + 1, dtype=np.int64)
@@ -96,6 +96,15 @@ def test_best_covering_is_the_lexsorted_prefix(case):
     want = best_covering(nodes, scores, counts[nodes], need)
     assert got.dtype == np.int64
     assert got.tolist() == want.tolist()
+
+
+@settings(max_examples=300, deadline=None)
+@given(_candidates())
+def test_ranked_is_the_lexsorted_order(case):
+    nodes, scores, _, _ = case
+    got = compiled.ranked(scores, nodes)
+    assert got.dtype == np.int64
+    assert got.tolist() == nodes[np.lexsort((nodes, -scores))].tolist()
 
 
 @st.composite
