@@ -750,8 +750,8 @@ class ClusterIndex:
     def _keys_at(self, rows: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
         """Keys float32 of the leaf slots ``rows`` (``leaf × page_size + slot``), whose
         token ids are ``ids`` if the caller has them."""
-        if self.keys is not None:
-            return np.take(self.keys.reshape(-1, self.dim), rows, 0).astype(np.float32)
+        if self.keys is not None:  # float16 (KEY_DTYPE)
+            return compiled.half_rows(self.keys.reshape(-1, self.dim).view(np.uint16), rows)
         assert self.key_source is not None
         if ids is None:
             ids = self.tokens.reshape(-1)[rows]

@@ -107,6 +107,31 @@ def test_ranked_is_the_lexsorted_order(case):
     assert got.tolist() == nodes[np.lexsort((nodes, -scores))].tolist()
 
 
+def test_widened_halves_are_numpys_cast_of_every_half():
+    """All 65536 float16 values, bit for bit (NaNs: NaN; a signalling one comes out quiet)."""
+    bits = np.arange(2**16, dtype=np.uint16)
+    want = bits.view(np.float16).astype(np.float32)
+    got = compiled.widened(bits)
+    nan = np.isnan(want)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    assert np.isnan(got[nan]).all()
+    assert compiled.widened(bits[:0]).shape == (0,)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(0, 40), st.sampled_from([1, 8, 64, 128]))
+def test_half_rows_gather_and_widen_as_numpy(seed, n, dim):
+    rng = np.random.default_rng(seed)
+    table = rng.integers(0, 2**16, (50, dim), dtype=np.uint16)
+    table[np.isnan(table.view(np.float16))] = 0x3C00  # 1.0 where the bits were a NaN
+    rows = rng.integers(0, 50, n).astype(np.int64)  # repeats and any order
+    got = compiled.half_rows(table, rows)
+    want = table.view(np.float16)[rows].astype(np.float32)
+    assert got.dtype == np.float32 and got.shape == (n, dim)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 @st.composite
 def _weights(draw):
     groups, count = draw(st.integers(1, 8)), draw(st.integers(1, 300))
