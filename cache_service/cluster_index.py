@@ -299,8 +299,10 @@ CENTROID_LEVELS = 127
 def query_levels(dim: int) -> int:
     """Largest ``L`` for which the dot product of an int8 centroid and a query of integers in
     ``[-L, L]`` stays below 2**24 in magnitude, whatever the order of its partial sums: float32
-    then computes it exactly, so a score does not depend on how a matmul was batched."""
-    return (2**24 - 1) // (CENTROID_LEVELS * dim)
+    then computes it exactly, so a score does not depend on how a matmul was batched. At most
+    2**15 - 1, so that the levels fit int16 (``compiled.node_scores``); only ``dim`` <= 4
+    would allow more."""
+    return min((2**24 - 1) // (CENTROID_LEVELS * dim), 2**15 - 1)
 
 
 def quantize_queries(queries: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
