@@ -17,11 +17,6 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-_EXACT = {"reassoc", "contract"}
-"""Float flags for sums of integers below 2**24 in magnitude: float32 holds every partial
-sum exactly, so reordering (which lets the loop vectorize) and fused multiply-adds cannot
-change a bit."""
-
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
 def node_scores(
