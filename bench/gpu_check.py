@@ -11,6 +11,8 @@ Sections (markdown written after each one, so a timeout keeps what was measured)
   3. paged sparse decode vs torch SDPA over the same tokens gathered dense, for an 8B-class
      shape (32 query heads, 8 KV heads, head dim 128, pages of 16) at batch 1/16/64 and
      64/128/256/1024 selected tokens, fp16 and bf16, timed with CUDA events (median);
+  3b. launch-shape sweep of the decode kernel: compiled variants, warps, splits (fp16);
+  3c. host time of an eager decode call and of its parts;
   4. bulk load: pinned staging -> one H2D copy -> scatter kernel, vs pinned H2D bandwidth;
   5. the ``@pytest.mark.gpu`` tests of ``tests/kernels`` when pytest is installed.
 The report goes to ``--out`` and, when the environment names a directory in ``OUT``, to
@@ -33,11 +35,14 @@ from typing import NamedTuple
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from kernels import cupy_backend  # noqa: E402
+from kernels.backend import KernelArg  # noqa: E402
 from kernels.cupy_backend import CupyBackend, cupy_module  # noqa: E402
-from kernels.decode_plan import plan_decode  # noqa: E402
+from kernels.decode_plan import DecodePlan, plan_decode  # noqa: E402
 from kernels.page_scatter import page_scatter  # noqa: E402
 from kernels.paged_attention import paged_decode_attention  # noqa: E402
 from kernels.reference import page_scatter_ref, paged_decode_attention_ref  # noqa: E402
@@ -251,18 +256,34 @@ def measure_bandwidths(report: Report) -> Bandwidths:
 # ---- 3. decode -------------------------------------------------------------------------------
 
 
-def decode_row(batch: int, tokens: int, dtype: torch.dtype, d2d_gbs: float) -> str:
-    """One table row: sparse kernel vs SDPA on the same tokens (pre-gathered and gathered)."""
-    pages = tokens // PAGE
+class DecodeInputs(NamedTuple):
+    """Full pages of an 8B-class shape, with VARIANTS disjoint selections of them."""
+
+    q: torch.Tensor
+    kv: torch.Tensor
+    indptr: torch.Tensor
+    selections: list[torch.Tensor]
+    lens: torch.Tensor
+    out: torch.Tensor
+
+
+def decode_inputs(batch: int, tokens: int, dtype: torch.dtype) -> DecodeInputs:
     rows = batch * HKV
-    nnz = rows * pages
+    nnz = rows * (tokens // PAGE)
     kv = torch.randn(nnz * VARIANTS, 2, PAGE, DIM, device="cuda", dtype=dtype)
     perm = torch.randperm(nnz * VARIANTS, device="cuda").int()
     selections = [perm[v * nnz : (v + 1) * nnz].contiguous() for v in range(VARIANTS)]
-    indptr = torch.arange(0, nnz + 1, pages, dtype=torch.int32, device="cuda")
+    indptr = torch.arange(0, nnz + 1, tokens // PAGE, dtype=torch.int32, device="cuda")
     lens = torch.full((nnz,), PAGE, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, HQ, DIM, device="cuda", dtype=dtype)
-    out = torch.empty_like(q)
+    return DecodeInputs(q, kv, indptr, selections, lens, torch.empty_like(q))
+
+
+def decode_row(batch: int, tokens: int, dtype: torch.dtype, d2d_gbs: float) -> str:
+    """One table row: sparse kernel vs SDPA on the same tokens (pre-gathered and gathered)."""
+    pages = tokens // PAGE
+    q, kv, indptr, selections, lens, out = decode_inputs(batch, tokens, dtype)
+    nnz = selections[0].numel()
     scale = DIM**-0.5
     q4 = q.unsqueeze(2)  # [B, Hq, 1, D]
 
@@ -313,7 +334,8 @@ def decode_row(batch: int, tokens: int, dtype: torch.dtype, d2d_gbs: float) -> s
     speedup = None if sdpa is None else sdpa / sparse_time
     plan = plan_decode(q, kv, indptr, selections[0], lens, CupyBackend().num_sms(q.device))
     return (
-        f"| {str(dtype)[6:]} | {batch} | {tokens} | {plan.num_splits} | {fmt(sparse_graph)} | "
+        f"| {str(dtype)[6:]} | {batch} | {tokens} | {plan.warps} x {plan.num_splits} | "
+        f"{fmt(sparse_graph)} | "
         f"{fmt(sparse_eager)} | {fmt(sdpa_times[0])} | {fmt(sdpa_times[1])} | "
         f"{fmt(gathered_sdpa)} | {fmt(speedup, 2)} | {gbs:.0f} ({100 * gbs / d2d_gbs:.0f}%) | "
         f"{err:.1e} |"
@@ -332,7 +354,7 @@ def bench_decode(report: Report, bandwidths: Bandwidths, deadline: float) -> Non
         "Speedup = best SDPA / sparse (graph). Bandwidth: K+V+q+out bytes per sparse call, "
         "and its share of the device-to-device copy bandwidth.",
         "",
-        "| dtype | batch | tokens | splits | sparse graph | sparse eager | SDPA gqa | "
+        "| dtype | batch | tokens | warps x splits | sparse graph | sparse eager | SDPA gqa | "
         "SDPA expanded | gather+SDPA | speedup | GB/s (% D2D) | max err vs SDPA |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     )
@@ -350,6 +372,181 @@ def bench_decode(report: Report, bandwidths: Bandwidths, deadline: float) -> Non
                 torch.cuda.empty_cache()
                 report.add(row)
     report.add("")
+
+
+# ---- 3b. launch-shape sweep ---------------------------------------------------------------------
+
+SWEEP_SHAPES = ((1, 256), (1, 1024), (16, 256), (16, 1024), (64, 256), (64, 1024))
+SWEEP_BUDGETS = (8, 2)  # IC_DECODE_VEC_BUDGET variants (the default is 4 at group 3-4)
+
+
+def sweep_row(batch: int, tokens: int, budget_backends: list[CupyBackend]) -> str:
+    """Graph time of the default plan, of compiled variants, and of other launch shapes."""
+    q, kv, indptr, selections, lens, out = decode_inputs(batch, tokens, torch.float16)
+    scale = DIM**-0.5
+    default = CupyBackend()
+    plan = plan_decode(q, kv, indptr, selections[0], lens, default.num_sms(q.device))
+
+    def call(
+        backend: CupyBackend, warps: int | None, splits: int | None, sel: torch.Tensor
+    ) -> Callable[[], object]:
+        return lambda: paged_decode_attention(
+            q,
+            kv,
+            indptr,
+            sel,
+            lens,
+            scale,
+            out=out,
+            num_warps=warps,
+            num_splits=splits,
+            backend=backend,
+        )
+
+    want = call(default, None, None, selections[0])()
+    assert isinstance(want, torch.Tensor)
+    want = want.clone()
+
+    def timed(backend: CupyBackend, warps: int | None, splits: int | None) -> str:
+        got = call(backend, warps, splits, selections[0])()
+        assert isinstance(got, torch.Tensor)
+        if not torch.allclose(got.float(), want.float(), atol=TOL[torch.float16], rtol=0.0):
+            return "wrong result"
+        return fmt(safe_graph_us([call(backend, warps, splits, sel) for sel in selections]))
+
+    times = [timed(default, None, None)]
+    times += [timed(backend, None, None) for backend in budget_backends]
+    times.append(timed(default, 4, None))
+    times.append(timed(default, plan.warps, 1))
+    times.append(timed(default, plan.warps, max(1, plan.num_splits // 2)))
+    times.append(timed(default, plan.warps, min(256, 2 * plan.num_splits)))
+    return f"| {batch} | {tokens} | {plan.warps} x {plan.num_splits} | " + " | ".join(times) + " |"
+
+
+def bench_sweep(report: Report, deadline: float) -> None:
+    report.add(
+        "## 3b. Launch-shape sweep (float16, GPU time in us per call)",
+        "",
+        "The default plan against kernels compiled with fewer "
+        "or more key/value vectors held per lane (`IC_DECODE_VEC_BUDGET`, default 4 at group "
+        "3-4), 4 warps a block, no split, and half or twice the default splits. Same inputs "
+        "as section 3.",
+        "",
+        "| batch | tokens | plan (warps x splits) | default | "
+        + " | ".join(f"vec budget {b}" for b in SWEEP_BUDGETS)
+        + " | 4 warps | 1 split | splits / 2 | splits x 2 |",
+        "| --- | --- | --- | --- | "
+        + " | ".join("---" for _ in SWEEP_BUDGETS)
+        + " | --- | --- | --- | --- |",
+    )
+    backends = [CupyBackend(defines=(f"IC_DECODE_VEC_BUDGET={b}",)) for b in SWEEP_BUDGETS]
+    for batch, tokens in SWEEP_SHAPES:
+        if time.monotonic() > deadline:
+            report.add("", "(stopped: time budget spent)", "")
+            return
+        try:
+            row = sweep_row(batch, tokens, backends)
+        except Exception as exc:
+            logger.exception("sweep batch=%d tokens=%d failed", batch, tokens)
+            row = f"| {batch} | {tokens} | error: {exc} |"
+        torch.cuda.empty_cache()
+        report.add(row)
+    report.add("")
+
+
+# ---- 3c. host time per call -------------------------------------------------------------------
+
+
+def host_us(fn: Callable[[], object], calls: int = 2000) -> float:
+    """Host microseconds per call of back-to-back calls (the GPU queue drained after)."""
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed * 1e6 / calls
+
+
+def launch_parts(
+    kernel: str, plan: DecodePlan, args: list[KernelArg], device: torch.device
+) -> list[tuple[str, float]]:
+    """Host time of each step of ``CupyBackend.launch``, one at a time."""
+    cupy = cupy_module()
+    function = cupy_backend._kernel("paged_attention", kernel, 0, ())
+    stream = cupy_backend._stream(torch.cuda.current_stream(device).cuda_stream, 0)
+    cargs = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)
+    grid, block = (plan.rows, 1, 1), (32 * plan.warps, 1, 1)
+
+    def enter() -> None:
+        with cupy.cuda.Device(0), stream:
+            pass
+
+    def raw_launch() -> None:
+        function(grid, block, cargs, shared_mem=plan.shared_mem)
+
+    with cupy.cuda.Device(0), stream:
+        raw = host_us(raw_launch)
+    return [
+        ("- torch's current stream", host_us(lambda: torch.cuda.current_stream(device))),
+        (
+            "- the arguments as pointers",
+            host_us(
+                lambda: tuple(
+                    np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args
+                )
+            ),
+        ),
+        ("- entering and leaving CuPy's device and stream", host_us(enter)),
+        ("- CuPy's kernel call alone", raw),
+    ]
+
+
+def bench_host(report: Report) -> None:
+    """Where an eager call's host time goes, for batch 1 and 256 tokens (fp16)."""
+    q, kv, indptr, selections, lens, out = decode_inputs(1, 256, torch.float16)
+    sel, scale, backend = selections[0], DIM**-0.5, CupyBackend()
+    num_sms = backend.num_sms(q.device)
+    plan = plan_decode(q, kv, indptr, sel, lens, num_sms)
+    args: list[KernelArg] = [q, kv, indptr, sel, lens, out, out, out]
+    args += [np.int32(4), np.int32(PAGE), np.int32(1), np.float32(scale)]
+    kernel = f"icecache_decode_f16_d{DIM}_g{plan.bucket}"
+    rows = [
+        (
+            "the whole call (`paged_decode_attention`)",
+            host_us(lambda: paged_decode_attention(q, kv, indptr, sel, lens, scale, out=out)),
+        ),
+        (
+            "`plan_decode` (argument checks, launch shape)",
+            host_us(lambda: plan_decode(q, kv, indptr, sel, lens, num_sms)),
+        ),
+        (
+            "`CupyBackend.launch` of the decode kernel",
+            host_us(
+                lambda: backend.launch(
+                    "paged_attention",
+                    kernel,
+                    (plan.rows, 1, 1),
+                    (32 * plan.warps, 1, 1),
+                    args,
+                    plan.shared_mem,
+                    q.device,
+                )
+            ),
+        ),
+        ("`torch.empty_like(q)` (for scale)", host_us(lambda: torch.empty_like(q))),
+        *launch_parts(kernel, plan, args, q.device),
+    ]
+    report.add(
+        "## 3c. Host time per eager call (batch 1, 256 tokens, float16)",
+        "",
+        "| what | us per call |",
+        "| --- | --- |",
+        *[f"| {name} | {value:.1f} |" for name, value in rows],
+        "",
+    )
 
 
 # ---- 4. bulk load ------------------------------------------------------------------------------
@@ -460,6 +657,10 @@ def main() -> None:
     deadline = started + args.budget - 60
     logger.info("decode benchmark")
     bench_decode(report, bandwidths, deadline)
+    logger.info("launch-shape sweep")
+    bench_sweep(report, deadline)
+    logger.info("host time per call")
+    bench_host(report)
     logger.info("bulk-load benchmark")
     bench_bulk_load(report, bandwidths)
     remaining = started + args.budget - time.monotonic()

@@ -10,89 +10,78 @@
 //   part_o   [rows, splits, G, D] float32, per-split normalised outputs (num_splits > 1)
 //   part_lse [rows, splits, G]    float32, per-split log2-sum-exp of the scaled scores
 //
-// Decode kernel: grid (rows, num_splits), block = W warps. A block takes a balanced slice
-// of its row's pages; its warps take pages round-robin and keep their own online softmax
-// (running max m, sum l, accumulator o) in the log2 domain (q is pre-scaled by
-// sm_scale * log2(e)). Per page a warp:
-//   1. scores: lanes take (token, head) pairs, a full D-long dot product each, reading the
-//      key row in 16-byte vectors and q from shared memory;
-//   2. lane g updates the running max of head g and the rescale factor;
-//   3. probabilities p = exp2(s - m) for the same pairs;
-//   4. values: lanes split D into 16-byte vectors (and tokens when D is short), so the
-//      value rows are read coalesced, and accumulate p * v for all G heads.
-// At the end the warps' states are merged in shared memory, and either the output or the
-// split's partial (normalised o, lse) is written. The merge kernel (grid rows) combines
-// the splits of a row.
+// Decode kernel: grid (rows, num_splits), block = W warps; one instance per dtype, head dim
+// and group bucket NG (the smallest of 1, 2, 4, 8 that holds the row's G query heads; heads
+// G..NG-1 have a zero query and are not written). A block takes a balanced slice of its
+// row's pages, cut into chunks of kChunk tokens (a page holds ceil(P / kChunk) of them), and
+// its warps take the chunks round-robin, each keeping its own online softmax (running max m,
+// sum l, accumulator o) in the log2 domain (q is pre-scaled by sm_scale * log2(e)).
+//
+// A warp holds a chunk in registers: lane (token_lane, dim_lane) owns kRows rows (tokens
+// token_lane, token_lane + kTokenLanes, ...) and, of each, the 16-byte vectors dim_lane,
+// dim_lane + kDimLanes, ... of both the key and the value row. All of a chunk's loads are
+// issued before any of them is used, and a warp-wide load covers whole rows (coalesced).
+// Per chunk:
+//   1. scores: each lane's partial dot products over its dims (q from shared memory),
+//      summed across the kDimLanes lanes of a token by xor shuffles;
+//   2. the chunk's max per head (across token lanes), the rescale factor, p = exp2(s - m);
+//   3. o = o * c + sum over the lane's rows of p * v, l = l * c + sum p (lane-local).
+// At the end the token lanes are summed (xor shuffles), the warps' states are merged in
+// shared memory, and either the output or the split's partial (normalised o, lse) is
+// written. The merge kernel (grid rows) combines the splits of a row.
 //
 // Dynamic shared memory (floats), see kernels/decode_plan.py::decode_shared_floats:
-//   main loop:  q_s [G][D+4] | s_s [W][G][P] | p_s [W][G][P]
-//   after loop: red_o [W][G][D] | red_l [W][G]          (aliases the main-loop area)
-//   always:     m_s [W][G] | c_s [W][G]                  (after the larger of the two)
+//   main loop:  q_s [NG][D+4]
+//   after loop: red_o [W][NG][D]                        (aliases q_s)
+//   always:     m_s [W][NG] | l_s [W][NG]              (after the larger of the two)
 #include "common.cuh"
 
 namespace icecache {
 
-constexpr int kMaxGroup = 8;    // query heads per KV head (GQA ratio) supported
-constexpr int kValueBatch = 4;  // value rows a lane loads before accumulating them
-
-template <typename T, int D>
+template <typename T, int D, int NG>
 struct DecodeLayout {
   static constexpr int kElems = Vec16<T>::kElems;                 // elements per vector
   static constexpr int kVecs = D / kElems;                         // vectors per row
   static constexpr int kDimLanes = kVecs < 32 ? kVecs : 32;        // lanes across a row
-  static constexpr int kTokenLanes = 32 / kDimLanes;               // rows per warp step
-  static constexpr int kVecsPerLane = kVecs / kDimLanes;           // vectors per lane
-  static constexpr int kValsPerLane = kVecsPerLane * kElems;       // accumulators per head
+  static constexpr int kTokenLanes = 32 / kDimLanes;               // rows per warp load
+  static constexpr int kVecsPerLane = kVecs / kDimLanes;           // vectors per lane per row
+  static constexpr int kValsPerLane = kVecsPerLane * kElems;       // dims a lane owns
+  // Key vectors a lane holds per chunk (as many value vectors again). Measured on an H200
+  // (bench/results/gpu.md, section 3b): 8 at NG = 4 takes ~190 registers, one 8-warp block an
+  // SM, and runs a batch of 64 ~20% slower than 4 (128 registers, two blocks an SM); the
+  // small groups fit two blocks with 8, the largest fits one either way.
+#ifdef IC_DECODE_VEC_BUDGET  // a tuning variant (bench/gpu_check.py, section 3b)
+  static constexpr int kVecBudget = IC_DECODE_VEC_BUDGET;
+#else
+  static constexpr int kVecBudget = NG <= 2 ? 8 : 4;
+#endif
+  static constexpr int kRows = kVecBudget / kVecsPerLane > 0 ? kVecBudget / kVecsPerLane : 1;
+  static constexpr int kChunk = kRows * kTokenLanes;               // tokens per chunk
   static constexpr int kQStride = D + 4;                           // padded q row (banks)
   static_assert(D % kElems == 0, "head_dim must be a multiple of the 16-byte vector");
   static_assert(32 % kDimLanes == 0 && kVecs % kDimLanes == 0, "unsupported head_dim");
 };
 
-// Dot product of a shared-memory float row with a key row of D elements (16-byte aligned).
-template <typename T, int D>
-__device__ __forceinline__ float dot_row(const float* q_row, const T* __restrict__ k_row) {
-  using L = DecodeLayout<T, D>;
-  float acc[2] = {0.f, 0.f};
-#pragma unroll
-  for (int v = 0; v < L::kVecs; ++v) {
-    float k[L::kElems];
-    load_vec16(k_row + v * L::kElems, k);
-    const float4* q4 = reinterpret_cast<const float4*>(q_row + v * L::kElems);
-#pragma unroll
-    for (int j = 0; j < L::kElems / 4; ++j) {
-      const float4 qq = q4[j];
-      acc[j & 1] += qq.x * k[4 * j] + qq.y * k[4 * j + 1] + qq.z * k[4 * j + 2] +
-                    qq.w * k[4 * j + 3];
-    }
-  }
-  return acc[0] + acc[1];
-}
-
-template <typename T, int D>
+template <typename T, int D, int NG>
 __device__ __forceinline__ void paged_decode(
     const T* __restrict__ q, const T* __restrict__ kv, const int* __restrict__ indptr,
     const int* __restrict__ indices, const int* __restrict__ page_lens, T* __restrict__ out,
     float* __restrict__ part_o, float* __restrict__ part_lse, int group, int page_size,
     int num_splits, float scale_log2) {
-  using L = DecodeLayout<T, D>;
+  using L = DecodeLayout<T, D, NG>;
   IC_DYNAMIC_SMEM(float, smem);
   const int warps = static_cast<int>(blockDim.x) / 32;
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
   const int row = static_cast<int>(blockIdx.x);
   const int split = static_cast<int>(blockIdx.y);
+  const int dim_lane = lane % L::kDimLanes;
+  const int token_lane = lane / L::kDimLanes;
 
-  const int gp = group * page_size;
-  const int main_floats = group * L::kQStride + 2 * warps * gp;
-  const int red_floats = warps * group * (D + 1);
-  float* q_s = smem;
-  float* s_w = q_s + group * L::kQStride + warp * gp;       // this warp's scores [G][P]
-  float* p_w = q_s + group * L::kQStride + (warps + warp) * gp;  // probabilities [G][P]
-  float* m_s = smem + max_int(main_floats, red_floats);    // running max [W][G]
-  float* m_w = m_s + warp * group;
-  float* c_w = m_s + warps * group + warp * group;         // per-page rescale [W][G]
-  float* red_o = smem;                                     // [W][G][D] after the loop
-  float* red_l = smem + warps * group * D;                 // [W][G]
+  float* q_s = smem;                                        // [NG][kQStride]
+  float* red_o = smem;                                      // [W][NG][D] after the loop
+  float* m_s = smem + max_int(NG * L::kQStride, warps * NG * D);  // [W][NG]
+  float* l_s = m_s + warps * NG;                            // [W][NG]
 
   // Balanced slice [p0, p1) of the row's pages for this split.
   const int start = indptr[row];
@@ -102,125 +91,166 @@ __device__ __forceinline__ void paged_decode(
       start + static_cast<int>(static_cast<long long>(count) * (split + 1) / num_splits);
 
   const T* q_row = q + static_cast<long long>(row) * group * D;
-  for (int i = static_cast<int>(threadIdx.x); i < group * D; i += static_cast<int>(blockDim.x)) {
-    q_s[(i / D) * L::kQStride + i % D] = to_float(q_row[i]) * scale_log2;
-  }
-  for (int i = static_cast<int>(threadIdx.x); i < warps * group; i += static_cast<int>(blockDim.x)) {
-    m_s[i] = neg_inf();
+  for (int i = static_cast<int>(threadIdx.x); i < NG * D; i += static_cast<int>(blockDim.x)) {
+    const int g = i / D;
+    q_s[g * L::kQStride + i % D] = g < group ? to_float(q_row[i]) * scale_log2 : 0.f;
   }
   __syncthreads();
 
-  float acc[kMaxGroup][L::kValsPerLane];
-  float l[kMaxGroup];
+  float m[NG], l[NG], acc[NG][L::kValsPerLane];
 #pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) {
+  for (int g = 0; g < NG; ++g) {
+    m[g] = neg_inf();
     l[g] = 0.f;
 #pragma unroll
     for (int e = 0; e < L::kValsPerLane; ++e) acc[g][e] = 0.f;
   }
-  const int dim_lane = lane % L::kDimLanes;
-  const int token_lane = lane / L::kDimLanes;
 
-  for (int p = p0 + warp; p < p1; p += warps) {
+  const int chunks_per_page = (page_size + L::kChunk - 1) / L::kChunk;
+  const int items = (p1 - p0) * chunks_per_page;
+  for (int item = warp; item < items; item += warps) {
+    const int p = p0 + item / chunks_per_page;
+    const int c0 = (item % chunks_per_page) * L::kChunk;
     const int len = min_int(page_lens[p], page_size);  // warp-uniform
-    if (len <= 0) continue;
+    if (c0 >= len) continue;
     const T* k_page = kv + static_cast<long long>(indices[p]) * 2 * page_size * D;
     const T* v_page = k_page + static_cast<long long>(page_size) * D;
-    const int pairs = group * len;
 
-    // 1. scores (log2 domain) of (token t, head g) pairs, g fastest: lanes of a token share
-    //    its key row.
-    for (int i = lane; i < pairs; i += 32) {
-      const int t = i / group;
-      const int g = i - t * group;
-      s_w[g * page_size + t] = dot_row<T, D>(q_s + g * L::kQStride, k_page + t * D);
-    }
-    __syncwarp();
-    // 2. running max of head g and the factor that rescales its old state.
-    if (lane < group) {
-      const float* s_g = s_w + lane * page_size;
-      float page_max = s_g[0];
-      for (int t = 1; t < len; ++t) page_max = fmaxf(page_max, s_g[t]);
-      const float m_old = m_w[lane];
-      const float m_new = fmaxf(m_old, page_max);
-      c_w[lane] = exp2f(m_old - m_new);  // 0 on the first page (m_old = -inf)
-      m_w[lane] = m_new;
-    }
-    __syncwarp();
-    // 3. probabilities of the page's pairs.
-    for (int i = lane; i < pairs; i += 32) {
-      const int t = i / group;
-      const int g = i - t * group;
-      p_w[g * page_size + t] = exp2f(s_w[g * page_size + t] - m_w[g]);
-    }
-    __syncwarp();
-    // 4. rescale the state, accumulate p * v with lanes across the value rows.
+    // Every load of the chunk first: keys and values of the lane's rows and dims.
+    const uint4 zero = {0u, 0u, 0u, 0u};
+    uint4 k_raw[L::kRows][L::kVecsPerLane];
+    uint4 v_raw[L::kRows][L::kVecsPerLane];
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
-      if (g < group) {
-        const float c = c_w[g];
-        l[g] *= c;
+    for (int r = 0; r < L::kRows; ++r) {
+      const int t = c0 + r * L::kTokenLanes + token_lane;
 #pragma unroll
-        for (int e = 0; e < L::kValsPerLane; ++e) acc[g][e] *= c;
-      }
-    }
-    // kValueBatch rows per lane in flight: all loads are issued before the first FMA.
-    for (int t0 = token_lane; t0 < len; t0 += kValueBatch * L::kTokenLanes) {
-      uint4 raw[kValueBatch][L::kVecsPerLane];
-#pragma unroll
-      for (int u = 0; u < kValueBatch; ++u) {
-        const int t = t0 + u * L::kTokenLanes;
-#pragma unroll
-        for (int k = 0; k < L::kVecsPerLane; ++k) {
-          if (t < len) raw[u][k] = load_raw16(v_page + t * D + (dim_lane + k * L::kDimLanes) * L::kElems);
+      for (int k = 0; k < L::kVecsPerLane; ++k) {
+        const int offset = t * D + (dim_lane + k * L::kDimLanes) * L::kElems;
+        if (t < len) {
+          k_raw[r][k] = load_raw16(k_page + offset);
+          v_raw[r][k] = load_raw16(v_page + offset);
+        } else {  // past the page's valid tokens: never read (the tail may be garbage)
+          k_raw[r][k] = zero;
+          v_raw[r][k] = zero;
         }
       }
+    }
+
+    // 1. scores of the lane's rows for every head, summed across the token's lanes.
+    float s[L::kRows][NG];
 #pragma unroll
-      for (int u = 0; u < kValueBatch; ++u) {
-        const int t = t0 + u * L::kTokenLanes;
-        if (t < len) {
-          float v[L::kValsPerLane];
+    for (int r = 0; r < L::kRows; ++r) {
 #pragma unroll
-          for (int k = 0; k < L::kVecsPerLane; ++k) unpack_vec16<T>(raw[u][k], v + k * L::kElems);
+      for (int g = 0; g < NG; ++g) s[r][g] = 0.f;
+    }
 #pragma unroll
-          for (int g = 0; g < kMaxGroup; ++g) {
-            if (g < group) {
-              const float pr = p_w[g * page_size + t];
-              l[g] += pr;
+    for (int k = 0; k < L::kVecsPerLane; ++k) {
+      const int d0 = (dim_lane + k * L::kDimLanes) * L::kElems;
 #pragma unroll
-              for (int e = 0; e < L::kValsPerLane; ++e) acc[g][e] += pr * v[e];
-            }
-          }
+      for (int g = 0; g < NG; ++g) {
+        float qv[L::kElems];
+        const float4* q4 = reinterpret_cast<const float4*>(q_s + g * L::kQStride + d0);
+#pragma unroll
+        for (int j = 0; j < L::kElems / 4; ++j) {
+          const float4 x = q4[j];
+          qv[4 * j] = x.x;
+          qv[4 * j + 1] = x.y;
+          qv[4 * j + 2] = x.z;
+          qv[4 * j + 3] = x.w;
+        }
+#pragma unroll
+        for (int r = 0; r < L::kRows; ++r) {
+          float kf[L::kElems];
+          unpack_vec16<T>(k_raw[r][k], kf);
+#pragma unroll
+          for (int e = 0; e < L::kElems; ++e) s[r][g] += qv[e] * kf[e];
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < L::kRows; ++r) {
+      const bool valid = c0 + r * L::kTokenLanes + token_lane < len;
+#pragma unroll
+      for (int g = 0; g < NG; ++g) {
+#pragma unroll
+        for (int offset = L::kDimLanes / 2; offset > 0; offset /= 2) {
+          s[r][g] += __shfl_xor_sync(0xffffffffu, s[r][g], offset);
+        }
+        if (!valid) s[r][g] = neg_inf();
+      }
+    }
+
+    // 2. the chunk's max per head over every token lane, the rescale factor, p.
+#pragma unroll
+    for (int g = 0; g < NG; ++g) {
+      float chunk_max = s[0][g];
+#pragma unroll
+      for (int r = 1; r < L::kRows; ++r) chunk_max = fmaxf(chunk_max, s[r][g]);
+#pragma unroll
+      for (int offset = L::kDimLanes; offset < 32; offset *= 2) {
+        chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffffu, chunk_max, offset));
+      }
+      const float m_new = fmaxf(m[g], chunk_max);  // finite: the chunk has a valid token
+      const float c = exp2f(m[g] - m_new);         // 0 on the first chunk (m = -inf)
+      m[g] = m_new;
+      l[g] *= c;
+#pragma unroll
+      for (int e = 0; e < L::kValsPerLane; ++e) acc[g][e] *= c;
+#pragma unroll
+      for (int r = 0; r < L::kRows; ++r) {
+        s[r][g] = exp2f(s[r][g] - m_new);  // 0 for the rows past the page's length
+        l[g] += s[r][g];
+      }
+    }
+
+    // 3. o += p * v over the lane's rows and dims.
+#pragma unroll
+    for (int r = 0; r < L::kRows; ++r) {
+#pragma unroll
+      for (int k = 0; k < L::kVecsPerLane; ++k) {
+        float vf[L::kElems];
+        unpack_vec16<T>(v_raw[r][k], vf);
+#pragma unroll
+        for (int g = 0; g < NG; ++g) {
+#pragma unroll
+          for (int e = 0; e < L::kElems; ++e) acc[g][k * L::kElems + e] += s[r][g] * vf[e];
         }
       }
     }
   }
 
-  // Sum the token lanes of each warp into red_o / red_l (the main-loop area is free now).
-  __syncthreads();
-  for (int tl = 0; tl < L::kTokenLanes; ++tl) {
-    if (token_lane == tl) {
+  // Sum the token lanes: lanes dim_lane (token lane 0) then hold the warp's whole state.
 #pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g) {
-        if (g < group) {
-          float* dst = red_o + (warp * group + g) * D;
+  for (int offset = L::kDimLanes; offset < 32; offset *= 2) {
 #pragma unroll
-          for (int k = 0; k < L::kVecsPerLane; ++k) {
+    for (int g = 0; g < NG; ++g) {
+      l[g] += __shfl_xor_sync(0xffffffffu, l[g], offset);
 #pragma unroll
-            for (int e = 0; e < L::kElems; ++e) {
-              const int d = (dim_lane + k * L::kDimLanes) * L::kElems + e;
-              const float prev = tl == 0 ? 0.f : dst[d];
-              dst[d] = prev + acc[g][k * L::kElems + e];
-            }
-          }
-          if (dim_lane == 0) {
-            const float prev = tl == 0 ? 0.f : red_l[warp * group + g];
-            red_l[warp * group + g] = prev + l[g];
-          }
+      for (int e = 0; e < L::kValsPerLane; ++e) {
+        acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], offset);
+      }
+    }
+  }
+  __syncthreads();  // q_s is dead: red_o may overwrite it
+  if (token_lane == 0) {
+#pragma unroll
+    for (int g = 0; g < NG; ++g) {
+      float* dst = red_o + (warp * NG + g) * D;
+#pragma unroll
+      for (int k = 0; k < L::kVecsPerLane; ++k) {
+#pragma unroll
+        for (int e = 0; e < L::kElems; ++e) {
+          dst[(dim_lane + k * L::kDimLanes) * L::kElems + e] = acc[g][k * L::kElems + e];
         }
       }
     }
-    __syncwarp();
+    if (lane == 0) {  // m is warp-uniform, and l is after the sum over token lanes
+#pragma unroll
+      for (int g = 0; g < NG; ++g) {
+        m_s[warp * NG + g] = m[g];
+        l_s[warp * NG + g] = l[g];
+      }
+    }
   }
   __syncthreads();
 
@@ -230,15 +260,15 @@ __device__ __forceinline__ void paged_decode(
     const int g = i / D;
     const int d = i - g * D;
     float m_max = neg_inf();
-    for (int w = 0; w < warps; ++w) m_max = fmaxf(m_max, m_s[w * group + g]);
+    for (int w = 0; w < warps; ++w) m_max = fmaxf(m_max, m_s[w * NG + g]);
     float o = 0.f;
     float l_sum = 0.f;
     for (int w = 0; w < warps; ++w) {
-      const float m_w_g = m_s[w * group + g];
-      if (m_w_g == neg_inf()) continue;  // the warp saw no page
-      const float c = exp2f(m_w_g - m_max);
-      o += c * red_o[(w * group + g) * D + d];
-      l_sum += c * red_l[w * group + g];
+      const float m_w = m_s[w * NG + g];
+      if (m_w == neg_inf()) continue;  // the warp saw no token
+      const float c = exp2f(m_w - m_max);
+      o += c * red_o[(w * NG + g) * D + d];
+      l_sum += c * l_s[w * NG + g];
     }
     const float value = l_sum > 0.f ? o / l_sum : 0.f;
     if (num_splits == 1) {
@@ -286,15 +316,15 @@ __device__ __forceinline__ void merge_splits(const float* __restrict__ part_o,
 
 }  // namespace icecache
 
-// ---- entry points: icecache_decode_<dtype>_d<D>, icecache_decode_merge_<dtype> -------------
+// ---- entry points: icecache_decode_<dtype>_d<D>_g<NG>, icecache_decode_merge_<dtype> ---------
 
-#define ICECACHE_DECODE_KERNEL(NAME, T, D)                                                  \
+#define ICECACHE_DECODE_KERNEL(NAME, T, D, NG)                                              \
   extern "C" __global__ void __launch_bounds__(256)                                       \
       NAME(const T* q, const T* kv, const int* indptr, const int* indices,                \
            const int* page_lens, T* out, float* part_o, float* part_lse, int group,        \
            int page_size, int num_splits, float scale_log2) {                              \
-    icecache::paged_decode<T, D>(q, kv, indptr, indices, page_lens, out, part_o, part_lse, \
-                                 group, page_size, num_splits, scale_log2);                \
+    icecache::paged_decode<T, D, NG>(q, kv, indptr, indices, page_lens, out, part_o,       \
+                                     part_lse, group, page_size, num_splits, scale_log2);  \
   }
 
 #define ICECACHE_MERGE_KERNEL(NAME, T)                                                     \
@@ -304,15 +334,42 @@ __device__ __forceinline__ void merge_splits(const float* __restrict__ part_o,
     icecache::merge_splits<T>(part_o, part_lse, out, group, head_dim, num_splits);        \
   }
 
-ICECACHE_DECODE_KERNEL(icecache_decode_f32_d64, float, 64)
-ICECACHE_DECODE_KERNEL(icecache_decode_f32_d128, float, 128)
-ICECACHE_DECODE_KERNEL(icecache_decode_f32_d256, float, 256)
-ICECACHE_DECODE_KERNEL(icecache_decode_f16_d64, icecache::f16, 64)
-ICECACHE_DECODE_KERNEL(icecache_decode_f16_d128, icecache::f16, 128)
-ICECACHE_DECODE_KERNEL(icecache_decode_f16_d256, icecache::f16, 256)
-ICECACHE_DECODE_KERNEL(icecache_decode_bf16_d64, icecache::bf16, 64)
-ICECACHE_DECODE_KERNEL(icecache_decode_bf16_d128, icecache::bf16, 128)
-ICECACHE_DECODE_KERNEL(icecache_decode_bf16_d256, icecache::bf16, 256)
+ICECACHE_DECODE_KERNEL(icecache_decode_f32_d64_g1, float, 64, 1)
+ICECACHE_DECODE_KERNEL(icecache_decode_f32_d64_g2, float, 64, 2)
+ICECACHE_DECODE_KERNEL(icecache_decode_f32_d64_g4, float, 64, 4)
+ICECACHE_DECODE_KERNEL(icecache_decode_f32_d64_g8, float, 64, 8)
+ICECACHE_DECODE_KERNEL(icecache_decode_f32_d128_g1, float, 128, 1)
+ICECACHE_DECODE_KERNEL(icecache_decode_f32_d128_g2, float, 128, 2)
+ICECACHE_DECODE_KERNEL(icecache_decode_f32_d128_g4, float, 128, 4)
+ICECACHE_DECODE_KERNEL(icecache_decode_f32_d128_g8, float, 128, 8)
+ICECACHE_DECODE_KERNEL(icecache_decode_f32_d256_g1, float, 256, 1)
+ICECACHE_DECODE_KERNEL(icecache_decode_f32_d256_g2, float, 256, 2)
+ICECACHE_DECODE_KERNEL(icecache_decode_f32_d256_g4, float, 256, 4)
+ICECACHE_DECODE_KERNEL(icecache_decode_f32_d256_g8, float, 256, 8)
+ICECACHE_DECODE_KERNEL(icecache_decode_f16_d64_g1, icecache::f16, 64, 1)
+ICECACHE_DECODE_KERNEL(icecache_decode_f16_d64_g2, icecache::f16, 64, 2)
+ICECACHE_DECODE_KERNEL(icecache_decode_f16_d64_g4, icecache::f16, 64, 4)
+ICECACHE_DECODE_KERNEL(icecache_decode_f16_d64_g8, icecache::f16, 64, 8)
+ICECACHE_DECODE_KERNEL(icecache_decode_f16_d128_g1, icecache::f16, 128, 1)
+ICECACHE_DECODE_KERNEL(icecache_decode_f16_d128_g2, icecache::f16, 128, 2)
+ICECACHE_DECODE_KERNEL(icecache_decode_f16_d128_g4, icecache::f16, 128, 4)
+ICECACHE_DECODE_KERNEL(icecache_decode_f16_d128_g8, icecache::f16, 128, 8)
+ICECACHE_DECODE_KERNEL(icecache_decode_f16_d256_g1, icecache::f16, 256, 1)
+ICECACHE_DECODE_KERNEL(icecache_decode_f16_d256_g2, icecache::f16, 256, 2)
+ICECACHE_DECODE_KERNEL(icecache_decode_f16_d256_g4, icecache::f16, 256, 4)
+ICECACHE_DECODE_KERNEL(icecache_decode_f16_d256_g8, icecache::f16, 256, 8)
+ICECACHE_DECODE_KERNEL(icecache_decode_bf16_d64_g1, icecache::bf16, 64, 1)
+ICECACHE_DECODE_KERNEL(icecache_decode_bf16_d64_g2, icecache::bf16, 64, 2)
+ICECACHE_DECODE_KERNEL(icecache_decode_bf16_d64_g4, icecache::bf16, 64, 4)
+ICECACHE_DECODE_KERNEL(icecache_decode_bf16_d64_g8, icecache::bf16, 64, 8)
+ICECACHE_DECODE_KERNEL(icecache_decode_bf16_d128_g1, icecache::bf16, 128, 1)
+ICECACHE_DECODE_KERNEL(icecache_decode_bf16_d128_g2, icecache::bf16, 128, 2)
+ICECACHE_DECODE_KERNEL(icecache_decode_bf16_d128_g4, icecache::bf16, 128, 4)
+ICECACHE_DECODE_KERNEL(icecache_decode_bf16_d128_g8, icecache::bf16, 128, 8)
+ICECACHE_DECODE_KERNEL(icecache_decode_bf16_d256_g1, icecache::bf16, 256, 1)
+ICECACHE_DECODE_KERNEL(icecache_decode_bf16_d256_g2, icecache::bf16, 256, 2)
+ICECACHE_DECODE_KERNEL(icecache_decode_bf16_d256_g4, icecache::bf16, 256, 4)
+ICECACHE_DECODE_KERNEL(icecache_decode_bf16_d256_g8, icecache::bf16, 256, 8)
 
 ICECACHE_MERGE_KERNEL(icecache_decode_merge_f32, float)
 ICECACHE_MERGE_KERNEL(icecache_decode_merge_f16, icecache::f16)

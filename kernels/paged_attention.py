@@ -30,7 +30,7 @@ def paged_decode_attention(
     *,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     backend: KernelBackend | None = None,
 ) -> torch.Tensor:
     """Decode attention of one query token per sequence over selected KV pages (CUDA kernel).
@@ -49,7 +49,7 @@ def paged_decode_attention(
         sm_scale: softmax scale, usually ``D ** -0.5``.
         out: optional ``[B, Hq, D]`` output buffer in ``q``'s dtype.
         num_splits: blocks per CSR row (split-K); default: sized to fill the device.
-        num_warps: warps per block (1..8).
+        num_warps: warps per block (1..8); default: a warp per chunk of a row, at most 8.
         backend: where to run; default :class:`kernels.cupy_backend.CupyBackend` (torch CUDA
             tensors).
 
@@ -82,7 +82,7 @@ def paged_decode_attention(
     decode_args += _i32(plan.group, kv_cache.shape[2], plan.num_splits)
     decode_args.append(np.float32(sm_scale * LOG2E))
     grid, block = (plan.rows, plan.num_splits, 1), (32 * plan.warps, 1, 1)
-    kernel = f"icecache_decode_{tag}_d{head_dim}"
+    kernel = f"icecache_decode_{tag}_d{head_dim}_g{plan.bucket}"
     backend.launch("paged_attention", kernel, grid, block, decode_args, plan.shared_mem, device)
     if plan.num_splits > 1:
         merge_args = [part_o, part_lse, out, *_i32(plan.group, head_dim, plan.num_splits)]

@@ -7,16 +7,59 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from kernels.decode_plan import DecodePlan, choose_num_splits, decode_shared_floats, plan_decode
+from kernels.decode_plan import (
+    DecodePlan,
+    choose_num_splits,
+    choose_num_warps,
+    chunk_tokens,
+    decode_shared_floats,
+    plan_decode,
+)
 from kernels.paged_attention import paged_decode_attention
 from tests.kernels.recording import RecordingBackend, decode_inputs
 
 
 def test_plan_of_an_8b_decode_step_at_batch_1():
     plan = plan_decode(*decode_inputs(), num_sms=132)
-    # 8 rows x 4 splits of 4 pages: a page per warp
-    assert plan == DecodePlan(rows=8, group=4, num_splits=4, warps=4, shared_mem=8384)
-    assert plan.shared_mem == 4 * decode_shared_floats(4, 128, 4, 16)
+    # 16 pages a row of 2 chunks of 8 tokens: 8 warps take 4 each, in one block a row
+    assert plan == DecodePlan(rows=8, group=4, bucket=4, num_splits=1, warps=8, shared_mem=16640)
+    assert plan.shared_mem == 4 * decode_shared_floats(4, 128, 8) == 4 * (8 * 4 * 128 + 64)
+
+
+def test_a_group_runs_the_smallest_bucket_that_holds_it():
+    q, kv, indptr, indices, lens = decode_inputs(kv_heads=3, group=3)
+    assert plan_decode(q, kv, indptr, indices, lens, num_sms=132).bucket == 4
+    q, kv, indptr, indices, lens = decode_inputs(kv_heads=4, group=5)
+    assert plan_decode(q, kv, indptr, indices, lens, num_sms=132).bucket == 8
+
+
+@pytest.mark.parametrize(
+    "element_size,head_dim,bucket,expected",
+    [
+        (2, 128, 4, 8),
+        (2, 128, 8, 8),
+        (2, 64, 1, 32),
+        (2, 256, 4, 4),
+        (4, 128, 2, 8),
+        (4, 256, 8, 2),
+    ],
+)
+def test_chunk_tokens(element_size: int, head_dim: int, bucket: int, expected: int):
+    # lanes across a row x rows a lane holds, as DecodeLayout in paged_attention.cu
+    assert chunk_tokens(element_size, head_dim, bucket) == expected
+
+
+def test_warps_follow_the_rows_share_of_chunks():
+    assert choose_num_warps(rows=8, items=24, num_sms=132) == 3
+    assert choose_num_warps(rows=8, items=8 * 64, num_sms=132) == 8
+    assert choose_num_warps(rows=264, items=264 * 64, num_sms=132) == 4  # rows fill the device
+    assert choose_num_warps(rows=0, items=0, num_sms=132) == 1
+
+
+def test_wide_groups_get_fewer_warps_to_fit_shared_memory():
+    q, kv, indptr, indices, lens = decode_inputs(kv_heads=2, group=8, head_dim=256)
+    plan = plan_decode(q, kv, indptr, indices, lens, num_sms=132)
+    assert plan.warps == 5 and plan.shared_mem <= 48 * 1024
 
 
 def test_large_batches_run_unsplit():
@@ -25,19 +68,22 @@ def test_large_batches_run_unsplit():
 
 
 @pytest.mark.parametrize(
-    "rows,nnz,expected",
+    "rows,items,warps,expected",
     [
-        (8, 128, 4),
-        (8, 512, 16),
-        (128, 2048, 3),
-        (512, 8192, 1),
-        (8, 8, 1),
-        (4, 0, 1),
-        (1, 10**6, 256),
+        (8, 256, 8, 1),  # four chunks a warp: no split (a merge kernel costs more)
+        (8, 1024, 8, 8),  # two chunks a warp while the device holds every warp
+        (8, 1000, 8, 8),
+        (128, 4096, 8, 1),
+        (128, 16384, 8, 2),  # 16384 chunks over 2112 resident warps: 8 a warp
+        (512, 8192, 8, 1),
+        (8, 8, 8, 1),
+        (4, 0, 8, 1),
+        (1, 10**6, 1, 256),
+        (1, 40, 1, 20),
     ],
 )
-def test_choose_num_splits(rows: int, nnz: int, expected: int):
-    assert choose_num_splits(rows, nnz, warps=4, num_sms=132) == expected
+def test_choose_num_splits(rows: int, items: int, warps: int, expected: int):
+    assert choose_num_splits(rows, items, warps=warps, resident_warps=132 * 16) == expected
 
 
 def _bad_decode_calls() -> Iterator[tuple[str, dict[str, object]]]:

@@ -88,7 +88,7 @@ def make_case(
 
 
 def check(
-    case: Case, runner: Runner, *, num_splits: int | None = None, num_warps: int = 4
+    case: Case, runner: Runner, *, num_splits: int | None = None, num_warps: int | None = None
 ) -> torch.Tensor:
     """Runs the kernel on a NaN-filled output and compares it with the reference."""
     on = [t.to(runner.device) for t in case[:5]]
@@ -192,21 +192,22 @@ def test_pages_shared_by_rows(runner: Runner):
     check(case._replace(indices=indices), runner, num_splits=2)
 
 
-def test_launches_of_an_8b_decode_step_at_batch_1():
+def test_launches_of_an_8b_decode_step_at_batch_1_over_1024_tokens():
     backend = RecordingBackend()
-    q, *rest = decode_inputs()
+    q, *rest = decode_inputs(pages_per_row=64)  # 1024 tokens a row
     paged_decode_attention(q, *rest, 128**-0.5, backend=backend)
     decode, merge = backend.launches
-    assert decode.kernel == "icecache_decode_f16_d128"
-    assert decode.grid == (8, 4, 1)  # 8 rows x 4 splits of 4 pages: a page per warp
-    assert decode.block == (128, 1, 1)
-    assert decode.shared_mem == 4 * decode_shared_floats(4, 128, 4, 16) == 8384
-    assert decode.args[8:11] == [4, 16, 4]  # group, page_size, num_splits
+    assert decode.kernel == "icecache_decode_f16_d128_g4"
+    # 8 rows x 8 splits x 8 warps: two chunks of 8 tokens per warp
+    assert decode.grid == (8, 8, 1)
+    assert decode.block == (256, 1, 1)
+    assert decode.shared_mem == 4 * decode_shared_floats(4, 128, 8) == 16640
+    assert decode.args[8:11] == [4, 16, 8]  # group, page_size, num_splits
     assert float(decode.args[11]) == pytest.approx(128**-0.5 * 1.4426950408889634)
     assert merge.kernel == "icecache_decode_merge_f16"
-    assert merge.grid == (8, 1, 1) and merge.shared_mem == 4 * 4 * 4
+    assert merge.grid == (8, 1, 1) and merge.shared_mem == 4 * 4 * 8
     part_o, part_lse, out = merge.args[:3]
-    assert part_o.shape == (8, 4, 4, 128) and part_lse.shape == (8, 4, 4)
+    assert part_o.shape == (8, 8, 4, 128) and part_lse.shape == (8, 8, 4)
     assert out is decode.args[5]
 
 
@@ -216,4 +217,5 @@ def test_large_batches_launch_unsplit():
     paged_decode_attention(q, *rest, 0.1, backend=backend)
     (decode,) = backend.launches
     assert decode.grid == (512, 1, 1)
+    assert decode.block == (128, 1, 1)  # 512 rows fill 132 SMs: 4 warps a block
     assert decode.args[6] is decode.args[5]  # no workspace: partials point at out
