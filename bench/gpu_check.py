@@ -417,6 +417,7 @@ def sweep_row(batch: int, tokens: int, budget_backends: list[CupyBackend]) -> st
     times = [timed(default, None, None)]
     times += [timed(backend, None, None) for backend in budget_backends]
     times.append(timed(default, 4, None))
+    times.append(timed(default, 8, None))
     times.append(timed(default, plan.warps, 1))
     times.append(timed(default, plan.warps, max(1, plan.num_splits // 2)))
     times.append(timed(default, plan.warps, min(256, 2 * plan.num_splits)))
@@ -429,15 +430,15 @@ def bench_sweep(report: Report, deadline: float) -> None:
         "",
         "The default plan against kernels compiled with fewer "
         "or more key/value vectors held per lane (`IC_DECODE_VEC_BUDGET`, default 4 at group "
-        "3-4), 4 warps a block, no split, and half or twice the default splits. Same inputs "
+        "3-4), 4 or 8 warps a block, no split, and half or twice the default splits. Same inputs "
         "as section 3.",
         "",
         "| batch | tokens | plan (warps x splits) | default | "
         + " | ".join(f"vec budget {b}" for b in SWEEP_BUDGETS)
-        + " | 4 warps | 1 split | splits / 2 | splits x 2 |",
+        + " | 4 warps | 8 warps | 1 split | splits / 2 | splits x 2 |",
         "| --- | --- | --- | --- | "
         + " | ".join("---" for _ in SWEEP_BUDGETS)
-        + " | --- | --- | --- | --- |",
+        + " | --- | --- | --- | --- | --- |",
     )
     backends = [CupyBackend(defines=(f"IC_DECODE_VEC_BUDGET={b}",)) for b in SWEEP_BUDGETS]
     for batch, tokens in SWEEP_SHAPES:

@@ -16,7 +16,6 @@ from kernels.registry import DTYPE_TAGS, GROUP_BUCKETS, HEAD_DIMS
 
 MAX_GROUP = 8  # GQA ratio supported by the decode kernel (the largest of GROUP_BUCKETS)
 MAX_SPLITS = 256
-MAX_WARPS = 8  # __launch_bounds__(256) in paged_attention.cu
 MAX_SHARED_BYTES = 48 * 1024
 
 
@@ -42,9 +41,15 @@ def decode_shared_floats(bucket: int, head_dim: int, warps: int) -> int:
     return max(bucket * (head_dim + 4), warps * bucket * head_dim) + 2 * warps * bucket
 
 
+def max_warps(bucket: int) -> int:
+    """Warps a decode block may have (``__launch_bounds__`` in paged_attention.cu): 16 where
+    the kernel fits 128 registers a thread, up to 4 query heads a KV head; 8 above."""
+    return 16 if bucket <= 4 else 8
+
+
 def resident_warps_per_sm(bucket: int) -> int:
     """Decode warps an SM holds at once: its 64K registers over the kernel's (``nvcc -Xptxas
-    -v``): ~128 a thread up to 4 query heads a KV head (two 8-warp blocks), ~200 at 8 (one)."""
+    -v``): ~128 a thread up to 4 query heads a KV head, ~200 at 8."""
     return 16 if bucket <= 4 else 8
 
 
@@ -57,15 +62,15 @@ def chunk_tokens(element_size: int, head_dim: int, bucket: int) -> int:
     return rows * (32 // dim_lanes)
 
 
-def choose_num_warps(rows: int, items: int, num_sms: int) -> int:
+def choose_num_warps(rows: int, items: int, num_sms: int, most: int) -> int:
     """Warps per block: 4 where the rows alone fill the device twice over (smaller blocks
     schedule more evenly: ~6% faster at a batch of 64 on an H200), else one per chunk of a
-    row's mean share, at most ``MAX_WARPS``."""
+    row's mean share, at most ``most``."""
     if rows == 0 or items == 0:
         return 1
     if rows >= 2 * num_sms:
         return 4
-    return max(1, min(MAX_WARPS, math.ceil(items / rows)))
+    return max(1, min(most, math.ceil(items / rows)))
 
 
 def choose_num_splits(rows: int, items: int, warps: int, resident_warps: int) -> int:
@@ -132,13 +137,16 @@ def plan_decode(
     chunk = chunk_tokens(q.element_size(), head_dim, bucket)
     items = indices.numel() * math.ceil(page_size / chunk)
     if num_warps is None:
-        num_warps = choose_num_warps(rows, items, num_sms)
+        num_warps = choose_num_warps(rows, items, num_sms, max_warps(bucket))
         while num_warps > 1 and 4 * decode_shared_floats(bucket, head_dim, num_warps) > (
             MAX_SHARED_BYTES
         ):
             num_warps -= 1
-    if not 1 <= num_warps <= MAX_WARPS:
-        raise ValueError(f"num_warps must be in 1..{MAX_WARPS}, got {num_warps}")
+    if not 1 <= num_warps <= max_warps(bucket):
+        raise ValueError(
+            f"num_warps must be in 1..{max_warps(bucket)} at {group} query heads a KV head, "
+            f"got {num_warps}"
+        )
     if num_splits is None:
         resident = num_sms * resident_warps_per_sm(bucket)
         num_splits = choose_num_splits(rows, items, num_warps, resident)

@@ -318,8 +318,9 @@ __device__ __forceinline__ void merge_splits(const float* __restrict__ part_o,
 
 // ---- entry points: icecache_decode_<dtype>_d<D>_g<NG>, icecache_decode_merge_<dtype> ---------
 
+// Up to 16 warps a block where the kernel fits 128 registers a thread (NG <= 4), else 8.
 #define ICECACHE_DECODE_KERNEL(NAME, T, D, NG)                                              \
-  extern "C" __global__ void __launch_bounds__(256)                                       \
+  extern "C" __global__ void __launch_bounds__((NG) <= 4 ? 512 : 256)                     \
       NAME(const T* q, const T* kv, const int* indptr, const int* indices,                \
            const int* page_lens, T* out, float* part_o, float* part_lse, int group,        \
            int page_size, int num_splits, float scale_log2) {                              \

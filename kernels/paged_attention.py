@@ -49,7 +49,8 @@ def paged_decode_attention(
         sm_scale: softmax scale, usually ``D ** -0.5``.
         out: optional ``[B, Hq, D]`` output buffer in ``q``'s dtype.
         num_splits: blocks per CSR row (split-K); default: sized to fill the device.
-        num_warps: warps per block (1..8); default: a warp per chunk of a row, at most 8.
+        num_warps: warps per block (1..16, 1..8 above 4 query heads a KV head); default:
+            :func:`kernels.decode_plan.choose_num_warps`.
         backend: where to run; default :class:`kernels.cupy_backend.CupyBackend` (torch CUDA
             tensors).
 

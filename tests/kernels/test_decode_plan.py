@@ -21,9 +21,9 @@ from tests.kernels.recording import RecordingBackend, decode_inputs
 
 def test_plan_of_an_8b_decode_step_at_batch_1():
     plan = plan_decode(*decode_inputs(), num_sms=132)
-    # 16 pages a row of 2 chunks of 8 tokens: 8 warps take 4 each, in one block a row
-    assert plan == DecodePlan(rows=8, group=4, bucket=4, num_splits=1, warps=8, shared_mem=16640)
-    assert plan.shared_mem == 4 * decode_shared_floats(4, 128, 8) == 4 * (8 * 4 * 128 + 64)
+    # 16 pages a row of 2 chunks of 8 tokens: 16 warps take 2 each, in one block a row
+    assert plan == DecodePlan(rows=8, group=4, bucket=4, num_splits=1, warps=16, shared_mem=33280)
+    assert plan.shared_mem == 4 * decode_shared_floats(4, 128, 16) == 4 * (16 * 4 * 128 + 128)
 
 
 def test_a_group_runs_the_smallest_bucket_that_holds_it():
@@ -50,10 +50,12 @@ def test_chunk_tokens(element_size: int, head_dim: int, bucket: int, expected: i
 
 
 def test_warps_follow_the_rows_share_of_chunks():
-    assert choose_num_warps(rows=8, items=24, num_sms=132) == 3
-    assert choose_num_warps(rows=8, items=8 * 64, num_sms=132) == 8
-    assert choose_num_warps(rows=264, items=264 * 64, num_sms=132) == 4  # rows fill the device
-    assert choose_num_warps(rows=0, items=0, num_sms=132) == 1
+    assert choose_num_warps(rows=8, items=24, num_sms=132, most=16) == 3
+    assert choose_num_warps(rows=8, items=8 * 64, num_sms=132, most=16) == 16
+    assert choose_num_warps(rows=8, items=8 * 64, num_sms=132, most=8) == 8
+    # the rows alone fill the device: 4 warps
+    assert choose_num_warps(rows=264, items=264 * 64, num_sms=132, most=16) == 4
+    assert choose_num_warps(rows=0, items=0, num_sms=132, most=16) == 1
 
 
 def test_wide_groups_get_fewer_warps_to_fit_shared_memory():
@@ -105,7 +107,11 @@ def _bad_decode_calls() -> Iterator[tuple[str, dict[str, object]]]:
     )
     yield "out must be", {"out": torch.empty(2, 4, 64, dtype=q.dtype)}
     yield "num_splits must be", {"num_splits": 0}
-    yield "num_warps must be", {"num_warps": 9}
+    yield "num_warps must be in 1..16", {"num_warps": 17}
+    yield (
+        "num_warps must be in 1..8",
+        {"q": torch.zeros(2, 16, 128, dtype=q.dtype), "num_warps": 9},
+    )
     yield (
         "shared memory",
         {

@@ -151,7 +151,7 @@ def test_more_splits_than_pages_per_row(runner: Runner, num_splits: int):
     check(case, runner, num_splits=num_splits)
 
 
-@pytest.mark.parametrize("num_warps", [1, 2, 8])
+@pytest.mark.parametrize("num_warps", [1, 2, 8, 16])
 def test_warps_per_block(runner: Runner, num_warps: int):
     case = make_case(1, 2, 4, 64, torch.float16, pages=(3, 9), seed=num_warps)
     check(case, runner, num_splits=1, num_warps=num_warps)
@@ -198,16 +198,16 @@ def test_launches_of_an_8b_decode_step_at_batch_1_over_1024_tokens():
     paged_decode_attention(q, *rest, 128**-0.5, backend=backend)
     decode, merge = backend.launches
     assert decode.kernel == "icecache_decode_f16_d128_g4"
-    # 8 rows x 8 splits x 8 warps: two chunks of 8 tokens per warp
-    assert decode.grid == (8, 8, 1)
-    assert decode.block == (256, 1, 1)
-    assert decode.shared_mem == 4 * decode_shared_floats(4, 128, 8) == 16640
-    assert decode.args[8:11] == [4, 16, 8]  # group, page_size, num_splits
+    # 8 rows x 4 splits x 16 warps: two chunks of 8 tokens per warp
+    assert decode.grid == (8, 4, 1)
+    assert decode.block == (512, 1, 1)
+    assert decode.shared_mem == 4 * decode_shared_floats(4, 128, 16) == 33280
+    assert decode.args[8:11] == [4, 16, 4]  # group, page_size, num_splits
     assert float(decode.args[11]) == pytest.approx(128**-0.5 * 1.4426950408889634)
     assert merge.kernel == "icecache_decode_merge_f16"
-    assert merge.grid == (8, 1, 1) and merge.shared_mem == 4 * 4 * 8
+    assert merge.grid == (8, 1, 1) and merge.shared_mem == 4 * 4 * 4
     part_o, part_lse, out = merge.args[:3]
-    assert part_o.shape == (8, 8, 4, 128) and part_lse.shape == (8, 8, 4)
+    assert part_o.shape == (8, 4, 4, 128) and part_lse.shape == (8, 4, 4)
     assert out is decode.args[5]
 
 
