@@ -158,6 +158,14 @@ def test_warps_per_block(runner: Runner, num_warps: int):
     check(case, runner, num_splits=2, num_warps=num_warps)
 
 
+def test_eight_heads_a_kv_head_at_head_dim_256(runner: Runner):
+    # the widest instance: chunks of 4 tokens, and the default plan's 5 warps (what fits the
+    # shared memory) merge in a block whose warps are not a power of two
+    case = make_case(1, 2, 8, 256, torch.float16, pages=(4, 9), seed=11)
+    check(case, runner)
+    check(case, runner, num_splits=1)
+
+
 @pytest.mark.parametrize("page_size", [1, 8, 32, 64])
 def test_page_sizes(runner: Runner, page_size: int):
     case = make_case(2, 1, 5, 64, torch.float32, page_size=page_size, pages=(1, 4), seed=page_size)
