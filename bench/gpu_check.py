@@ -11,7 +11,7 @@ Sections (markdown written after each one, so a timeout keeps what was measured)
   3. paged sparse decode vs torch SDPA over the same tokens gathered dense, for an 8B-class
      shape (32 query heads, 8 KV heads, head dim 128, pages of 16) at batch 1/16/64 and
      64/128/256/1024 selected tokens, fp16 and bf16, timed with CUDA events (median);
-  3b. launch-shape sweep of the decode kernel: compiled variants, warps, splits (fp16);
+  3b. launch-shape sweep of the decode kernel: compiled variants, warps, split sizes (fp16);
   3c. host time of an eager decode call and of its parts;
   4. bulk load: pinned staging -> one H2D copy -> scatter kernel, vs pinned H2D bandwidth;
   5. the ``@pytest.mark.gpu`` tests of ``tests/kernels`` when pytest is installed.
@@ -174,13 +174,13 @@ def check_correctness(report: Report) -> bool:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for dim in HEAD_DIMS:
             for group in range(1, 9):
-                for splits in (1, None, 5):
+                for split_pages in (None, 1, 2):
                     seed = cases
                     case, scale = random_case(3, 2, group, dim, dtype, 6, seed)
                     q, kv, indptr, indices, lens = case
                     out = torch.full_like(q, float("nan"))
                     paged_decode_attention(
-                        q, kv, indptr, indices, lens, scale, out=out, num_splits=splits
+                        q, kv, indptr, indices, lens, scale, out=out, split_pages=split_pages
                     )
                     want = paged_decode_attention_ref(q, kv, indptr, indices, lens, scale)
                     err = (out.float() - want.float()).abs().max().item()
@@ -188,7 +188,9 @@ def check_correctness(report: Report) -> bool:
                     key = f"decode {str(dtype)[6:]}"
                     worst[key] = max(worst.get(key, 0.0), err)
                     if not err <= TOL[dtype] * (1 + want.abs().max().item()):
-                        failures.append(f"decode {dtype} D={dim} G={group} splits={splits}: {err}")
+                        failures.append(
+                            f"decode {dtype} D={dim} G={group} split_pages={split_pages}: {err}"
+                        )
         staging = torch.randn(37, 2, PAGE, 128, device="cuda").to(dtype)
         cache = torch.full((100, 2, PAGE, 128), float("nan"), device="cuda").to(dtype)
         slots = torch.randperm(100, device="cuda")[:37].int()
@@ -203,7 +205,8 @@ def check_correctness(report: Report) -> bool:
         "## 1. Correctness (CuPy kernels vs kernels/reference.py)",
         "",
         f"{cases} cases: dtypes fp32/fp16/bf16 x head dims {HEAD_DIMS} x GQA 1..8 x "
-        "splits {1, auto, 5}, ragged pages, empty rows, NaN-poisoned slots/tails/outputs; "
+        "split pages {default, 1, 2}, ragged pages, empty rows, NaN-poisoned "
+        "slots/tails/outputs; "
         "page scatter bitwise per dtype.",
         "",
         "| kernel | max abs error |",
@@ -299,7 +302,9 @@ def decode_row(batch: int, tokens: int, dtype: torch.dtype, d2d_gbs: float) -> s
     ]
 
     def sparse(sel: torch.Tensor) -> Callable[[], object]:
-        return lambda: paged_decode_attention(q, kv, indptr, sel, lens, scale, out=out)
+        return lambda: paged_decode_attention(
+            q, kv, indptr, sel, lens, scale, out=out, max_row_pages=pages
+        )
 
     def sdpa_gqa(k: torch.Tensor, v: torch.Tensor) -> Callable[[], object]:
         return lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True)
@@ -332,9 +337,9 @@ def decode_row(batch: int, tokens: int, dtype: torch.dtype, d2d_gbs: float) -> s
     sparse_time = sparse_graph if sparse_graph is not None else sparse_eager
     gbs = io_bytes / sparse_time / 1e3
     speedup = None if sdpa is None else sdpa / sparse_time
-    plan = plan_decode(q, kv, indptr, selections[0], lens, CupyBackend().num_sms(q.device))
+    plan = plan_decode(q, kv, indptr, selections[0], lens, pages)
     return (
-        f"| {str(dtype)[6:]} | {batch} | {tokens} | {plan.warps} x {plan.num_splits} | "
+        f"| {str(dtype)[6:]} | {batch} | {tokens} | {plan.warps} x {plan.max_splits} | "
         f"{fmt(sparse_graph)} | "
         f"{fmt(sparse_eager)} | {fmt(sdpa_times[0])} | {fmt(sdpa_times[1])} | "
         f"{fmt(gathered_sdpa)} | {fmt(speedup, 2)} | {gbs:.0f} ({100 * gbs / d2d_gbs:.0f}%) | "
@@ -385,10 +390,10 @@ def sweep_row(batch: int, tokens: int, budget_backends: list[CupyBackend]) -> st
     q, kv, indptr, selections, lens, out = decode_inputs(batch, tokens, torch.float16)
     scale = DIM**-0.5
     default = CupyBackend()
-    plan = plan_decode(q, kv, indptr, selections[0], lens, default.num_sms(q.device))
+    plan = plan_decode(q, kv, indptr, selections[0], lens, tokens // PAGE)
 
     def call(
-        backend: CupyBackend, warps: int | None, splits: int | None, sel: torch.Tensor
+        backend: CupyBackend, warps: int | None, split_pages: int | None, sel: torch.Tensor
     ) -> Callable[[], object]:
         return lambda: paged_decode_attention(
             q,
@@ -398,8 +403,9 @@ def sweep_row(batch: int, tokens: int, budget_backends: list[CupyBackend]) -> st
             lens,
             scale,
             out=out,
+            max_row_pages=tokens // PAGE,
             num_warps=warps,
-            num_splits=splits,
+            split_pages=split_pages,
             backend=backend,
         )
 
@@ -407,38 +413,38 @@ def sweep_row(batch: int, tokens: int, budget_backends: list[CupyBackend]) -> st
     assert isinstance(want, torch.Tensor)
     want = want.clone()
 
-    def timed(backend: CupyBackend, warps: int | None, splits: int | None) -> str:
-        got = call(backend, warps, splits, selections[0])()
+    def timed(backend: CupyBackend, warps: int | None, split_pages: int | None) -> str:
+        got = call(backend, warps, split_pages, selections[0])()
         assert isinstance(got, torch.Tensor)
         if not torch.allclose(got.float(), want.float(), atol=TOL[torch.float16], rtol=0.0):
             return "wrong result"
-        return fmt(safe_graph_us([call(backend, warps, splits, sel) for sel in selections]))
+        return fmt(safe_graph_us([call(backend, warps, split_pages, sel) for sel in selections]))
 
     times = [timed(default, None, None)]
     times += [timed(backend, None, None) for backend in budget_backends]
     times.append(timed(default, 4, None))
-    times.append(timed(default, 8, None))
-    times.append(timed(default, plan.warps, 1))
-    times.append(timed(default, plan.warps, max(1, plan.num_splits // 2)))
-    times.append(timed(default, plan.warps, min(256, 2 * plan.num_splits)))
-    return f"| {batch} | {tokens} | {plan.warps} x {plan.num_splits} | " + " | ".join(times) + " |"
+    times.append(timed(default, 16, None))
+    times.append(timed(default, None, max(1, plan.split_pages // 2)))
+    times.append(timed(default, None, 2 * plan.split_pages))
+    shape = f"{plan.warps} x {plan.max_splits} of {plan.split_pages}"
+    return f"| {batch} | {tokens} | {shape} | " + " | ".join(times) + " |"
 
 
 def bench_sweep(report: Report, deadline: float) -> None:
     report.add(
         "## 3b. Launch-shape sweep (float16, GPU time in us per call)",
         "",
-        "The default plan against kernels compiled with fewer "
-        "or more key/value vectors held per lane (`IC_DECODE_VEC_BUDGET`, default 4 at group "
-        "3-4), 4 or 8 warps a block, no split, and half or twice the default splits. Same inputs "
-        "as section 3.",
+        "The default plan against kernels compiled with fewer or more key/value vectors held "
+        "per lane (`IC_DECODE_VEC_BUDGET`, default 4 at group 3-4), 4 or 16 warps a block "
+        "(each with its default split size), and splits of half or twice the default pages. "
+        "Same inputs as section 3.",
         "",
-        "| batch | tokens | plan (warps x splits) | default | "
+        "| batch | tokens | plan (warps x splits of pages) | default | "
         + " | ".join(f"vec budget {b}" for b in SWEEP_BUDGETS)
-        + " | 4 warps | 8 warps | 1 split | splits / 2 | splits x 2 |",
+        + " | 4 warps | 16 warps | split pages / 2 | split pages x 2 |",
         "| --- | --- | --- | --- | "
         + " | ".join("---" for _ in SWEEP_BUDGETS)
-        + " | --- | --- | --- | --- | --- |",
+        + " | --- | --- | --- | --- |",
     )
     backends = [CupyBackend(defines=(f"IC_DECODE_VEC_BUDGET={b}",)) for b in SWEEP_BUDGETS]
     for batch, tokens in SWEEP_SHAPES:
@@ -508,20 +514,24 @@ def launch_parts(
 def bench_host(report: Report) -> None:
     """Where an eager call's host time goes, for batch 1 and 256 tokens (fp16)."""
     q, kv, indptr, selections, lens, out = decode_inputs(1, 256, torch.float16)
-    sel, scale, backend = selections[0], DIM**-0.5, CupyBackend()
-    num_sms = backend.num_sms(q.device)
-    plan = plan_decode(q, kv, indptr, sel, lens, num_sms)
+    sel, scale, backend, pages = selections[0], DIM**-0.5, CupyBackend(), 256 // PAGE
+    plan = plan_decode(q, kv, indptr, sel, lens, pages)  # one split a row
     args: list[KernelArg] = [q, kv, indptr, sel, lens, out, out, out]
-    args += [np.int32(4), np.int32(PAGE), np.int32(1), np.float32(scale)]
+    args += [np.int32(4), np.int32(PAGE), np.int32(plan.split_pages), np.int32(1)]
+    args.append(np.float32(scale))
     kernel = f"icecache_decode_f16_d{DIM}_g{plan.bucket}"
     rows = [
         (
             "the whole call (`paged_decode_attention`)",
-            host_us(lambda: paged_decode_attention(q, kv, indptr, sel, lens, scale, out=out)),
+            host_us(
+                lambda: paged_decode_attention(
+                    q, kv, indptr, sel, lens, scale, out=out, max_row_pages=pages
+                )
+            ),
         ),
         (
             "`plan_decode` (argument checks, launch shape)",
-            host_us(lambda: plan_decode(q, kv, indptr, sel, lens, num_sms)),
+            host_us(lambda: plan_decode(q, kv, indptr, sel, lens, pages)),
         ),
         (
             "`CupyBackend.launch` of the decode kernel",

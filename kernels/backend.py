@@ -25,10 +25,6 @@ class KernelBackend(Protocol):
     device_type: str
     """``"cuda"`` or ``"cpu"``: where the tensors it takes live."""
 
-    def num_sms(self, device: torch.device) -> int:
-        """Multiprocessors of ``device``: sizes the split-K grid."""
-        ...
-
     def empty(
         self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:

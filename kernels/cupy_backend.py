@@ -78,9 +78,6 @@ class CupyBackend:
         cupy_module()
         self.options = tuple(f"-D{d}" for d in defines)
 
-    def num_sms(self, device: torch.device) -> int:
-        return torch.cuda.get_device_properties(device).multi_processor_count
-
     def empty(
         self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:

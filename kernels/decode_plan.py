@@ -1,7 +1,13 @@
-"""The launch shape of one paged decode call: checks its arguments and sizes split-K.
+"""The launch shape of one paged decode call: checks its arguments and sizes the launch.
 
-Pure arithmetic over shapes (no device synchronisation). The engine's page table differs
-from layer to layer (each layer selects its own pages), so a plan is made per call.
+Pure arithmetic over shapes and the longest row's page count (no device synchronisation
+when the caller knows it). The engine's page table differs from layer to layer (each layer
+selects its own pages), so a plan is made per call.
+
+A row (a sequence's KV head) is cut into splits of ``split_pages`` pages and its blocks
+have ``warps`` warps, both fixed by the shape alone (dtype, head dim, group, page size):
+how a row's attention is summed depends on the row, never on the other rows of the call,
+so a sequence's attention is the same bits in whatever batch it is decoded.
 """
 
 from __future__ import annotations
@@ -15,8 +21,15 @@ from kernels.checks import check_index
 from kernels.registry import DTYPE_TAGS, GROUP_BUCKETS, HEAD_DIMS
 
 MAX_GROUP = 8  # GQA ratio supported by the decode kernel (the largest of GROUP_BUCKETS)
-MAX_SPLITS = 256
 MAX_SHARED_BYTES = 48 * 1024
+WARPS = 8
+"""Warps of a decode block (fewer where the shared memory of the widest shapes allows no
+more). On an H200 (bench/results/gpu.md, section 3b) 8 was within ~15% of the best of 4, 8
+and 16 at every batch measured (4 was best at a batch of 64, 16 at small batches)."""
+CHUNKS_PER_WARP = 8
+"""Chunks a warp takes in one split: a split holds ``WARPS x CHUNKS_PER_WARP`` chunks (512
+tokens at float16, head dim 128, up to 4 query heads a KV head), so the rows of the default
+budget (256 tokens in ~17-20 pages) are never split, and a 1024-token row in two."""
 
 
 class DecodePlan(NamedTuple):
@@ -28,8 +41,11 @@ class DecodePlan(NamedTuple):
     """Query heads per KV head."""
     bucket: int
     """The group size the kernel is built for: the smallest of ``GROUP_BUCKETS`` >= group."""
-    num_splits: int
-    """Blocks per row (split-K over its pages); 1 writes the output directly."""
+    split_pages: int
+    """Pages of a split: a row of more pages is split (split-K), each split's partial merged
+    by a second kernel; a row of at most this many is written by its one block."""
+    max_splits: int
+    """Splits of the longest row: the decode grid's second dimension."""
     warps: int
     """Warps per decode block."""
     shared_mem: int
@@ -47,12 +63,6 @@ def max_warps(bucket: int) -> int:
     return 16 if bucket <= 4 else 8
 
 
-def resident_warps_per_sm(bucket: int) -> int:
-    """Decode warps an SM holds at once: its 64K registers over the kernel's (``nvcc -Xptxas
-    -v``): ~128 a thread up to 4 query heads a KV head, ~200 at 8."""
-    return 16 if bucket <= 4 else 8
-
-
 def chunk_tokens(element_size: int, head_dim: int, bucket: int) -> int:
     """Tokens a warp holds at once (``DecodeLayout::kChunk`` in paged_attention.cu)."""
     vecs = head_dim * element_size // 16  # 16-byte vectors per row
@@ -62,32 +72,9 @@ def chunk_tokens(element_size: int, head_dim: int, bucket: int) -> int:
     return rows * (32 // dim_lanes)
 
 
-def choose_num_warps(rows: int, items: int, num_sms: int, most: int) -> int:
-    """Warps per block: 4 where the rows alone fill the device twice over (smaller blocks
-    schedule more evenly: ~6% faster at a batch of 64 on an H200), else one per chunk of a
-    row's mean share, at most ``most``."""
-    if rows == 0 or items == 0:
-        return 1
-    if rows >= 2 * num_sms:
-        return 4
-    return max(1, min(most, math.ceil(items / rows)))
-
-
-def choose_num_splits(rows: int, items: int, warps: int, resident_warps: int) -> int:
-    """Splits per row: two chunks a warp while the device holds them all, else as few splits
-    as keep each warp's share of chunks even; none where four chunks a warp do.
-
-    ``items``: the chunks of the whole call (pages times chunks per page); ``resident_warps``:
-    the decode warps the device holds at once. A split costs a second (merge) kernel, ~2 us on
-    an H200, more than a small call saves by it. Uses only sizes (no device synchronisation).
-    """
-    if rows == 0 or items == 0:
-        return 1
-    per_row = math.ceil(items / rows)
-    if per_row <= 4 * warps:
-        return 1
-    per_warp = max(2, math.ceil(items / resident_warps))  # a merge reads fewer partials
-    return max(1, min(math.ceil(per_row / (warps * per_warp)), MAX_SPLITS))
+def default_split_pages(warps: int, chunk: int, page_size: int) -> int:
+    """Pages of a split: ``CHUNKS_PER_WARP`` chunks for each of the block's warps."""
+    return max(1, warps * CHUNKS_PER_WARP * chunk // page_size)
 
 
 def plan_decode(
@@ -96,14 +83,15 @@ def plan_decode(
     indptr: torch.Tensor,
     indices: torch.Tensor,
     page_lens: torch.Tensor,
-    num_sms: int,
-    num_splits: int | None = None,
+    max_row_pages: int,
+    split_pages: int | None = None,
     num_warps: int | None = None,
 ) -> DecodePlan:
     """Checks the decode arguments' shapes and dtypes and sizes the launch.
 
-    Shapes as in :func:`kernels.paged_attention.paged_decode_attention`; ``num_sms``: the
-    device's multiprocessors.
+    Shapes as in :func:`kernels.paged_attention.paged_decode_attention`;
+    ``max_row_pages``: pages of the longest row; ``split_pages`` and ``num_warps`` override
+    the shape's defaults (``default_split_pages``, ``WARPS``).
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
@@ -133,11 +121,8 @@ def plan_decode(
     if group > MAX_GROUP:
         raise ValueError(f"at most {MAX_GROUP} query heads per KV head, got {group}")
     bucket = next(b for b in GROUP_BUCKETS if b >= group)
-    page_size = kv_cache.shape[2]
-    chunk = chunk_tokens(q.element_size(), head_dim, bucket)
-    items = indices.numel() * math.ceil(page_size / chunk)
     if num_warps is None:
-        num_warps = choose_num_warps(rows, items, num_sms, max_warps(bucket))
+        num_warps = WARPS
         while num_warps > 1 and 4 * decode_shared_floats(bucket, head_dim, num_warps) > (
             MAX_SHARED_BYTES
         ):
@@ -147,15 +132,23 @@ def plan_decode(
             f"num_warps must be in 1..{max_warps(bucket)} at {group} query heads a KV head, "
             f"got {num_warps}"
         )
-    if num_splits is None:
-        resident = num_sms * resident_warps_per_sm(bucket)
-        num_splits = choose_num_splits(rows, items, num_warps, resident)
-    if not 1 <= num_splits <= MAX_SPLITS:
-        raise ValueError(f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}")
     shared_mem = 4 * decode_shared_floats(bucket, head_dim, num_warps)
     if shared_mem > MAX_SHARED_BYTES:
         raise ValueError(
             f"head_dim={head_dim}, group={group} need {shared_mem} bytes of shared memory "
             f"with {num_warps} warps; use fewer warps"
         )
-    return DecodePlan(rows, group, bucket, num_splits, num_warps, shared_mem)
+    page_size = kv_cache.shape[2]
+    if split_pages is None:
+        chunk = chunk_tokens(q.element_size(), head_dim, bucket)
+        split_pages = default_split_pages(num_warps, chunk, page_size)
+    if split_pages < 1:
+        raise ValueError(f"split_pages must be at least 1, got {split_pages}")
+    max_splits = max(1, math.ceil(max_row_pages / split_pages))
+    if 4 * group * max_splits > MAX_SHARED_BYTES:  # the merge kernel's weights
+        raise ValueError(
+            f"a row of {max_row_pages} pages takes {max_splits} splits of {split_pages} pages, "
+            f"more than the merge kernel holds ({MAX_SHARED_BYTES // (4 * group)} at "
+            f"{group} query heads a KV head): select fewer pages"
+        )
+    return DecodePlan(rows, group, bucket, split_pages, max_splits, num_warps, shared_mem)

@@ -20,15 +20,19 @@ def decode_attention(
     indices: torch.Tensor,
     page_lens: torch.Tensor,
     sm_scale: float,
+    max_row_pages: int | None = None,
 ) -> torch.Tensor:
     """Paged decode attention on ``q``'s device: vectorized torch on CPU, CUDA kernel on GPU.
 
-    Shapes as in :func:`kernels.paged_attention.paged_decode_attention`; returns
+    Shapes as in :func:`kernels.paged_attention.paged_decode_attention`; ``max_row_pages``:
+    pages of the longest row, if known (spares the GPU path a wait for the device); returns
     ``[B, Hq, D]``.
     """
     if q.device.type == "cpu":
         return paged_decode_attention_torch(q, kv_cache, indptr, indices, page_lens, sm_scale)
-    return paged_decode_attention(q, kv_cache, indptr, indices, page_lens, sm_scale)
+    return paged_decode_attention(
+        q, kv_cache, indptr, indices, page_lens, sm_scale, max_row_pages=max_row_pages
+    )
 
 
 def scatter_pages(staging: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:

@@ -239,12 +239,8 @@ class EmulatorBackend:
 
     device_type = "cpu"
 
-    def __init__(self, num_sms: int = 2, kernels: EmulatedKernels | None = None) -> None:
-        self._num_sms = num_sms
+    def __init__(self, kernels: EmulatedKernels | None = None) -> None:
         self._kernels = kernels if kernels is not None else load()
-
-    def num_sms(self, device: torch.device) -> int:
-        return self._num_sms
 
     def empty(
         self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device

@@ -6,16 +6,19 @@
 //   indptr   [rows + 1]        int32, rows = B * Hkv; row r serves query heads r*G .. r*G+G-1
 //   indices  [nnz]             int32, page slots
 //   page_lens[nnz]             int32, valid tokens at the start of each page (clamped to P)
-//   out      [B, Hq, D]        T (written directly when num_splits == 1)
-//   part_o   [rows, splits, G, D] float32, per-split normalised outputs (num_splits > 1)
-//   part_lse [rows, splits, G]    float32, per-split log2-sum-exp of the scaled scores
+//   out      [B, Hq, D]        T (written directly by a row of one split)
+//   part_o   [rows, max_splits, G, D] float32, per-split normalised outputs (rows of splits)
+//   part_lse [rows, max_splits, G]    float32, per-split log2-sum-exp of the scaled scores
 //
-// Decode kernel: grid (rows, num_splits), block = W warps; one instance per dtype, head dim
+// Decode kernel: grid (rows, max_splits), block = W warps; one instance per dtype, head dim
 // and group bucket NG (the smallest of 1, 2, 4, 8 that holds the row's G query heads; heads
-// G..NG-1 have a zero query and are not written). A block takes a balanced slice of its
-// row's pages, cut into chunks of kChunk tokens (a page holds ceil(P / kChunk) of them), and
-// its warps take the chunks round-robin, each keeping its own online softmax (running max m,
-// sum l, accumulator o) in the log2 domain (q is pre-scaled by sm_scale * log2(e)).
+// G..NG-1 have a zero query and are not written). A row's pages are cut into splits of
+// split_pages pages, as many as the row needs (blocks past them return at once), so how a
+// row is summed depends on the row alone, not on the other rows of the call: a sequence's
+// attention is the same bits in any batch. A block's pages are cut into chunks of
+// kChunk tokens (a page holds ceil(P / kChunk) of them), and its warps take the chunks
+// round-robin, each keeping its own online softmax (running max m, sum l, accumulator o) in
+// the log2 domain (q is pre-scaled by sm_scale * log2(e)).
 //
 // A warp holds a chunk in registers: lane (token_lane, dim_lane) owns kRows rows (tokens
 // token_lane, token_lane + kTokenLanes, ...) and, of each, the 16-byte vectors dim_lane,
@@ -27,8 +30,9 @@
 //   2. the chunk's max per head (across token lanes), the rescale factor, p = exp2(s - m);
 //   3. o = o * c + sum over the lane's rows of p * v, l = l * c + sum p (lane-local).
 // At the end the token lanes are summed (xor shuffles), the warps' states are merged in
-// shared memory, and either the output or the split's partial (normalised o, lse) is
-// written. The merge kernel (grid rows) combines the splits of a row.
+// shared memory, and either the output (a row of one split) or the split's partial
+// (normalised o, lse) is written. The merge kernel (grid rows) combines the splits of each
+// row that has several, in split order.
 //
 // Dynamic shared memory (floats), see kernels/decode_plan.py::decode_shared_floats:
 //   main loop:  q_s [NG][D+4]
@@ -62,12 +66,17 @@ struct DecodeLayout {
   static_assert(32 % kDimLanes == 0 && kVecs % kDimLanes == 0, "unsupported head_dim");
 };
 
+// Splits of a row of `count` pages: one, or as many runs of split_pages as cover them.
+__device__ __forceinline__ int row_split_count(int count, int split_pages) {
+  return count > split_pages ? (count + split_pages - 1) / split_pages : 1;
+}
+
 template <typename T, int D, int NG>
 __device__ __forceinline__ void paged_decode(
     const T* __restrict__ q, const T* __restrict__ kv, const int* __restrict__ indptr,
     const int* __restrict__ indices, const int* __restrict__ page_lens, T* __restrict__ out,
     float* __restrict__ part_o, float* __restrict__ part_lse, int group, int page_size,
-    int num_splits, float scale_log2) {
+    int split_pages, int max_splits, float scale_log2) {
   using L = DecodeLayout<T, D, NG>;
   IC_DYNAMIC_SMEM(float, smem);
   const int warps = static_cast<int>(blockDim.x) / 32;
@@ -83,12 +92,13 @@ __device__ __forceinline__ void paged_decode(
   float* m_s = smem + max_int(NG * L::kQStride, warps * NG * D);  // [W][NG]
   float* l_s = m_s + warps * NG;                            // [W][NG]
 
-  // Balanced slice [p0, p1) of the row's pages for this split.
+  // This split's pages [p0, p1): split_pages of the row's, in order; none past its last.
   const int start = indptr[row];
   const int count = indptr[row + 1] - start;
-  const int p0 = start + static_cast<int>(static_cast<long long>(count) * split / num_splits);
-  const int p1 =
-      start + static_cast<int>(static_cast<long long>(count) * (split + 1) / num_splits);
+  const int row_splits = row_split_count(count, split_pages);
+  if (split >= row_splits) return;  // the whole block, before any barrier
+  const int p0 = start + split * split_pages;
+  const int p1 = start + min_int(count, (split + 1) * split_pages);
 
   const T* q_row = q + static_cast<long long>(row) * group * D;
   for (int i = static_cast<int>(threadIdx.x); i < NG * D; i += static_cast<int>(blockDim.x)) {
@@ -255,7 +265,7 @@ __device__ __forceinline__ void paged_decode(
   __syncthreads();
 
   // Merge the warps and write the output (one split) or this split's partial.
-  const long long part = static_cast<long long>(row) * num_splits + split;
+  const long long part = static_cast<long long>(row) * max_splits + split;
   for (int i = static_cast<int>(threadIdx.x); i < group * D; i += static_cast<int>(blockDim.x)) {
     const int g = i / D;
     const int d = i - g * D;
@@ -271,7 +281,7 @@ __device__ __forceinline__ void paged_decode(
       l_sum += c * l_s[w * NG + g];
     }
     const float value = l_sum > 0.f ? o / l_sum : 0.f;
-    if (num_splits == 1) {
+    if (row_splits == 1) {
       out[static_cast<long long>(row) * group * D + i] = from_float<T>(value);
     } else {
       part_o[part * group * D + i] = value;
@@ -280,16 +290,20 @@ __device__ __forceinline__ void paged_decode(
   }
 }
 
-// Combines the splits of row blockIdx.x: out = sum_s w_s * o_s with w = softmax(lse).
-// Dynamic shared memory: w_s [G][num_splits] floats.
+// Combines the splits of row blockIdx.x: out = sum_s w_s * o_s with w = softmax(lse), over
+// the row's own splits (a row of one split was written by the decode kernel).
+// Dynamic shared memory: w_s [G][max_splits] floats.
 template <typename T>
 __device__ __forceinline__ void merge_splits(const float* __restrict__ part_o,
                                              const float* __restrict__ part_lse,
-                                             T* __restrict__ out, int group, int head_dim,
-                                             int num_splits) {
+                                             T* __restrict__ out, const int* __restrict__ indptr,
+                                             int group, int head_dim, int split_pages,
+                                             int max_splits) {
   IC_DYNAMIC_SMEM(float, w_s);
   const long long row = blockIdx.x;
-  const float* lse = part_lse + row * num_splits * group;  // [S][G]
+  const int num_splits = row_split_count(indptr[row + 1] - indptr[row], split_pages);
+  if (num_splits == 1) return;
+  const float* lse = part_lse + row * max_splits * group;  // [S][G]
   for (int g = static_cast<int>(threadIdx.x); g < group; g += static_cast<int>(blockDim.x)) {
     float m_max = neg_inf();
     for (int s = 0; s < num_splits; ++s) m_max = fmaxf(m_max, lse[s * group + g]);
@@ -305,7 +319,7 @@ __device__ __forceinline__ void merge_splits(const float* __restrict__ part_o,
   }
   __syncthreads();
   const int width = group * head_dim;
-  const float* o_row = part_o + row * num_splits * width;  // [S][G][D]
+  const float* o_row = part_o + row * max_splits * width;  // [S][G][D]
   for (int i = static_cast<int>(threadIdx.x); i < width; i += static_cast<int>(blockDim.x)) {
     const int g = i / head_dim;
     float o = 0.f;
@@ -323,16 +337,18 @@ __device__ __forceinline__ void merge_splits(const float* __restrict__ part_o,
   extern "C" __global__ void __launch_bounds__((NG) <= 4 ? 512 : 256)                     \
       NAME(const T* q, const T* kv, const int* indptr, const int* indices,                \
            const int* page_lens, T* out, float* part_o, float* part_lse, int group,        \
-           int page_size, int num_splits, float scale_log2) {                              \
+           int page_size, int split_pages, int max_splits, float scale_log2) {             \
     icecache::paged_decode<T, D, NG>(q, kv, indptr, indices, page_lens, out, part_o,       \
-                                     part_lse, group, page_size, num_splits, scale_log2);  \
+                                     part_lse, group, page_size, split_pages, max_splits,  \
+                                     scale_log2);                                          \
   }
 
 #define ICECACHE_MERGE_KERNEL(NAME, T)                                                     \
   extern "C" __global__ void __launch_bounds__(256)                                      \
-      NAME(const float* part_o, const float* part_lse, T* out, int group, int head_dim,   \
-           int num_splits) {                                                              \
-    icecache::merge_splits<T>(part_o, part_lse, out, group, head_dim, num_splits);        \
+      NAME(const float* part_o, const float* part_lse, T* out, const int* indptr,        \
+           int group, int head_dim, int split_pages, int max_splits) {                    \
+    icecache::merge_splits<T>(part_o, part_lse, out, indptr, group, head_dim, split_pages, \
+                              max_splits);                                                \
   }
 
 ICECACHE_DECODE_KERNEL(icecache_decode_f32_d64_g1, float, 64, 1)

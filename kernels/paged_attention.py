@@ -1,7 +1,9 @@
 """Paged decode attention on a device: launches ``kernels/paged_attention.cu``.
 
-One decode kernel over a CSR page table (split-K over each row's pages when that fills the
-device better), then, when split, a merge kernel over the partial results.
+One decode kernel over a CSR page table (split-K over the pages of the rows longer than a
+split), then, when some row is split, a merge kernel over the partial results. How a row is
+summed depends on the row alone (``kernels.decode_plan``): a sequence's attention is the
+same bits in any batch.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def paged_decode_attention(
     sm_scale: float,
     *,
     out: torch.Tensor | None = None,
-    num_splits: int | None = None,
+    max_row_pages: int | None = None,
+    split_pages: int | None = None,
     num_warps: int | None = None,
     backend: KernelBackend | None = None,
 ) -> torch.Tensor:
@@ -48,9 +51,13 @@ def paged_decode_attention(
             a page with ``<= 0`` is skipped).
         sm_scale: softmax scale, usually ``D ** -0.5``.
         out: optional ``[B, Hq, D]`` output buffer in ``q``'s dtype.
-        num_splits: blocks per CSR row (split-K); default: sized to fill the device.
-        num_warps: warps per block (1..16, 1..8 above 4 query heads a KV head); default:
-            :func:`kernels.decode_plan.choose_num_warps`.
+        max_row_pages: pages of the longest row, if the caller knows it (the engine builds
+            the table on the host); otherwise read from ``indptr``, which on a GPU waits for
+            the device.
+        split_pages: pages of a split (split-K); default
+            :func:`kernels.decode_plan.default_split_pages`.
+        num_warps: warps per block (1..16, 1..8 above 4 query heads a KV head); default
+            :data:`kernels.decode_plan.WARPS`.
         backend: where to run; default :class:`kernels.cupy_backend.CupyBackend` (torch CUDA
             tensors).
 
@@ -69,25 +76,30 @@ def paged_decode_attention(
     if q.numel() == 0:
         return out
     check_aligned("kv_cache", kv_cache)
+    if max_row_pages is None:
+        lens = indptr[1:] - indptr[:-1]
+        max_row_pages = int(lens.max()) if lens.numel() else 0
     plan = plan_decode(
-        q, kv_cache, indptr, indices, page_lens, backend.num_sms(device), num_splits, num_warps
+        q, kv_cache, indptr, indices, page_lens, max_row_pages, split_pages, num_warps
     )
     tag, head_dim = DTYPE_TAGS[q.dtype], q.shape[2]
-    if plan.num_splits == 1:  # the kernel writes out directly; partial pointers unused
+    splits = plan.max_splits
+    if splits == 1:  # the kernel writes out directly; partial pointers unused
         part_o = part_lse = out
     else:
         f32 = torch.float32
-        part_o = backend.empty((plan.rows, plan.num_splits, plan.group, head_dim), f32, device)
-        part_lse = backend.empty((plan.rows, plan.num_splits, plan.group), f32, device)
+        part_o = backend.empty((plan.rows, splits, plan.group, head_dim), f32, device)
+        part_lse = backend.empty((plan.rows, splits, plan.group), f32, device)
     decode_args: list[KernelArg] = [q, kv_cache, indptr, indices, page_lens, out, part_o, part_lse]
-    decode_args += _i32(plan.group, kv_cache.shape[2], plan.num_splits)
+    decode_args += _i32(plan.group, kv_cache.shape[2], plan.split_pages, splits)
     decode_args.append(np.float32(sm_scale * LOG2E))
-    grid, block = (plan.rows, plan.num_splits, 1), (32 * plan.warps, 1, 1)
+    grid, block = (plan.rows, splits, 1), (32 * plan.warps, 1, 1)
     kernel = f"icecache_decode_{tag}_d{head_dim}_g{plan.bucket}"
     backend.launch("paged_attention", kernel, grid, block, decode_args, plan.shared_mem, device)
-    if plan.num_splits > 1:
-        merge_args = [part_o, part_lse, out, *_i32(plan.group, head_dim, plan.num_splits)]
-        merge_smem = 4 * plan.group * plan.num_splits  # weights [G][splits]
+    if splits > 1:
+        merge_args: list[KernelArg] = [part_o, part_lse, out, indptr]
+        merge_args += _i32(plan.group, head_dim, plan.split_pages, splits)
+        merge_smem = 4 * plan.group * splits  # weights [G][splits]
         kernel = f"icecache_decode_merge_{tag}"
         grid, block = (plan.rows, 1, 1), (128, 1, 1)
         backend.launch("paged_attention", kernel, grid, block, merge_args, merge_smem, device)

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Generator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -556,13 +557,18 @@ class Engine:
         self.timings.load += time.perf_counter() - started
         if not dense:
             assert table is not None
-            return decode_attention(q, self.cache.kv, *table, self.scale)
+            return self._paged_attention(q, table)
         attn = torch.empty_like(q)
         for i, copy in zip(dense, copies, strict=True):
             attn[i] = copy.attend(layer, q[i], self.scale)
         if table is not None:
-            attn[paged] = decode_attention(q[paged], self.cache.kv, *table, self.scale)
+            attn[paged] = self._paged_attention(q[paged], table)
         return attn
+
+    def _paged_attention(self, q: torch.Tensor, table: PageTable) -> torch.Tensor:
+        return decode_attention(
+            q, self.cache.kv, table.indptr, table.slots, table.lens, self.scale, table.longest
+        )
 
     def _to_dense(
         self, seq: Sequence, layer: int, k: torch.Tensor, v: torch.Tensor, sel: Selection | None
@@ -585,7 +591,7 @@ class Engine:
             )
         return dense
 
-    def _page_table(self, sels: list[Selection]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _page_table(self, sels: list[Selection]) -> PageTable:
         """CSR page table over rows ``b * kv_heads + h`` with device slots."""
         pages = np.concatenate([s.pages for s in sels])
         versions = np.concatenate([s.versions for s in sels])
@@ -595,7 +601,12 @@ class Engine:
         np.cumsum(counts, out=indptr[1:])
         slots = self.cache.resolve(pages, versions, self.kv.read_pages)
         self.timings.kv_tokens += int(lens.sum())
-        return _to_device(indptr, self.device), slots, _to_device(lens, self.device)
+        return PageTable(
+            _to_device(indptr, self.device),
+            slots,
+            _to_device(lens, self.device),
+            int(counts.max()) if counts.size else 0,
+        )
 
     # ---- generation ----------------------------------------------------------------------
     def generate(
@@ -698,6 +709,19 @@ def _before_last(blocks: PrefixKeys | None, prompt_ids: list[int]) -> PrefixKeys
 def _np(t: torch.Tensor) -> np.ndarray:
     """A float32 host copy (a view on CPU) of a tensor for the store."""
     return t.detach().to("cpu", torch.float32).numpy()
+
+
+class PageTable(NamedTuple):
+    """The CSR page table of one decode attention call, on the device."""
+
+    indptr: torch.Tensor
+    """``[rows + 1]`` int32 row pointers, rows ``b * kv_heads + h``."""
+    slots: torch.Tensor
+    """``[nnz]`` int32 device cache slots of the selected pages."""
+    lens: torch.Tensor
+    """``[nnz]`` int32 valid tokens of each page."""
+    longest: int
+    """Pages of the longest row (known on the host: the GPU kernel's launch needs it)."""
 
 
 def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -21,15 +21,12 @@ class Launch(NamedTuple):
 
 
 class RecordingBackend:
-    """A CPU backend that records launches instead of running them (an H200's 132 SMs)."""
+    """A CPU backend that records launches instead of running them."""
 
     device_type = "cpu"
 
     def __init__(self) -> None:
         self.launches: list[Launch] = []
-
-    def num_sms(self, device: torch.device) -> int:
-        return 132
 
     def empty(
         self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device

@@ -9,10 +9,9 @@ import torch
 
 from kernels.decode_plan import (
     DecodePlan,
-    choose_num_splits,
-    choose_num_warps,
     chunk_tokens,
     decode_shared_floats,
+    default_split_pages,
     plan_decode,
 )
 from kernels.paged_attention import paged_decode_attention
@@ -20,17 +19,28 @@ from tests.kernels.recording import RecordingBackend, decode_inputs
 
 
 def test_plan_of_an_8b_decode_step_at_batch_1():
-    plan = plan_decode(*decode_inputs(), num_sms=132)
-    # 16 pages a row of 2 chunks of 8 tokens: 16 warps take 2 each, in one block a row
-    assert plan == DecodePlan(rows=8, group=4, bucket=4, num_splits=1, warps=16, shared_mem=33280)
-    assert plan.shared_mem == 4 * decode_shared_floats(4, 128, 16) == 4 * (16 * 4 * 128 + 128)
+    plan = plan_decode(*decode_inputs(), max_row_pages=16)
+    # rows of 16 pages, each of 2 chunks of 8 tokens: splits of 32 pages (8 warps x 8 chunks)
+    assert plan == DecodePlan(
+        rows=8, group=4, bucket=4, split_pages=32, max_splits=1, warps=8, shared_mem=16640
+    )
+    assert plan.shared_mem == 4 * decode_shared_floats(4, 128, 8) == 4 * (8 * 4 * 128 + 64)
+
+
+def test_the_longest_row_sets_the_splits_and_nothing_else_depends_on_the_batch():
+    inputs = decode_inputs(batch=2)
+    plans = [plan_decode(*inputs, max_row_pages=n) for n in (0, 32, 33, 64, 65)]
+    assert [p.max_splits for p in plans] == [1, 1, 2, 2, 3]
+    assert {(p.split_pages, p.warps, p.shared_mem) for p in plans} == {(32, 8, 16640)}
+    wide = plan_decode(*decode_inputs(batch=64), max_row_pages=16)
+    assert (wide.split_pages, wide.warps) == (32, 8)
 
 
 def test_a_group_runs_the_smallest_bucket_that_holds_it():
     q, kv, indptr, indices, lens = decode_inputs(kv_heads=3, group=3)
-    assert plan_decode(q, kv, indptr, indices, lens, num_sms=132).bucket == 4
+    assert plan_decode(q, kv, indptr, indices, lens, max_row_pages=16).bucket == 4
     q, kv, indptr, indices, lens = decode_inputs(kv_heads=4, group=5)
-    assert plan_decode(q, kv, indptr, indices, lens, num_sms=132).bucket == 8
+    assert plan_decode(q, kv, indptr, indices, lens, max_row_pages=16).bucket == 8
 
 
 @pytest.mark.parametrize(
@@ -49,43 +59,19 @@ def test_chunk_tokens(element_size: int, head_dim: int, bucket: int, expected: i
     assert chunk_tokens(element_size, head_dim, bucket) == expected
 
 
-def test_warps_follow_the_rows_share_of_chunks():
-    assert choose_num_warps(rows=8, items=24, num_sms=132, most=16) == 3
-    assert choose_num_warps(rows=8, items=8 * 64, num_sms=132, most=16) == 16
-    assert choose_num_warps(rows=8, items=8 * 64, num_sms=132, most=8) == 8
-    # the rows alone fill the device: 4 warps
-    assert choose_num_warps(rows=264, items=264 * 64, num_sms=132, most=16) == 4
-    assert choose_num_warps(rows=0, items=0, num_sms=132, most=16) == 1
+@pytest.mark.parametrize(
+    "warps,chunk,page_size,expected",
+    [(8, 8, 16, 32), (8, 4, 16, 16), (5, 4, 16, 10), (8, 32, 1, 2048), (1, 2, 64, 1)],
+)
+def test_a_split_holds_eight_chunks_a_warp(warps: int, chunk: int, page_size: int, expected: int):
+    assert default_split_pages(warps, chunk, page_size) == expected
 
 
 def test_wide_groups_get_fewer_warps_to_fit_shared_memory():
     q, kv, indptr, indices, lens = decode_inputs(kv_heads=2, group=8, head_dim=256)
-    plan = plan_decode(q, kv, indptr, indices, lens, num_sms=132)
+    plan = plan_decode(q, kv, indptr, indices, lens, max_row_pages=16)
     assert plan.warps == 5 and plan.shared_mem <= 48 * 1024
-
-
-def test_large_batches_run_unsplit():
-    plan = plan_decode(*decode_inputs(batch=64), num_sms=132)
-    assert plan.rows == 512 and plan.num_splits == 1
-
-
-@pytest.mark.parametrize(
-    "rows,items,warps,expected",
-    [
-        (8, 256, 8, 1),  # four chunks a warp: no split (a merge kernel costs more)
-        (8, 1024, 8, 8),  # two chunks a warp while the device holds every warp
-        (8, 1000, 8, 8),
-        (128, 4096, 8, 1),
-        (128, 16384, 8, 2),  # 16384 chunks over 2112 resident warps: 8 a warp
-        (512, 8192, 8, 1),
-        (8, 8, 8, 1),
-        (4, 0, 8, 1),
-        (1, 10**6, 1, 256),
-        (1, 40, 1, 20),
-    ],
-)
-def test_choose_num_splits(rows: int, items: int, warps: int, expected: int):
-    assert choose_num_splits(rows, items, warps=warps, resident_warps=132 * 16) == expected
+    assert plan.split_pages == 10  # 5 warps x 8 chunks of 4 tokens
 
 
 def _bad_decode_calls() -> Iterator[tuple[str, dict[str, object]]]:
@@ -106,7 +92,8 @@ def _bad_decode_calls() -> Iterator[tuple[str, dict[str, object]]]:
         {"kv_cache": torch.zeros(kv.numel() + 1, dtype=kv.dtype)[1:].view(kv.shape)},
     )
     yield "out must be", {"out": torch.empty(2, 4, 64, dtype=q.dtype)}
-    yield "num_splits must be", {"num_splits": 0}
+    yield "split_pages must be at least 1", {"split_pages": 0}
+    yield "more than the merge kernel holds", {"split_pages": 1, "max_row_pages": 10**5}
     yield "num_warps must be in 1..16", {"num_warps": 17}
     yield (
         "num_warps must be in 1..8",

@@ -27,7 +27,7 @@ def test_library_is_cached_by_source_hash(kernels: emulator.EmulatedKernels):
 def test_table_holds_every_kernel_of_every_module(kernels: emulator.EmulatedKernels):
     names = {name for module in MODULE_KERNELS.values() for name in module}
     assert names | {emulator.SELFTEST_KERNEL} == set(kernels.signatures)
-    assert kernels.signatures["icecache_decode_f16_d128_g4"][1] == "ppppppppiiif"
+    assert kernels.signatures["icecache_decode_f16_d128_g4"][1] == "ppppppppiiiif"
     assert kernels.signatures["icecache_page_scatter_u16"][1] == "pppqi"
 
 

@@ -26,7 +26,7 @@ def runner(request: pytest.FixtureRequest) -> Runner:
     """The emulator on CPU tensors, or CuPy on CUDA tensors (skipped without them)."""
     if request.param == "emulator":
         require_emulator()
-        return Runner(emulator.EmulatorBackend(num_sms=2), torch.device("cpu"))
+        return Runner(emulator.EmulatorBackend(), torch.device("cpu"))
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     pytest.importorskip("cupy", reason="CuPy is not installed")

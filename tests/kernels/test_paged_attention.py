@@ -35,7 +35,7 @@ def runner(request: pytest.FixtureRequest) -> Runner:
     """The emulator on CPU tensors, or CuPy on CUDA tensors (skipped without them)."""
     if request.param == "emulator":
         require_emulator()
-        return Runner(emulator.EmulatorBackend(num_sms=2), torch.device("cpu"))
+        return Runner(emulator.EmulatorBackend(), torch.device("cpu"))
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     pytest.importorskip("cupy", reason="CuPy is not installed")
@@ -88,7 +88,7 @@ def make_case(
 
 
 def check(
-    case: Case, runner: Runner, *, num_splits: int | None = None, num_warps: int | None = None
+    case: Case, runner: Runner, *, split_pages: int | None = None, num_warps: int | None = None
 ) -> torch.Tensor:
     """Runs the kernel on a NaN-filled output and compares it with the reference."""
     on = [t.to(runner.device) for t in case[:5]]
@@ -97,7 +97,7 @@ def check(
         *on,
         case.sm_scale,
         out=out,
-        num_splits=num_splits,
+        split_pages=split_pages,
         num_warps=num_warps,
         backend=runner.backend,
     )
@@ -116,24 +116,24 @@ def test_every_gqa_ratio_split_and_unsplit(runner: Runner, group: int):
     dtype = DTYPES[group % 3]
     head_dim = (64, 128)[group % 2]
     case = make_case(2, 2, group, head_dim, dtype, pages=(1, 6), seed=group)
-    check(case, runner, num_splits=1)
-    check(case, runner, num_splits=3)
+    check(case, runner)  # one split a row
+    check(case, runner, split_pages=2)
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_dtype_and_head_dim(runner: Runner, dtype: torch.dtype, head_dim: int):
     case = make_case(2, 1, 4, head_dim, dtype, pages=(2, 7), seed=head_dim)
-    check(case, runner)  # the default plan: 2 splits for 2 rows on the emulator's 2 SMs
-    check(case, runner, num_splits=1)
+    check(case, runner)  # the default plan: one split a row
+    check(case, runner, split_pages=1)  # a split a page
 
 
 def test_rows_without_pages_give_zero(runner: Runner):
     case = make_case(3, 2, 3, 64, torch.float32, pages=(0, 2), seed=5)
     empty = (case.indptr[1:] == case.indptr[:-1]).nonzero().flatten().tolist()
     assert empty, "the seed must produce empty rows"
-    for splits in (1, 4):
-        out = check(case, runner, num_splits=splits)
+    for split_pages in (64, 1):
+        out = check(case, runner, split_pages=split_pages)
         for row in empty:
             b, h = divmod(row, 2)
             assert torch.all(out[b, 3 * h : 3 * h + 3] == 0)
@@ -145,17 +145,18 @@ def test_all_rows_empty(runner: Runner):
     assert torch.all(check(case, runner) == 0)
 
 
-@pytest.mark.parametrize("num_splits", [2, 5, 16])
-def test_more_splits_than_pages_per_row(runner: Runner, num_splits: int):
-    case = make_case(1, 3, 2, 128, torch.bfloat16, pages=(1, 4), seed=num_splits)
-    check(case, runner, num_splits=num_splits)
+@pytest.mark.parametrize("split_pages", [1, 2, 3])
+def test_rows_split_differently_in_one_call(runner: Runner, split_pages: int):
+    # rows of 1-9 pages: some of one split, the others of up to 9; the merge skips the first
+    case = make_case(2, 3, 2, 128, torch.bfloat16, pages=(1, 9), seed=split_pages)
+    check(case, runner, split_pages=split_pages)
 
 
 @pytest.mark.parametrize("num_warps", [1, 2, 8, 16])
 def test_warps_per_block(runner: Runner, num_warps: int):
     case = make_case(1, 2, 4, 64, torch.float16, pages=(3, 9), seed=num_warps)
-    check(case, runner, num_splits=1, num_warps=num_warps)
-    check(case, runner, num_splits=2, num_warps=num_warps)
+    check(case, runner, num_warps=num_warps)
+    check(case, runner, split_pages=2, num_warps=num_warps)
 
 
 def test_eight_heads_a_kv_head_at_head_dim_256(runner: Runner):
@@ -163,25 +164,25 @@ def test_eight_heads_a_kv_head_at_head_dim_256(runner: Runner):
     # shared memory) merge in a block whose warps are not a power of two
     case = make_case(1, 2, 8, 256, torch.float16, pages=(4, 9), seed=11)
     check(case, runner)
-    check(case, runner, num_splits=1)
+    check(case, runner, split_pages=3)
 
 
 @pytest.mark.parametrize("page_size", [1, 8, 32, 64])
 def test_page_sizes(runner: Runner, page_size: int):
     case = make_case(2, 1, 5, 64, torch.float32, page_size=page_size, pages=(1, 4), seed=page_size)
-    check(case, runner, num_splits=2)
+    check(case, runner, split_pages=2)
 
 
 def test_long_rows_full_pages(runner: Runner):
     case = make_case(1, 2, 8, 128, torch.float16, pages=(24, 40), full_pages=True)
     check(case, runner)
-    check(case, runner, num_splits=1)
+    check(case, runner, split_pages=5)
 
 
 def test_large_scores_stay_finite(runner: Runner):
     # Scores around +-100: the running max must keep exp2 in range.
     case = make_case(2, 1, 2, 64, torch.float32, pages=(3, 6), q_scale=80.0, seed=3)
-    out = check(case, runner, num_splits=3)
+    out = check(case, runner, split_pages=2)
     assert torch.isfinite(out).all()
 
 
@@ -190,14 +191,14 @@ def test_page_lens_beyond_page_and_zero_follow_the_reference(runner: Runner):
     page_lens = case.page_lens.clone()
     page_lens[0] = 0  # no valid token: the page is skipped
     page_lens[3] = 99  # more than the page holds: the whole page
-    check(case._replace(page_lens=page_lens), runner, num_splits=2)
+    check(case._replace(page_lens=page_lens), runner, split_pages=2)
 
 
 def test_pages_shared_by_rows(runner: Runner):
     case = make_case(2, 2, 2, 64, torch.float16, pages=(3, 3), full_pages=True, seed=4)
     indices = case.indices.clone()
     indices[3:6] = indices[0:3]  # row 1 attends to the pages of row 0
-    check(case._replace(indices=indices), runner, num_splits=2)
+    check(case._replace(indices=indices), runner, split_pages=2)
 
 
 def test_launches_of_an_8b_decode_step_at_batch_1_over_1024_tokens():
@@ -206,24 +207,41 @@ def test_launches_of_an_8b_decode_step_at_batch_1_over_1024_tokens():
     paged_decode_attention(q, *rest, 128**-0.5, backend=backend)
     decode, merge = backend.launches
     assert decode.kernel == "icecache_decode_f16_d128_g4"
-    # 8 rows x 4 splits x 16 warps: two chunks of 8 tokens per warp
-    assert decode.grid == (8, 4, 1)
-    assert decode.block == (512, 1, 1)
-    assert decode.shared_mem == 4 * decode_shared_floats(4, 128, 16) == 33280
-    assert decode.args[8:11] == [4, 16, 4]  # group, page_size, num_splits
-    assert float(decode.args[11]) == pytest.approx(128**-0.5 * 1.4426950408889634)
+    # 8 rows x 2 splits of 32 pages x 8 warps: 8 chunks of 8 tokens per warp
+    assert decode.grid == (8, 2, 1)
+    assert decode.block == (256, 1, 1)
+    assert decode.shared_mem == 4 * decode_shared_floats(4, 128, 8) == 16640
+    assert decode.args[8:12] == [4, 16, 32, 2]  # group, page_size, split_pages, max_splits
+    assert float(decode.args[12]) == pytest.approx(128**-0.5 * 1.4426950408889634)
     assert merge.kernel == "icecache_decode_merge_f16"
-    assert merge.grid == (8, 1, 1) and merge.shared_mem == 4 * 4 * 4
-    part_o, part_lse, out = merge.args[:3]
-    assert part_o.shape == (8, 4, 4, 128) and part_lse.shape == (8, 4, 4)
-    assert out is decode.args[5]
+    assert merge.grid == (8, 1, 1) and merge.shared_mem == 4 * 4 * 2
+    part_o, part_lse, out, indptr = merge.args[:4]
+    assert part_o.shape == (8, 2, 4, 128) and part_lse.shape == (8, 2, 4)
+    assert out is decode.args[5] and indptr is decode.args[2]
+    assert merge.args[4:] == [4, 128, 32, 2]  # group, head_dim, split_pages, max_splits
 
 
 def test_large_batches_launch_unsplit():
     backend = RecordingBackend()
     q, *rest = decode_inputs(batch=64)
     paged_decode_attention(q, *rest, 0.1, backend=backend)
-    (decode,) = backend.launches
+    (decode,) = backend.launches  # rows of 16 pages: one split each, no merge
     assert decode.grid == (512, 1, 1)
-    assert decode.block == (128, 1, 1)  # 512 rows fill 132 SMs: 4 warps a block
+    assert decode.block == (256, 1, 1)
     assert decode.args[6] is decode.args[5]  # no workspace: partials point at out
+
+
+def test_a_rows_output_does_not_depend_on_the_other_rows(runner: Runner):
+    # Sequence 0 alone, then in a batch whose longer rows raise the call's number of splits
+    # (the grid): its rows are summed the same way, so its output is the same bit for bit.
+    case = make_case(3, 2, 4, 128, torch.float16, pages=(33, 110), full_pages=True, seed=2)
+    splits = [-(-n // 32) for n in (case.indptr[1:] - case.indptr[:-1]).tolist()]  # of 32 pages
+    assert max(splits[2:]) > max(splits[:2]) > 1, "rows of several splits, more elsewhere"
+    alone = case._replace(
+        q=case.q[:1],
+        indptr=case.indptr[:3],
+        indices=case.indices[: case.indptr[2]],
+        page_lens=case.page_lens[: case.indptr[2]],
+    )
+    batched = check(case, runner)
+    assert torch.equal(check(alone, runner)[0], batched[0])
