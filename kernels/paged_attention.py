@@ -53,7 +53,8 @@ def paged_decode_attention(
         out: optional ``[B, Hq, D]`` output buffer in ``q``'s dtype.
         max_row_pages: pages of the longest row, if the caller knows it (the engine builds
             the table on the host); otherwise read from ``indptr``, which on a GPU waits for
-            the device.
+            the device. It must not be below the longest row (on a GPU that is not checked:
+            the launch would leave the pages past it unread).
         split_pages: pages of a split (split-K); default
             :func:`kernels.decode_plan.default_split_pages`.
         num_warps: warps per block (1..16, 1..8 above 4 query heads a KV head); default
@@ -76,9 +77,12 @@ def paged_decode_attention(
     if q.numel() == 0:
         return out
     check_aligned("kv_cache", kv_cache)
-    if max_row_pages is None:
+    if max_row_pages is None or indptr.device.type == "cpu":  # free to read on the host
         lens = indptr[1:] - indptr[:-1]
-        max_row_pages = int(lens.max()) if lens.numel() else 0
+        longest = int(lens.max()) if lens.numel() else 0
+        if max_row_pages is not None and max_row_pages < longest:
+            raise ValueError(f"max_row_pages={max_row_pages}, but a row has {longest} pages")
+        max_row_pages = longest if max_row_pages is None else max_row_pages
     plan = plan_decode(
         q, kv_cache, indptr, indices, page_lens, max_row_pages, split_pages, num_warps
     )

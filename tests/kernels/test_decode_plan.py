@@ -94,6 +94,7 @@ def _bad_decode_calls() -> Iterator[tuple[str, dict[str, object]]]:
     yield "out must be", {"out": torch.empty(2, 4, 64, dtype=q.dtype)}
     yield "split_pages must be at least 1", {"split_pages": 0}
     yield "more than the merge kernel holds", {"split_pages": 1, "max_row_pages": 10**5}
+    yield "but a row has 2 pages", {"max_row_pages": 1}
     yield "num_warps must be in 1..16", {"num_warps": 17}
     yield (
         "num_warps must be in 1..8",
