@@ -14,7 +14,8 @@ Sections (markdown written after each one, so a timeout keeps what was measured)
   3b. launch-shape sweep of the decode kernel: compiled variants, warps, split sizes (fp16);
   3c. host time of an eager decode call and of its parts;
   4. bulk load: pinned staging -> one H2D copy -> scatter kernel, vs pinned H2D bandwidth;
-  5. the ``@pytest.mark.gpu`` tests of ``tests/kernels`` when pytest is installed.
+  5. the ``@pytest.mark.gpu`` tests of ``tests/kernels`` when pytest is installed;
+  6. ``bench/gpu_engine_check.py`` (the engine on CUDA against the CPU) when faiss-cpu is.
 The report goes to ``--out`` and, when the environment names a directory in ``OUT``, to
 ``$OUT/gpu.md`` too.
 """
@@ -638,6 +639,31 @@ def run_gpu_tests(report: Report, timeout: float) -> None:
     report.add("## 5. GPU tests (`pytest -m gpu tests/kernels`)", "", "```", *tail, "```", "")
 
 
+# ---- 6. the engine on the GPU --------------------------------------------------------------------
+
+
+def run_engine_check(report: Report, timeout: float) -> None:
+    """``bench/gpu_engine_check.py`` (writes ``bench/results/gpu-engine.md``); its table here."""
+    title = "## 6. The engine on the GPU (`bench/gpu_engine_check.py`)"
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        report.add(title, "", "faiss-cpu is not installed: skipped.", "")
+        return
+    command = [sys.executable, str(REPO / "bench" / "gpu_engine_check.py")]
+    try:
+        result = subprocess.run(
+            command, cwd=REPO, capture_output=True, text=True, timeout=max(timeout, 10)
+        )
+        lines = result.stdout.strip().splitlines()
+        table = [line for line in lines if line.startswith("|")]
+        verdict = [line for line in lines if line.startswith("**")]
+        body = [*dict.fromkeys(table), "", *verdict] if table else result.stderr.splitlines()[-15:]
+    except subprocess.TimeoutExpired:
+        body = ["(timed out)"]
+    report.add(title, "", *body, "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu.md")
@@ -678,6 +704,10 @@ def main() -> None:
     if remaining > 20:
         logger.info("GPU tests")
         run_gpu_tests(report, remaining - 5)
+    remaining = started + args.budget - time.monotonic()
+    if remaining > 60:
+        logger.info("the engine on the GPU")
+        run_engine_check(report, remaining - 5)
     report.add(f"Total time: {time.monotonic() - started:.0f} s.")
     logger.info("wrote %s", ", ".join(map(str, paths)))
     sys.exit(0 if ok else 1)
