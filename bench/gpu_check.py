@@ -23,13 +23,14 @@ The report goes to ``--out`` and, when the environment names a directory in ``OU
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -364,19 +365,34 @@ def bench_decode(report: Report, bandwidths: Bandwidths, deadline: float) -> Non
         "SDPA expanded | gather+SDPA | speedup | GB/s (% D2D) | max err vs SDPA |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     )
-    for dtype in (torch.float16, torch.bfloat16):
-        for batch in BATCHES:
-            for tokens in TOKENS:
-                if time.monotonic() > deadline:
-                    report.add("", "(stopped: time budget spent)", "")
-                    return
-                try:
-                    row = decode_row(batch, tokens, dtype, bandwidths.d2d_gbs)
-                except Exception as exc:
-                    logger.exception("decode batch=%d tokens=%d failed", batch, tokens)
-                    row = f"| {str(dtype)[6:]} | {batch} | {tokens} | error: {exc} |"
-                torch.cuda.empty_cache()
-                report.add(row)
+    rows = [
+        (
+            f"| {str(dtype)[6:]} | {batch} | {tokens} |",
+            functools.partial(decode_row, batch, tokens, dtype, bandwidths.d2d_gbs),
+        )
+        for dtype in (torch.float16, torch.bfloat16)
+        for batch in BATCHES
+        for tokens in TOKENS
+    ]
+    add_rows(report, rows, deadline)
+
+
+def add_rows(
+    report: Report, rows: Sequence[tuple[str, Callable[[], str]]], deadline: float
+) -> None:
+    """Each table row made by its function, in order, until the deadline; a row that fails
+    says why after its ``label`` (its first cells) and the table goes on."""
+    for label, make in rows:
+        if time.monotonic() > deadline:
+            report.add("", "(stopped: time budget spent)", "")
+            return
+        try:
+            row = make()
+        except Exception as exc:
+            logger.exception("row %s failed", label)
+            row = f"{label} error: {exc} |"
+        torch.cuda.empty_cache()
+        report.add(row)
     report.add("")
 
 
@@ -448,18 +464,11 @@ def bench_sweep(report: Report, deadline: float) -> None:
         + " | --- | --- | --- | --- |",
     )
     backends = [CupyBackend(defines=(f"IC_DECODE_VEC_BUDGET={b}",)) for b in SWEEP_BUDGETS]
-    for batch, tokens in SWEEP_SHAPES:
-        if time.monotonic() > deadline:
-            report.add("", "(stopped: time budget spent)", "")
-            return
-        try:
-            row = sweep_row(batch, tokens, backends)
-        except Exception as exc:
-            logger.exception("sweep batch=%d tokens=%d failed", batch, tokens)
-            row = f"| {batch} | {tokens} | error: {exc} |"
-        torch.cuda.empty_cache()
-        report.add(row)
-    report.add("")
+    rows = [
+        (f"| {batch} | {tokens} |", functools.partial(sweep_row, batch, tokens, backends))
+        for batch, tokens in SWEEP_SHAPES
+    ]
+    add_rows(report, rows, deadline)
 
 
 # ---- 3c. host time per call -------------------------------------------------------------------
