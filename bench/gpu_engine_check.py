@@ -103,6 +103,12 @@ def run_beside(
     return out
 
 
+def agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[int, float]:
+    """Steps whose argmax agree, and the largest logit difference of any step."""
+    same = sum(int(x.argmax() == y.argmax()) for x, y in zip(a, b, strict=True))
+    return same, max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu-engine.md")
@@ -135,7 +141,7 @@ def main() -> None:
             # the CPU's greedy continuation, then every run forced along it
             cpu_run = Engine(
                 cpu_model,
-                LocalKVClient.with_capacity(512 << 20, 16, 64),
+                LocalKVClient.with_capacity(512 << 20, 16, cpu_model.config.head_dim),
                 EngineConfig(policy=policy, budget=BUDGET, device_cache_mb=256),
             )
             forced = cpu_run.generate(ids, NEW)[:-1]
@@ -143,11 +149,9 @@ def main() -> None:
             gpu, gpu_step = run(gpu_model, policy, 256, ids, forced)
             tight, _ = run(gpu_model, policy, 1, ids, forced)
             paired = run_beside(gpu_model, policy, ids, forced, other.tolist())
-            agree = sum(int(a.argmax() == b.argmax()) for a, b in zip(cpu, gpu, strict=True))
-            diff = max(float((a - b).abs().max()) for a, b in zip(cpu, gpu, strict=True))
+            agree, diff = agreement(cpu, gpu)
             same = all(torch.equal(a, b) for a, b in zip(gpu, tight, strict=True))
-            beside = sum(int(a.argmax() == b.argmax()) for a, b in zip(gpu, paired, strict=True))
-            spread = max(float((a - b).abs().max()) for a, b in zip(gpu, paired, strict=True))
+            beside, spread = agreement(gpu, paired)
             ok &= same and agree == len(cpu) and beside == len(cpu)
             lines.append(
                 f"| {policy} | {agree} / {len(cpu)} | {diff:.2e} | {'yes' if same else 'NO'} | "
