@@ -1,18 +1,20 @@
 """One search for all KV heads of a layer: ``ClusterIndex.search`` over many indexes at once.
 
-Decoding asks, per layer, which leaves each of its KV heads attends. Searching head by head
-costs ~30 NumPy calls per head, most of them on small arrays. Here the NumPy stages (the
-softmax over scored tokens, the leaf masses, the leaf ranking) run once for the layer over
-the heads' candidates laid end to end (ragged, no padding); what stays per head is one call
-each to the compiled loops (``cache_service.compiled``: centroid scores, the covering cut,
-the token top-k), the key gathers and the exact stage's matmul (each head owns its arrays).
+Decoding asks, per layer, which leaves (``icecache``) or tokens (``icecache-tokens``) each
+of its KV heads attends. The queries are quantized once for the layer; each head's probe
+(``compiled.probe``: centroid scores and covering cuts, level by level) is one compiled
+call. For ``icecache-tokens`` so is the rest of the head's search (``compiled.search_tokens``:
+the probed leaves' keys read in place, scored, the softmax, the top tokens), which holds no
+lock, so the heads of a layer can run on several threads. For ``icecache`` the NumPy stages
+(the softmax over scored tokens, the leaf masses) run once for the layer over the heads'
+candidates laid end to end (ragged, no padding), one matmul per head.
 
 The result is exactly ``[index.search(q, max_tokens) for index, q in zip(indexes, queries)]``
 (same leaves, same order), by construction rather than by tolerance:
 
-- centroid scores are integer dot products of int8 centroids and quantized queries, exact
-  in float32 whatever the batching or summation order (``query_levels``);
-- the exact stage's matmul is per head with the same operands as the per-head search;
+- a head's probe and token search are the same compiled calls as its own search's, on the
+  same operands (the quantization is elementwise and per query);
+- the leaf stage's matmul is per head with the same operands as the per-head search;
   ``exp``, products and quotients are elementwise; sums over a leaf or a head go through
   ``np.add.reduceat`` over the same contiguous segments; maxima are exact;
 - every ranking is a total order: score descending, then node id (``compiled._ranks``).
@@ -20,7 +22,10 @@ The result is exactly ``[index.search(q, max_tokens) for index, q in zip(indexes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 
@@ -31,6 +36,8 @@ from cache_service.cluster_index import (
     quantize_queries,
 )
 from cache_service.policies.base import fill_within, group_scores
+
+T = TypeVar("T")
 
 
 def search_heads(
@@ -46,11 +53,17 @@ def search_heads(
     Returns:
         ``[H]`` arrays of leaf ids, most attention mass first; sets each ``last_effort``.
     """
-    queries, budgets, live, probed = _probe_heads(indexes, queries, max_tokens)
+    queries, budgets, live = _checked(indexes, queries, max_tokens)
     out = [np.empty(0, dtype=np.int64) for _ in indexes]
     if not live:
         return out
     heads = [indexes[h] for h in live]
+    qhat, step = _quantized(heads, queries[live])
+    probed = []
+    for i, (h, index) in enumerate(zip(live, heads, strict=True)):
+        plan = index.probe_plan(budgets[h])
+        assert plan is not None, "a live head has leaves and a budget"
+        probed.append(index.quantized_probe(plan, qhat[i], step[i]))
     fills = [index.fill[nodes] for index, nodes in zip(heads, probed, strict=True)]
     ranked = _ranked(probed, _leaf_mass(heads, queries[live], probed, fills))
     for i, h in enumerate(live):
@@ -59,33 +72,50 @@ def search_heads(
 
 
 def search_heads_tokens(
-    indexes: Sequence[ClusterIndex], queries: np.ndarray, max_tokens: int | Sequence[int]
+    indexes: Sequence[ClusterIndex],
+    queries: np.ndarray,
+    max_tokens: int | Sequence[int],
+    threads: int = 1,
 ) -> list[np.ndarray]:
     """Token ids of each index for its query group, as ``ClusterIndex.search_tokens``
-    returns them (``icecache-tokens``): the probe runs once for the layer as in
-    ``search_heads``, and so does the ranking of the probed leaves' tokens
-    (``ClusterIndex.heaviest_tokens`` of every head)."""
-    queries, budgets, live, probed = _probe_heads(indexes, queries, max_tokens)
+    returns them (``icecache-tokens``): the queries quantized once for the layer, then
+    each head's whole search in one compiled call, on up to ``threads`` threads (the calls
+    hold no lock; the result is the same for any number)."""
+    queries, budgets, live = _checked(indexes, queries, max_tokens)
     out = [np.empty(0, dtype=np.int64) for _ in indexes]
     if not live:
         return out
-    heads = [indexes[h] for h in live]
-    found = _heaviest_tokens(heads, queries[live], probed, [budgets[h] for h in live])
-    for h, tokens in zip(live, found, strict=True):
-        out[h] = tokens
+    qhat, step = _quantized([indexes[h] for h in live], queries[live])
+
+    def search(i: int) -> np.ndarray:
+        h = live[i]
+        return indexes[h].quantized_search_tokens(queries[h], qhat[i], step[i], budgets[h])
+
+    for h, found in zip(live, _each(search, len(live), threads), strict=True):
+        out[h] = found
     return out
 
 
-def _probe_heads(
+def _each(fn: Callable[[int], T], count: int, threads: int) -> list[T]:
+    """``[fn(i) for i in range(count)]``, on up to ``threads`` threads."""
+    if threads <= 1 or count < 2:
+        return [fn(i) for i in range(count)]
+    return list(_executor(threads).map(fn, range(count)))
+
+
+@functools.cache
+def _executor(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="search")
+
+
+def _checked(
     indexes: Sequence[ClusterIndex], queries: np.ndarray, max_tokens: int | Sequence[int]
-) -> tuple[np.ndarray, list[int], list[int], list[np.ndarray]]:
-    """Checks the arguments; the heads with leaves and budget (``live``) and, for each, the
-    leaves its search scores token by token (``ClusterIndex._probe``); sets every head's
-    ``last_effort``. Returns the queries as float32, every head's budget, ``live``, and the
-    probed leaves of each live head."""
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """Checks the arguments; returns the queries as float32, every head's budget, and the
+    heads with leaves and budget (``live``). Clears every other head's ``last_effort``."""
     queries = np.asarray(queries, dtype=np.float32)
     if len(indexes) == 0:
-        return queries, [], [], []
+        return queries, [], []
     dim = indexes[0].dim
     if queries.ndim != 3 or queries.shape[0] != len(indexes) or queries.shape[1] == 0:
         raise ValueError(
@@ -97,72 +127,16 @@ def _probe_heads(
     if min(budgets) < 0:
         raise ValueError(f"max_tokens must be non-negative, got {min(budgets)}")
     live = [h for h, index in enumerate(indexes) if index.num_leaves and budgets[h]]
-    for h in range(len(indexes)):
+    for h in set(range(len(indexes))) - set(live):
         indexes[h].last_effort = SearchEffort(0, 0, 0)
-    if not live:
-        return queries, budgets, live, []
-    heads = [indexes[h] for h in live]
-    group = queries[live]  # [H', G, D]
-    quotas = [index.effort(budgets[h]) for h, index in zip(live, heads, strict=True)]
-    qhat, step = quantize_queries(group, np.stack([index.qscale for index in heads]))
-    scored, leaves = _fields_of_view(heads, qhat, step, [view for view, _ in quotas])
-    scores = _centroid_scores([index.levels[0].qcent for index in heads], leaves, qhat, step)
-    fills = [index.fill for index in heads]
-    probed = _best(leaves, scores, fills, [exact for _, exact in quotas])
-    for i, index in enumerate(heads):
-        tokens = int(index.fill[probed[i]].sum())
-        index.last_effort = SearchEffort(scored[i], len(leaves[i]), tokens)
-    return queries, budgets, live, probed
+    return queries, budgets, live
 
 
-def _fields_of_view(
-    heads: list[ClusterIndex], qhat: np.ndarray, step: np.ndarray, views: list[float]
-) -> tuple[list[int], list[np.ndarray]]:
-    """Upper nodes scored per head, and the leaves in each head's field of view
-    (``ClusterIndex._field_of_view``, one round per level for every head still above)."""
-    depth = [index.start_depth() for index in heads]
-    nodes = [
-        np.arange(index.levels[d].n, dtype=np.int64) for index, d in zip(heads, depth, strict=True)
-    ]
-    scored = [0] * len(heads)
-    while any(depth):
-        act = [i for i, d in enumerate(depth) if d]
-        levels = [heads[i].levels[depth[i]] for i in act]
-        cand = [nodes[i] for i in act]
-        scores = _centroid_scores([lv.qcent for lv in levels], cand, qhat[act], step[act])
-        counts = [lv.counts for lv in levels]
-        needs = [views[i] * 2 ** (depth[i] - 1) for i in act]
-        for i, level, best in zip(act, levels, _best(cand, scores, counts, needs), strict=True):
-            scored[i] += len(nodes[i])
-            nodes[i] = level.children_of(best)
-            depth[i] -= 1
-    return scored, nodes
-
-
-def _centroid_scores(
-    qcents: list[np.ndarray], nodes: list[np.ndarray], qhat: np.ndarray, step: np.ndarray
-) -> np.ndarray:
-    """``centroid_scores`` of each head's ``nodes`` (rows of its int8 ``qcents``), laid end
-    to end ``[sum of lens]``; ``qhat [H, G, D]``, ``step [H, G, 1]``. One compiled call per
-    head, no gathered copy of the centroids."""
-    ends = np.cumsum([len(n) for n in nodes])
-    scores = np.empty(int(ends[-1]), dtype=np.float32)
-    for h, (qcent, rows, end) in enumerate(zip(qcents, nodes, ends, strict=True)):
-        compiled.node_scores(qcent, rows, qhat[h], step[h, :, 0], scores[end - len(rows) : end])
-    return scores
-
-
-def _best(
-    nodes: list[np.ndarray], scores: np.ndarray, counts: list[np.ndarray], needs: list[float]
-) -> list[np.ndarray]:
-    """``best_covering`` of every head: its best nodes until their counts reach its
-    need; ``scores`` laid end to end, ``counts`` indexed by node id. One compiled call per
-    head (a partition, then a sort of the likely best)."""
-    ends = np.cumsum([len(n) for n in nodes])
-    return [
-        compiled.best_covering(n, scores[end - len(n) : end], c, float(need))
-        for n, c, need, end in zip(nodes, counts, needs, ends, strict=True)
-    ]
+def _quantized(heads: list[ClusterIndex], queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``quantize_queries`` of every head's group ``[H, G, D]`` at once (elementwise and per
+    query: the values a head's own call gives); the steps as ``[H, G]``."""
+    qhat, step = quantize_queries(queries, np.stack([index.qscale for index in heads]))
+    return qhat, step[..., 0]
 
 
 def _leaf_mass(
@@ -186,30 +160,6 @@ def _leaf_mass(
     total = np.add.reduceat(per_leaf, np.cumsum(sizes) - sizes, axis=1)  # [G, H]
     mass = (per_leaf / np.repeat(total, sizes, axis=1)).mean(axis=0)
     return np.split(mass, np.cumsum(sizes)[:-1])
-
-
-def _heaviest_tokens(
-    heads: list[ClusterIndex],
-    queries: np.ndarray,
-    leaves: list[np.ndarray],
-    budgets: list[int],
-) -> list[np.ndarray]:
-    """``ClusterIndex.heaviest_tokens`` of every head (``leaves`` each non-empty): tokens of
-    all heads end to end, one matmul per head, the softmax once for the layer, the mass and
-    the ranking in one compiled call per head."""
-    found = [index.tokens_of(probed) for index, probed in zip(heads, leaves, strict=True)]
-    ids, keys = [i for i, _ in found], [k for _, k in found]
-    tokens = np.array([len(i) for i in ids])
-    starts = np.cumsum(tokens) - tokens
-    scores = np.empty((queries.shape[1], int(tokens.sum())), dtype=np.float32)  # [G, T]
-    for h, (a, n) in enumerate(zip(starts, tokens, strict=True)):
-        scores[:, a : a + n] = group_scores(queries[h], keys[h])
-    weights = _exp_scores(scores, heads, tokens)
-    totals = np.add.reduceat(weights, starts, axis=1).T.copy()  # [H, G]
-    return [
-        compiled.heaviest(weights[:, a : a + n], totals[h], ids[h], budget)
-        for h, (a, n, budget) in enumerate(zip(starts, tokens, budgets, strict=True))
-    ]
 
 
 def _exp_scores(scores: np.ndarray, heads: list[ClusterIndex], tokens: np.ndarray) -> np.ndarray:

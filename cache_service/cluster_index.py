@@ -64,11 +64,10 @@ import numpy as np
 
 from cache_service import compiled
 from cache_service.policies.base import (
+    KeyTable,
     array_bytes,
-    best_covering,
     fill_within,
     leaf_mass,
-    token_mass,
 )
 
 
@@ -162,6 +161,22 @@ class SearchEffort(NamedTuple):
     nodes: int
     leaves: int
     tokens: int
+
+
+class ProbePlan(NamedTuple):
+    """An index's levels as ``compiled.probe`` reads them, from the first level it scores
+    whole down to the leaves (see its docstring)."""
+
+    qcents: tuple[np.ndarray, ...]
+    counts: tuple[np.ndarray, ...]
+    ptrs: tuple[np.ndarray, ...]
+    flats: tuple[np.ndarray, ...]
+    top: int
+    needs: np.ndarray
+
+
+_NO_NODES = np.zeros(1, dtype=np.int64)  # the leaves' CSR entries in a ProbePlan (unused)
+_NO_TOKENS = np.zeros(1, dtype=np.int32)  # KeyTable maps of an index's own copy (unused)
 
 
 class Placement(NamedTuple):
@@ -284,7 +299,9 @@ range already. An index given a ``KeySource`` keeps none."""
 
 KeySource = Callable[[np.ndarray], np.ndarray]
 """Keys ``[n, D]`` float32 of token ids ``[n]``, exactly as they were given to ``build`` or
-``insert`` (the caller's own storage: the pool's pages)."""
+``insert`` (the caller's own storage: the pool's pages). A source that also has a
+``table()`` method returning a ``KeyTable`` lets the search read the keys in place."""
+
 
 KEY_LIMIT = float(np.finfo(np.float16).max)
 
@@ -314,17 +331,6 @@ def quantize_queries(queries: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray
     top = np.abs(q).max(axis=-1, keepdims=True)
     step = np.where(top > 0, top / np.float32(levels), np.float32(1)).astype(np.float32)
     return np.clip(np.rint(q / step), -levels, levels).astype(np.float32), step
-
-
-def centroid_scores(
-    qhat: np.ndarray, step: np.ndarray, qcent: np.ndarray, rows: np.ndarray
-) -> np.ndarray:
-    """Group score ``max_g step_g × (q̂_g·ĉ)`` ``[m]`` of the int8 centroids ``qcent[rows]``
-    (``qcent [n, D]``, ``rows [m]``) for quantized queries ``qhat [G, D]``, ``step [G, 1]``.
-    The products are exact integers."""
-    out = np.empty(len(rows), dtype=np.float32)
-    compiled.node_scores(qcent, np.asarray(rows, dtype=np.int64), qhat, step[:, 0], out)
-    return out
 
 
 def _sq_dist(x: np.ndarray, cent: np.ndarray) -> np.ndarray:
@@ -667,21 +673,44 @@ class ClusterIndex:
 
         Single tokens instead of whole leaves: a leaf's low-scoring tokens no longer take
         the budget (``icecache-tokens`` gathers them into scratch pages, as the oracle does).
+        The whole search is one compiled call (``compiled.search_tokens``), which holds no
+        lock: ``batched_search`` runs the heads of a layer on several threads.
         """
         queries = self._check_queries(queries, max_tokens)
-        return self.heaviest_tokens(queries, self._probe(queries, max_tokens), max_tokens)
+        qhat, step = quantize_queries(queries, self.qscale)
+        return self.quantized_search_tokens(queries, qhat, step[:, 0], max_tokens)
 
-    def heaviest_tokens(
-        self, queries: np.ndarray, leaves: np.ndarray, max_tokens: int
+    def quantized_search_tokens(
+        self, queries: np.ndarray, qhat: np.ndarray, step: np.ndarray, max_tokens: int
     ) -> np.ndarray:
-        """Token ids ``[k]`` (ascending): the ``max_tokens`` tokens of ``leaves`` that carry
-        the most attention mass for ``queries [G, D]`` (float32), ties to the lower id."""
-        if len(leaves) == 0:
+        """``search_tokens`` of checked float32 ``queries [G, D]``, given them quantized
+        (``quantize_queries``: ``qhat [G, D]``, ``step [G]``)."""
+        plan = self.probe_plan(max_tokens)
+        if plan is None:
             return np.empty(0, dtype=np.int64)
-        ids, keys = self.tokens_of(leaves)
-        mass = token_mass(queries, keys, self.softmax_scale)
-        take = min(max_tokens, len(ids))
-        return np.sort(ids[np.lexsort((ids, -mass))[:take]]).astype(np.int64)
+        scale, take = self.softmax_scale, max_tokens
+        table = self._key_table()
+        if table is None:  # a plain key source: probe, read the keys through it, rank
+            probed, scored, seen = compiled.probe(*plan, qhat, step)
+            ids, keys = self.tokens_of(probed)
+            rows = np.arange(len(ids))
+            tokens = len(ids)
+            found = compiled.heaviest_keys(keys, rows, ids, queries, scale, take)
+        else:
+            found, scored, seen, tokens = compiled.search_tokens(
+                *plan, qhat, step, self.tokens, *table, queries, scale, take
+            )
+        self.last_effort = SearchEffort(scored, seen, tokens)
+        return found
+
+    def _key_table(self) -> KeyTable | None:
+        """Where the keys of the index's tokens are, for ``compiled.search_tokens``; None if
+        the key source can only be called."""
+        if self.keys is not None:  # the own copy, by leaf slot
+            rows = self.keys.reshape(-1, self.dim).view(np.uint16)
+            return KeyTable(rows, _NO_TOKENS, _NO_TOKENS, 0)
+        table = getattr(self.key_source, "table", None)
+        return None if table is None else table()
 
     def tokens_of(self, leaves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Token ids ``[T]`` and keys ``[T, D]`` float32 of the tokens of ``leaves``, leaf by
@@ -692,16 +721,38 @@ class ClusterIndex:
 
     def _probe(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
         """The leaves a search scores token by token (sets ``last_effort``)."""
+        plan = self.probe_plan(max_tokens)
+        if plan is None:
+            return np.empty(0, dtype=np.int64)
+        qhat, step = quantize_queries(queries, self.qscale)
+        return self.quantized_probe(plan, qhat, step[:, 0])
+
+    def quantized_probe(self, plan: ProbePlan, qhat: np.ndarray, step: np.ndarray) -> np.ndarray:
+        """``compiled.probe`` by ``plan`` for a quantized query group; sets ``last_effort``."""
+        probed, scored, seen = compiled.probe(*plan, qhat, step)
+        self.last_effort = SearchEffort(scored, seen, int(self.fill[probed].sum()))
+        return probed
+
+    def probe_plan(self, max_tokens: int) -> ProbePlan | None:
+        """What ``compiled.probe`` needs of this index: the levels from ``start_depth`` down
+        (the first scored whole), and the tokens each level's best nodes must cover (the
+        field of view, doubled a level up; the exact quota at the leaves). None, with
+        ``last_effort`` cleared, when there is nothing to search."""
         if self.num_leaves == 0 or max_tokens == 0:
             self.last_effort = SearchEffort(0, 0, 0)
-            return np.empty(0, dtype=np.int64)
+            return None
         view, exact = self.effort(max_tokens)
-        qhat, step = quantize_queries(queries, self.qscale)
-        nodes_scored, leaves = self._field_of_view(qhat, step, view)
-        scores = centroid_scores(qhat, step, self.levels[0].qcent, leaves)
-        probed = best_covering(leaves, scores, self.fill[leaves], exact)
-        self.last_effort = SearchEffort(nodes_scored, len(leaves), int(self.fill[probed].sum()))
-        return probed
+        start = self.start_depth()
+        upper = [self.levels[d] for d in range(start, 0, -1)]
+        csr = [level._csr() for level in upper]
+        return ProbePlan(
+            tuple(level.qcent for level in upper) + (self.levels[0].qcent,),
+            tuple(level.counts for level in upper) + (self.fill,),
+            tuple(ptr for ptr, _ in csr) + (_NO_NODES,),
+            tuple(flat for _, flat in csr) + (_NO_NODES,),
+            self.levels[start].n,
+            np.array([view * 2 ** (d - 1) for d in range(start, 0, -1)] + [exact]),
+        )
 
     def effort(self, max_tokens: int) -> tuple[float, float]:
         """Tokens under the leaves whose centroids a search scores (its field of view), and
@@ -718,23 +769,6 @@ class ClusterIndex:
         while start > 0 and self.levels[start - 1].n <= self.config.scan_nodes:
             start -= 1
         return start
-
-    def _field_of_view(
-        self, qhat: np.ndarray, step: np.ndarray, view: float
-    ) -> tuple[int, np.ndarray]:
-        """Upper nodes scored, and the leaves under the best ones covering ``view`` tokens;
-        from ``start_depth`` down, the leaves themselves while there are at most
-        ``scan_nodes``."""
-        start = self.start_depth()
-        nodes = np.arange(self.levels[start].n, dtype=np.int64)
-        scored = 0
-        for depth in range(start, 0, -1):
-            level = self.levels[depth]
-            scored += len(nodes)
-            scores = centroid_scores(qhat, step, level.qcent, nodes)
-            best = best_covering(nodes, scores, level.counts[nodes], view * 2 ** (depth - 1))
-            nodes = level.children_of(best)
-        return scored, nodes
 
     def _leaf_mass(self, queries: np.ndarray, leaves: np.ndarray) -> np.ndarray:
         return leaf_mass(queries, self.leaf_keys(leaves), self.fill[leaves], self.softmax_scale)

@@ -233,6 +233,13 @@ class PagePool:
             return compiled.half_rows(self._rows().view(np.uint16), rows)
         return as_float32(np.take(self._rows(), rows, 0))
 
+    def key_rows(self) -> np.ndarray:
+        """``data`` as rows for compiled code to read keys in place (the key of page ``p``,
+        slot ``s`` is row ``2 p × page_size + s``): float16 as its bits (``uint16``),
+        float32 as it is. A view."""
+        rows = self._rows()
+        return rows.view(np.uint16) if rows.dtype == np.float16 else rows
+
     def _rows(self) -> np.ndarray:
         """``data`` as rows ``[num_pages × 2 × page_size, head_dim]`` (a view)."""
         return self.data.reshape(-1, self.head_dim)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from typing import Self
+from typing import NamedTuple, Self
 
 import numpy as np
 
@@ -70,6 +70,16 @@ class Body(ABC):
         twin = copy.deepcopy(self, {id(self.pool): self.pool, **(links or {})})
         self.pool.share(twin.all_pages())
         return twin
+
+
+class KeyTable(NamedTuple):
+    """Where a key source keeps its keys, for compiled code to read them in place: token
+    ``t``'s key is row ``token_page[t] × rows_per_page + token_slot[t]`` of ``rows``."""
+
+    rows: np.ndarray  # [R, D] float16 bits (uint16) or float32
+    token_page: np.ndarray  # [positions] int32
+    token_slot: np.ndarray  # [positions] int32
+    rows_per_page: int  # >= 1
 
 
 def array_bytes(obj: object) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 from cache_service.page_pool import PagePool, as_float32
 from cache_service.policies.base import (
     Body,
+    KeyTable,
     Scratch,
     best_covering,
     fill_within,
@@ -115,6 +116,24 @@ class TokenPlaces(Body):
         self.token_slot[positions] = slots
 
 
+class PoolKeys:
+    """An index's key source over a body's pool pages: called with token positions, their
+    keys (``TokenPlaces.keys_of``); ``table()`` says where they are, so that the compiled
+    search reads them in place (``ClusterIndex.quantized_search_tokens``)."""
+
+    def __init__(self, places: TokenPlaces) -> None:
+        self.places = places
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        return self.places.keys_of(positions)
+
+    def table(self) -> KeyTable:
+        pool = self.places.pool
+        return KeyTable(
+            pool.key_rows(), self.places.token_page, self.places.token_slot, 2 * pool.page_size
+        )
+
+
 class LeafPages(TokenPlaces):
     """Leaf → page map; applies an index's placements by moving K/V."""
 
@@ -187,7 +206,7 @@ class IndexedBody(LeafPages):
         leads: ``icecache-r`` follower layers replay this body's layout: keep every
             placement for them (``placements``)."""
         super().__init__(pool)
-        self.index = index_of(self.keys_of)
+        self.index = index_of(PoolKeys(self))
         self.leads = leads
         self.placements: list[Step] = []  # replayed by icecache-r followers
         self.steps_bytes = 0  # their arrays' bytes
@@ -238,7 +257,7 @@ class GatheringBody(TokenPlaces):
         """Args:
         index_of: makes the body's index, given where it reads keys (``keys_of``)."""
         super().__init__(pool)
-        self.index = index_of(self.keys_of)
+        self.index = index_of(PoolKeys(self))
         self.pages = np.empty(0, dtype=np.int64)
         self.scratch: Scratch = Scratch(pool)
 
@@ -269,7 +288,7 @@ class GatheringBody(TokenPlaces):
 
 
 def select_layer(
-    bodies: list[Body], queries: np.ndarray, max_tokens: list[int]
+    bodies: list[Body], queries: np.ndarray, max_tokens: list[int], threads: int = 1
 ) -> list[np.ndarray]:
     """Pages of every KV head of one layer, as each body's ``select`` would choose them.
 
@@ -282,6 +301,7 @@ def select_layer(
         bodies: ``[H]`` bodies of the layer's KV heads.
         queries: ``[H, G, head_dim]`` float32, each KV head's query group.
         max_tokens: ``[H]`` at most this many valid tokens in each head's pages.
+        threads: how many ``icecache-tokens`` heads are searched at once.
     """
     from cache_service.batched_search import search_heads, search_heads_tokens
     from cache_service.cluster_index import ClusterIndex
@@ -297,7 +317,8 @@ def select_layer(
     if gathering:
         heads = [h for h, _, _ in gathering]
         budgets = [max_tokens[h] for h in heads]
-        picked = search_heads_tokens([i for _, _, i in gathering], queries[heads], budgets)
+        indexes = [i for _, _, i in gathering]
+        picked = search_heads_tokens(indexes, queries[heads], budgets, threads)
         scratches = [body.scratch for _, body, _ in gathering]
         places = [body.places(p) for (_, body, _), p in zip(gathering, picked, strict=True)]
         taken = Scratch.gather_all(scratches, [pg for pg, _ in places], [sl for _, sl in places])

@@ -15,8 +15,10 @@ from cache_service.cluster_index import (
     add_rows,
     capped_labels,
     kmeans_labels,
+    quantize_queries,
     two_means,
 )
+from cache_service.policies.base import KeyTable, best_covering
 
 DIM = 16
 # Three shapes of tree; over 1024 tokens: two levels (leaves + <= 64 top nodes), five, nine.
@@ -482,6 +484,43 @@ def test_a_large_probe_is_the_brute_force_mass_ranking():
         assert index.search(q, 16).tolist() == _mass_ranking(index, keys, q, 16)[0]
 
 
+def _probe_reference(index, q, max_tokens):
+    """The probe level by level in NumPy, from the lists the index keeps: every node of
+    ``start_depth`` scored by its int8 centroid (exact integer dot products in float64), the
+    best covering each level's need, their children next; the leaves' best covering the
+    exact quota. Returns the leaves and (upper nodes scored, leaves scored)."""
+    view, exact = index.effort(max_tokens)
+    qhat, step = quantize_queries(q, index.qscale)
+    start = index.start_depth()
+    nodes = np.arange(index.levels[start].n)
+    scored = 0
+    for depth in range(start, -1, -1):
+        level = index.levels[depth]
+        dots = qhat.astype(np.float64) @ level.qcent[nodes].astype(np.float64).T  # [G, m]
+        scores = (dots.astype(np.float32) * step).max(axis=0) + np.float32(0)
+        counts = index.fill[nodes] if depth == 0 else level.counts[nodes]
+        need = exact if depth == 0 else view * 2 ** (depth - 1)
+        best = best_covering(nodes, scores, counts, need)
+        if depth == 0:
+            return best, (scored, len(nodes))
+        scored += len(nodes)
+        nodes = np.array([c for node in best for c in level.children[node]], dtype=np.int64)
+
+
+@pytest.mark.parametrize("config", [SHALLOW, DEEP, DEEPEST], ids=["shallow", "deep", "deepest"])
+def test_the_probe_is_the_best_covering_cut_level_by_level(config):
+    index, _ = _built(config, n=3000, inserted=500)
+    rng = np.random.default_rng(21)
+    for max_tokens in [1, 16, 64, 300]:
+        for _ in range(5):
+            q = rng.standard_normal((3, DIM)).astype(np.float32)
+            want, (scored, seen) = _probe_reference(index, q, max_tokens)
+            got = index._probe(q, max_tokens)
+            assert got.tolist() == want.tolist()
+            tokens = int(index.fill[want].sum())
+            assert index.last_effort == (scored, seen, tokens)
+
+
 def _token_mass(index, keys, q):
     """Brute force in float64: each token's attention mass (each query head's softmax over
     all tokens, the keys as the index's float16 copy holds them; mean over the group)."""
@@ -732,21 +771,44 @@ def test_an_index_reading_keys_from_a_source_keeps_no_copy_and_decides_the_same(
         reads.append(len(ids))
         return store[ids]
 
+    class InPlace:
+        """A source the compiled search reads in place: token t's key is row t."""
+
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __call__(self, ids):
+            return source(ids)
+
+        def table(self):
+            places = np.arange(ids_end, dtype=np.int32)
+            return KeyTable(self.rows, places, np.zeros(ids_end, np.int32), 1)
+
     own, sourced = ClusterIndex(s["dim"], config), ClusterIndex(s["dim"], config, source)
+    # The same keys read in place, as float32 and as float16 bits (what a pool holds).
+    halves = np.zeros(store.shape, np.float16)
+    in_place = [
+        ClusterIndex(s["dim"], config, InPlace(store)),
+        ClusterIndex(s["dim"], config, InPlace(halves.view(np.uint16))),
+    ]
     assert sourced.keys is None
     rng = np.random.default_rng(s["seed"] + 2)
     for step, (keys, ids) in enumerate(batches):
         store[ids] = keys  # the caller stores a token's key before the index sees it
+        halves[ids] = keys
         a = (own.build if step == 0 else own.insert)(keys, ids)
         b = (sourced.build if step == 0 else sourced.insert)(keys, ids)
+        for index in in_place:
+            (index.build if step == 0 else index.insert)(keys, ids)
         for x, y in zip(a, b, strict=True):
             np.testing.assert_array_equal(x, y)
         sourced.check_invariants()
         q = rng.standard_normal((2, s["dim"])).astype(np.float32)
         budget = int(rng.integers(1, 3 * s["page_size"] + 20))
         np.testing.assert_array_equal(own.search(q, budget), sourced.search(q, budget))
-        np.testing.assert_array_equal(
-            own.search_tokens(q, budget), sourced.search_tokens(q, budget)
-        )
+        tokens = own.search_tokens(q, budget)
+        np.testing.assert_array_equal(tokens, sourced.search_tokens(q, budget))
+        for index in in_place:
+            np.testing.assert_array_equal(tokens, index.search_tokens(q, budget))
     assert own.keys is not None
     assert sourced.nbytes() == own.nbytes() - own.keys.nbytes
