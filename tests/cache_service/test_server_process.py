@@ -115,6 +115,7 @@ def test_flags_override_env_which_overrides_defaults():
     config = parse_config(["--port", "7001", "--max-memory", "512MiB", "--page-size", "32"], env)
     assert (config.port, config.max_memory, config.page_size) == (7001, 2**29, 32)
     assert config.num_pages == 2**29 // (2 * 32 * 64 * 4)
+    assert parse_config([], {"ICECACHE_SEARCH_THREADS": "2"}).search_threads == 2
 
 
 BAD_FLAGS = [
@@ -122,6 +123,7 @@ BAD_FLAGS = [
     ["--port", "70000"],
     ["--dtype", "int8"],
     ["--max-memory", "1"],
+    ["--search-threads", "0"],
 ]
 
 
