@@ -491,9 +491,6 @@ class SpeedRow:
     batched_ms: float
     """``search_heads`` (``search_heads_tokens``): one call per layer (wall)."""
     batched_cpu_ms: float
-    threaded_ms: float
-    """``search_heads_tokens`` on 2 threads (``--search-threads 2``; wall); NaN for
-    ``icecache``, whose search takes no threads."""
     per_head_ms: float
     """``ClusterIndex.search`` (``search_tokens``) head by head (the reference path)."""
     oracle_ms: float
@@ -578,9 +575,7 @@ def measure_speed(
     sinks = spec.sinks(PAGE)
     single = policy == "icecache-tokens"
     batched = search_heads_tokens if single else search_heads
-    times: dict[str, list[float]] = {
-        "batched": [], "cpu": [], "threaded": [], "per_head": [], "oracle": []
-    }  # fmt: skip
+    times: dict[str, list[float]] = {"batched": [], "cpu": [], "per_head": [], "oracle": []}
     for _ in range(repeats):
         for q in queries:
             c0 = time.process_time()  # wall excludes the CPU clock's own call
@@ -588,10 +583,6 @@ def measure_speed(
             batched(indexes, q, body)
             times["batched"].append(time.perf_counter() - t0)
             times["cpu"].append(time.process_time() - c0)
-            if single:
-                t0 = time.perf_counter()
-                search_heads_tokens(indexes, q, body, 2)
-                times["threaded"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             for index, qh in zip(indexes, q, strict=True):
                 index.search_tokens(qh, body) if single else index.search(qh, body)
@@ -643,7 +634,6 @@ def measure_speed(
         n,
         ms * float(np.median(times["batched"])),
         ms * float(np.median(times["cpu"])),
-        ms * float(np.median(times["threaded"])) if single else math.nan,
         ms * float(np.median(times["per_head"])),
         ms * float(np.median(times["oracle"])),
         1e3 * 16 * float(np.mean(inserts)),
@@ -661,17 +651,16 @@ def measure_speed(
 
 def speed_markdown(rows: list[SpeedRow]) -> str:
     head = (
-        "| policy | context | batched ms/step | (CPU) | 2 threads | per-head ms/step "
-        "| oracle ms/step "
+        "| policy | context | batched ms/step | (CPU) | per-head ms/step | oracle ms/step "
         "| batched / oracle | insert ms/step | store step p50 / p99 ms (wall) "
         "| p50 / p99 (CPU) | p99 / p50 "
         "| runs p50 / p99 | MB read/step (oracle) | centroids + tokens scored/head |\n"
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- "
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- "
         "| ---: | ---: |\n"
     )
     lines = [
         f"| {r.policy} | {r.context} | {r.batched_ms:.1f} | {r.batched_cpu_ms:.1f} "
-        f"| {r.threaded_ms:.1f} | {r.per_head_ms:.1f} "
+        f"| {r.per_head_ms:.1f} "
         f"| {r.oracle_ms:.1f} | {r.batched_ms / r.oracle_ms:.3f} | {r.insert_ms:.1f} "
         f"| {r.step_p50_ms:.1f} / {r.step_p99_ms:.1f} "
         f"| {r.step_cpu_p50_ms:.1f} / {r.step_cpu_p99_ms:.1f} "

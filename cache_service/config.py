@@ -57,11 +57,6 @@ class CacheServiceConfig:
         "skip their prefill (shared by reference, dropped least recently used when the pool "
         "needs room).",
     )
-    search_threads: int = setting(
-        1,
-        "Threads that search the KV heads of a layer at once for icecache-tokens (each head's "
-        "search is one compiled call that holds no lock); the selections do not depend on it.",
-    )
     page_size: int = setting(16, "Tokens per page.")
     head_dim: int = setting(
         64, "Dimension of one key or value vector; must match the model of the workers."
@@ -107,8 +102,6 @@ class CacheServiceConfig:
             raise ValueError(f"max_sequences must be >= 0 (0: no limit), got {self.max_sequences}")
         if self.page_size <= 0 or self.head_dim <= 0 or self.workers <= 0:
             raise ValueError("page_size, head_dim and workers must be positive")
-        if self.search_threads < 1:
-            raise ValueError(f"search_threads must be >= 1, got {self.search_threads}")
         if self.max_streams < 0:
             raise ValueError(f"max_streams must be >= 0 (0: no streams), got {self.max_streams}")
         if not self.lease_ttl_s > 0 or not self.lease_grace_s >= 0:

@@ -127,12 +127,7 @@ def make_store(config: CacheServiceConfig, port: int) -> Store:
         shared=config.shared_memory,
         shm_name=name,
     )
-    return Store(
-        pool,
-        max_sequences=config.max_sequences or None,
-        prefix_cache=config.prefix_cache,
-        search_threads=config.search_threads,
-    )
+    return Store(pool, max_sequences=config.max_sequences or None, prefix_cache=config.prefix_cache)
 
 
 def serve(config: CacheServiceConfig) -> CacheServer:
@@ -201,7 +196,6 @@ def _start(config: CacheServiceConfig, server: grpc.Server, port: int, store: St
             "auth": bool(config.security.token),
             "tls": config.security.server_tls,
             "max_sequences": config.max_sequences,
-            "search_threads": config.search_threads,
             "local_streams": local.name if local else None,
             "lease_ttl_s": config.lease_ttl_s,
             "lease_grace_s": config.lease_grace_s,

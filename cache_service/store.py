@@ -76,16 +76,10 @@ class Store:
     """Holds the KV pages of many sequences and answers which pages each query attends."""
 
     def __init__(
-        self,
-        pool: PagePool,
-        max_sequences: int | None = None,
-        prefix_cache: bool = True,
-        search_threads: int = 1,
+        self, pool: PagePool, max_sequences: int | None = None, prefix_cache: bool = True
     ) -> None:
         self.pool = pool
         self.max_sequences = max_sequences
-        self.search_threads = search_threads
-        """Threads searching a layer's KV heads (``select_layer``); no selection depends on it."""
         self.prefixes = PrefixCache(pool) if prefix_cache else None
         """Shared prompt prefixes (``None``: prefix reuse is off in this store)."""
         self._seqs: dict[str, _Sequence] = {}
@@ -308,7 +302,7 @@ class Store:
                 for lay, pages in zip(lays, leaving, strict=True)
             ]
             grouped = queries.reshape(spec.num_kv_heads, group, spec.head_dim)
-            chosen = select_layer(bodies, grouped, budgets, self.search_threads)
+            chosen = select_layer(bodies, grouped, budgets)
         parts = [
             np.concatenate([lay.sink_pages(), pages, out, lay.window_pages_now()])
             for lay, pages, out in zip(lays, chosen, leaving, strict=True)

@@ -115,7 +115,6 @@ def test_flags_override_env_which_overrides_defaults():
     config = parse_config(["--port", "7001", "--max-memory", "512MiB", "--page-size", "32"], env)
     assert (config.port, config.max_memory, config.page_size) == (7001, 2**29, 32)
     assert config.num_pages == 2**29 // (2 * 32 * 64 * 4)
-    assert parse_config([], {"ICECACHE_SEARCH_THREADS": "2"}).search_threads == 2
 
 
 BAD_FLAGS = [
@@ -123,7 +122,6 @@ BAD_FLAGS = [
     ["--port", "70000"],
     ["--dtype", "int8"],
     ["--max-memory", "1"],
-    ["--search-threads", "0"],
 ]
 
 
