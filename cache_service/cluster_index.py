@@ -673,8 +673,7 @@ class ClusterIndex:
 
         Single tokens instead of whole leaves: a leaf's low-scoring tokens no longer take
         the budget (``icecache-tokens`` gathers them into scratch pages, as the oracle does).
-        The whole search is one compiled call (``compiled.search_tokens``), which holds no
-        lock: ``batched_search`` runs the heads of a layer on several threads.
+        The whole search is one compiled call (``compiled.search_tokens``).
         """
         queries = self._check_queries(queries, max_tokens)
         qhat, step = quantize_queries(queries, self.qscale)

@@ -288,7 +288,7 @@ class GatheringBody(TokenPlaces):
 
 
 def select_layer(
-    bodies: list[Body], queries: np.ndarray, max_tokens: list[int], threads: int = 1
+    bodies: list[Body], queries: np.ndarray, max_tokens: list[int]
 ) -> list[np.ndarray]:
     """Pages of every KV head of one layer, as each body's ``select`` would choose them.
 
@@ -301,7 +301,6 @@ def select_layer(
         bodies: ``[H]`` bodies of the layer's KV heads.
         queries: ``[H, G, head_dim]`` float32, each KV head's query group.
         max_tokens: ``[H]`` at most this many valid tokens in each head's pages.
-        threads: how many ``icecache-tokens`` heads are searched at once.
     """
     from cache_service.batched_search import search_heads, search_heads_tokens
     from cache_service.cluster_index import ClusterIndex
@@ -317,8 +316,7 @@ def select_layer(
     if gathering:
         heads = [h for h, _, _ in gathering]
         budgets = [max_tokens[h] for h in heads]
-        indexes = [i for _, _, i in gathering]
-        picked = search_heads_tokens(indexes, queries[heads], budgets, threads)
+        picked = search_heads_tokens([i for _, _, i in gathering], queries[heads], budgets)
         scratches = [body.scratch for _, body, _ in gathering]
         places = [body.places(p) for (_, body, _), p in zip(gathering, picked, strict=True)]
         taken = Scratch.gather_all(scratches, [pg for pg, _ in places], [sl for _, sl in places])

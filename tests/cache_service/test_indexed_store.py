@@ -245,13 +245,14 @@ def test_budget_is_never_exceeded_and_sinks_and_window_are_always_selected(polic
                 _assert_kv_in_place(store, sel, head, keys, values, layer)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])  # icecache-tokens reads either
 @pytest.mark.parametrize("policy", INDEXED)
-def test_selection_is_deterministic_for_a_fixed_seed(policy):
+def test_selection_is_deterministic_for_a_fixed_seed(policy, dtype):
     rng = np.random.default_rng(3)
     keys = rng.standard_normal((LAYERS, 200, KV, DIM)).astype(np.float32)
     runs = []
     for _ in range(2):
-        store = Store(PagePool(2048, PAGE, DIM))
+        store = Store(PagePool(2048, PAGE, DIM, dtype=dtype))
         store.create("s", _spec(policy, seed=5))
         _append_all(store, "s", keys[:, :150], keys[:, :150])
         steps = _decode_steps(store, "s", 50, np.random.default_rng(4), keys, keys, 150)
