@@ -160,13 +160,15 @@ def _block_sum(a: np.ndarray, start: int, n: int) -> float:
         for i in range(n):
             res += a[start + i]
         return res
-    r = a[start : start + 8].copy()
+    r0, r1, r2, r3 = a[start], a[start + 1], a[start + 2], a[start + 3]
+    r4, r5, r6, r7 = a[start + 4], a[start + 5], a[start + 6], a[start + 7]
     i = 8
-    while i < n - n % 8:
-        for j in range(8):
-            r[j] += a[start + i + j]
+    while i < n - n % 8:  # eight accumulators in registers (no array to allocate)
+        b = start + i
+        r0, r1, r2, r3 = r0 + a[b], r1 + a[b + 1], r2 + a[b + 2], r3 + a[b + 3]
+        r4, r5, r6, r7 = r4 + a[b + 4], r5 + a[b + 5], r6 + a[b + 6], r7 + a[b + 7]
         i += 8
-    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
     while i < n:
         res += a[start + i]
         i += 1
@@ -180,6 +182,9 @@ def _pairwise_sum(a: np.ndarray, start: int, n: int) -> float:
     for bit. Iterative: numba's cache does not reload recursive functions safely."""
     if n <= 128:
         return _block_sum(a, start, n)
+    half = n // 2 - (n // 2) % 8
+    if n - half <= 128:  # two blocks (a key of up to ~250 dims): no stack to allocate
+        return _block_sum(a, start, half) + _block_sum(a, start + half, n - half)
     starts, sizes = np.empty(128, np.int64), np.empty(128, np.int64)
     phases, values = np.zeros(128, np.int64), np.empty(128)
     starts[0], sizes[0], top, held = start, n, 1, 0

@@ -164,7 +164,9 @@ def test_heaviest_is_the_lexsorted_top_by_numpys_mass(case, strided):
     assert got.tolist() == want.tolist()
 
 
-@pytest.mark.parametrize("dim", [2, 3, 7, 8, 9, 65, 127, 128, 129, 200, 257, 1031, 4099])
+@pytest.mark.parametrize(
+    "dim", [2, 3, 7, 8, 9, 65, 127, 128, 129, 136, 200, 248, 255, 256, 257, 1031, 4099]
+)
 def test_squared_distances_sum_as_numpy_does(dim):
     """Row sums of squares in NumPy's pairwise order (blocks of 128, halves above), bit for
     bit, on values of very different magnitudes (where the order shows)."""
