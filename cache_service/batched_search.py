@@ -7,9 +7,9 @@ call. For ``icecache-tokens`` so is the rest of the head's search (``compiled.se
 the probed leaves' keys read in place, scored, the softmax, the top tokens). Those calls
 hold no lock, but two threads over a layer's heads did not help in a decode step: a layer's
 centroids and keys come from DRAM there, not the caches (1.5x faster warm, 1.0x cold, at
-32k). For ``icecache`` the NumPy stages
-(the softmax over scored tokens, the leaf masses) run once for the layer over the heads'
-candidates laid end to end (ragged, no padding), one matmul per head.
+32k). For ``icecache`` the NumPy stages (the softmax over scored tokens, the leaf masses)
+run once for the layer over the heads' candidates laid end to end (ragged, no padding),
+one matmul per head.
 
 The result is exactly ``[index.search(q, max_tokens) for index, q in zip(indexes, queries)]``
 (same leaves, same order), by construction rather than by tolerance:

@@ -3,8 +3,11 @@ tens of calls per KV head (a gather, a cast, a matmul, a reduction, a sort) on a
 few dozen to a few thousand rows, where the calls cost more than the arithmetic.
 
 Each function computes exactly what its NumPy formulation computes (the tests compare them
-bit for bit). Compiled code is cached next to this file (``__pycache__``), so a process
-compiles only what no earlier one did.
+bit for bit), except the token stage of ``search_tokens`` (``heaviest_keys``): its dot
+products are summed in vector lanes and its ``exp`` is libm's, so it is its own reference.
+Every search path calls it, so a batched and a per-head search agree exactly; the tests
+compare its choice with a float64 brute force. Compiled code is cached next to this file
+(``__pycache__``), so a process compiles only what no earlier one did.
 """
 
 from __future__ import annotations
