@@ -66,8 +66,6 @@ from cache_service import compiled
 from cache_service.policies.base import (
     KeyTable,
     array_bytes,
-    fill_within,
-    leaf_mass,
 )
 
 
@@ -654,17 +652,13 @@ class ClusterIndex:
         Upper nodes narrow the search to the leaves of the field of view, their centroids
         pick the leaves scored exactly (both quotas grow with the sequence, see
         ``effort``), and those leaves are ranked by the attention mass their tokens carry.
-        Ties rank the lower node id first. This is the reference of
-        ``cache_service.batched_search.search_heads``, which serves decoding: one call
-        for all heads of a layer, with exactly this result.
+        Ties rank the lower node id first. One compiled call (``compiled.search_leaves``);
+        ``cache_service.batched_search.search_heads`` makes the same calls for all heads of
+        a layer.
         """
         queries = self._check_queries(queries, max_tokens)
-        probed = self._probe(queries, max_tokens)
-        if len(probed) == 0:
-            return probed
-        mass = self._leaf_mass(queries, probed)
-        ranked = probed[np.lexsort((probed, -mass))]
-        return fill_within(ranked, self.fill[ranked], max_tokens)
+        qhat, step = quantize_queries(queries, self.qscale)
+        return self.quantized_search(queries, qhat, step[:, 0], max_tokens)
 
     def search_tokens(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
         """Token ids ``[k]`` (ascending) for a query group ``[G, D]``: of the tokens ``search``
@@ -679,12 +673,26 @@ class ClusterIndex:
         qhat, step = quantize_queries(queries, self.qscale)
         return self.quantized_search_tokens(queries, qhat, step[:, 0], max_tokens)
 
+    def quantized_search(
+        self, queries: np.ndarray, qhat: np.ndarray, step: np.ndarray, max_tokens: int
+    ) -> np.ndarray:
+        """``search`` of checked float32 ``queries [G, D]``, given them quantized
+        (``quantize_queries``: ``qhat [G, D]``, ``step [G]``)."""
+        return self._searched(queries, qhat, step, max_tokens, tokens=False)
+
     def quantized_search_tokens(
         self, queries: np.ndarray, qhat: np.ndarray, step: np.ndarray, max_tokens: int
     ) -> np.ndarray:
-        """``search_tokens`` of checked float32 ``queries [G, D]``, given them quantized
-        (``quantize_queries``: ``qhat [G, D]``, ``step [G]``)."""
-        plan = self.probe_plan(max_tokens)
+        """``search_tokens`` of checked float32 ``queries [G, D]``, given them quantized."""
+        return self._searched(queries, qhat, step, max_tokens, tokens=True)
+
+    def _searched(
+        self, queries: np.ndarray, qhat: np.ndarray, step: np.ndarray, max_tokens: int,
+        tokens: bool,
+    ) -> np.ndarray:  # fmt: skip
+        """Leaves (``tokens`` False) or token ids found by the compiled search; sets
+        ``last_effort``."""
+        plan = self._probe_plan(max_tokens)
         if plan is None:
             return np.empty(0, dtype=np.int64)
         scale, take = self.softmax_scale, max_tokens
@@ -692,14 +700,21 @@ class ClusterIndex:
         if table is None:  # a plain key source: probe, read the keys through it, rank
             probed, scored, seen = compiled.probe(*plan, qhat, step)
             ids, keys = self.tokens_of(probed)
-            rows = np.arange(len(ids))
-            tokens = len(ids)
-            found = compiled.heaviest_keys(keys, rows, ids, queries, scale, take)
+            rows, scored_tokens = np.arange(len(ids)), len(ids)
+            if scored_tokens == 0:
+                found = np.empty(0, dtype=np.int64)
+            elif tokens:
+                found = compiled.heaviest_keys(keys, rows, ids, queries, scale, take)
+            else:
+                found = compiled.heaviest_leaves(
+                    keys, rows, probed, self.fill, queries, scale, take
+                )
         else:
-            found, scored, seen, tokens = compiled.search_tokens(
+            search = compiled.search_tokens if tokens else compiled.search_leaves
+            found, scored, seen, scored_tokens = search(
                 *plan, qhat, step, self.tokens, *table, queries, scale, take
             )
-        self.last_effort = SearchEffort(scored, seen, tokens)
+        self.last_effort = SearchEffort(scored, seen, scored_tokens)
         return found
 
     def _key_table(self) -> KeyTable | None:
@@ -720,19 +735,15 @@ class ClusterIndex:
 
     def _probe(self, queries: np.ndarray, max_tokens: int) -> np.ndarray:
         """The leaves a search scores token by token (sets ``last_effort``)."""
-        plan = self.probe_plan(max_tokens)
+        plan = self._probe_plan(max_tokens)
         if plan is None:
             return np.empty(0, dtype=np.int64)
         qhat, step = quantize_queries(queries, self.qscale)
-        return self.quantized_probe(plan, qhat, step[:, 0])
-
-    def quantized_probe(self, plan: ProbePlan, qhat: np.ndarray, step: np.ndarray) -> np.ndarray:
-        """``compiled.probe`` by ``plan`` for a quantized query group; sets ``last_effort``."""
-        probed, scored, seen = compiled.probe(*plan, qhat, step)
+        probed, scored, seen = compiled.probe(*plan, qhat, step[:, 0])
         self.last_effort = SearchEffort(scored, seen, int(self.fill[probed].sum()))
         return probed
 
-    def probe_plan(self, max_tokens: int) -> ProbePlan | None:
+    def _probe_plan(self, max_tokens: int) -> ProbePlan | None:
         """What ``compiled.probe`` needs of this index: the levels from ``start_depth`` down
         (the first scored whole), and the tokens each level's best nodes must cover (the
         field of view, doubled a level up; the exact quota at the leaves). None, with
@@ -768,9 +779,6 @@ class ClusterIndex:
         while start > 0 and self.levels[start - 1].n <= self.config.scan_nodes:
             start -= 1
         return start
-
-    def _leaf_mass(self, queries: np.ndarray, leaves: np.ndarray) -> np.ndarray:
-        return leaf_mass(queries, self.leaf_keys(leaves), self.fill[leaves], self.softmax_scale)
 
     @property
     def softmax_scale(self) -> float:

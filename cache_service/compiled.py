@@ -409,6 +409,32 @@ def heaviest_keys(
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
+def _token_rows(
+    leaves: np.ndarray, fill: np.ndarray, tokens: np.ndarray, token_page: np.ndarray,
+    token_slot: np.ndarray, rows_per_page: int,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Token ids ``[T]`` of ``leaves`` (leaf by leaf, slot order) and the row of each one's
+    key in a key table (``search_tokens``)."""
+    size = tokens.shape[1]
+    n = 0
+    for leaf in leaves:
+        n += fill[leaf]
+    ids = np.empty(n, dtype=np.int64)
+    rows = np.empty(n, dtype=np.int64)
+    k = 0
+    for leaf in leaves:
+        for slot in range(fill[leaf]):
+            token = tokens[leaf, slot]
+            ids[k] = token
+            if rows_per_page:
+                rows[k] = np.int64(token_page[token]) * rows_per_page + token_slot[token]
+            else:
+                rows[k] = leaf * size + slot
+            k += 1
+    return ids, rows
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
 def search_tokens(
     qcents: Any, counts: Any, ptrs: Any, flats: Any, top: int, needs: np.ndarray,
     qhat: np.ndarray, step: np.ndarray, tokens: np.ndarray, table: np.ndarray,
@@ -429,25 +455,80 @@ def search_tokens(
     """
     probed, scored, seen = probe(qcents, counts, ptrs, flats, top, needs, qhat, step)
     fill = counts[len(counts) - 1]
-    size = tokens.shape[1]
-    n = 0
-    for leaf in probed:
-        n += fill[leaf]
-    ids = np.empty(n, dtype=np.int64)
-    rows = np.empty(n, dtype=np.int64)
-    k = 0
-    for leaf in probed:
-        for slot in range(fill[leaf]):
-            token = tokens[leaf, slot]
-            ids[k] = token
-            if rows_per_page:
-                rows[k] = np.int64(token_page[token]) * rows_per_page + token_slot[token]
-            else:
-                rows[k] = leaf * size + slot
-            k += 1
-    if n == 0:
+    ids, rows = _token_rows(probed, fill, tokens, token_page, token_slot, rows_per_page)
+    if ids.shape[0] == 0:
         return ids, scored, seen, 0
-    return heaviest_keys(table, rows, ids, queries, scale, take), scored, seen, n
+    return heaviest_keys(table, rows, ids, queries, scale, take), scored, seen, ids.shape[0]
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def heaviest_leaves(
+    table: np.ndarray, rows: np.ndarray, leaves: np.ndarray, fill: np.ndarray,
+    queries: np.ndarray, scale: float, take: int,
+) -> np.ndarray:  # fmt: skip
+    """Of ``leaves`` (``[L >= 1]``, each with ``fill[leaf] >= 1`` tokens whose keys are the
+    ``rows`` of ``table``, leaf by leaf), those that carry the most attention mass, most
+    first (ties: the lower id), as many as fit ``take`` tokens: the longest prefix that
+    fits, then any later leaf small enough for what is left (``fill_within``). A leaf's
+    mass: ``exp(scale × q·k - max)`` summed over its tokens, each query's sums normalised
+    over the leaves, mean over the group."""
+    groups, count = queries.shape[0], rows.shape[0]
+    weights = np.empty((groups, count), dtype=np.float32)
+    _scaled_dots(table, rows, queries, np.float32(scale), weights)
+    sums = np.zeros((groups, leaves.shape[0]), dtype=np.float32)
+    for g in range(groups):
+        top = weights[g, 0]
+        for t in range(1, count):
+            top = max(top, weights[g, t])
+        t = 0
+        for i in range(leaves.shape[0]):
+            for _ in range(fill[leaves[i]]):
+                sums[g, i] += np.exp(weights[g, t] - top)
+                t += 1
+    mass = np.zeros(leaves.shape[0], dtype=np.float32)
+    for g in range(groups):
+        total = np.float32(0)
+        for i in range(leaves.shape[0]):
+            total += sums[g, i]
+        for i in range(leaves.shape[0]):
+            mass[i] += sums[g, i] / total
+    ranks = ranked(mass / np.float32(groups), leaves)
+    out = np.empty(ranks.shape[0], dtype=np.int64)
+    taken, left, i = 0, take, 0
+    while i < ranks.shape[0] and fill[ranks[i]] <= left:  # the longest prefix that fits
+        left -= fill[ranks[i]]
+        out[taken] = ranks[i]
+        taken += 1
+        i += 1
+    while i < ranks.shape[0] and left > 0:  # then whatever still fits
+        if fill[ranks[i]] <= left:
+            left -= fill[ranks[i]]
+            out[taken] = ranks[i]
+            taken += 1
+        i += 1
+    return out[:taken]
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def search_leaves(
+    qcents: Any, counts: Any, ptrs: Any, flats: Any, top: int, needs: np.ndarray,
+    qhat: np.ndarray, step: np.ndarray, tokens: np.ndarray, table: np.ndarray,
+    token_page: np.ndarray, token_slot: np.ndarray, rows_per_page: int,
+    queries: np.ndarray, scale: float, take: int,
+) -> tuple[np.ndarray, int, int, int]:  # fmt: skip
+    """``ClusterIndex.search`` in one call: ``probe``, then ``heaviest_leaves`` of the
+    probed leaves, their keys read in place (arguments as ``search_tokens``'s).
+
+    Returns:
+        leaf ids (most mass first), upper nodes scored, leaves scored, tokens scored.
+    """
+    probed, scored, seen = probe(qcents, counts, ptrs, flats, top, needs, qhat, step)
+    fill = counts[len(counts) - 1]
+    ids, rows = _token_rows(probed, fill, tokens, token_page, token_slot, rows_per_page)
+    if ids.shape[0] == 0:
+        return probed[:0], scored, seen, 0
+    found = heaviest_leaves(table, rows, probed, fill, queries, scale, take)
+    return found, scored, seen, ids.shape[0]
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -536,7 +617,10 @@ def warm_up() -> None:
         )
         probe(*plan, qhat, np.ones(2, np.float32))
         for table in (np.ones((6, 4), np.float16).view(np.uint16), np.ones((6, 4), np.float32)):
-            search_tokens(*plan, qhat, np.ones(2, np.float32), tokens, table, places, places, 1,
-                          queries, 0.5, 2)  # fmt: skip
-    heaviest_keys(np.ones((3, 4), np.float32), rows, np.arange(3, dtype=np.int32), queries, 0.5, 2)
+            for search in (search_tokens, search_leaves):
+                search(*plan, qhat, np.ones(2, np.float32), tokens, table, places, places, 1,
+                       queries, 0.5, 2)  # fmt: skip
+    keys = np.ones((6, 4), np.float32)  # read through a plain key source
+    heaviest_keys(keys, np.arange(6), np.arange(6, dtype=np.int32), queries, 0.5, 2)
+    heaviest_leaves(keys, np.arange(6), rows, np.full(3, 2, np.int64), queries, 0.5, 2)
     two_means(np.arange(8, dtype=np.float64).reshape(4, 2), 8)
