@@ -603,10 +603,11 @@ def warm_up() -> None:
     widened(halves.reshape(-1))
     weights = np.ones((2, 5), dtype=np.float32)[:, 1:4]  # a head's columns of the layer's
     heaviest(weights, np.ones(2, np.float32), np.arange(3, dtype=np.int32), 2)
-    # A search scores 1 + the levels above the leaves it descends (one signature each).
+    # A search scores the leaves and the levels above them it descends, one signature per
+    # count: 1 up to ~4k leaves (~30k tokens), 2 up to ~4k level-1 nodes (~460k), 3 beyond.
     qhat, queries = np.ones((2, 4), np.float32), np.ones((2, 4), np.float32)
     tokens, places = np.arange(6, dtype=np.int32).reshape(3, 2), np.zeros(6, np.int32)
-    for levels in range(1, 5):
+    for levels in range(1, 4):
         plan = (
             tuple(qcent for _ in range(levels)),
             tuple(np.full(3, 2, np.int64) for _ in range(levels)),
