@@ -47,12 +47,10 @@ def node_scores(
         for d in range(dim):
             levels[g, d] = np.int16(qhat[g, d])
     dots = np.empty(groups, dtype=np.int32)  # int32: the sums' low 32 bits are all they are
-    count, last = rows.shape[0], qcent.shape[1] * qcent.itemsize - 1
+    count = rows.shape[0]
     for i in range(count):
-        if i + PREFETCH_AHEAD < count:  # every cache line of the row
-            for offset in range(0, last, 64):
-                _prefetch(qcent, rows[i + PREFETCH_AHEAD], offset)
-            _prefetch(qcent, rows[i + PREFETCH_AHEAD], last)
+        if i + PREFETCH_AHEAD < count:
+            _prefetch_row(qcent, rows[i + PREFETCH_AHEAD])
         row = rows[i]
         for g in range(groups):
             acc = 0
@@ -263,6 +261,16 @@ _prefetch: Any = intrinsic(_prefetch_code)
 ``array[row]`` into the caches (scattered rows: the loads of the next rows overlap the
 work on this one)."""
 
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _prefetch_row(array: np.ndarray, row: int) -> None:
+    """``_prefetch`` every cache line of ``array[row]`` (2-D, rows contiguous)."""
+    last = array.shape[1] * array.itemsize - 1
+    for offset in range(0, last, 64):
+        _prefetch(array, row, offset)
+    _prefetch(array, row, last)
+
+
 PREFETCH_AHEAD = 8
 """Rows a scattered read asks for ahead of the one it works on (measured at 32k: centroid
 scores of a head's leaves, scattered over ~570 KB, ~1.6x faster; a layer's whole
@@ -345,9 +353,12 @@ def probe(
     return best_covering(nodes, scores, counts[last], needs[last]), scored, nodes.shape[0]
 
 
-def _as_single(value: Any) -> Any:
-    """A key coordinate as float32: the float16 bits (``uint16``) widened, a float32 as is."""
-    raise NotImplementedError("compiled code only")
+def _as_single(value: Any) -> np.float32:
+    """A key coordinate as float32: the float16 bits (``uint16``) widened, a float32 as is
+    (the compiled form is ``_as_single_compiled``)."""
+    if isinstance(value, np.uint16):
+        return np.float32(np.array(value).view(np.float16))
+    return np.float32(value)
 
 
 @overload(_as_single)
@@ -368,12 +379,10 @@ def _scaled_dots(
     score depends on its key and the queries only, not on the other tokens."""
     groups, dim = queries.shape
     key = np.empty(dim, dtype=np.float32)
-    count, last = rows.shape[0], table.shape[1] * table.itemsize - 1
+    count = rows.shape[0]
     for t in range(count):
-        if t + PREFETCH_AHEAD < count:  # every cache line of the row
-            for offset in range(0, last, 64):
-                _prefetch(table, rows[t + PREFETCH_AHEAD], offset)
-            _prefetch(table, rows[t + PREFETCH_AHEAD], last)
+        if t + PREFETCH_AHEAD < count:
+            _prefetch_row(table, rows[t + PREFETCH_AHEAD])
         row = rows[t]
         for d in range(dim):
             key[d] = _as_single(table[row, d])
@@ -594,8 +603,8 @@ def two_means(x: np.ndarray, iters: int) -> np.ndarray:
 
 def warm_up() -> None:
     """Compile (or load from the cache) every function here for the argument types the
-    index passes, so that no request pays for it: a first compile takes ~15 s on this
-    project's 2-core machine, a load from the cache well under a second. ``make setup`` and
+    index passes, so that no request pays for it: a first compile takes ~1 min of CPU on
+    this project's 2-core machine, a load from the cache well under a second. ``make setup`` and
     the container build run it; a cache service runs it when it starts."""
     qcent = np.zeros((3, 4), dtype=np.int8)
     rows = np.arange(3, dtype=np.int64)

@@ -140,15 +140,6 @@ def best_covering(
     return nodes[order[: int(np.searchsorted(covered, need, side="left")) + 1]]
 
 
-def token_mass(queries: np.ndarray, keys: np.ndarray, scale: float) -> np.ndarray:
-    """Attention mass ``[T]`` of each token of ``keys [T, D]``: each query head's softmax of
-    ``scale × q·k`` over these tokens, mean over the group ``queries [G, D]``."""
-    scores = group_scores(queries, keys) * scale  # [G, T]
-    weights = np.exp(scores - scores.max(axis=1, keepdims=True))
-    total = np.add.reduceat(weights, [0], axis=1)  # [G, 1], as a batched search sums
-    return (weights / total).mean(axis=0)
-
-
 class Scratch:
     """Pages a body copies single tokens into for one step, freed at its next selection
     (the oracle's and ``icecache-tokens``' gathers). A copy of a body starts without any."""
