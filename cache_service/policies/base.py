@@ -74,12 +74,13 @@ class Body(ABC):
 
 class KeyTable(NamedTuple):
     """Where a key source keeps its keys, for compiled code to read them in place: token
-    ``t``'s key is row ``token_page[t] × rows_per_page + token_slot[t]`` of ``rows``."""
+    ``t``'s key is row ``token_page[t] × rows_per_page + token_slot[t]`` of ``rows`` (with
+    ``rows_per_page`` 0, the row of its leaf slot: an index's own copy)."""
 
     rows: np.ndarray  # [R, D] float16 bits (uint16) or float32
     token_page: np.ndarray  # [positions] int32
     token_slot: np.ndarray  # [positions] int32
-    rows_per_page: int  # >= 1
+    rows_per_page: int
 
 
 def array_bytes(obj: object) -> int:

@@ -119,7 +119,7 @@ class TokenPlaces(Body):
 class PoolKeys:
     """An index's key source over a body's pool pages: called with token positions, their
     keys (``TokenPlaces.keys_of``); ``table()`` says where they are, so that the compiled
-    search reads them in place (``ClusterIndex.quantized_search_tokens``)."""
+    search reads them in place (``compiled.search_tokens`` / ``search_leaves``)."""
 
     def __init__(self, places: TokenPlaces) -> None:
         self.places = places
@@ -202,7 +202,7 @@ class IndexedBody(LeafPages):
         leads: bool = False,
     ) -> None:
         """Args:
-        index_of: makes the body's index, given where it reads keys (``keys_of``).
+        index_of: makes the body's index, given where it reads keys (``PoolKeys``).
         leads: ``icecache-r`` follower layers replay this body's layout: keep every
             placement for them (``placements``)."""
         super().__init__(pool)
@@ -255,7 +255,7 @@ class GatheringBody(TokenPlaces):
 
     def __init__(self, pool: PagePool, index_of: Callable[[KeySource], ClusterIndex]) -> None:
         """Args:
-        index_of: makes the body's index, given where it reads keys (``keys_of``)."""
+        index_of: makes the body's index, given where it reads keys (``PoolKeys``)."""
         super().__init__(pool)
         self.index = index_of(PoolKeys(self))
         self.pages = np.empty(0, dtype=np.int64)
