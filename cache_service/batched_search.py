@@ -3,7 +3,7 @@ many indexes at once.
 
 Decoding asks, per layer, which leaves (``icecache``) or tokens (``icecache-tokens``) each
 of its KV heads attends. The queries are quantized once for the layer; each head's whole
-search is then one compiled call (``compiled.search_leaves`` / ``compiled.search_tokens``:
+search is then one compiled call (``compiled.search``:
 the probe level by level, the probed leaves' keys read in place, their scores, the softmax,
 the ranking), the very call its own ``search`` makes, so the result is exactly
 ``[index.search(q, max_tokens) for index, q in zip(indexes, queries)]`` (the quantization is

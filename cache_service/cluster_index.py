@@ -652,7 +652,7 @@ class ClusterIndex:
         Upper nodes narrow the search to the leaves of the field of view, their centroids
         pick the leaves scored exactly (both quotas grow with the sequence, see
         ``effort``), and those leaves are ranked by the attention mass their tokens carry.
-        Ties rank the lower node id first. One compiled call (``compiled.search_leaves``);
+        Ties rank the lower node id first. One compiled call (``compiled.search``);
         ``cache_service.batched_search.search_heads`` makes the same calls for all heads of
         a layer.
         """
@@ -667,7 +667,7 @@ class ClusterIndex:
 
         Single tokens instead of whole leaves: a leaf's low-scoring tokens no longer take
         the budget (``icecache-tokens`` gathers them into scratch pages, as the oracle does).
-        The whole search is one compiled call (``compiled.search_tokens``).
+        The whole search is one compiled call (``compiled.search``).
         """
         queries = self._check_queries(queries, max_tokens)
         qhat, step = quantize_queries(queries, self.qscale)
@@ -710,15 +710,14 @@ class ClusterIndex:
                     keys, rows, probed, self.fill, queries, scale, take
                 )
         else:
-            search = compiled.search_tokens if tokens else compiled.search_leaves
-            found, scored, seen, scored_tokens = search(
-                *plan, qhat, step, self.tokens, *table, queries, scale, take
+            found, scored, seen, scored_tokens = compiled.search(
+                *plan, qhat, step, self.tokens, *table, queries, scale, take, not tokens
             )
         self.last_effort = SearchEffort(scored, seen, scored_tokens)
         return found
 
     def _key_table(self) -> KeyTable | None:
-        """Where the keys of the index's tokens are, for ``compiled.search_tokens``; None if
+        """Where the keys of the index's tokens are, for ``compiled.search``; None if
         the key source can only be called."""
         if self.keys is not None:  # the own copy, by leaf slot
             rows = self.keys.reshape(-1, self.dim).view(np.uint16)

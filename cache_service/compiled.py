@@ -3,7 +3,7 @@ tens of calls per KV head (a gather, a cast, a matmul, a reduction, a sort) on a
 few dozen to a few thousand rows, where the calls cost more than the arithmetic.
 
 Each function computes exactly what its NumPy formulation computes (the tests compare them
-bit for bit), except the token stage of ``search_tokens`` (``heaviest_keys``): its dot
+bit for bit), except the token stage of ``search`` (``heaviest_keys``, ``heaviest_leaves``): its dot
 products are summed in vector lanes and its ``exp`` is libm's, so it is its own reference.
 Every search path calls it, so a batched and a per-head search agree exactly; the tests
 compare its choice with a float64 brute force. Compiled code is cached next to this file
@@ -429,7 +429,7 @@ def _token_rows(
     token_slot: np.ndarray, rows_per_page: int,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Token ids ``[T]`` of ``leaves`` (leaf by leaf, slot order) and the row of each one's
-    key in a key table (``search_tokens``)."""
+    key in a key table (``search``)."""
     size = tokens.shape[1]
     n = 0
     for leaf in leaves:
@@ -447,33 +447,6 @@ def _token_rows(
                 rows[k] = leaf * size + slot
             k += 1
     return ids, rows
-
-
-@numba.njit(cache=True, nogil=True, boundscheck=False)
-def search_tokens(
-    qcents: Any, counts: Any, ptrs: Any, flats: Any, top: int, needs: np.ndarray,
-    qhat: np.ndarray, step: np.ndarray, tokens: np.ndarray, table: np.ndarray,
-    token_page: np.ndarray, token_slot: np.ndarray, rows_per_page: int,
-    queries: np.ndarray, scale: float, take: int,
-) -> tuple[np.ndarray, int, int, int]:  # fmt: skip
-    """``ClusterIndex.search_tokens`` in one call: ``probe``, then ``heaviest_keys`` of the
-    probed leaves' tokens, their keys read in place.
-
-    Args:
-        tokens: ``[leaves, P]`` token id in each leaf slot.
-        table: ``[R, D]`` keys (float16 bits or float32). Token ``t`` of leaf slot ``(l, s)``
-            has its key in row ``token_page[t] × rows_per_page + token_slot[t]``, or, with
-            ``rows_per_page`` 0, in row ``l × P + s`` (the index's own copy).
-
-    Returns:
-        token ids (ascending), upper nodes scored, leaves scored, tokens scored.
-    """
-    probed, scored, seen = probe(qcents, counts, ptrs, flats, top, needs, qhat, step)
-    fill = counts[len(counts) - 1]
-    ids, rows = _token_rows(probed, fill, tokens, token_page, token_slot, rows_per_page)
-    if ids.shape[0] == 0:
-        return ids, scored, seen, 0
-    return heaviest_keys(table, rows, ids, queries, scale, take), scored, seen, ids.shape[0]
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
@@ -525,24 +498,35 @@ def heaviest_leaves(
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def search_leaves(
+def search(
     qcents: Any, counts: Any, ptrs: Any, flats: Any, top: int, needs: np.ndarray,
     qhat: np.ndarray, step: np.ndarray, tokens: np.ndarray, table: np.ndarray,
     token_page: np.ndarray, token_slot: np.ndarray, rows_per_page: int,
-    queries: np.ndarray, scale: float, take: int,
+    queries: np.ndarray, scale: float, take: int, leaves: bool,
 ) -> tuple[np.ndarray, int, int, int]:  # fmt: skip
-    """``ClusterIndex.search`` in one call: ``probe``, then ``heaviest_leaves`` of the
-    probed leaves, their keys read in place (arguments as ``search_tokens``'s).
+    """A whole ``ClusterIndex.search`` (``leaves``) or ``search_tokens`` in one call:
+    ``probe``, then ``heaviest_leaves`` of the probed leaves or ``heaviest_keys`` of their
+    tokens, the keys read in place.
+
+    Args:
+        tokens: ``[leaves, P]`` token id in each leaf slot.
+        table: ``[R, D]`` keys (float16 bits or float32). Token ``t`` of leaf slot ``(l, s)``
+            has its key in row ``token_page[t] × rows_per_page + token_slot[t]``, or, with
+            ``rows_per_page`` 0, in row ``l × P + s`` (the index's own copy).
 
     Returns:
-        leaf ids (most mass first), upper nodes scored, leaves scored, tokens scored.
+        leaf ids (most mass first) or token ids (ascending), upper nodes scored, leaves
+        scored, tokens scored.
     """
     probed, scored, seen = probe(qcents, counts, ptrs, flats, top, needs, qhat, step)
     fill = counts[len(counts) - 1]
     ids, rows = _token_rows(probed, fill, tokens, token_page, token_slot, rows_per_page)
     if ids.shape[0] == 0:
-        return probed[:0], scored, seen, 0
-    found = heaviest_leaves(table, rows, probed, fill, queries, scale, take)
+        return ids, scored, seen, 0
+    if leaves:
+        found = heaviest_leaves(table, rows, probed, fill, queries, scale, take)
+    else:
+        found = heaviest_keys(table, rows, ids, queries, scale, take)
     return found, scored, seen, ids.shape[0]
 
 
@@ -633,9 +617,8 @@ def warm_up() -> None:
         )
         probe(*plan, qhat, np.ones(2, np.float32))
         for table in (np.ones((6, 4), np.float16).view(np.uint16), np.ones((6, 4), np.float32)):
-            for search in (search_tokens, search_leaves):
-                search(*plan, qhat, np.ones(2, np.float32), tokens, table, places, places, 1,
-                       queries, 0.5, 2)  # fmt: skip
+            search(*plan, qhat, np.ones(2, np.float32), tokens, table, places, places, 1,
+                   queries, 0.5, 2, True)  # fmt: skip
     keys = np.ones((6, 4), np.float32)  # read through a plain key source
     heaviest_keys(keys, np.arange(6), np.arange(6, dtype=np.int32), queries, 0.5, 2)
     heaviest_leaves(keys, np.arange(6), rows, np.full(3, 2, np.int64), queries, 0.5, 2)

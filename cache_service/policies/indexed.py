@@ -119,7 +119,7 @@ class TokenPlaces(Body):
 class PoolKeys:
     """An index's key source over a body's pool pages: called with token positions, their
     keys (``TokenPlaces.keys_of``); ``table()`` says where they are, so that the compiled
-    search reads them in place (``compiled.search_tokens`` / ``search_leaves``)."""
+    search reads them in place (``compiled.search``)."""
 
     def __init__(self, places: TokenPlaces) -> None:
         self.places = places

@@ -233,7 +233,7 @@ from cache_service.batched_search import search_heads, search_heads_tokens
 from cache_service.cluster_index import ClusterIndex, IndexConfig
 functions = [
     compiled.node_scores, compiled.best_covering, compiled.heaviest, compiled.two_means,
-    compiled.probe, compiled.search_tokens, compiled.search_leaves,
+    compiled.probe, compiled.search,
 ]
 compiled.warm_up()
 warm = [len(f.signatures) for f in functions]
