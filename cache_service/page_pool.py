@@ -222,6 +222,34 @@ class PagePool:
         np.maximum.at(self.fill, pages, slots + 1)
         self.version[np.unique(pages)] += 1
 
+    def copy_slots(
+        self,
+        src_pages: np.ndarray,
+        src_slots: np.ndarray,
+        dest_pages: np.ndarray,
+        dest_slots: np.ndarray,
+    ) -> None:
+        """Copy single tokens (key, value, position) from ``(src_pages[i], src_slots[i])``
+        to ``(dest_pages[i], dest_slots[i])``: ``write_slots`` of what ``read_slots`` reads,
+        in one compiled pass. Destinations are pages held only by the caller, none of them
+        a source; their fills grow to cover the slots.
+
+        Args:
+            src_pages, src_slots, dest_pages, dest_slots: ``[n]`` integers.
+        """
+        dest_pages = np.asarray(dest_pages, dtype=np.int64)
+        assert np.all(self.refs[dest_pages] == 1), "writing a shared page"
+        compiled.copy_slots(
+            self.key_rows(),
+            self.positions,
+            self.fill,
+            np.asarray(src_pages, dtype=np.int64),
+            np.asarray(src_slots, dtype=np.int64),
+            dest_pages,
+            np.asarray(dest_slots, dtype=np.int64),
+        )
+        self.version[dest_pages] += 1  # once per page: a repeated index is written once
+
     def read_slots(self, pages: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Gather single tokens: ``[n, 2, head_dim]``."""
         return np.take(self._rows(), self._kv_rows(pages, slots), 0)

@@ -169,12 +169,9 @@ class Scratch:
         for scratch, first, need in zip(scratches, firsts, needs, strict=True):
             scratch.pages = new[first : first + need]
         if counts.sum():  # token i of a scratch to slot i % size of its page i // size
-            src_pages, src_slots = np.concatenate(pages), np.concatenate(slots)
-            kv = pool.read_slots(src_pages, src_slots)  # [k, 2, D]
-            positions = pool.positions[src_pages, src_slots]
             order = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
             dest = new[np.repeat(firsts, counts) + order // size]
-            pool.write_slots(dest, order % size, kv, positions)
+            pool.copy_slots(np.concatenate(pages), np.concatenate(slots), dest, order % size)
         return [scratch.pages for scratch in scratches]
 
     def free(self) -> None:

@@ -2,6 +2,8 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cache_service.page_pool import PagePool, PoolExhausted, as_float32
 
@@ -100,3 +102,31 @@ def test_keys_at_reads_single_tokens_as_float32(dtype):
     got = pool.keys_at(at, slot)
     assert got.dtype == np.float32
     assert np.array_equal(got, pool.data[at, 0, slot].astype(np.float32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(["float16", "float32"]),
+    st.lists(st.tuples(st.integers(0, 11), st.integers(0, 3)), max_size=20),
+)
+def test_copy_slots_leaves_the_pool_as_read_then_write_slots_do(dtype, moves):
+    """The compiled copy against the two NumPy calls it replaces, on twin pools: data,
+    positions, fills and versions equal (a destination written twice keeps the last)."""
+    twins = [PagePool(num_pages=8, page_size=4, head_dim=3, dtype=dtype) for _ in range(2)]
+    rng = np.random.default_rng(len(moves))
+    kv = rng.standard_normal((12, 2, 3)).astype(dtype)
+    for pool in twins:
+        src = pool.alloc(3)
+        pool.fill_pages(src, kv[:, 0], kv[:, 1], np.arange(12) + 50)
+        pool.alloc(3)  # pages 3..5: destinations, empty
+    picks = np.array([t for t, _ in moves], dtype=np.int64)
+    src_pages, src_slots = picks // 4, picks % 4
+    dest_pages = 3 + np.array([d for _, d in moves], dtype=np.int64) % 3
+    dest_slots = np.array([d for _, d in moves], dtype=np.int64)
+    first, second = twins
+    first.copy_slots(src_pages, src_slots, dest_pages, dest_slots)
+    read = second.read_slots(src_pages, src_slots)
+    second.write_slots(dest_pages, dest_slots, read, second.positions[src_pages, src_slots])
+    np.testing.assert_array_equal(first.data, second.data)
+    for name in ("positions", "fill", "version"):
+        assert getattr(first, name).tolist() == getattr(second, name).tolist(), name
