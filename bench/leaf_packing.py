@@ -9,7 +9,9 @@ KV heads 0-1). Each head's body (sinks and recent window left out as the engine 
 budget) is built without its last ``--inserted`` tokens, which are then inserted a page at
 a time (as decoding hands them over), so the fill is measured after splits; then every
 probed query selects. Recall = attention mass of sinks + window + selected tokens
-(``bench.selection.quality``), over the oracle's (exact top tokens) at the same budget.
+(``bench.selection.quality``), over the oracle's (exact top tokens) at the same budget;
+for whole leaves (``search``, ``icecache``) and for single tokens (``search_tokens``,
+``icecache-tokens``, whose leaves are not pages: fill only changes what its search scores).
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.leaf_packing [--real 8192] [--synthetic 32768]
 """
@@ -42,6 +44,8 @@ VARIANTS = {
 class Cell:
     recall: list[float] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
+    token_recall: list[float] = field(default_factory=list)  # search_tokens (icecache-tokens)
+    token_s: list[float] = field(default_factory=list)  # its wall time per search
 
 
 @dataclass
@@ -97,6 +101,11 @@ def run_case(
                 got = sel.quality(probs[s], np.concatenate([fixed, pos]), budget.body)[0]
                 cell.recall.append(got)
                 cell.pages.append(len(leaves))
+                t0 = time.perf_counter()
+                tokens = index.search_tokens(q, budget.body)
+                cell.token_s.append(time.perf_counter() - t0)
+                got = sel.quality(probs[s], np.concatenate([fixed, tokens]), budget.body)[0]
+                cell.token_recall.append(got)
         for s, q in enumerate(case.queries):
             fixed = np.r_[0 : budget.sinks, end : case.context[s]]
             scores = (q @ case.keys[start:end].T).max(axis=0)
@@ -113,15 +122,25 @@ def table(title: str, heads: int, results: dict[str, Variant], oracle: dict[int,
         "",
         "| variant | leaf fill built / after inserts | "
         + " | ".join(f"x oracle @{b}" for b in budgets)
-        + f" | pages/step @{budgets[-1]} | index B/token | build s | insert s |",
-        "| --- | ---: | " + " | ".join("---:" for _ in budgets) + " | ---: | ---: | ---: | ---: |",
+        + f" | pages/step @{budgets[-1]} | "
+        + " | ".join(f"tokens x oracle @{b}" for b in budgets)
+        + f" | tokens search us @{budgets[-1]} | index B/token | build s | insert s |",
+        "| --- | ---: | "
+        + " | ".join("---:" for _ in budgets)
+        + " | ---: | "
+        + " | ".join("---:" for _ in budgets)
+        + " | ---: | ---: | ---: | ---: |",
     ]
     for name, v in results.items():
         ratios = [np.mean(v.cells[b].recall) / np.mean(oracle[b]) for b in budgets]
+        tokens = [np.mean(v.cells[b].token_recall) / np.mean(oracle[b]) for b in budgets]
         lines.append(
             f"| {name} | {np.mean(v.fill_built):.3f} / {np.mean(v.fill_after):.3f} | "
             + " | ".join(f"{r:.4f}" for r in ratios)
-            + f" | {np.mean(v.cells[budgets[-1]].pages):.1f} | {np.mean(v.index_bytes):.0f} "
+            + f" | {np.mean(v.cells[budgets[-1]].pages):.1f} | "
+            + " | ".join(f"{r:.4f}" for r in tokens)
+            + f" | {1e6 * np.median(v.cells[budgets[-1]].token_s):.0f}"
+            + f" | {np.mean(v.index_bytes):.0f} "
             f"| {v.build_s:.1f} "
             f"| {v.insert_s:.1f} |"
         )
