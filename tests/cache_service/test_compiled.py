@@ -204,10 +204,49 @@ def test_two_means_is_numpys(x, iters):
     assert got.tolist() == want.tolist()
 
 
+def _clear_rows(x, cent):
+    """NumPy's labels (``argmin`` of ``_sq_dist``) and the rows whose nearest centroid is
+    nearer than the next by more than a dot product's rounding (elsewhere summing in
+    another order may pick the other one)."""
+    dist = cluster_index._sq_dist(x, cent)
+    ordered = np.sort(dist, axis=1)
+    gap = ordered[:, 1] - ordered[:, 0] if cent.shape[0] > 1 else np.full(len(x), np.inf)
+    scale = np.abs(x).sum(1) * np.abs(cent).sum(1).max() + (cent * cent).sum(1).max()
+    return np.argmin(dist, axis=1), gap > 1e-12 * scale
+
+
+@settings(max_examples=400, deadline=None)
+@given(_points(), st.integers(1, 6), st.integers(0, 2**32 - 1))
+def test_nearest_is_the_argmin_of_numpys_distances(x, k, seed):
+    rng = np.random.default_rng(seed)
+    cent = np.concatenate([x[rng.integers(0, len(x), k)], rng.standard_normal((1, x.shape[1]))])
+    want, clear = _clear_rows(x, cent)
+    assert compiled.nearest(x, cent)[clear].tolist() == want[clear].tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.integers(1, 70), st.integers(1, 6))
+def test_nearest_of_integer_points_ties_to_the_first_as_numpy(seed, n, dim, k):
+    """Small integers: every sum is exact, so ties are real and go to the first centroid."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-2, 3, (n, dim)).astype(np.float64)
+    cent = rng.integers(-2, 3, (k, dim)).astype(np.float64)
+    want = np.argmin(cluster_index._sq_dist(x, cent), axis=1)
+    assert compiled.nearest(x, cent).tolist() == want.tolist()
+
+
+@settings(max_examples=300, deadline=None)
+@given(_points())
+def test_two_means_labels_are_the_two_means_split_then_the_nearer_mean(x):
+    second = numpy_two_means(x, 8)
+    want, clear = _clear_rows(x, np.stack([x[~second].mean(0), x[second].mean(0)]))
+    assert compiled.two_means_labels(x, 8)[clear].tolist() == want[clear].tolist()
+
+
 @pytest.mark.parametrize("dim", [8, 64])
 def test_an_index_lays_out_the_same_leaves_with_numpys_two_means(dim, monkeypatch):
-    """A build and inserts (whose splits call ``two_means`` too) give the same layout,
-    compiled or not."""
+    """A build (its last cuts: ``two_means_labels``, ``nearest``) and inserts (whose splits
+    call ``two_means``) give the same layout, compiled or in NumPy."""
     rng = np.random.default_rng(dim)
     centres = 2 * rng.standard_normal((24, dim))
     keys = (centres[rng.integers(0, 24, 3000)] + rng.standard_normal((3000, dim))).astype("f4")
@@ -221,7 +260,18 @@ def test_an_index_lays_out_the_same_leaves_with_numpys_two_means(dim, monkeypatc
 
     compiled_layout = layout()
     monkeypatch.setattr(cluster_index, "two_means", numpy_two_means)
+    monkeypatch.setattr(compiled, "nearest", _numpy_nearest)
+    monkeypatch.setattr(compiled, "two_means_labels", _numpy_two_means_labels)
     assert layout() == compiled_layout
+
+
+def _numpy_nearest(x, cent):
+    return np.argmin(cluster_index._sq_dist(x, cent), axis=1)
+
+
+def _numpy_two_means_labels(x, iters):
+    second = numpy_two_means(x, iters)
+    return _numpy_nearest(x, np.stack([x[~second].mean(0), x[second].mean(0)]))
 
 
 _SEARCH_AFTER_WARM_UP = """
@@ -233,7 +283,7 @@ from cache_service.batched_search import search_heads, search_heads_tokens
 from cache_service.cluster_index import ClusterIndex, IndexConfig
 functions = [
     compiled.node_scores, compiled.best_covering, compiled.heaviest, compiled.two_means,
-    compiled.probe, compiled.search,
+    compiled.two_means_labels, compiled.nearest, compiled.probe, compiled.search,
 ]
 compiled.warm_up()
 warm = [len(f.signatures) for f in functions]
