@@ -474,6 +474,7 @@ class ClusterIndex:
         self.levels: list[_Level] = [self.new_level(np.float32)]
         self.built = False
         self.last_effort = SearchEffort(0, 0, 0)
+        self._nbytes: int | None = None  # nbytes() until the next build or insert
 
     # ---------------------------------------------------------------- public API
 
@@ -492,15 +493,21 @@ class ClusterIndex:
     def nbytes(self) -> int:
         """Bytes of the index's arrays: its key copy (if any) and token maps, every level's
         sums, quantized centroids and child lists (a list counted as 64 bytes, a link in it
-        as 8)."""
-        nodes = sum(level.n for level in self.levels)
-        links = nodes - self.levels[-1].n
-        return (
-            array_bytes(self)
-            + sum(array_bytes(level) for level in self.levels)
-            + 64 * nodes
-            + 8 * links
-        )
+        as 8). Counted again after a build or insert (the store asks at every step)."""
+        if self._nbytes is None:
+            nodes = sum(level.n for level in self.levels)
+            links = nodes - self.levels[-1].n
+            self._nbytes = (
+                array_bytes(self)
+                + sum(array_bytes(level) for level in self.levels)
+                + 64 * nodes
+                + 8 * links
+            )
+        return self._nbytes
+
+    def _changing(self) -> None:
+        """Call before a build or insert changes the index: its size is counted again."""
+        self._nbytes = None
 
     def leaf_ids(self) -> np.ndarray:
         return np.arange(self.num_leaves, dtype=np.int64)
@@ -516,6 +523,7 @@ class ClusterIndex:
         if self.built:
             raise RuntimeError("build() was already called; add tokens with insert()")
         keys, token_ids = self._check(keys, token_ids)
+        self._changing()
         self.built = True
         if len(keys) == 0:
             return _empty_placement()
@@ -541,6 +549,7 @@ class ClusterIndex:
         keys, token_ids = self._check(keys, token_ids)
         if len(keys) == 0:
             return _empty_placement()
+        self._changing()
         if self.num_leaves == 0:
             self.built = False
             return self.build(keys, token_ids)
@@ -834,6 +843,8 @@ class ClusterIndex:
             q = np.clip(np.rint(level.centroids(slice(0, m))[:, :-1] / self.qscale), -127, 127)
             assert np.array_equal(level.qcent[:m], q), "quantized centroids"
         assert (np.abs(keys) <= self.key_bound).all(), "quantization bound"
+        counted, self._nbytes = self._nbytes, None
+        assert counted is None or counted == self.nbytes(), "nbytes counted before a change"
 
     # ---------------------------------------------------------------- internals
 

@@ -64,6 +64,7 @@ class FlatKMeansIndex(ClusterIndex):
         keys, token_ids = self._check(keys, token_ids)
         if len(keys) == 0:
             return _empty_placement()
+        self._changing()
         self._raise_bound(keys)
         x = self._augment(keys)
         clusters = self.levels[1]
