@@ -326,7 +326,13 @@ def copy_slots(
     """
     size = positions.shape[1]
     dim = rows.shape[1]
-    for i in range(src_pages.shape[0]):
+    count = src_pages.shape[0]
+    for i in range(count):
+        if i + PREFETCH_AHEAD < count:  # the sources are scattered over the pool
+            page, slot = src_pages[i + PREFETCH_AHEAD], src_slots[i + PREFETCH_AHEAD]
+            _prefetch_row(rows, page * 2 * size + slot)
+            _prefetch_row(rows, page * 2 * size + slot + size)
+            _prefetch(positions, page, slot * positions.itemsize)
         page, slot = dest_pages[i], dest_slots[i]
         src = src_pages[i] * 2 * size + src_slots[i]
         dest = page * 2 * size + slot
