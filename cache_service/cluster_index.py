@@ -261,7 +261,11 @@ def capped_labels(x: np.ndarray, cent: np.ndarray, cap: int) -> tuple[np.ndarray
     return labels, float(pushed.sum() / max(float(nearest.sum()), 1e-30))
 
 
-def two_means(x: np.ndarray, iters: int = 8) -> np.ndarray:
+TWO_MEANS_ITERS = 8
+"""Reassignment rounds of a 2-means split (it stops sooner once no row moves)."""
+
+
+def two_means(x: np.ndarray, iters: int = TWO_MEANS_ITERS) -> np.ndarray:
     """Deterministic 2-means of ``x [n >= 2, d]`` (float64); boolean mask of the second
     group, both groups non-empty. Seeds: the point farthest from the mean, then the farthest
     from it. Compiled (``compiled.two_means``, the same bits) for ``d >= 2``: a build makes
@@ -271,7 +275,7 @@ def two_means(x: np.ndarray, iters: int = 8) -> np.ndarray:
     return numpy_two_means(x, iters)
 
 
-def numpy_two_means(x: np.ndarray, iters: int = 8) -> np.ndarray:
+def numpy_two_means(x: np.ndarray, iters: int = TWO_MEANS_ITERS) -> np.ndarray:
     """``two_means`` in NumPy (the reference of the compiled one, and its path for ``d``
     of 1, where NumPy sums a column pairwise)."""
     a = x[np.argmax(((x - x.mean(0)) ** 2).sum(1))]
@@ -962,7 +966,7 @@ class ClusterIndex:
         push = self.config.pack_push
         x = np.ascontiguousarray(x, dtype=np.float64)
         if push is None and fewest == 2 and x.shape[1] >= 2:  # most last cuts of a build
-            return compiled.two_means_labels(x, 8)
+            return compiled.two_means_labels(x, TWO_MEANS_ITERS)
         for k in range(fewest, min(fewest + (1 if push is None else 2), len(x) + 1)):
             if k == 2:  # cheaper than a FAISS call
                 second = two_means(x)
