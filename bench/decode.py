@@ -9,7 +9,7 @@ build) is reported apart and left out of the per-token times. The prompt is
 ``context - new_tokens - 1`` tokens, so decoding ends at the context length.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.decode [--contexts 2048,4096,8192]
-        [--new-tokens 16] [--policies full,quest,...]
+        [--new-tokens 16] [--policies full,quest,...] [--page-cache-too]
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class Run:
 
     policy: str
     engine: Engine
+    name: str
     seq: Sequence
     ingest_s: float
     first_step_s: float = 0.0
@@ -59,22 +60,28 @@ def prefill(model: LlamaModel, ids: list[int]) -> tuple[PrefillRecord, int, floa
     return record, int(torch.argmax(record.logits)), time.perf_counter() - started
 
 
-def make_run(model: LlamaModel, policy: str, budget: int, record: PrefillRecord) -> Run:
-    """A fresh store and engine for ``policy`` holding the recorded prompt K/V."""
+def make_run(
+    model: LlamaModel, policy: str, budget: int, record: PrefillRecord, in_place: bool = True
+) -> Run:
+    """A fresh store and engine for ``policy`` holding the recorded prompt K/V; attention
+    reads the selected pages in the store (``in_place``) or copies of them in the device
+    page cache (the path a GPU takes)."""
     kv = LocalKVClient.with_capacity(STORE_BYTES, 16, model.config.head_dim)
-    engine = Engine(model, kv, EngineConfig(policy=policy, budget=budget))
+    config = EngineConfig(policy=policy, budget=budget, pages_in_place=in_place)
+    engine = Engine(model, kv, config)
     started = time.perf_counter()
     seq, _ = engine.start(list(record.ids), policy, replay=record)
-    return Run(policy, engine, seq, time.perf_counter() - started)
+    name = policy if in_place else f"{policy} (page cache)"
+    return Run(policy, engine, name, seq, time.perf_counter() - started)
 
 
 def decode(runs: list[Run], token: int, new_tokens: int) -> None:
     """Lock-step greedy decoding; each run follows its own argmax."""
-    nexts = {run.policy: token for run in runs}
+    nexts = {run.name: token for run in runs}
     for step in range(new_tokens):
         for run in runs[step % len(runs) :] + runs[: step % len(runs)]:
             started = time.perf_counter()
-            logits = run.engine.decode_step([run.seq], [nexts[run.policy]])
+            logits = run.engine.decode_step([run.seq], [nexts[run.name]])
             elapsed = time.perf_counter() - started
             if step == 0:
                 run.first_step_s = elapsed
@@ -82,8 +89,8 @@ def decode(runs: list[Run], token: int, new_tokens: int) -> None:
                 run.engine.cache.stats = PageCacheStats()
             else:
                 run.step_s.append(elapsed)
-            run.tokens.append(nexts[run.policy])
-            nexts[run.policy] = int(torch.argmax(logits[0]))
+            run.tokens.append(nexts[run.name])
+            nexts[run.name] = int(torch.argmax(logits[0]))
 
 
 def report(runs: list[Run], context: int, prefill_s: float, prompt: int) -> list[str]:
@@ -106,12 +113,15 @@ def report(runs: list[Run], context: int, prefill_s: float, prompt: int) -> list
         per = 1000 / t.steps
         rest = per * (t.total - t.store - t.load)
         kv_tokens = t.kv_tokens / (t.steps * c.num_layers * c.num_kv_heads)
-        moved = run.engine.cache.stats.bytes_moved / 1024 / t.steps
+        cache = run.engine.cache.stats
+        moved, hits = f"{cache.bytes_moved / 1024 / t.steps:.0f}", f"{cache.hit_rate:.2f}"
+        if run.engine.in_place is not None and run.policy != "full":
+            moved, hits = "in place", "-"
         lines.append(
-            f"| {run.policy} | {ms:.1f} | {ms / full_ms:.2f} | {per * t.store:.1f} "
+            f"| {run.name} | {ms:.1f} | {ms / full_ms:.2f} | {per * t.store:.1f} "
             f"| {per * t.load:.1f} | {rest:.1f} | {1000 * run.first_step_s:.0f} "
-            f"| {run.ingest_s:.1f} | {kv_tokens:.0f} | {moved:.0f} "
-            f"| {run.engine.cache.stats.hit_rate:.2f} | {_agree(run.tokens, full.tokens)} |"
+            f"| {run.ingest_s:.1f} | {kv_tokens:.0f} | {moved} "
+            f"| {hits} | {_agree(run.tokens, full.tokens)} |"
         )
     return lines + [""]
 
@@ -127,6 +137,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--budget", type=int, default=256)
+    parser.add_argument(
+        "--page-cache-too",
+        action="store_true",
+        help="also run each sparse policy with its pages copied through the device page "
+        "cache (the path a GPU takes), beside the run that reads them in the store",
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     if args.new_tokens < 2:
@@ -140,6 +156,9 @@ def main() -> None:
         ids = corpus.window_ids(prompt, np.random.default_rng(context))
         rec, token, prefill_s = prefill(model, ids)
         runs = [make_run(model, p, args.budget, rec) for p in policies]
+        if args.page_cache_too:
+            copied = [p for p in policies if p != "full"]
+            runs += [make_run(model, p, args.budget, rec, in_place=False) for p in copied]
         del rec
         decode(runs, token, args.new_tokens)
         for run in runs:
@@ -156,7 +175,8 @@ def _header(args: argparse.Namespace) -> list[str]:
         "# Decode speed per policy, in-process (embedded SmolLM2-135M-Instruct, CPU)",
         "",
         f"Command: `{omp}.venv/bin/python -m bench.decode --contexts {args.contexts} "
-        f"--new-tokens {args.new_tokens} --policies {args.policies}`; {platform.machine()}, "
+        f"--new-tokens {args.new_tokens} --policies {args.policies}"
+        f"{' --page-cache-too' if args.page_cache_too else ''}`; {platform.machine()}, "
         f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, float32; budget "
         f"{args.budget} tokens per layer and KV head (sinks and window included); first 2 "
         f"layers dense under every policy; written {time.strftime('%Y-%m-%d')}; 1-minute load "
@@ -165,9 +185,11 @@ def _header(args: argparse.Namespace) -> list[str]:
         "",
         "Steps of the policies are interleaved. Per-token columns are means over the timed "
         "steps, in ms: *store* is the in-process store's `decode` (append the new K/V, select "
-        "pages), *page load* the device page cache (resolve selected pages, copy the missing "
-        "ones), *model + attention* everything else (projections, MLP, LM head, paged "
-        "attention). *First step* includes the index build. *Tokens equal* counts the leading "
+        "pages), *page load* the page table and, for a *(page cache)* run, the device page "
+        "cache (resolve selected pages, copy the missing ones; the other runs attend over the "
+        "store's pages in place, as a CPU engine does by default), *model + attention* "
+        "everything else (projections, MLP, LM head, paged attention). *First step* "
+        "includes the index build. *Tokens equal* counts the leading "
         "greedy tokens that agree with `full` (or with the first policy when `full` is not run).",
         "",
     ]

@@ -105,10 +105,14 @@ def doc_engine(
     smollm: tuple[LlamaModel, Tokenizer], policy: str, cache_mb: int, kv: Any = None
 ) -> Engine:
     """An engine over ``kv`` (a new store by default) with a ``cache_mb`` device page cache
-    that every layer goes through (no contiguous copy of the dense layers: the paged path a
-    GPU takes, under pressure here)."""
+    that every layer goes through (no contiguous copy of the dense layers and no pages read
+    in place: the paged path a GPU takes, under pressure here)."""
     config = EngineConfig(
-        policy=policy, budget=DOC_BUDGET, device_cache_mb=cache_mb, dense_copy=False
+        policy=policy,
+        budget=DOC_BUDGET,
+        device_cache_mb=cache_mb,
+        dense_copy=False,
+        pages_in_place=False,
     )
     return Engine(smollm[0], kv or doc_store(), config)
 

@@ -8,7 +8,8 @@ them. A prompt whose leading blocks the store keeps from an earlier prompt (pref
 block computes exactly what it would have computed after prefilling them.
 Decode is one token per sequence per step, batched across sequences: per layer the store
 takes the new K/V and answers which pages each KV head attends to; the device page cache
-makes them resident; paged sparse attention runs over them.
+makes them resident (on a CPU with the store in this process, attention reads them where
+the store keeps them); paged sparse attention runs over them.
 """
 
 from __future__ import annotations
@@ -90,6 +91,13 @@ class EngineConfig:
         "dense layers under every policy) keep their K/V contiguous and attend there, "
         "instead of gathering every page from the page cache at each step (faster; host "
         "memory as large as those layers' K/V). A GPU reads pages in place and ignores it.",
+    )
+    pages_in_place: bool = setting(
+        True,
+        "On a CPU device with the store in this process keeping K/V in the model's dtype, "
+        "attention reads the selected pages where the store keeps them instead of copying "
+        "them into the device page cache at each step (same output, no copy). A GPU, or a "
+        "store in another process, always goes through the page cache.",
     )
     seed: int = setting(0, "Seed of the clustering.")
     allow_extrapolation: bool = setting(
@@ -188,6 +196,9 @@ class Engine:
         page_bytes = kv_bytes(kv.page_size, c.head_dim, self.dtype.itemsize)
         capacity = max(1, config.device_cache_mb * 2**20 // page_bytes)
         self.cache = DevicePageCache(capacity, kv.page_size, c.head_dim, self.dtype, self.device)
+        self.in_place = self._pages_in_place(kv, config)
+        """The store's pages as a tensor when attention reads them there (``None``: through
+        ``cache``)."""
         self.scale = c.head_dim**-0.5
         self.timings = StepTimings()
         config.spec(model).validate(kv.page_size)
@@ -198,6 +209,15 @@ class Engine:
             )
         self.fingerprint = model_fingerprint(model)
         """Names the weights in prefix keys: blocks kept for one model never serve another."""
+
+    def _pages_in_place(self, kv: KVClient, config: EngineConfig) -> torch.Tensor | None:
+        if not config.pages_in_place or self.device.type != "cpu":
+            return None
+        pages = kv.pages_in_place()
+        same = {torch.float32: np.float32, torch.float16: np.float16}.get(self.dtype)
+        if pages is None or pages.dtype != same:
+            return None  # a store keeping float16 for a float32 model: converted in the copy
+        return torch.from_numpy(pages)
 
     # ---- sequences ---------------------------------------------------------------------
     def start(
@@ -566,8 +586,9 @@ class Engine:
         return attn
 
     def _paged_attention(self, q: torch.Tensor, table: PageTable) -> torch.Tensor:
+        pages = self.cache.kv if self.in_place is None else self.in_place
         return decode_attention(
-            q, self.cache.kv, table.indptr, table.slots, table.lens, self.scale, table.longest
+            q, pages, table.indptr, table.slots, table.lens, self.scale, table.longest
         )
 
     def _to_dense(
@@ -592,14 +613,18 @@ class Engine:
         return dense
 
     def _page_table(self, sels: list[Selection]) -> PageTable:
-        """CSR page table over rows ``b * kv_heads + h`` with device slots."""
+        """CSR page table over rows ``b * kv_heads + h`` with device slots (the store's page
+        ids where attention reads the pages in place)."""
         pages = np.concatenate([s.pages for s in sels])
         versions = np.concatenate([s.versions for s in sels])
         lens = np.concatenate([s.lens for s in sels])
         counts = np.concatenate([np.diff(s.indptr) for s in sels])
         indptr = np.zeros(counts.size + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
-        slots = self.cache.resolve(pages, versions, self.kv.read_pages)
+        if self.in_place is None:
+            slots = self.cache.resolve(pages, versions, self.kv.read_pages)
+        else:
+            slots = torch.from_numpy(pages.astype(np.int32))
         self.timings.kv_tokens += int(lens.sum())
         return PageTable(
             _to_device(indptr, self.device),
@@ -717,7 +742,8 @@ class PageTable(NamedTuple):
     indptr: torch.Tensor
     """``[rows + 1]`` int32 row pointers, rows ``b * kv_heads + h``."""
     slots: torch.Tensor
-    """``[nnz]`` int32 device cache slots of the selected pages."""
+    """``[nnz]`` int32 device cache slots of the selected pages (or their ids in the store's
+    page array, read in place)."""
     lens: torch.Tensor
     """``[nnz]`` int32 valid tokens of each page."""
     longest: int

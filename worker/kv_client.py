@@ -130,6 +130,13 @@ class KVClient(Protocol):
 
     def release(self, seq_id: str) -> None: ...
 
+    def pages_in_place(self) -> np.ndarray | None:
+        """The store's own page array ``[num_pages, 2, page_size, head_dim]`` when it lives in
+        this process, so attention can read a selection's pages where they are; ``None``
+        (the default) when pages must be read (``read_pages``). A page a selection names
+        holds what it held when selected until the next call into the store."""
+        return None
+
     # ---- serving path (the scheduler and the servicer); defaults: nothing to fail over ----
     def replica_of(self, seq_id: str) -> str:
         """Where ``seq_id``'s KV lives: a replica's ``host:port``, or ``IN_PROCESS``."""
@@ -231,3 +238,6 @@ class LocalKVClient(KVClient):
 
     def release(self, seq_id: str) -> None:
         self.store.release(seq_id)
+
+    def pages_in_place(self) -> np.ndarray:
+        return self.store.pool.data

@@ -8,6 +8,8 @@ import torch
 from cache_service.types import INDEXED_POLICIES
 from worker.engine import Engine, EngineConfig
 from worker.factory import build_engine
+from worker.kv_client import LocalKVClient
+from worker.page_cache import DevicePageCache
 
 SPARSE = ["oracle", "quest", "streaming", "kmeans", "icecache", "icecache-r", "icecache-tokens"]
 
@@ -96,7 +98,7 @@ def test_decode_steps_move_only_the_pages_that_changed(smollm):
     # With a budget over the context every page is selected at every step, but only each
     # (layer, KV head)'s last page takes the new token: the device page cache must load
     # exactly those. (The dense layers attend over their contiguous copy, not the cache.)
-    engine = _engine(smollm, policy="quest", budget=512)
+    engine = _engine(smollm, policy="quest", budget=512, pages_in_place=False)
     model = smollm[0]
     seq, logits = engine.start(_text_ids(smollm[1], 150))
     token = int(torch.argmax(logits))
@@ -110,3 +112,36 @@ def test_decode_steps_move_only_the_pages_that_changed(smollm):
     assert engine.cache.stats.misses == heads * (10 + 4)  # all pages once, then 1 per step
     assert engine.cache.stats.hits == heads * 10 * 5 - engine.cache.stats.misses
     engine.finish(seq)
+
+
+@pytest.mark.parametrize("policy", ["icecache", "icecache-tokens", "quest"])
+def test_pages_read_in_place_give_the_same_logits_as_the_page_cache(smollm, policy):
+    # Same store, same prompt: attention over the store's own pages and over the copies a
+    # small device page cache makes (evicting at every step) must agree bit for bit.
+    ids = _text_ids(smollm[1], 700)
+    runs = []
+    for in_place in (True, False):
+        engine = _engine(smollm, policy=policy, budget=64, pages_in_place=in_place)
+        engine.cache = DevicePageCache(40, engine.kv.page_size, smollm[0].config.head_dim)
+        assert (engine.in_place is not None) == in_place
+        seq, logits = engine.start(ids)
+        steps = [logits]
+        for _ in range(12):
+            token = int(torch.argmax(steps[-1]))
+            steps.append(engine.decode_step([seq], [token])[0])
+        engine.finish(seq)
+        runs.append((torch.stack(steps), engine.cache.stats))
+    (in_place, unused), (copied, cache) = runs
+    assert torch.equal(in_place, copied)
+    assert unused.loads == 0 and unused.bytes_moved == 0
+    assert cache.misses > 40  # the copies went through evictions
+
+
+def test_pages_are_copied_when_the_store_keeps_another_dtype(smollm):
+    # A float16 store under a float32 model: the page cache converts; nothing in place.
+    kv = LocalKVClient.with_capacity(2**28, 16, smollm[0].config.head_dim, dtype="float16")
+    engine = Engine(smollm[0], kv, EngineConfig(policy="quest", budget=64))
+    assert engine.in_place is None
+    seq, logits = engine.start(_text_ids(smollm[1], 200))
+    engine.decode_step([seq], [int(torch.argmax(logits))])
+    assert engine.cache.stats.loads > 0
