@@ -571,18 +571,18 @@ class ClusterIndex:
         """The leaf each augmented key ``x [m, D + 1]`` descends to ``[m]``: from the top
         level, each key keeps its ``insert_beam`` nearest nodes per level, and the children
         of the nodes any key kept are the next level's candidates; the nearest leaf among
-        the last candidates (with a beam as wide as every level, the nearest leaf)."""
+        the last candidates (with a beam as wide as every level, the nearest leaf). Each
+        level is one compiled call (``compiled.beam_children``, ``nearest_nodes``): the
+        distances ``_sq_dist`` gives, its dot products summed in order instead of by BLAS."""
+        xt = np.ascontiguousarray(x.T, dtype=np.float64)  # [D + 1, m]: rows are lanes
         cand = np.arange(self.levels[-1].n, dtype=np.int64)
         for depth in range(len(self.levels) - 1, 0, -1):
-            level = self.levels[depth]
-            dist = _sq_dist(x, level.centroids(cand))
-            beam = min(self.config.insert_beam, len(cand))
-            if beam < len(cand):
-                kept = np.unique(np.argpartition(dist, beam - 1, axis=1)[:, :beam])
-            else:
-                kept = np.arange(len(cand))
-            cand = np.sort(level.children_of(cand[kept]))
-        return cand[np.argmin(_sq_dist(x, self.levels[0].centroids(cand)), axis=1)]
+            level, below = self.levels[depth], self.levels[depth - 1]
+            cand = compiled.beam_children(
+                xt, level.sums, level.counts, cand, self.config.insert_beam, below.parent, below.n
+            )
+        leaves = self.levels[0]
+        return compiled.nearest_nodes(xt, leaves.sums, leaves.counts, cand)
 
     def _insert_page(self, keys: np.ndarray, x: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
         """Insert up to a page of tokens; the ids of every token whose place changed."""

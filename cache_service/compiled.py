@@ -661,6 +661,99 @@ def nearest(x: np.ndarray, cent: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
+def _centroid_dists(
+    xt: np.ndarray, sums: np.ndarray, counts: np.ndarray, nodes: np.ndarray, out: np.ndarray
+) -> None:
+    """``out[j, i] = ‖c‖² - 2 x_i·c`` for ``c`` node ``nodes[j]``'s centroid as
+    ``_Level.centroids`` gives it (``sums / max(count, 1)`` in float64, rounded to float32)
+    and ``x_i`` column ``i`` of ``xt [d, m]`` (float64, C order): what
+    ``cluster_index._sq_dist`` computes, ``‖c‖²`` as NumPy sums it and each dot product
+    summed in order (as ``nearest``). The rows' dot products with one centroid are
+    independent lanes, so the compiler vectorizes across rows without reordering any sum."""
+    dim, m = xt.shape
+    cent, square, dots = np.empty(dim), np.empty(dim), np.empty(m)
+    for j in range(nodes.shape[0]):
+        node = nodes[j]
+        count = np.float64(max(counts[node], 1))
+        for d in range(dim):
+            value = np.float64(np.float32(np.float64(sums[node, d]) / count))
+            cent[d] = value
+            square[d] = value * value
+        norm = _pairwise_sum(square, 0, dim)
+        dots[:] = 0.0
+        for d in range(dim):
+            value = cent[d]
+            for i in range(m):
+                dots[i] += xt[d, i] * value
+        for i in range(m):
+            out[j, i] = norm - 2.0 * dots[i]
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def beam_children(
+    xt: np.ndarray,
+    sums: np.ndarray,
+    counts: np.ndarray,
+    nodes: np.ndarray,
+    beam: int,
+    parents: np.ndarray,
+    below: int,
+) -> np.ndarray:
+    """One level of an insert's descent (``ClusterIndex.nearest_leaves``): of the candidate
+    ``nodes`` (sums and counts of their level), each key (column of ``xt [d, m]``) keeps its
+    ``beam`` nearest (all when there are no more); returns the children of the nodes any key
+    kept, ascending: the nodes ``v < below`` of the level beneath whose ``parents[v]`` was
+    kept. Distances as ``_centroid_dists``; of equal distances the first node is kept."""
+    k, m = nodes.shape[0], xt.shape[1]
+    kept = np.zeros(sums.shape[0], dtype=np.bool_)
+    if beam >= k:
+        for j in range(k):
+            kept[nodes[j]] = True
+    else:
+        dist = np.empty((k, m))
+        _centroid_dists(xt, sums, counts, nodes, dist)
+        taken = np.zeros(k, dtype=np.bool_)
+        for i in range(m):
+            taken[:] = False
+            for _ in range(beam):
+                best, arg = np.inf, 0
+                for j in range(k):
+                    if not taken[j] and dist[j, i] < best:
+                        best, arg = dist[j, i], j
+                taken[arg] = True
+                kept[nodes[arg]] = True
+    out = np.empty(below, dtype=np.int64)
+    count = 0
+    for v in range(below):
+        parent = parents[v]
+        if parent >= 0 and kept[parent]:
+            out[count] = v
+            count += 1
+    return out[:count]
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def nearest_nodes(
+    xt: np.ndarray, sums: np.ndarray, counts: np.ndarray, nodes: np.ndarray
+) -> np.ndarray:
+    """The nearest of ``nodes`` to each key (column of ``xt [d, m]``) ``[m]``, the first of
+    equals: the last step of an insert's descent. Distances as ``_centroid_dists``."""
+    k, m = nodes.shape[0], xt.shape[1]
+    if k == 0:
+        raise ValueError("no candidate nodes to choose from")
+    dist = np.empty((k, m))
+    _centroid_dists(xt, sums, counts, nodes, dist)
+    out = np.empty(m, dtype=np.int64)
+    for i in range(m):
+        best, arg = np.inf, 0
+        for j in range(k):
+            if dist[j, i] < best:
+                best, arg = dist[j, i], j
+        out[i] = nodes[arg]
+    return out
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
 def two_means_labels(x: np.ndarray, iters: int) -> np.ndarray:
     """``x [n >= 2, d >= 2]`` (float64, C order) split by ``two_means``, then each row
     labelled by the nearer of the two groups' means (``nearest``): the last cut of a
@@ -712,6 +805,10 @@ def warm_up() -> None:
     two_means(np.arange(8, dtype=np.float64).reshape(4, 2), 8)
     two_means_labels(np.arange(8, dtype=np.float64).reshape(4, 2), 8)
     nearest(np.ones((3, 2)), np.ones((2, 2)))
+    xt, nodes, parents = np.ones((2, 3)), np.arange(2, dtype=np.int64), np.zeros(4, np.int64)
+    for sums in (np.ones((2, 2), np.float32), np.ones((2, 2))):  # leaves' sums are float32
+        beam_children(xt, sums, np.ones(2, np.int64), nodes, 1, parents, 4)
+        nearest_nodes(xt, sums, np.ones(2, np.int64), nodes)
     places = np.zeros(1, np.int64)  # the pool's rows: float32, or float16 as its bits
     for pool_rows in (np.zeros((4, 4), np.float32), np.zeros((4, 4), np.uint16)):
         copy_slots(pool_rows, np.zeros((1, 2), np.int64), places.copy(), places, places,

@@ -262,7 +262,94 @@ def test_an_index_lays_out_the_same_leaves_with_numpys_two_means(dim, monkeypatc
     monkeypatch.setattr(cluster_index, "two_means", numpy_two_means)
     monkeypatch.setattr(compiled, "nearest", _numpy_nearest)
     monkeypatch.setattr(compiled, "two_means_labels", _numpy_two_means_labels)
+    monkeypatch.setattr(ClusterIndex, "nearest_leaves", _numpy_nearest_leaves)
     assert layout() == compiled_layout
+
+
+def _numpy_nearest_leaves(index, x):
+    """``ClusterIndex.nearest_leaves`` in NumPy: distances by ``_sq_dist`` (BLAS), each
+    key's ``insert_beam`` nearest by ``argpartition``, children from the child lists."""
+    cand = np.arange(index.levels[-1].n, dtype=np.int64)
+    for depth in range(len(index.levels) - 1, 0, -1):
+        level = index.levels[depth]
+        dist = cluster_index._sq_dist(x, level.centroids(cand))
+        beam = min(index.config.insert_beam, len(cand))
+        if beam < len(cand):
+            kept = np.unique(np.argpartition(dist, beam - 1, axis=1)[:, :beam])
+        else:
+            kept = np.arange(len(cand))
+        cand = np.sort(level.children_of(cand[kept]))
+    return cand[np.argmin(cluster_index._sq_dist(x, index.levels[0].centroids(cand)), axis=1)]
+
+
+def _level(rng, nodes, dim, sums_dtype, integers=False):
+    """Sums and counts of a level of ``nodes`` (small integers: every sum exact) and an
+    ascending subset of candidates."""
+    if integers:
+        sums = rng.integers(-2, 3, (nodes, dim)).astype(sums_dtype)
+        counts = np.ones(nodes, dtype=np.int64)
+    else:
+        counts = rng.integers(0, 12, nodes)  # 0: an empty node counts as 1
+        sums = (rng.standard_normal((nodes, dim)) * np.maximum(counts, 1)[:, None]).astype(
+            sums_dtype
+        )
+    cand = np.flatnonzero(rng.random(nodes) < 0.7).astype(np.int64)
+    return sums, counts, cand if len(cand) else np.arange(nodes, dtype=np.int64)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1), st.integers(1, 17), st.integers(1, 90), st.integers(1, 60),
+    st.sampled_from([np.float32, np.float64]), st.integers(1, 5),
+)  # fmt: skip
+def test_descent_steps_are_numpys_distances_on_keys_clear_of_rounding(
+    seed, m, nodes, dim, sums_dtype, beam
+):
+    rng = np.random.default_rng(seed)
+    sums, counts, cand = _level(rng, nodes, dim, sums_dtype)
+    x = rng.standard_normal((m, dim))
+    xt = np.ascontiguousarray(x.T)
+    cent = (sums[cand] / np.maximum(counts[cand], 1)[:, None]).astype(np.float32)
+    dist = cluster_index._sq_dist(x, cent)
+    ordered = np.sort(dist, axis=1)
+    scale = np.abs(x).sum(1) * np.abs(cent.astype(np.float64)).sum(1).max() + 1.0
+    # the nearest leaf: where the best is clear of the second
+    want, clear = _clear_rows(x, cent.astype(np.float64))
+    got = compiled.nearest_nodes(xt, sums, counts, cand)
+    assert got[clear].tolist() == cand[want][clear].tolist()
+    # one level's beam: where the beam-th nearest is clear of the next, for every key
+    parents = rng.integers(-1, nodes, 3 * nodes)
+    below = int(rng.integers(0, 3 * nodes + 1))
+    got = compiled.beam_children(xt, sums, counts, cand, beam, parents, below)
+    if beam < len(cand):
+        gaps = ordered[:, beam] - ordered[:, beam - 1]
+        if not (gaps > 1e-12 * scale).all():
+            return
+        kept = cand[np.unique(np.argpartition(dist, beam - 1, axis=1)[:, :beam])]
+    else:
+        kept = cand
+    children = np.flatnonzero(np.isin(parents[:below], kept))
+    assert got.tolist() == children.tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 17), st.integers(1, 40), st.integers(1, 30))
+def test_descent_steps_of_integer_points_keep_the_first_of_equals(seed, m, nodes, dim):
+    """Small integers: every distance is exact, ties are real, and the first node wins."""
+    rng = np.random.default_rng(seed)
+    sums, counts, cand = _level(rng, nodes, dim, np.float32, integers=True)
+    x = rng.integers(-2, 3, (m, dim)).astype(np.float64)
+    xt = np.ascontiguousarray(x.T)
+    dist = cluster_index._sq_dist(x, sums[cand].astype(np.float64))  # [m, k], exact
+    got = compiled.nearest_nodes(xt, sums, counts, cand)
+    assert got.tolist() == cand[np.argmin(dist, axis=1)].tolist()
+    beam = min(3, len(cand))
+    kept = set()
+    for row in dist:
+        kept.update(cand[np.lexsort((np.arange(len(cand)), row))[:beam]].tolist())
+    parents = np.arange(nodes, dtype=np.int64)  # node v's only child is v
+    got = compiled.beam_children(xt, sums, counts, cand, beam, parents, nodes)
+    assert got.tolist() == sorted(kept)
 
 
 def _numpy_nearest(x, cent):
@@ -284,6 +371,7 @@ from cache_service.cluster_index import ClusterIndex, IndexConfig
 functions = [
     compiled.node_scores, compiled.best_covering, compiled.heaviest, compiled.two_means,
     compiled.two_means_labels, compiled.nearest, compiled.probe, compiled.search,
+    compiled.beam_children, compiled.nearest_nodes,
 ]
 compiled.warm_up()
 warm = [len(f.signatures) for f in functions]
