@@ -440,9 +440,9 @@ class _Level:
         self.quantize(np.asarray(nodes, dtype=np.int64))
 
     def quantize(self, nodes: np.ndarray) -> None:
-        """Recompute ``qcent`` of ``nodes`` from their centroids."""
-        q = np.rint(self.centroids(nodes)[:, :-1] / self.scale)
-        self.qcent[nodes] = np.clip(q, -CENTROID_LEVELS, CENTROID_LEVELS)
+        """Recompute ``qcent`` of ``nodes`` from their centroids: ``clip(rint(c / scale))``
+        of their key coordinates (``compiled.quantize``)."""
+        compiled.quantize(self.sums, self.counts, self.scale, nodes, CENTROID_LEVELS, self.qcent)
 
 
 class ClusterIndex:
@@ -927,10 +927,9 @@ class ClusterIndex:
             level.quantize(np.arange(level.n))
 
     def _augment(self, keys: np.ndarray) -> np.ndarray:
-        """``[n, D] -> [n, D + 1]``: the key and ``sqrt(M² - ‖k‖²)``."""
-        keys = keys.astype(np.float64)
-        extra = np.sqrt(np.maximum(self.norm_bound**2 - (keys**2).sum(1), 0.0))
-        return np.concatenate([keys, extra[:, None]], axis=1)
+        """``[n, D] -> [n, D + 1]``: the key and ``sqrt(M² - ‖k‖²)`` (float64;
+        ``compiled.augmented``)."""
+        return compiled.augmented(np.ascontiguousarray(keys, dtype=np.float64), self.norm_bound)
 
     def _leaf_groups(self, x: np.ndarray, members: np.ndarray, seed: int) -> list[np.ndarray]:
         """Recursive k-means of ``x[members]`` into groups of at most ``build_fill × P``."""

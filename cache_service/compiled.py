@@ -661,6 +661,45 @@ def nearest(x: np.ndarray, cent: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
+def augmented(keys: np.ndarray, bound: float) -> np.ndarray:
+    """``ClusterIndex._augment`` of ``keys [n, d]`` (float64, C order), exactly: each row
+    and ``sqrt(max(bound² - ‖k‖², 0))`` as a last column, ``‖k‖²`` summed as NumPy sums."""
+    n, dim = keys.shape
+    out = np.empty((n, dim + 1))
+    square = np.empty(dim)
+    top = bound * bound
+    for i in range(n):
+        for d in range(dim):
+            value = keys[i, d]
+            out[i, d] = value
+            square[d] = value * value
+        out[i, dim] = np.sqrt(max(top - _pairwise_sum(square, 0, dim), 0.0))
+    return out
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def quantize(
+    sums: np.ndarray,
+    counts: np.ndarray,
+    scale: np.ndarray,
+    nodes: np.ndarray,
+    levels: int,
+    qcent: np.ndarray,
+) -> None:
+    """``_Level.quantize`` of ``nodes``, exactly: ``qcent[node] = clip(rint(c / scale),
+    -levels, levels)`` for the centroid's key coordinates ``c`` (``sums / max(count, 1)``
+    in float64, rounded to float32), in one pass instead of ~8 NumPy calls."""
+    dim = qcent.shape[1]
+    for i in range(nodes.shape[0]):
+        node = nodes[i]
+        count = np.float64(max(counts[node], 1))
+        for d in range(dim):
+            value = np.float64(np.float32(np.float64(sums[node, d]) / count))
+            q = np.rint(value / scale[d])
+            qcent[node, d] = np.int8(min(max(q, -levels), levels))
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
 def _centroid_dists(
     xt: np.ndarray, sums: np.ndarray, counts: np.ndarray, nodes: np.ndarray, out: np.ndarray
 ) -> None:
@@ -809,6 +848,8 @@ def warm_up() -> None:
     for sums in (np.ones((2, 2), np.float32), np.ones((2, 2))):  # leaves' sums are float32
         beam_children(xt, sums, np.ones(2, np.int64), nodes, 1, parents, 4)
         nearest_nodes(xt, sums, np.ones(2, np.int64), nodes)
+        quantize(sums, np.ones(2, np.int64), np.ones(1), nodes, 127, np.zeros((2, 1), np.int8))
+    augmented(np.ones((2, 3)), 2.0)
     places = np.zeros(1, np.int64)  # the pool's rows: float32, or float16 as its bits
     for pool_rows in (np.zeros((4, 4), np.float32), np.zeros((4, 4), np.uint16)):
         copy_slots(pool_rows, np.zeros((1, 2), np.int64), places.copy(), places, places,

@@ -266,6 +266,27 @@ def test_an_index_lays_out_the_same_leaves_with_numpys_two_means(dim, monkeypatc
     assert layout() == compiled_layout
 
 
+@settings(max_examples=300, deadline=None)
+@given(_points(), st.sampled_from([np.float32, np.float64]), st.floats(0.0, 3.0))
+def test_augmented_keys_and_quantized_centroids_are_numpys_bit_for_bit(x, sums_dtype, spread):
+    rng = np.random.default_rng(len(x))
+    bound = float(np.sqrt((x**2).sum(1).max())) * (0.5 + spread)  # some rows above it
+    extra = np.sqrt(np.maximum(bound**2 - (x**2).sum(1), 0.0))
+    want = np.concatenate([x, extra[:, None]], axis=1)
+    np.testing.assert_array_equal(compiled.augmented(x, bound), want)
+    counts = rng.integers(0, 9, len(x))
+    sums = (x * np.maximum(counts, 1)[:, None] * (1 + spread)).astype(sums_dtype)
+    scale = np.abs(x).max(0) * rng.uniform(0.001, 0.05, x.shape[1]) + 1e-3  # some clip
+    nodes = np.flatnonzero(rng.random(len(x)) < 0.6)
+    cent = (sums[nodes] / np.maximum(counts[nodes], 1)[:, None]).astype(np.float32)
+    want = np.zeros((len(x), x.shape[1]), np.int8)
+    q = np.rint(cent / scale)
+    want[nodes] = np.clip(q, -CENTROID_LEVELS, CENTROID_LEVELS)
+    got = np.zeros_like(want)
+    compiled.quantize(sums, counts, scale, nodes, CENTROID_LEVELS, got)
+    np.testing.assert_array_equal(got, want)
+
+
 def _numpy_nearest_leaves(index, x):
     """``ClusterIndex.nearest_leaves`` in NumPy: distances by ``_sq_dist`` (BLAS), each
     key's ``insert_beam`` nearest by ``argpartition``, children from the child lists."""
@@ -371,7 +392,7 @@ from cache_service.cluster_index import ClusterIndex, IndexConfig
 functions = [
     compiled.node_scores, compiled.best_covering, compiled.heaviest, compiled.two_means,
     compiled.two_means_labels, compiled.nearest, compiled.probe, compiled.search,
-    compiled.beam_children, compiled.nearest_nodes,
+    compiled.beam_children, compiled.nearest_nodes, compiled.augmented, compiled.quantize,
 ]
 compiled.warm_up()
 warm = [len(f.signatures) for f in functions]
