@@ -515,6 +515,9 @@ class SpeedRow:
 SPEED_LAYERS = 32
 SPEED_HEADS = 8
 STORE_LAYERS = 2  # layer delays 0..7 and 8..15: one of the 16 heads inserts at every step
+INSERT_PAGES = 8
+"""Pages each of the 16 heads inserts for the insert column (128 inserts: with 2 pages a
+head, a rare expensive split moved the mean by tens of percent between runs)."""
 
 
 def speed_case(n: int, steps: int, seed: int) -> list[HeadCase]:
@@ -541,7 +544,7 @@ def measure_speed(
     from cache_service.store import Store
 
     decoded = store_steps * runs
-    cases = speed_case(n, max(decoded, 2 * PAGE), seed)  # the insert timing takes 2 pages
+    cases = speed_case(n, max(decoded, INSERT_PAGES * PAGE), seed)  # the insert timing's
     group = cases[0].queries.shape[1]
     spec = SequenceSpec(
         STORE_LAYERS,
@@ -602,7 +605,7 @@ def measure_speed(
         source, index.key_source = index.key_source, None
         twin = copy.deepcopy(index)
         index.key_source, twin.key_source = source, case.keys.__getitem__
-        for start in range(n, n + 2 * PAGE, PAGE):
+        for start in range(n, n + INSERT_PAGES * PAGE, PAGE):
             t0 = time.perf_counter()
             twin.insert(case.keys[start : start + PAGE], np.arange(start, start + PAGE))
             inserts.append(time.perf_counter() - t0)

@@ -94,7 +94,8 @@ def _generate(args: argparse.Namespace) -> int:
                     "prefill_s": engine.timings.prefill,
                     "generate_s": total_s,
                     "decode_ms_per_token": engine.timings.decode_ms_per_step,
-                    "page_cache": vars(engine.cache.stats),
+                    "page_cache": vars(engine.cache.stats),  # zeros when read in place
+                    "pages_in_place": engine.in_place is not None,
                 }
             )
         )

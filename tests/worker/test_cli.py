@@ -51,6 +51,7 @@ def test_json_and_stop_strings_in_process(smollm, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert (printed["token_ids"], printed["seed"]) == (want, 5)
     assert printed["text"] == _text(tokenizer, want)
+    assert printed["pages_in_place"] and printed["page_cache"]["loads"] == 0  # CPU, in process
     text = printed["text"]
     stop = text[4:7]
     assert cli.main([*ARGS, *flags, "--sample-seed", "5", "--stop", stop, "--json"]) == 0
