@@ -587,28 +587,22 @@ class ClusterIndex:
     def _insert_page(self, keys: np.ndarray, x: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
         """Insert up to a page of tokens; the ids of every token whose place changed."""
         target = self.nearest_leaves(x)
-        leaves, count = np.unique(target, return_counts=True)
-        fits = self.fill[leaves] + count <= self.config.page_size
+        level = self.levels[0]
+        # Tokens whose leaf has room: appended after its tokens, in arrival order (one
+        # compiled pass: tokens, fills, sums, counts).
+        leaves, order, leaf_of, slots, overflow = compiled.append_fitting(
+            target, x, token_ids, self.config.page_size, self.fill, self.tokens, level.sums,
+            level.counts,
+        )  # fmt: skip
         moved = [token_ids]
         touched = [leaves]
-        # Tokens whose leaf has room: appended after its tokens, in arrival order.
-        rows = np.flatnonzero(np.isin(target, leaves[fits]))
-        if len(rows):
-            order = rows[np.argsort(target[rows], kind="stable")]
-            leaf_of = target[order]
-            group_start = np.searchsorted(leaf_of, leaf_of, side="left")
-            slots = self.fill[leaf_of] + np.arange(len(order)) - group_start
+        if len(order):
             if self.keys is not None:
                 self.keys[leaf_of, slots] = keys[order]
-            self.tokens[leaf_of, slots] = token_ids[order]
             self._track(token_ids[order], leaf_of, slots)
-            level = self.levels[0]
-            np.add.at(level.sums, leaf_of, x[order])
-            np.add.at(level.counts, leaf_of, 1)
-            np.add.at(self.fill, leaf_of, 1)
-            level.refresh(np.unique(leaf_of))
+            level.refresh(leaf_of)  # a leaf named twice is quantized twice, the same
         # Leaves that would overflow: split with their new tokens.
-        for leaf in leaves[~fits].tolist():
+        for leaf in overflow.tolist():
             rows = np.flatnonzero(target == leaf)
             f = int(self.fill[leaf])
             all_keys = np.concatenate([self.leaf_keys(np.array([leaf])), keys[rows]])

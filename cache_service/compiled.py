@@ -700,6 +700,76 @@ def quantize(
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
+def append_fitting(
+    target: np.ndarray,
+    x: np.ndarray,
+    token_ids: np.ndarray,
+    page_size: int,
+    fill: np.ndarray,
+    tokens: np.ndarray,
+    sums: np.ndarray,
+    counts: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The part of a page insert (``ClusterIndex._insert_page``) whose leaves have room:
+    the rows (keys ``x [m, d]``, ``token_ids [m]``) whose leaf ``target [m]`` can take all
+    of the page's rows bound for it are appended after its tokens, leaf by leaf in arrival
+    order (``tokens``, ``fill``, the leaf ``sums`` (float32: each row added in float64,
+    then rounded, as ``np.add.at`` does) and ``counts`` updated).
+
+    Returns ``leaves`` (the distinct targets, ascending), ``order`` (the appended rows, by
+    leaf then arrival), their ``leaf_of`` and ``slots``, and ``overflow`` (the leaves that
+    cannot take their rows, ascending: the caller splits them)."""
+    m = target.shape[0]
+    fits = np.empty(m, dtype=np.bool_)
+    for i in range(m):
+        bound = 0  # rows of the page bound for this row's leaf
+        for j in range(m):
+            if target[j] == target[i]:
+                bound += 1
+        fits[i] = fill[target[i]] + bound <= page_size
+    order = np.empty(m, dtype=np.int64)  # insertion sorts by leaf: stable, m is a page
+    leaves = np.empty(m, dtype=np.int64)
+    leaf_fits = np.empty(m, dtype=np.bool_)
+    taken, distinct = 0, 0
+    for i in range(m):
+        leaf = target[i]
+        k = distinct
+        while k > 0 and leaves[k - 1] > leaf:
+            k -= 1
+        if k == 0 or leaves[k - 1] != leaf:  # a new leaf: shift the larger ones up
+            for j in range(distinct, k, -1):
+                leaves[j], leaf_fits[j] = leaves[j - 1], leaf_fits[j - 1]
+            leaves[k], leaf_fits[k] = leaf, fits[i]
+            distinct += 1
+        if fits[i]:
+            k = taken
+            while k > 0 and target[order[k - 1]] > leaf:
+                order[k] = order[k - 1]
+                k -= 1
+            order[k] = i
+            taken += 1
+    leaf_of = np.empty(taken, dtype=np.int64)
+    slots = np.empty(taken, dtype=np.int64)
+    for r in range(taken):
+        row = order[r]
+        leaf = target[row]
+        slot = fill[leaf]
+        leaf_of[r], slots[r] = leaf, slot
+        tokens[leaf, slot] = token_ids[row]
+        fill[leaf] = slot + 1
+        counts[leaf] += 1
+        for d in range(x.shape[1]):
+            sums[leaf, d] = np.float64(sums[leaf, d]) + x[row, d]
+    overflow = np.empty(distinct, dtype=np.int64)
+    count = 0
+    for k in range(distinct):
+        if not leaf_fits[k]:
+            overflow[count] = leaves[k]
+            count += 1
+    return leaves[:distinct], order[:taken], leaf_of, slots, overflow[:count]
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
 def _centroid_dists(
     xt: np.ndarray, sums: np.ndarray, counts: np.ndarray, nodes: np.ndarray, out: np.ndarray
 ) -> None:
@@ -850,6 +920,9 @@ def warm_up() -> None:
         nearest_nodes(xt, sums, np.ones(2, np.int64), nodes)
         quantize(sums, np.ones(2, np.int64), np.ones(1), nodes, 127, np.zeros((2, 1), np.int8))
     augmented(np.ones((2, 3)), 2.0)
+    append_fitting(nodes, np.ones((2, 3)), nodes, 4, np.zeros(2, np.int64),
+                   np.full((2, 4), -1, np.int32), np.zeros((2, 3), np.float32),
+                   np.zeros(2, np.int64))  # fmt: skip
     places = np.zeros(1, np.int64)  # the pool's rows: float32, or float16 as its bits
     for pool_rows in (np.zeros((4, 4), np.float32), np.zeros((4, 4), np.uint16)):
         copy_slots(pool_rows, np.zeros((1, 2), np.int64), places.copy(), places, places,

@@ -245,8 +245,9 @@ def test_two_means_labels_are_the_two_means_split_then_the_nearer_mean(x):
 
 @pytest.mark.parametrize("dim", [8, 64])
 def test_an_index_lays_out_the_same_leaves_with_numpys_two_means(dim, monkeypatch):
-    """A build (its last cuts: ``two_means_labels``, ``nearest``) and inserts (whose splits
-    call ``two_means``) give the same layout, compiled or in NumPy."""
+    """A build (its last cuts: ``two_means_labels``, ``nearest``) and inserts (their
+    descent, appends, and splits that call ``two_means``) give the same layout, compiled or
+    in NumPy."""
     rng = np.random.default_rng(dim)
     centres = 2 * rng.standard_normal((24, dim))
     keys = (centres[rng.integers(0, 24, 3000)] + rng.standard_normal((3000, dim))).astype("f4")
@@ -256,13 +257,15 @@ def test_an_index_lays_out_the_same_leaves_with_numpys_two_means(dim, monkeypatc
         index.build(keys[:2500], np.arange(2500))
         index.insert(keys[2500:], np.arange(2500, 3000))
         leaves = index.num_leaves
-        return index.tokens[:leaves].tolist(), index.fill[:leaves].tolist()
+        sums = index.levels[0].sums[:leaves].tolist()
+        return index.tokens[:leaves].tolist(), index.fill[:leaves].tolist(), sums
 
     compiled_layout = layout()
     monkeypatch.setattr(cluster_index, "two_means", numpy_two_means)
     monkeypatch.setattr(compiled, "nearest", _numpy_nearest)
     monkeypatch.setattr(compiled, "two_means_labels", _numpy_two_means_labels)
     monkeypatch.setattr(ClusterIndex, "nearest_leaves", _numpy_nearest_leaves)
+    monkeypatch.setattr(compiled, "append_fitting", _numpy_append_fitting)
     assert layout() == compiled_layout
 
 
@@ -285,6 +288,42 @@ def test_augmented_keys_and_quantized_centroids_are_numpys_bit_for_bit(x, sums_d
     got = np.zeros_like(want)
     compiled.quantize(sums, counts, scale, nodes, CENTROID_LEVELS, got)
     np.testing.assert_array_equal(got, want)
+
+
+def _numpy_append_fitting(target, x, token_ids, page_size, fill, tokens, sums, counts):
+    """What ``_insert_page`` did in NumPy for the leaves with room (the reference)."""
+    leaves, count = np.unique(target, return_counts=True)
+    fits = fill[leaves] + count <= page_size
+    rows = np.flatnonzero(np.isin(target, leaves[fits]))
+    order = rows[np.argsort(target[rows], kind="stable")]
+    leaf_of = target[order]
+    group_start = np.searchsorted(leaf_of, leaf_of, side="left")
+    slots = fill[leaf_of] + np.arange(len(order)) - group_start
+    tokens[leaf_of, slots] = token_ids[order]
+    np.add.at(sums, leaf_of, x[order])
+    np.add.at(counts, leaf_of, 1)
+    np.add.at(fill, leaf_of, 1)
+    return leaves, order, leaf_of, slots, leaves[~fits]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 16), st.integers(1, 12), st.integers(2, 16))
+def test_append_fitting_is_the_numpy_page_insert_bit_for_bit(seed, m, leaves, page):
+    rng = np.random.default_rng(seed)
+    target = rng.integers(0, leaves, m)
+    x = rng.standard_normal((m, 5)) * rng.choice([1e-3, 1.0, 1e4], (m, 1))
+    token_ids = rng.permutation(1000)[:m].astype(np.int64)
+    fill = rng.integers(0, page + 1, leaves)
+    tokens = np.where(np.arange(page) < fill[:, None], 7, -1).astype(np.int32)
+    sums = rng.standard_normal((leaves, 5)).astype(np.float32)
+    counts = fill.copy()
+    want_state = [a.copy() for a in (fill, tokens, sums, counts)]
+    want = _numpy_append_fitting(target, x, token_ids, page, *want_state)
+    got = compiled.append_fitting(target, x, token_ids, page, fill, tokens, sums, counts)
+    for w, g in zip(want, got, strict=True):
+        assert g.tolist() == w.tolist()
+    for w, g in zip(want_state, (fill, tokens, sums, counts), strict=True):
+        np.testing.assert_array_equal(g, w)
 
 
 def _numpy_nearest_leaves(index, x):
@@ -393,6 +432,7 @@ functions = [
     compiled.node_scores, compiled.best_covering, compiled.heaviest, compiled.two_means,
     compiled.two_means_labels, compiled.nearest, compiled.probe, compiled.search,
     compiled.beam_children, compiled.nearest_nodes, compiled.augmented, compiled.quantize,
+    compiled.append_fitting,
 ]
 compiled.warm_up()
 warm = [len(f.signatures) for f in functions]
