@@ -328,11 +328,13 @@ def quantize_queries(queries: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray
     """Queries ``[..., G, D]`` in the quantized centroid space: integers ``q̂`` in ``[-L, L]``
     (float32) and a step ``[..., G, 1]`` with ``q·c ≈ step × (q̂·ĉ)`` for
     ``ĉ = round(c / scale)``; ``scale`` ``[..., D]`` per dimension (float64)."""
-    levels = query_levels(queries.shape[-1])
-    q = queries.astype(np.float32) * np.expand_dims(scale.astype(np.float32), -2)
-    top = np.abs(q).max(axis=-1, keepdims=True)
-    step = np.where(top > 0, top / np.float32(levels), np.float32(1)).astype(np.float32)
-    return np.clip(np.rint(q / step), -levels, levels).astype(np.float32), step
+    shape = queries.shape
+    heads = np.array(queries, dtype=np.float32).reshape(-1, *shape[-2:])  # writable: one
+    # compiled signature, whatever the caller's buffer (a request's may be read-only)
+    lead = np.broadcast_to(scale, (*shape[:-2], shape[-1]))  # as [..., 1, D] would
+    scales = np.array(lead, dtype=np.float64).reshape(-1, shape[-1])  # a writable copy
+    qhat, step = compiled.quantized_queries(heads, scales, query_levels(shape[-1]))
+    return qhat.reshape(shape), step.reshape(*shape[:-1], 1)
 
 
 def _sq_dist(x: np.ndarray, cent: np.ndarray) -> np.ndarray:

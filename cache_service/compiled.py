@@ -661,6 +661,44 @@ def nearest(x: np.ndarray, cent: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
+def quantized_queries(
+    queries: np.ndarray, scale: np.ndarray, levels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``cluster_index.quantize_queries`` of ``queries [H, G, D]`` (float32) with each
+    head's ``scale [H, D]`` (float64), exactly, in one pass: ``q = query × float32(scale)``
+    in float32, a step of ``max |q| / levels`` per query (1 where that is 0, or NaN as a
+    NaN query gives it), ``clip(rint(q / step), -levels, levels)``. Returns ``qhat [H, G, D]``
+    and the steps ``[H, G]`` (float32)."""
+    heads, groups, dim = queries.shape
+    qhat = np.empty((heads, groups, dim), dtype=np.float32)
+    steps = np.empty((heads, groups), dtype=np.float32)
+    q = np.empty(dim, dtype=np.float32)
+    top_level = np.float32(levels)
+    for h in range(heads):
+        for g in range(groups):
+            top = np.float32(0.0)
+            nan = False
+            for d in range(dim):
+                value = queries[h, g, d] * np.float32(scale[h, d])
+                q[d] = value
+                size = abs(value)
+                if size > top:
+                    top = size
+                elif size != size:
+                    nan = True
+            step = top / top_level if top > 0 and not nan else np.float32(1.0)
+            steps[h, g] = step
+            for d in range(dim):
+                level = np.rint(q[d] / step)
+                if level < -top_level:
+                    level = -top_level
+                elif level > top_level:
+                    level = top_level
+                qhat[h, g, d] = level
+    return qhat, steps
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
 def augmented(keys: np.ndarray, bound: float) -> np.ndarray:
     """``ClusterIndex._augment`` of ``keys [n, d]`` (float64, C order), exactly: each row
     and ``sqrt(max(bound² - ‖k‖², 0))`` as a last column, ``‖k‖²`` summed as NumPy sums."""
@@ -927,6 +965,7 @@ def warm_up() -> None:
         nearest_nodes(xt, sums, np.ones(2, np.int64), nodes)
         quantize(sums, np.ones(2, np.int64), np.ones(1), nodes, 127, np.zeros((2, 1), np.int8))
     augmented(np.ones((2, 3)), 2.0)
+    quantized_queries(np.ones((2, 3, 4), np.float32), np.ones((2, 4)), 127)
     append_fitting(nodes, np.ones((2, 3)), nodes, 4, np.zeros(2, np.int64),
                    np.full((2, 4), -1, np.int32), np.zeros((2, 3), np.float32),
                    np.zeros(2, np.int64))  # fmt: skip

@@ -48,6 +48,42 @@ def test_node_scores_are_the_exact_integer_scores(dim, groups):
     np.testing.assert_array_equal(out, _exact_scores(qcent, rows, qhat, step))
 
 
+def _numpy_quantize_queries(queries, scale):
+    levels = query_levels(queries.shape[-1])
+    q = queries.astype(np.float32) * np.expand_dims(scale.astype(np.float32), -2)
+    top = np.abs(q).max(axis=-1, keepdims=True)
+    step = np.where(top > 0, top / np.float32(levels), np.float32(1)).astype(np.float32)
+    return np.clip(np.rint(q / step), -levels, levels).astype(np.float32), step
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 5), st.integers(1, 140),
+    st.sampled_from(["normal", "zeros", "nan", "huge", "per head"]),
+)  # fmt: skip
+def test_quantized_queries_are_numpys_bit_for_bit(seed, heads, groups, dim, kind):
+    rng = np.random.default_rng(seed)
+    queries = rng.standard_normal((heads, groups, dim)).astype(np.float32)
+    scale = rng.uniform(1e-3, 3.0, (heads, dim))
+    if kind == "zeros":
+        queries[:, 0] = 0.0
+    elif kind == "nan":
+        queries[0, 0, dim // 2] = np.nan
+    elif kind == "huge":
+        queries *= np.float32(1e30)
+    elif kind == "per head":  # one head's group [G, D] with its scale [D]
+        queries, scale = queries[0], scale[0]
+    want = _numpy_quantize_queries(queries, scale)
+    got = quantize_queries(queries, scale)
+    for w, g in zip(want, got, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_array_equal(g, w)
+    if kind == "normal" and heads > 1:  # one scale for every head, broadcast
+        want = _numpy_quantize_queries(queries, scale[0])
+        for w, g in zip(want, quantize_queries(queries, scale[0]), strict=True):
+            np.testing.assert_array_equal(g, w)
+
+
 def test_node_scores_of_quantized_queries_and_no_rows():
     rng = np.random.default_rng(3)
     queries = rng.standard_normal((4, 32)).astype(np.float32)
@@ -432,7 +468,7 @@ functions = [
     compiled.node_scores, compiled.best_covering, compiled.heaviest, compiled.two_means,
     compiled.two_means_labels, compiled.nearest, compiled.probe, compiled.search,
     compiled.beam_children, compiled.nearest_nodes, compiled.augmented, compiled.quantize,
-    compiled.append_fitting,
+    compiled.append_fitting, compiled.quantized_queries,
 ]
 compiled.warm_up()
 warm = [len(f.signatures) for f in functions]
