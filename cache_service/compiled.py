@@ -1,16 +1,17 @@
-"""Inner loops of the index search and build (and the pool's copy of single tokens into
-scratch pages) compiled with numba: work that NumPy runs as tens of calls per KV head (a
-gather, a cast, a matmul, a reduction, a sort) on arrays of a few dozen to a few thousand
-rows, where the calls cost more than the arithmetic.
+"""Inner loops of the index search, build and page inserts (and the pool's copy of single
+tokens into scratch pages) compiled with numba: work that NumPy runs as tens of calls per KV
+head (a gather, a cast, a matmul, a reduction, a sort) on arrays of a few dozen to a few
+thousand rows, where the calls cost more than the arithmetic.
 
 Each function computes exactly what its NumPy formulation computes (the tests compare them
-bit for bit), except two. The token stage of ``search`` (``heaviest_keys``,
+bit for bit), except two kinds. The token stage of ``search`` (``heaviest_keys``,
 ``heaviest_leaves``) sums its dot products in vector lanes and takes libm's ``exp``, so it is
 its own reference: every search path calls it, so a batched and a per-head search agree
 exactly, and the tests compare its choice with a float64 brute force. ``nearest`` (a
-build's last cuts) sums in order where NumPy's formulation calls BLAS, so a label could
-differ where two centroids are within a dot product's rounding of a row (the tests compare
-the rows clear of that, and whole builds). Compiled code is cached next to this file
+build's last cuts) and an insert's descent (``beam_children``, ``nearest_nodes``) sum in
+order where NumPy's formulation calls BLAS, so a choice could differ where two centroids
+are within a dot product's rounding of a key (the tests compare the keys clear of that,
+exact ties, and whole builds and inserts). Compiled code is cached next to this file
 (``__pycache__``), so a process compiles only what no earlier one did.
 """
 
