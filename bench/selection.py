@@ -544,7 +544,7 @@ def measure_speed(
     from cache_service.store import Store
 
     decoded = store_steps * runs
-    cases = speed_case(n, max(decoded, INSERT_PAGES * PAGE), seed)  # the insert timing's
+    cases = speed_case(n, max(decoded, INSERT_PAGES * PAGE), seed)  # keys to insert too
     group = cases[0].queries.shape[1]
     spec = SequenceSpec(
         STORE_LAYERS,

@@ -116,8 +116,9 @@ def test_decode_steps_move_only_the_pages_that_changed(smollm):
 
 @pytest.mark.parametrize("policy", ["icecache", "icecache-tokens", "quest"])
 def test_pages_read_in_place_give_the_same_logits_as_the_page_cache(smollm, policy):
-    # Same store, same prompt: attention over the store's own pages and over the copies a
-    # small device page cache makes (evicting at every step) must agree bit for bit.
+    # The same prompt into a fresh store each: attention over the store's own pages and
+    # over the copies a small device page cache makes (evicting at every step) must agree
+    # bit for bit.
     ids = _text_ids(smollm[1], 700)
     runs = []
     for in_place in (True, False):
