@@ -716,6 +716,13 @@ def augmented(keys: np.ndarray, bound: float) -> np.ndarray:
     return out
 
 
+@numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _centroid(sums: np.ndarray, node: int, d: int, count: float) -> float:
+    """Coordinate ``d`` of node ``node``'s centroid as ``_Level.centroids`` gives it:
+    ``sums / max(count, 1)`` (``count`` given so) in float64, rounded to float32."""
+    return np.float64(np.float32(np.float64(sums[node, d]) / count))
+
+
 @numba.njit(cache=True, nogil=True, boundscheck=False)
 def quantize(
     sums: np.ndarray,
@@ -733,8 +740,7 @@ def quantize(
         node = nodes[i]
         count = np.float64(max(counts[node], 1))
         for d in range(dim):
-            value = np.float64(np.float32(np.float64(sums[node, d]) / count))
-            q = np.rint(value / scale[d])
+            q = np.rint(_centroid(sums, node, d, count) / scale[d])
             qcent[node, d] = np.int8(min(max(q, -levels), levels))
 
 
@@ -828,7 +834,7 @@ def _centroid_dists(
         node = nodes[j]
         count = np.float64(max(counts[node], 1))
         for d in range(dim):
-            value = np.float64(np.float32(np.float64(sums[node, d]) / count))
+            value = _centroid(sums, node, d, count)
             cent[j, d] = value
             square[d] = value * value
         norms[j] = _pairwise_sum(square, 0, dim)
