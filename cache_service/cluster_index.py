@@ -925,7 +925,8 @@ class ClusterIndex:
     def _augment(self, keys: np.ndarray) -> np.ndarray:
         """``[n, D] -> [n, D + 1]``: the key and ``sqrt(M² - ‖k‖²)`` (float64;
         ``compiled.augmented``)."""
-        return compiled.augmented(np.ascontiguousarray(keys, dtype=np.float64), self.norm_bound)
+        keys = np.ascontiguousarray(keys, dtype=np.float64)
+        return compiled.augmented(keys, self.norm_bound**2)
 
     def _leaf_groups(self, x: np.ndarray, members: np.ndarray, seed: int) -> list[np.ndarray]:
         """Recursive k-means of ``x[members]`` into groups of at most ``build_fill × P``."""

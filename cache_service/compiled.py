@@ -700,13 +700,14 @@ def quantized_queries(
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def augmented(keys: np.ndarray, bound: float) -> np.ndarray:
+def augmented(keys: np.ndarray, top: float) -> np.ndarray:
     """``ClusterIndex._augment`` of ``keys [n, d]`` (float64, C order), exactly: each row
-    and ``sqrt(max(bound² - ‖k‖², 0))`` as a last column, ``‖k‖²`` summed as NumPy sums."""
+    and ``sqrt(max(top - ‖k‖², 0))`` as a last column, ``‖k‖²`` summed as NumPy sums.
+    ``top`` is the bound squared by the caller (Python's ``M**2`` calls libm's ``pow``,
+    which can differ from ``M * M`` in the last bit)."""
     n, dim = keys.shape
     out = np.empty((n, dim + 1))
     square = np.empty(dim)
-    top = bound * bound
     for i in range(n):
         for d in range(dim):
             value = keys[i, d]
