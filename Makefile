@@ -32,9 +32,10 @@ demo: setup
 	$(BIN)/python -m worker.demo
 
 # One torch/OpenMP thread per process: the tests start servers as subprocesses, and on two
-# cores oversubscribed OpenMP spin-waits make everything several times slower.
+# cores oversubscribed OpenMP spin-waits make everything several times slower. The 25
+# slowest tests are listed at the end, to see where the time budget (20 min) goes.
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=25
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
